@@ -1,0 +1,1 @@
+"""minillm: a readable Llama you can train, fine-tune, quantize and ship."""
