@@ -1,0 +1,300 @@
+"""Loading and saving model weights: OpenLLaMA / HF directories, minillm's own format, and the dispatch to
+GGUF and Meta's consolidated layout.
+
+Formats read (`load_pretrained` picks by what it finds at the path):
+
+    model.gguf                     GGUF file (gguf.py)
+    dir/minillm_config.json        minillm: model.safetensors (our key names) + ModelConfig JSON
+    dir/config.json                HF / OpenLLaMA: model.safetensors[.index.json] or
+                                   pytorch_model.bin[.index.json] (shards listed in the index's weight_map)
+    dir/params.json                Meta: consolidated.00.pth (meta_format.py)
+
+How a big model loads without two copies in RAM: the Llama is built on the meta device (shapes only, no
+memory), then each shard is opened in turn — `.bin` through `torch.load(weights_only=True, mmap=True)`, so
+nothing is unpickled but tensors and the file is paged in lazily; safetensors through `safe_open` — and each
+tensor is converted to the target dtype and device and put in place of its meta parameter. Peak memory is
+about one copy of the weights in the target dtype plus one tensor.
+
+Every inconsistency (missing file, index naming a missing shard, unknown or missing key, wrong shape,
+truncated or corrupt shard) raises one error that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minillm.config import ModelConfig
+from minillm.model import Llama
+from minillm.names import hf_to_ours, ours_to_hf
+
+MINILLM_CONFIG = "minillm_config.json"
+HF_WEIGHT_FILES = (  # in order of preference
+    ("model.safetensors.index.json", True),
+    ("model.safetensors", False),
+    ("pytorch_model.bin.index.json", True),
+    ("pytorch_model.bin", False),
+)
+
+
+def atomic_write_bytes(path: Path, data: bytes):
+    """Write to a temp name beside `path`, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------------------------------
+# reading tensors from shard files
+
+
+def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from one `.bin` or `.safetensors` file, turning any read error into a
+    ValueError that names the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weight file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(str(path), framework="pt", device="cpu")
+            keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers/sizes
+            raise ValueError(f"{path}: not a valid safetensors file ({e})") from None
+        for k in keys:
+            try:
+                t = f.get_tensor(k)
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read tensor {k!r} ({e})") from None
+            yield k, t
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise ValueError(f"{path}: not a valid PyTorch weights file, truncated or corrupt ({e})") from None
+            # files written by torch < 1.6 (not zip) cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors, EOFError, UnpicklingError on forbidden objects
+            raise ValueError(f"{path}: not a valid PyTorch weights file ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+        for k, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{path}: entry {k!r} is a {type(t).__name__}, expected a tensor")
+            yield k, t
+
+
+def find_hf_shards(dirpath: Path) -> tuple[list[Path], dict[str, str] | None, Path]:
+    """The shard files of an HF directory, the index's key → file map (None without index), and the file
+    that named them (index or single file)."""
+    for name, is_index in HF_WEIGHT_FILES:
+        p = dirpath / name
+        if not p.is_file():
+            continue
+        if not is_index:
+            return [p], None, p
+        try:
+            index = json.loads(p.read_text())
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{p}: not a valid index (expected JSON with a 'weight_map' object): {e}") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{p}: 'weight_map' must map tensor names to file names")
+        files = sorted(set(weight_map.values()))
+        for fname in files:
+            if not (dirpath / fname).is_file():
+                keys = [k for k, v in weight_map.items() if v == fname]
+                raise FileNotFoundError(f"{p}: names shard {fname!r} (for {keys[0]!r} …) which does not exist")
+        return [dirpath / f for f in files], weight_map, p
+    wanted = ", ".join(n for n, _ in HF_WEIGHT_FILES)
+    raise FileNotFoundError(f"{dirpath}: no weights found; expected one of {wanted}")
+
+
+# -----------------------------------------------------------------------------------------------------
+# filling a meta-device model
+
+
+def _set_param(model: nn.Module, key: str, tensor: torch.Tensor):
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+
+
+def fill_model(
+    model: Llama,
+    tensors: Iterator[tuple[str, str, torch.Tensor]],
+    dtype: torch.dtype,
+    device,
+    linear_hook: Callable[[Llama, str, torch.Tensor], bool] | None = None,
+):
+    """Put (source file, our key, tensor) triples into a meta-device model, checking names and shapes.
+
+    linear_hook(model, key, weight) may consume a 2-D linear weight (e.g. quantize it into an NF4 layer)
+    and return True; the weight then never exists in `dtype` on `device`.
+    """
+    expected = {k: p.shape for k, p in model.named_parameters()}  # a tied lm_head is not listed
+    seen: dict[str, str] = {}
+    for source, key, t in tensors:
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # old HF checkpoints saved the RoPE frequencies; we compute them
+        if key not in expected:
+            if key == "lm_head.weight" and model.config.tie_embeddings:
+                raise ValueError(f"{source}: holds 'lm_head.weight' but the config ties embeddings")
+            raise ValueError(f"{source}: unexpected weight {key!r} (not a parameter of this Llama config)")
+        if key in seen:
+            raise ValueError(f"{source}: weight {key!r} appears twice (also in {seen[key]})")
+        if tuple(t.shape) != tuple(expected[key]):
+            raise ValueError(
+                f"{source}: weight {key!r} has shape {tuple(t.shape)}, expected {tuple(expected[key])} "
+                "from the config"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: weight {key!r} has dtype {t.dtype}, expected a floating point tensor")
+        seen[key] = source
+        if linear_hook is not None and linear_hook(model, key, t):
+            continue
+        _set_param(model, key, t.to(device=device, dtype=dtype))
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ValueError(f"missing weights: {', '.join(repr(k) for k in missing[:3])}{more}")
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_rope(torch.device(device))
+    return model
+
+
+def nf4_hook(blocksize: int = 64, double_quant: bool = False, compute_dtype=torch.bfloat16, device="cpu"):
+    """A linear_hook that quantizes every projection inside the blocks to NF4 as it streams in, so peak
+    memory never holds the full-precision model. Embeddings, norms and lm_head stay in `dtype`."""
+    from minillm.nf4 import NF4Linear
+
+    def hook(model: Llama, key: str, t: torch.Tensor) -> bool:
+        if not (key.startswith("layers.") and key.endswith("_proj.weight")):
+            return False
+        module_path = key.removesuffix(".weight")
+        parent_path, _, child = module_path.rpartition(".")
+        layer = NF4Linear.from_weight(
+            t.to(device=device, dtype=torch.float32), blocksize=blocksize, double_quant=double_quant,
+            compute_dtype=compute_dtype,
+        )
+        setattr(model.get_submodule(parent_path), child, layer)
+        return True
+
+    return hook
+
+
+# -----------------------------------------------------------------------------------------------------
+# the formats
+
+
+def load_hf(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
+    cfg = ModelConfig.from_hf_config(dirpath / "config.json")
+    shards, weight_map, named_by = find_hf_shards(dirpath)
+    if weight_map is not None:  # check the index against the config before reading gigabytes
+        with torch.device("meta"):
+            names = {ours_to_hf(k) for k, _ in Llama(cfg).named_parameters()}
+        listed = {k for k in weight_map if not k.endswith("rotary_emb.inv_freq")}
+        if names - listed:
+            raise ValueError(f"{named_by}: index lacks weight {sorted(names - listed)[0]!r}")
+        if listed - names:
+            raise ValueError(f"{named_by}: index lists unexpected weight {sorted(listed - names)[0]!r}")
+    with torch.device("meta"):
+        model = Llama(cfg)
+
+    def tensors():
+        for shard in shards:
+            for k, t in iter_shard(shard):
+                if weight_map is not None and weight_map.get(k, shard.name) != shard.name:
+                    raise ValueError(f"{shard}: holds {k!r}, which {named_by.name} places in {weight_map[k]!r}")
+                yield str(shard), hf_to_ours(k), t
+
+    return fill_model(model, tensors(), dtype, device, linear_hook)
+
+
+def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
+    cfg_path = dirpath / MINILLM_CONFIG
+    try:
+        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    weights = dirpath / "model.safetensors"
+    with torch.device("meta"):
+        model = Llama(cfg)
+    return fill_model(model, ((str(weights), k, t) for k, t in iter_shard(weights)), dtype, device, linear_hook)
+
+
+def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None, **nf4_kwargs) -> Llama:
+    """Load any supported checkpoint into a Llama (see the module docstring for the formats).
+
+    quantize="nf4" stores every block projection as an NF4Linear (QLoRA's frozen base), quantized as it
+    streams in; nf4_kwargs (blocksize, double_quant) are passed on.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', found {quantize!r}")
+    hook = None
+    if quantize == "nf4":
+        hook = nf4_hook(compute_dtype=dtype, device=device, **nf4_kwargs)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a checkpoint file must be .gguf; for HF/minillm weights pass the directory")
+        from minillm.gguf import load_gguf_model
+
+        cfg, state, _ = load_gguf_model(path)
+        with torch.device("meta"):
+            model = Llama(cfg)
+        return fill_model(model, ((str(path), k, t) for k, t in state.items()), dtype, device, hook)
+    if (path / MINILLM_CONFIG).is_file():
+        model = load_minillm(path, dtype, device, hook)
+    elif (path / "config.json").is_file():
+        model = load_hf(path, dtype, device, hook)
+    elif (path / "params.json").is_file():
+        from minillm.meta_format import load_meta
+
+        model = load_meta(path, dtype, device, hook)
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint directory (expected {MINILLM_CONFIG}, config.json or params.json)"
+        )
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------------------------------
+# minillm's own format
+
+
+def save_model(model: Llama, dirpath, tokenizer_path=None):
+    """Write model.safetensors (our key names) + minillm_config.json (+ tokenizer.model), each atomically.
+
+    A tied lm_head is stored once (as the embedding). Every file is written under a temp name and renamed,
+    so an interrupted save leaves the previous files intact.
+    """
+    from safetensors.torch import save
+
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    atomic_write_bytes(dirpath / "model.safetensors", save(state))
+    atomic_write_bytes(dirpath / MINILLM_CONFIG, json.dumps(model.config.to_dict(), indent=2).encode())
+    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve():
+        tmp = dirpath / ".tokenizer.model.tmp"
+        shutil.copyfile(tokenizer_path, tmp)
+        os.replace(tmp, dirpath / "tokenizer.model")
