@@ -1,0 +1,108 @@
+"""Generate text from a checkpoint, streaming it to stdout.
+
+    python generate.py --checkpoint out/tiny --prompt "def fibonacci(n):"
+    python generate.py --checkpoint path/to/open_llama_3b_v2 --prompt "Q: What is the capital of France?\nA:"
+    python generate.py --checkpoint model.gguf --prompt "import os" --temperature 0
+    python generate.py --checkpoint out/tiny --prompt "x = 1" --trace      # shapes through one forward
+
+The checkpoint may be an OpenLLaMA / HF directory, a minillm checkpoint, a Meta consolidated directory or a
+GGUF file. Speeds (prefill and decode tokens/s) go to stderr at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minillm.checkpoint import load_pretrained
+from minillm.generation import GenerationStats, SamplingConfig, decode_one_token, generate_text
+from minillm.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_tokenizer(checkpoint: Path, tokenizer: str | None) -> Tokenizer:
+    """The tokenizer beside the checkpoint, an explicit --tokenizer, or the one rebuilt from GGUF metadata."""
+    if tokenizer is not None:
+        return Tokenizer(tokenizer)
+    if checkpoint.is_file() and checkpoint.suffix == ".gguf":
+        from minillm.gguf import load_gguf_model
+
+        _, _, model_bytes = load_gguf_model(checkpoint, tokenizer_only=True)
+        tmp = Path(tempfile.mkdtemp()) / "tokenizer.model"
+        tmp.write_bytes(model_bytes)
+        return Tokenizer(tmp)
+    path = checkpoint / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.model beside the checkpoint; pass --tokenizer PATH")
+    return Tokenizer(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (HF/OpenLLaMA, minillm, Meta) or .gguf")
+    p.add_argument("--prompt", default="", help="text to continue; the two characters \\n and \\t mean newline, tab")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9 (default off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty, e.g. 1.1 (1 = off)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--template", choices=["none", "alpaca"], default="none",
+                   help="wrap the prompt in an instruction template (alpaca: the prompt is the instruction)")
+    p.add_argument("--input", default=None, help="the optional Alpaca 'input' field, with --template alpaca")
+    p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: 4-bit NF4 projections")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the checkpoint's")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static KV cache)")
+    p.add_argument("--trace", action="store_true",
+                   help="print every module's output shape and dtype through one forward pass, then exit")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    checkpoint = Path(args.checkpoint)
+    tokenizer = load_tokenizer(checkpoint, args.tokenizer)
+    model = load_pretrained(checkpoint, dtype=dtype, device=device,
+                            quantize=None if args.quantize == "none" else args.quantize)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if args.template != "none":
+        from minillm.templates import format_prompt
+
+        prompt = format_prompt(args.template, prompt, args.input)
+
+    if args.trace:
+        from minillm.trace import trace_forward
+
+        trace_forward(model, torch.tensor([tokenizer.encode(prompt)], device=device), out=sys.stdout)
+        return
+
+    decode_fn = decode_one_token
+    if args.compile:
+        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         stop=args.stop, seed=args.seed)
+    stats = GenerationStats()
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+
+    def stream(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate_text(model, tokenizer, prompt, cfg, stream=stream, stats=stats, decode_fn=decode_fn)
+    sys.stdout.write("\n")
+    print(f"[{device.type} {str(dtype).removeprefix('torch.')}] {stats.summary()}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Loading OpenLLaMA-layout directories in every weight format, minillm's own format, and bad input."""
+
+import json
+
+import pytest
+import torch
+from reference_llama import reference_forward
+from tiny import tiny_tokenizer, write_hf_checkpoint
+
+from minillm import Llama
+from minillm.checkpoint import load_pretrained, save_model
+from minillm.config import ModelConfig
+
+MHA = ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=97, max_seq_len=64)
+GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, hidden_dim=200, vocab_size=113, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.mark.parametrize("fmt", ["bin", "bin-sharded", "safetensors", "safetensors-sharded"])
+@pytest.mark.parametrize("cfg", [MHA, GQA], ids=["mha", "gqa"])
+def test_load_each_format_matches_reference(tmp_path, fmt, cfg):
+    state = write_hf_checkpoint(tmp_path, cfg, seed=3, fmt=fmt)
+    model = Llama.from_pretrained(tmp_path)
+    idx = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits, reference_forward(state, cfg.to_hf_config(), idx), atol=1e-5, rtol=0)
+    assert not model.training
+
+
+def test_load_bf16_shards_to_bf16_keeps_bits(tmp_path):
+    state = write_hf_checkpoint(tmp_path, MHA, fmt="bin-sharded", dtype=torch.bfloat16)
+    model = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(model.layers[1].mlp.up_proj.weight, state["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(model.lm_head.weight, state["lm_head.weight"])
+
+
+def test_minillm_format_round_trip(tmp_path, tokenizer):
+    write_hf_checkpoint(tmp_path / "hf", GQA, fmt="safetensors")
+    model = Llama.from_pretrained(tmp_path / "hf")
+    save_model(model, tmp_path / "ours", tokenizer_path=tokenizer.path)
+    again = Llama.from_pretrained(tmp_path / "ours")
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    assert (tmp_path / "ours" / "tokenizer.model").read_bytes() == tokenizer.model_bytes()
+    assert not list((tmp_path / "ours").glob("*.tmp*"))
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=50, max_seq_len=16,
+                      tie_embeddings=True)
+    torch.manual_seed(0)
+    save_model(Llama(cfg), tmp_path)
+    m = Llama.from_pretrained(tmp_path)
+    assert m.lm_head.weight is m.embed_tokens.weight
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one clear error naming the file and the key
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope: checkpoint not found"):
+        Llama.from_pretrained(tmp_path / "nope")
+
+
+def test_directory_without_weights(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="bin")
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights found; expected one of model.safetensors.index.json"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_missing_weight_key(tmp_path):
+    state = write_hf_checkpoint(tmp_path, MHA, fmt="bin")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"missing weights: 'layers.1.mlp.down_proj.weight'"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unexpected_weight_key(tmp_path):
+    state = write_hf_checkpoint(tmp_path, MHA, fmt="safetensors")
+    from safetensors.torch import save_file
+
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model.safetensors: unexpected weight 'layers.0.self_attn.q_proj.bias'"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="bin")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: weight 'layers.0.mlp.gate_proj.weight' has shape "
+                                         r"\(160, 64\), expected \(128, 64\)"):
+        Llama.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("fmt,name", [("bin-sharded", "pytorch_model-00002-of-00003.bin"),
+                                      ("safetensors-sharded", "model-00002-of-00003.safetensors")])
+def test_truncated_shard(tmp_path, fmt, name):
+    write_hf_checkpoint(tmp_path, MHA, fmt=fmt)
+    p = tmp_path / name
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(ValueError, match=name):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_corrupt_bin_is_not_unpickled(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="bin")
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a valid PyTorch weights file"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_index_names_missing_file(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="bin-sharded")
+    (tmp_path / "pytorch_model-00003-of-00003.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model.bin.index.json: names shard "
+                                                r"'pytorch_model-00003-of-00003.bin'"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_index_lacks_key(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="safetensors-sharded")
+    idx = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    del idx["weight_map"]["model.norm.weight"]
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(ValueError, match=r"index.json: index lacks weight 'model.norm.weight'"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unknown_config_field(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="bin")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["sliding_window"] = 4096
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: unknown config key 'sliding_window'"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unsupported_config_value(tmp_path):
+    write_hf_checkpoint(tmp_path, MHA, fmt="bin")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: config key 'rope_scaling'"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_minillm_config_unknown_key(tmp_path):
+    torch.manual_seed(0)
+    save_model(Llama(MHA), tmp_path)
+    d = json.loads((tmp_path / "minillm_config.json").read_text())
+    d["n_expert"] = 8
+    (tmp_path / "minillm_config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"minillm_config.json: unknown config key 'n_expert'"):
+        Llama.from_pretrained(tmp_path)

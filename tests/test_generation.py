@@ -1,0 +1,118 @@
+"""Sampling maths on exact values, the streaming detokenizer, greedy determinism and the CLI."""
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_tokenizer
+
+from minillm.checkpoint import save_model
+from minillm.config import ModelConfig
+from minillm.generation import (
+    SamplingConfig,
+    TextStream,
+    apply_repetition_penalty,
+    generate_text,
+    generate_tokens,
+    logits_to_probs,
+)
+from minillm.model import Llama
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
+                      max_seq_len=128)
+    return Llama(cfg).eval()
+
+
+def test_top_k_and_top_p_exact():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.0625, 0.0625]]))
+    p = logits_to_probs(logits, temperature=1.0, top_k=2, top_p=None)
+    torch.testing.assert_close(p, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0, 0.0]]))
+    # nucleus 0.7: 0.5 < 0.7, 0.5 + 0.25 crosses 0.7 → keep the first two
+    p = logits_to_probs(logits, temperature=1.0, top_k=None, top_p=0.7)
+    torch.testing.assert_close(p, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0, 0.0]]))
+    # exactly reaching p keeps no more tokens: 0.75 mass after two → the third is dropped
+    p = logits_to_probs(logits, temperature=1.0, top_k=None, top_p=0.75)
+    torch.testing.assert_close(p, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0, 0.0]]))
+    # temperature 2 on [ln .5, ln .25] → proportional to sqrt: [0.7071, 0.5]
+    p = logits_to_probs(logits[:, :2], temperature=2.0, top_k=None, top_p=None)
+    torch.testing.assert_close(p, torch.tensor([[math.sqrt(.5), .5]]) / (math.sqrt(.5) + .5))
+
+
+def test_repetition_penalty_hf_convention():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_text_stream_matches_decode(tok):
+    text = "def f(x):\n\treturn  'héllo → 世界'  # 🙂\n"
+    ids = tok.encode(text, bos=False)
+    stream = TextStream(tok, leading_space=False)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) + stream.flush() == tok.decode(ids) == text
+    # a multi-byte character split over byte pieces only appears once it is complete
+    byte_ids = [i for i in ids if tok.sp.IsByte(i)]
+    assert byte_ids and all("\ufffd" not in p for p in pieces)
+
+
+def test_greedy_is_deterministic_and_matches_argmax_loop(model):
+    prompt = [1, 5, 9, 42]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    a = list(generate_tokens(model, prompt, cfg))
+    b = list(generate_tokens(model, prompt, cfg))
+    # the slow way: full forward over the growing sequence, argmax each time
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = model(torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    assert a == b == ids[len(prompt):]
+
+
+def test_sampling_with_seed_is_reproducible(model):
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    assert list(generate_tokens(model, [1, 3], cfg)) == list(generate_tokens(model, [1, 3], cfg))
+
+
+def test_stop_string_cuts_output_and_stream(model, tok):
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    full = generate_text(model, tok, "import json", cfg)
+    assert len(full) > 4
+    stop = full[2:4]
+    streamed = []
+    cut = generate_text(model, tok, "import json", SamplingConfig(max_new_tokens=40, temperature=0.0, stop=[stop]),
+                        stream=streamed.append)
+    assert cut == full[: full.find(stop)]
+    assert "".join(streamed) == cut
+
+
+def test_generate_cli_end_to_end(tmp_path, model, tok, capsys):
+    import generate
+
+    save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def f(x):\\n", "--temperature", "0",
+                   "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    expected = generate_text(model, tok, "def f(x):\n", SamplingConfig(max_new_tokens=8, temperature=0.0))
+    assert out.out == "def f(x):\n" + expected + "\n"
+    assert "prefill:" in out.err and "decode:" in out.err
+
+
+def test_trace_prints_shapes(tmp_path, model, tok, capsys):
+    import generate
+
+    save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x = 1", "--trace"])
+    out = capsys.readouterr().out
+    T = len(tok.encode("x = 1"))
+    assert f"layers.0.self_attn.k_proj                Linear       (1, {T}, 64) float32 -> (1, {T}, 32) float32" in out
+    assert f"logits                                                (1, {T}, {tok.vocab_size}) float32" in out
