@@ -1,0 +1,221 @@
+"""ggml Q8_0 / Q4_0 / BF16 codecs against slow per-element transcriptions of ggml's reference C.
+
+The references below follow `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, the dequantizers and
+`ggml_compute_fp32_to_bf16` line by line, in Python floats with explicit float32 roundings (`f32`).
+The golden Q4_0 blocks were produced by compiling that C with `gcc -O2 -march=native` (which contracts
+`x0 + 8.5f` into an FMA, as llama.cpp's builds do).
+"""
+
+import math
+import struct
+
+import pytest
+import torch
+
+from minillm.ggml_quants import (
+    GGML_BF16,
+    GGML_F16,
+    GGML_F32,
+    GGML_Q4_0,
+    GGML_Q8_0,
+    dequantize,
+    dequantize_q4_0,
+    dequantize_q8_0,
+    f32_to_bf16,
+    quantize,
+    quantize_q4_0,
+    quantize_q8_0,
+    row_bytes,
+)
+
+
+def f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def fp16_bytes(x: float) -> bytes:
+    return struct.pack("<e", x)  # IEEE half, round to nearest even (as F16C)
+
+
+def ref_q8_0_block(xs: list[float]) -> bytes:
+    amax = 0.0
+    for v in xs:
+        amax = max(amax, abs(v))
+    d = f32(amax / 127)
+    inv = f32(1.0 / d) if d else 0.0
+    out = fp16_bytes(d)
+    for v in xs:
+        x0 = f32(v * inv)
+        q = math.copysign(math.floor(abs(x0) + 0.5), x0)  # roundf: halves away from zero
+        out += struct.pack("<b", int(q))
+    return out
+
+
+def ref_q4_0_block(xs: list[float]) -> bytes:
+    amax, mx = 0.0, 0.0
+    for v in xs:
+        if amax < abs(v):  # strict: the first of equal magnitudes wins
+            amax, mx = abs(v), v
+    d = f32(mx / -8)
+    inv = f32(1.0 / d) if d else 0.0
+    q = []
+    for v in xs:
+        # fmaf(v, inv, 8.5f): the product of two float32 is exact in a double, one rounding to float32
+        q.append(min(15, int(f32(v * inv + 8.5))))  # int() truncates like the (int8_t) cast
+    return fp16_bytes(d) + bytes(q[j] | (q[j + 16] << 4) for j in range(16))
+
+
+def ref_dequant(block: bytes, kind: str) -> list[float]:
+    d = struct.unpack("<e", block[:2])[0]
+    if kind == "q8_0":
+        return [f32(q * d) for q in struct.unpack("<32b", block[2:])]
+    lo = [(b & 0x0F) - 8 for b in block[2:]]
+    hi = [(b >> 4) - 8 for b in block[2:]]
+    return [f32(q * d) for q in lo + hi]
+
+
+def ref_bf16_bits(x: float) -> int:
+    u = struct.unpack("<I", struct.pack("<f", x))[0]
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 64
+    return ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) & 0xFFFF
+
+
+def special_blocks() -> torch.Tensor:
+    """Blocks where a plausible-but-wrong implementation differs from ggml."""
+    g = torch.Generator().manual_seed(1)
+    blocks = []
+    # Q8_0 ties: amax 127 gives d = 1, id = 1, so x*id sits exactly on .5
+    b = torch.tensor([2.5, -3.5, 0.5, -0.5, 126.5, 127.0] + [1.5] * 26)
+    blocks.append(b)
+    blocks.append(torch.zeros(32))  # all-zero
+    blocks.append(-torch.zeros(32))  # all negative zero
+    b = torch.randn(32, generator=g)
+    b[7] = -9.0  # negative extreme value
+    blocks.append(b)
+    b = torch.randn(32, generator=g)
+    b[3], b[20] = -4.0, 4.0  # equal magnitudes: the first (negative) sets the sign of d
+    blocks.append(b)
+    b = torch.randn(32, generator=g)
+    b[3], b[20] = 4.0, -4.0
+    blocks.append(b)
+    blocks.append(torch.randn(32, generator=g) * 0.3337)  # d not representable in fp16: rounding matters
+    blocks.append(torch.randn(32, generator=g) * 1e-6)  # fp16 subnormal scales
+    blocks.append(torch.full((32,), 1.0 / 3.0))  # all equal
+    # Q4_0 ties: m = -8 gives d = 1, id = 1, so x*id + 8.5 lands on integers and halves
+    blocks.append(torch.tensor([-8.0, 7.5, -7.5, 0.5, -0.5, 6.0, 7.0, 7.49] + [0.0] * 24))
+    return torch.stack(blocks)
+
+
+@pytest.fixture(scope="module")
+def values() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(9, 96, generator=g) * torch.logspace(-3, 2, 9)[:, None]  # awkward (9, 96), many scales
+
+
+def blocks_of(x: torch.Tensor) -> list[list[float]]:
+    return [[float(v) for v in row] for row in x.reshape(-1, 32)]
+
+
+def test_q8_0_matches_reference(values):
+    x = torch.cat([values.reshape(-1, 32), special_blocks()])
+    got = quantize_q8_0(x)
+    expected = b"".join(ref_q8_0_block(b) for b in blocks_of(x))
+    assert got.numpy().tobytes() == expected
+    # the tie block: 2.5 -> 3 and -3.5 -> -4, 0.5 -> 1, -0.5 -> -1, 126.5 -> 127 (torch.round: 2, -4, 0, 0, 126)
+    tie = quantize_q8_0(special_blocks()[:1]).numpy().tobytes()
+    assert tie[:2] == fp16_bytes(1.0)
+    assert list(struct.unpack("<6b", tie[2:8])) == [3, -4, 1, -1, 127, 127]
+
+
+def test_q4_0_matches_reference(values):
+    x = torch.cat([values.reshape(-1, 32), special_blocks()])
+    got = quantize_q4_0(x)
+    expected = b"".join(ref_q4_0_block(b) for b in blocks_of(x))
+    assert got.numpy().tobytes() == expected
+
+
+def test_q4_0_edge_cases_exact_bytes():
+    sb = special_blocks()
+    zero = quantize_q4_0(sb[1:2]).numpy().tobytes()
+    # C keeps max = +0.0, so d = 0 / -8 = -0.0 (fp16 bytes 00 80); id = 0, codes (int8)(8.5) = 8
+    assert zero == bytes([0x00, 0x80]) + bytes([0x88] * 16)
+    assert quantize_q4_0(sb[2:3]).numpy().tobytes() == zero  # -0.0 never beats amax = 0
+    neg_first = quantize_q4_0(sb[4:5]).numpy().tobytes()
+    pos_first = quantize_q4_0(sb[5:6]).numpy().tobytes()
+    assert neg_first[:2] == fp16_bytes(0.5)  # m = -4 -> d = 0.5
+    assert pos_first[:2] == fp16_bytes(-0.5)  # m = +4 -> d = -0.5
+    ties = quantize_q4_0(sb[-1:]).numpy().tobytes()
+    # d = 1: codes trunc(x + 8.5) = 0, 16->15, 1, 9, 8, 14, 15, 15 for the first eight values
+    lo = [b & 0x0F for b in ties[2:10]]
+    assert ties[:2] == fp16_bytes(1.0) and lo == [0, 15, 1, 9, 8, 14, 15, 15]
+
+
+def test_q4_0_golden_fma_blocks():
+    """Two blocks from gcc-compiled quantize_row_q4_0_ref (FMA contraction, as llama.cpp builds)."""
+    x = torch.zeros(2, 32)
+    bits = [(0xC04816BE, 0x3F16110B), (0xBFFDA677, 0xBF5DF1A8)]
+    for i, (m, v) in enumerate(bits):
+        x[i, 0] = struct.unpack("<f", struct.pack("<I", m))[0]
+        x[i, 1] = x[i, 17] = struct.unpack("<f", struct.pack("<I", v))[0]
+    got = quantize_q4_0(x).numpy().tobytes().hex()
+    # block 0: without FMA (two float32 roundings) byte 1 would be 0xaa
+    # block 1: float64 truncated without the final float32 rounding would give 0x44
+    assert got == "413680998888888888888888888888888888" "ed3380558888888888888888888888888888"
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_dequantize_matches_reference(values, kind):
+    quant, dequant = {"q8_0": (quantize_q8_0, dequantize_q8_0), "q4_0": (quantize_q4_0, dequantize_q4_0)}[kind]
+    data = quant(values)  # (9, 3 blocks)
+    got = dequant(data, 96)
+    size = 34 if kind == "q8_0" else 18
+    raw = data.numpy().tobytes()
+    expected = [v for i in range(0, len(raw), size) for v in ref_dequant(raw[i : i + size], kind)]
+    assert got.shape == (9, 96)
+    assert got.reshape(-1).tolist() == expected
+    # error per block: half a step for Q8_0, one step for Q4_0 (x = -m clamps to code 15 = 7 steps),
+    # plus what rounding d to fp16 costs at the largest code
+    d16 = torch.tensor([struct.unpack("<e", raw[i : i + 2])[0] for i in range(0, len(raw), size)]).abs()
+    amax = values.abs().reshape(-1, 32).amax(dim=1)
+    d32, qmax, step = (amax / 127, 127, 0.5) if kind == "q8_0" else (amax / 8, 8, 1.0)
+    err = (got - values).abs().reshape(-1, 32).amax(dim=1)
+    assert bool((err <= step * d16 + qmax * (d16 - d32).abs() + 1e-7 * amax).all())
+
+
+def test_bf16_matches_ggml_including_nan():
+    g = torch.Generator().manual_seed(2)
+    specials = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.4e38, -0.0, 1e-40, float("inf")]
+    x = torch.cat([torch.randn(301, generator=g) * 1e3, torch.tensor(specials)])
+    nan_bits = torch.tensor([0x7F800001, 0xFFC12345 - 2**32, 0x7FC00000], dtype=torch.int32)
+    x = torch.cat([x, nan_bits.view(torch.float32)])
+    got = f32_to_bf16(x).view(torch.int16).tolist()
+    expected = [ref_bf16_bits(float(v)) for v in x[:-3]]
+    expected += [ref_bf16_bits(struct.unpack("<f", struct.pack("<i", int(b)))[0]) for b in nan_bits]
+    assert [b & 0xFFFF for b in got] == expected
+    assert expected[-3:] == [0x7FC0, 0xFFC1, 0x7FC0]  # quiet bit forced, sign and payload top bits kept
+    # ties to even: 1 + 2^-8 rounds down to 1.0, 1 + 3*2^-8 up to 1 + 2^-6
+    assert expected[301:303] == [0x3F80, 0x3F82]
+    # torch agrees on every non-NaN value
+    assert torch.equal(f32_to_bf16(x[:-3]).view(torch.int16), x[:-3].bfloat16().view(torch.int16))
+
+
+def test_type_dispatch_round_trip():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(dequantize(quantize(x, GGML_F32), GGML_F32, 64), x)
+    assert torch.equal(dequantize(quantize(x, GGML_F16), GGML_F16, 64), x.half().float())
+    assert torch.equal(dequantize(quantize(x, GGML_BF16), GGML_BF16, 64), x.bfloat16().float())
+    assert quantize(x, GGML_Q8_0).shape == (5, row_bytes(GGML_Q8_0, 64)) == (5, 68)
+    assert quantize(x, GGML_Q4_0).shape == (5, row_bytes(GGML_Q4_0, 64)) == (5, 36)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="not a multiple of the block size 32"):
+        quantize_q8_0(torch.ones(2, 40))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        quantize_q4_0(torch.tensor([float("nan")] + [0.0] * 31))
+    with pytest.raises(ValueError, match="Q4_0 block size 32"):
+        row_bytes(GGML_Q4_0, 48)
+    with pytest.raises(ValueError, match="no encoder for ggml type Q6_K"):
+        quantize(torch.ones(1, 256), 14)
