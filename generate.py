@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,12 +30,9 @@ def load_tokenizer(checkpoint: Path, tokenizer: str | None) -> Tokenizer:
     if tokenizer is not None:
         return Tokenizer(tokenizer)
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
-        from minillm.gguf import load_gguf_model
+        from minillm.gguf import read_gguf, sentencepiece_model_from_gguf
 
-        _, _, model_bytes = load_gguf_model(checkpoint, tokenizer_only=True)
-        tmp = Path(tempfile.mkdtemp()) / "tokenizer.model"
-        tmp.write_bytes(model_bytes)
-        return Tokenizer(tmp)
+        return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
     path = checkpoint / "tokenizer.model"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.model beside the checkpoint; pass --tokenizer PATH")

@@ -142,6 +142,8 @@ def fill_model(
 ):
     """Put (source file, our key, tensor) triples into a meta-device model, checking names and shapes.
 
+    dtype None keeps each tensor's stored dtype (with a memory-mapped .bin that is zero-copy).
+
     linear_hook(model, key, weight) may consume a 2-D linear weight (e.g. quantize it into an NF4 layer)
     and return True; the weight then never exists in `dtype` on `device`.
     """
@@ -240,6 +242,8 @@ def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
 def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None, **nf4_kwargs) -> Llama:
     """Load any supported checkpoint into a Llama (see the module docstring for the formats).
 
+    dtype None keeps the dtype the weights are stored in (what export uses: no rounding before quantizing).
+
     quantize="nf4" stores every block projection as an NF4Linear (QLoRA's frozen base), quantized as it
     streams in; nf4_kwargs (blocksize, double_quant) are passed on.
     """
@@ -298,3 +302,54 @@ def save_model(model: Llama, dirpath, tokenizer_path=None):
         tmp = dirpath / ".tokenizer.model.tmp"
         shutil.copyfile(tokenizer_path, tmp)
         os.replace(tmp, dirpath / "tokenizer.model")
+
+
+# -----------------------------------------------------------------------------------------------------
+# HF format out (the inverse of load_hf)
+
+
+def save_hf(model: Llama, dirpath, tokenizer_path=None, dtype=None, shard_bytes: int = 2 * 1024**3):
+    """Write an HF / OpenLLaMA-layout directory: config.json, model-0000K-of-0000N.safetensors shards of at
+    most `shard_bytes` + model.safetensors.index.json, and the tokenizer files. dtype None keeps the
+    model's dtype. Files are written one shard at a time, each atomically."""
+    from safetensors.torch import save
+
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    items = [(ours_to_hf(k), v) for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    groups, cur, size = [], [], 0
+    for k, v in items:
+        n = v.numel() * (v.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size())
+        if cur and size + n > shard_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append((k, v))
+        size += n
+    groups.append(cur)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        part = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in group}
+        total += sum(t.numel() * t.element_size() for t in part.values())
+        atomic_write_bytes(dirpath / name, save(part, metadata={"format": "pt"}))
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write_bytes(dirpath / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+    hf_cfg = cfg.to_hf_config()
+    stored = dtype or next(model.parameters()).dtype
+    hf_cfg["torch_dtype"] = str(stored).removeprefix("torch.")
+    atomic_write_bytes(dirpath / "config.json", json.dumps(hf_cfg, indent=2).encode())
+    side = {
+        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+        "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        "tokenizer_config.json": {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+                                  "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+                                  "tokenizer_class": "LlamaTokenizer", "legacy": True,
+                                  "model_max_length": cfg.max_seq_len, "clean_up_tokenization_spaces": False},
+    }
+    for name, content in side.items():
+        atomic_write_bytes(dirpath / name, json.dumps(content, indent=2).encode())
+    if tokenizer_path is not None:
+        atomic_write_bytes(dirpath / "tokenizer.model", Path(tokenizer_path).read_bytes())

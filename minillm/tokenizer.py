@@ -19,14 +19,23 @@ import sentencepiece as spm
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path | None = None, *, model_bytes: bytes | None = None):
+        """Load from a `tokenizer.model` path (or a directory holding one), or from serialized bytes
+        (e.g. the model rebuilt from a GGUF file's metadata)."""
+        self.sp = spm.SentencePieceProcessor()
+        if model_bytes is not None:
+            self.path, self._bytes = None, model_bytes
+            try:
+                self.sp.LoadFromSerializedProto(model_bytes)
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"not a valid serialized SentencePiece model ({e})") from None
+            return
         model_path = Path(model_path)
         if model_path.is_dir():
             model_path = model_path / "tokenizer.model"
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path}: tokenizer model not found (expected a SentencePiece .model)")
-        self.path = model_path
-        self.sp = spm.SentencePieceProcessor()
+        self.path, self._bytes = model_path, None
         try:
             self.sp.Load(str(model_path))
         except (OSError, RuntimeError) as e:
@@ -70,7 +79,7 @@ class Tokenizer:
 
     def model_bytes(self) -> bytes:
         """The serialized model, e.g. to copy it beside a checkpoint."""
-        return self.path.read_bytes()
+        return self._bytes if self._bytes is not None else self.path.read_bytes()
 
 
 def train_tokenizer(

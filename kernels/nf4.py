@@ -1,0 +1,332 @@
+"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it.
+
+NF4 is the weight format of QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3).
+
+What you will learn here:
+  * how a weight becomes 4.5 bits per parameter: 16 fixed code values + one float32 scale per block of 64;
+  * how to pack two 4-bit codes in a byte and unpack them with shifts and masks inside a Triton kernel;
+  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a format.
+
+The format (bit for bit the layout of bitsandbytes' `quantize_4bit(..., quant_type="nf4")`):
+
+    w (any shape) is flattened row-major and cut into blocks of `blocksize` (64) elements. A block may
+    straddle two rows of an (out, in) weight; the last block may be partial.
+    absmax[b]  = max |w_i| over block b                                          (float32)
+    s_i        = clamp(w_i * (1 / absmax[b]), -1, 1)                             (float32, reciprocal once)
+                 last partial block only: s_i = clamp(w_i / absmax[b], -1, 1)     (bitsandbytes' quirk)
+                 absmax is clamped to >= 1e-38 first, so an all-zero block gives s = 0 -> code 7
+    q_i        = #{ j : s_i > mid_j },  mid_j = (code[j] + code[j+1]) / 2 in float32
+                 i.e. the nearest code, and a value exactly on a midpoint takes the lower code
+    byte k     = q_{2k} << 4 | q_{2k+1}       (even element in the high nibble; odd count pads with 7)
+    w_hat_i    = code[q_i] * absmax[b]         (float32, rounded once to the output dtype)
+
+The 15 float32 midpoints are exactly the thresholds of bitsandbytes' `dQuantizeNF4` decision tree, which
+compares with a strict `>`; that is where the "ties go down" rule comes from.
+
+Failure modes: NaN or inf weights are not supported (they poison their block's absmax, and the kernel
+and the reference may then disagree on codes); blocks whose absmax is below 1e-38 (subnormal weights)
+follow the clamp. Element indices are int32 inside the kernels: up to 2**31 - 1 elements per tensor.
+
+Blocked algorithm of the quantize kernel (one program = BLOCKS_PER_PROG quantization blocks):
+
+    for each program p:
+        pairs   = the (NB, blocksize/2) byte slots of blocks p*NB ... p*NB + NB - 1
+        x_even, x_odd = w[2*pairs], w[2*pairs + 1]              # (NB, HALF) each, in float32
+        absmax  = max over the row of max(|x_even|, |x_odd|)      # (NB,)
+        s       = x * (1 / absmax)   (x / absmax in the last partial block), clamped to [-1, 1]
+        q       = sum_j (s > mid_j)                               # 15 compares, no table search
+        packed[pairs] = q_even << 4 | q_odd
+
+The dequantize kernel walks the packed bytes: each byte gives two codes, looks both up in the 16-entry
+codebook and multiplies by the absmax of the block the element's flat index falls in.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Codebook of NF4, index 0..15: the float32 values bitsandbytes ships (quantiles of N(0, 1), scaled to
+# [-1, 1], with an exact 0 and an extra positive value so that both -1 and 1 are representable).
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+ZERO_CODE = 7  # index of 0.0: all-zero blocks and the pad nibble of an odd element count
+ABSMAX_FLOOR = 1e-38  # absmax is clamped to this before taking the reciprocal
+# The same two constants as compile-time values, for use inside the kernels.
+_ZERO_CODE = tl.constexpr(ZERO_CODE)
+_ABSMAX_FLOOR = tl.constexpr(ABSMAX_FLOOR)
+
+
+def nf4_code(device=None) -> torch.Tensor:
+    """The 16 code values as a float32 tensor (16,)."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def nf4_midpoints(device=None) -> torch.Tensor:
+    """The 15 decision thresholds (code[j] + code[j+1]) / 2, computed in float32 as bitsandbytes does."""
+    code = nf4_code(device)
+    return (code[:-1] + code[1:]) / 2
+
+
+def use_triton(t: torch.Tensor, backend: str = "auto") -> bool:
+    """Backend choice shared by the NF4 kernels.
+
+    "triton" and "torch" force a path; "auto" runs Triton when the tensor is on CUDA or when Triton's CPU
+    interpreter is switched on (TRITON_INTERPRET=1, as the tests do), and the plain-PyTorch reference
+    otherwise, so a CPU-only machine works without the (slow) interpreter.
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return backend == "triton"
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize < 16 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [16, 4096], got {blocksize}")
+
+
+def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int) -> None:
+    _check_blocksize(blocksize)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with ceil({n}/2) = {(n + 1) // 2} bytes, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+    n_blocks = -(-n // blocksize)
+    if absmax.dtype != torch.float32 or absmax.numel() != n_blocks:
+        raise ValueError(
+            f"absmax must be float32 with ceil({n}/{blocksize}) = {n_blocks} entries, "
+            f"got {absmax.dtype} with {absmax.numel()}"
+        )
+    if packed.device != absmax.device:
+        raise ValueError(f"packed is on {packed.device} but absmax is on {absmax.device}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bfloat16 rounding by hand. Triton's CPU interpreter truncates float32 -> bfloat16 instead of rounding to
+# nearest-even as GPUs (and PyTorch) do, so the kernels round with integer operations, which is exact
+# everywhere. (NaN payloads are not preserved; the weights have none.)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """float32 -> float32 holding the nearest bfloat16 (ties to even)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bf16_bits(x):
+    """float32 -> the int16 bit pattern of the nearest bfloat16, to store through an int16 view."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantize
+
+
+@triton.jit
+def _nf4_quantize_kernel(
+    # pointers
+    w_ptr,  # *fp32|fp16|bf16 (n,)      the flattened weight
+    packed_ptr,  # *uint8 (ceil(n/2),)  out: two codes per byte
+    absmax_ptr,  # *fp32 (n_blocks,)    out: max |w| per block
+    mid_ptr,  # *fp32 (15,)             thresholds between neighbouring codes
+    # sizes
+    n,  # number of weight elements
+    n_blocks,  # ceil(n / BLOCKSIZE)
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,  # elements per quantization block (64)
+    BLOCKS_PER_PROG: tl.constexpr,  # quantization blocks handled by one program
+):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    pid = tl.program_id(0)
+    blk = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # (NB,)
+    pair = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (NB, HALF) byte index
+    ev = 2 * pair  # (NB, HALF) element going to the high nibble
+    od = ev + 1  # (NB, HALF) element going to the low nibble
+    x0 = tl.load(w_ptr + ev, mask=ev < n, other=0.0).to(tl.float32)
+    x1 = tl.load(w_ptr + od, mask=od < n, other=0.0).to(tl.float32)
+
+    amax = tl.max(tl.maximum(tl.abs(x0), tl.abs(x1)), axis=1)  # (NB,)
+    tl.store(absmax_ptr + blk, amax, mask=blk < n_blocks)
+
+    # One correctly rounded reciprocal per block (div_rn: Triton's plain `/` is approximate on GPUs).
+    safe = tl.maximum(amax, _ABSMAX_FLOOR)
+    recip = tl.math.div_rn(tl.full([BLOCKS_PER_PROG], 1.0, tl.float32), safe)  # (NB,)
+    # bitsandbytes divides instead of multiplying in the last, partial block.
+    partial = ((blk + 1) * BLOCKSIZE > n)[:, None]  # (NB, 1)
+    nonzero = (amax > 0)[:, None]  # guards 0 * inf should a GPU flush the subnormal floor to zero
+    s0 = tl.where(partial, tl.math.div_rn(x0, safe[:, None]), x0 * recip[:, None])
+    s1 = tl.where(partial, tl.math.div_rn(x1, safe[:, None]), x1 * recip[:, None])
+    s0 = tl.where(nonzero, tl.minimum(tl.maximum(s0, -1.0), 1.0), 0.0)
+    s1 = tl.where(nonzero, tl.minimum(tl.maximum(s1, -1.0), 1.0), 0.0)
+
+    # Nearest code = number of midpoints strictly below s (ties go to the lower code).
+    q0 = tl.zeros([BLOCKS_PER_PROG, HALF], dtype=tl.int32)
+    q1 = tl.zeros([BLOCKS_PER_PROG, HALF], dtype=tl.int32)
+    for j in tl.static_range(15):
+        mid = tl.load(mid_ptr + j)
+        q0 += (s0 > mid).to(tl.int32)
+        q1 += (s1 > mid).to(tl.int32)
+    q1 = tl.where(od < n, q1, _ZERO_CODE)  # odd element count: pad nibble
+    byte = (q0 << 4) | q1
+    tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=ev < n)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, backend: str = "auto"):
+    """Quantize `w` (any shape, fp32/fp16/bf16) to NF4.
+
+    Returns (packed uint8 (ceil(numel/2),), absmax float32 (ceil(numel/blocksize),)); see the module
+    docstring for the exact rules. `backend`: see `use_triton`.
+    """
+    # 1) check
+    _check_blocksize(blocksize)
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"quantize_nf4 takes fp32/fp16/bf16 weights, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError("quantize_nf4 got an empty tensor")
+    if not use_triton(w, backend):
+        return quantize_nf4_ref(w, blocksize)
+    flat = w.detach().contiguous().view(-1)
+    n = flat.numel()
+    if n >= 2**31:
+        raise ValueError(f"quantize_nf4 indexes with int32: at most 2**31 - 1 elements, got {n}")
+    # 2) allocate
+    n_blocks = triton.cdiv(n, blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=w.device)
+    # 3) launch: about 1024 elements per program
+    blocks_per_prog = max(1, 1024 // blocksize)
+    grid = (triton.cdiv(n_blocks, blocks_per_prog),)
+    _nf4_quantize_kernel[grid](
+        flat, packed, absmax, nf4_midpoints(w.device), n, n_blocks,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROG=blocks_per_prog,
+    )  # fmt: skip
+    return packed, absmax
+
+
+def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64):
+    """Plain-PyTorch quantize_nf4: the same rules, in float32, on any device.
+
+    Memory traffic: reads n weights, writes n/2 + 4n/blocksize bytes, but materialises float32 copies of
+    the weight (the padded blocks and the scaled values): about 12 bytes per element of temporaries.
+    """
+    _check_blocksize(blocksize)
+    n = w.numel()
+    n_blocks = -(-n // blocksize)
+    flat = w.detach().reshape(-1).to(torch.float32)
+    x = torch.nn.functional.pad(flat, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = x.abs().amax(dim=1)  # (n_blocks,)
+    safe = absmax.clamp_min(ABSMAX_FLOOR)
+    scaled = x * torch.reciprocal(safe)[:, None]  # (n_blocks, blocksize)
+    if n % blocksize:
+        scaled[-1] = x[-1] / safe[-1]  # bitsandbytes' last-partial-block division
+    scaled = scaled.clamp(-1.0, 1.0).view(-1)[:n]
+    # bucketize(right=False) returns #{j : mid_j < s}: the nearest code, ties to the lower one.
+    q = torch.bucketize(scaled, nf4_midpoints(w.device)).to(torch.uint8)  # (n,)
+    if n % 2:
+        q = torch.cat([q, q.new_full((1,), ZERO_CODE)])
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dequantize
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    # pointers
+    packed_ptr,  # *uint8 (ceil(n/2),)
+    absmax_ptr,  # *fp32 (n_blocks,)
+    code_ptr,  # *fp32 (16,)           the NF4 codebook
+    out_ptr,  # *fp32|fp16 (n,), or bf16 seen as *int16  out: the flattened weight
+    # sizes
+    n,  # number of weight elements
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,  # elements per quantization block
+    BLOCK_BYTES: tl.constexpr,  # packed bytes handled by one program
+    OUT_BF16: tl.constexpr,  # out_ptr is a bfloat16 tensor viewed as int16
+):
+    pid = tl.program_id(0)
+    byte_idx = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)  # (BLOCK_BYTES,)
+    ev = 2 * byte_idx  # element in the high nibble
+    od = ev + 1  # element in the low nibble (same quantization block: BLOCKSIZE is even)
+    byte = tl.load(packed_ptr + byte_idx, mask=ev < n, other=0).to(tl.int32)
+    scale = tl.load(absmax_ptr + ev // BLOCKSIZE, mask=ev < n, other=0.0)
+    w0 = tl.load(code_ptr + (byte >> 4)) * scale  # float32, rounded once below
+    w1 = tl.load(code_ptr + (byte & 15)) * scale
+    if OUT_BF16:
+        tl.store(out_ptr + ev, bf16_bits(w0), mask=ev < n)
+        tl.store(out_ptr + od, bf16_bits(w1), mask=od < n)
+    else:
+        tl.store(out_ptr + ev, w0.to(out_ptr.dtype.element_ty), mask=ev < n)
+        tl.store(out_ptr + od, w1.to(out_ptr.dtype.element_ty), mask=od < n)
+
+
+def dequantize_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape,
+    blocksize: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Rebuild the weight of `shape` from NF4 codes: code[q] * absmax in float32, rounded once to `dtype`."""
+    # 1) check
+    shape = torch.Size(shape)
+    n = shape.numel()
+    _check_packed(packed, absmax, n, blocksize)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dequantize_nf4 writes fp32/fp16/bf16, got {dtype}")
+    if not use_triton(packed, backend):
+        return dequantize_nf4_ref(packed, absmax, shape, blocksize, dtype)
+    # 2) allocate
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    # 3) launch
+    block_bytes = 1024
+    grid = (triton.cdiv(packed.numel(), block_bytes),)
+    out_bf16 = dtype == torch.bfloat16
+    _nf4_dequantize_kernel[grid](
+        packed.contiguous(), absmax.contiguous(), nf4_code(packed.device),
+        out.view(torch.int16) if out_bf16 else out, n,
+        BLOCKSIZE=blocksize, BLOCK_BYTES=block_bytes, OUT_BF16=out_bf16,
+    )  # fmt: skip
+    return out
+
+
+def dequantize_nf4_ref(packed, absmax, shape, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16):
+    """Plain-PyTorch dequantize_nf4.
+
+    Memory traffic: reads n/2 + 4n/blocksize bytes and writes n * sizeof(dtype), plus int64 index and
+    float32 temporaries of n elements each (about 16 bytes per element).
+    """
+    shape = torch.Size(shape)
+    n = shape.numel()
+    _check_packed(packed, absmax, n, blocksize)
+    q = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n].long()  # (n,) high nibble first
+    block = torch.arange(n, device=packed.device) // blocksize  # (n,) absmax index of each element
+    w = nf4_code(packed.device)[q] * absmax[block]  # float32
+    return w.to(dtype).view(shape)

@@ -1,0 +1,193 @@
+"""y = x @ W^T with W stored in NF4 (see nf4.py): the matmul of a QLoRA base layer, and its input gradient.
+
+What you will learn here:
+  * why decoding one token is memory bound: each weight is used once per generated token, so the time
+    is the time to read the weight, and reading 4.5 bits instead of 16 makes it up to 3.5x faster;
+  * how to dequantize inside a kernel: gather a byte, shift out a nibble, look it up, scale it;
+  * why a large batch is better served by "dequantize, then cuBLAS": at 2048 rows the matmul is compute
+    bound, and a one-off dequantization (n/2 bytes in, 2n out) is cheap next to 2*M*n FLOPs on tensor cores.
+
+Two paths, chosen by the number of input rows M (`choose_path`, threshold GEMV_MAX_ROWS):
+
+  (a) M <= GEMV_MAX_ROWS: fused GEMV kernel. Grid (ceil(N_out / BLOCK_O), M); each program owns
+      BLOCK_O outputs of one row and walks the reduction dimension:
+
+          acc[BLOCK_O] = 0                                    (float32)
+          for r0 in range(0, N_red, BLOCK_R):
+              f      = flat weight index of (o, r)             # (BLOCK_O, BLOCK_R): o*K + r, or r*K + o
+              byte   = packed[f // 2];  q = byte >> 4 if f is even else byte & 15
+              w      = code[q] * absmax[f // blocksize]        # blocks are cut on the FLAT index, so a
+                                                               # block may straddle two rows of W
+              w      = round(w to x.dtype)                     # the value the reference multiplies by
+              acc   += sum_r w * x[m, r]                       # broadcast-multiply + tl.sum (no tl.dot:
+                                                               # M is tiny and tl.dot needs >= 16 rows)
+          y[m, o] = acc
+
+      The same kernel with TRANS_W=True computes grad_x = grad_y @ W (reduction over the output
+      features), so the backward pass also reads only the packed weight.
+      For M > 1 the M programs of one output tile read the same bytes; after the first they come from L2.
+
+  (b) M > GEMV_MAX_ROWS: W = dequantize_nf4(..., dtype=x.dtype) (Triton), then torch.matmul (cuBLAS).
+      The dense W is a temporary of N_out * K elements that is freed after the call.
+
+Numerics: both paths multiply x by exactly the reference weights (dequantized in float32, rounded once
+to x.dtype) and accumulate in float32 (GEMV) or in cuBLAS's accumulator, so they differ from
+`nf4_matmul_ref` only by summation order and the final rounding of y to x.dtype.
+
+The weight is frozen (QLoRA): there is no gradient for packed/absmax, only for x.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4 import bf16_bits, dequantize_nf4, dequantize_nf4_ref, nf4_code, round_to_bf16, use_triton
+
+GEMV_MAX_ROWS = 16  # input rows up to which the fused GEMV kernel beats dequantize + cuBLAS
+
+
+def choose_path(m_rows: int) -> str:
+    """'gemv' (fused kernel, reads 4.5 bits per weight) for few rows, else 'dequant_matmul'.
+
+    Decode steps (M = batch size, usually 1..16) are bound by reading the weight, so the fused kernel
+    wins; prefill and training batches (M in the thousands) are bound by FLOPs, so tensor-core cuBLAS on
+    a dequantized copy wins.
+    """
+    return "gemv" if m_rows <= GEMV_MAX_ROWS else "dequant_matmul"
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    # pointers
+    x_ptr,  # *fp32|fp16|bf16 (M, N_red)   input rows
+    packed_ptr,  # *uint8 (ceil(N*K/2),)   NF4 codes of W (out_features, in_features), flattened
+    absmax_ptr,  # *fp32 (ceil(N*K/bs),)   per-block scales
+    code_ptr,  # *fp32 (16,)              NF4 codebook
+    y_ptr,  # *same as x (M, N_out)       output rows (bfloat16 seen as int16)
+    # sizes
+    N_OUT,  # outputs per row: out_features (forward) or in_features (TRANS_W)
+    N_RED,  # reduction length: in_features (forward) or out_features (TRANS_W)
+    K,  # in_features: the row length of W, for flat indices
+    # strides (elements)
+    stride_xm,
+    stride_ym,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr,  # NF4 block size
+    TRANS_W: tl.constexpr,  # False: y = x @ W^T;  True: y = x @ W
+    X_BF16: tl.constexpr,  # x is bfloat16: round weights to bf16 by hand (see nf4.round_to_bf16)
+    BLOCK_O: tl.constexpr,  # outputs per program
+    BLOCK_R: tl.constexpr,  # reduction step
+):
+    pid_o = tl.program_id(0)
+    m = tl.program_id(1)
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
+    acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+    for r0 in range(0, N_RED, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        xr = tl.load(x_ptr + m * stride_xm + r, mask=r < N_RED, other=0.0).to(tl.float32)
+        if TRANS_W:
+            f = r[None, :] * K + o[:, None]  # (BLOCK_O, BLOCK_R) flat index of W[r, o]
+        else:
+            f = o[:, None] * K + r[None, :]  # (BLOCK_O, BLOCK_R) flat index of W[o, r]
+        mask = (o[:, None] < N_OUT) & (r[None, :] < N_RED)
+        byte = tl.load(packed_ptr + f // 2, mask=mask, other=0).to(tl.int32)
+        q = (byte >> ((1 - (f & 1)) * 4)) & 15  # even flat index -> high nibble
+        scale = tl.load(absmax_ptr + f // BLOCKSIZE, mask=mask, other=0.0)
+        w = tl.load(code_ptr + q) * scale  # (BLOCK_O, BLOCK_R) float32
+        if X_BF16:
+            w = round_to_bf16(w)
+        else:
+            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.sum(w * xr[None, :], axis=1)
+    if X_BF16:  # y_ptr is the bfloat16 output viewed as int16
+        tl.store(y_ptr + m * stride_ym + o, bf16_bits(acc), mask=o < N_OUT)
+    else:
+        tl.store(y_ptr + m * stride_ym + o, acc.to(y_ptr.dtype.element_ty), mask=o < N_OUT)
+
+
+def _check(x, packed, absmax, out_features, in_features, blocksize, x_name, x_len):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{x_name} must be fp32/fp16/bf16, got {x.dtype}")
+    if x.shape[-1] != x_len:
+        raise ValueError(f"{x_name} has last dimension {x.shape[-1]}, expected {x_len}")
+    n = out_features * in_features
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed must be uint8 with {(n + 1) // 2} bytes for a {out_features}x{in_features} weight"
+        )
+    if absmax.dtype != torch.float32 or absmax.numel() != -(-n // blocksize):
+        raise ValueError(
+            f"absmax must be float32 with {-(-n // blocksize)} entries for blocksize {blocksize}"
+        )
+    if x.device != packed.device or x.device != absmax.device:
+        raise ValueError(f"{x_name} on {x.device}, packed on {packed.device}, absmax on {absmax.device}")
+
+
+def _gemv(x2, packed, absmax, n_out, n_red, in_features, blocksize, trans_w):
+    """Launch the fused kernel on x2 (M, n_red) -> (M, n_out)."""
+    m_rows = x2.shape[0]
+    y = torch.empty(m_rows, n_out, dtype=x2.dtype, device=x2.device)
+    if m_rows == 0:
+        return y
+    block_o, block_r = 16, 256
+    grid = (triton.cdiv(n_out, block_o), m_rows)
+    _nf4_gemv_kernel[grid](
+        x2, packed, absmax, nf4_code(x2.device), y.view(torch.int16) if x2.dtype == torch.bfloat16 else y,
+        n_out, n_red, in_features,
+        x2.stride(0), y.stride(0),
+        BLOCKSIZE=blocksize, TRANS_W=trans_w, X_BF16=x2.dtype == torch.bfloat16,
+        BLOCK_O=block_o, BLOCK_R=block_r,
+    )  # fmt: skip
+    return y
+
+
+def nf4_matmul(x, packed, absmax, out_features, in_features, blocksize=64, backend="auto"):
+    """y = x @ W^T for x (..., in_features) and the NF4 weight W (out_features, in_features).
+
+    y has x's dtype. `backend`: see `nf4.use_triton`; the path inside Triton follows `choose_path`.
+    """
+    # 1) check
+    _check(x, packed, absmax, out_features, in_features, blocksize, "x", in_features)
+    if out_features * in_features >= 2**31:
+        raise ValueError("the NF4 kernels index with int32: out_features * in_features must be < 2**31")
+    if not use_triton(x, backend):
+        return nf4_matmul_ref(x, packed, absmax, out_features, in_features, blocksize)
+    x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
+    if choose_path(x2.shape[0]) == "gemv":
+        # 2) allocate + 3) launch
+        y = _gemv(x2, packed, absmax, out_features, in_features, in_features, blocksize, trans_w=False)
+    else:
+        w = dequantize_nf4(packed, absmax, (out_features, in_features), blocksize, x.dtype, backend="triton")
+        y = x2 @ w.t()  # (M, K) @ (K, N) -> (M, N)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def nf4_matmul_backward_input(
+    grad_y, packed, absmax, out_features, in_features, blocksize=64, backend="auto"
+):
+    """grad_x = grad_y @ W for grad_y (..., out_features): the input gradient of `nf4_matmul`."""
+    _check(grad_y, packed, absmax, out_features, in_features, blocksize, "grad_y", out_features)
+    if out_features * in_features >= 2**31:
+        raise ValueError("the NF4 kernels index with int32: out_features * in_features must be < 2**31")
+    if not use_triton(grad_y, backend):
+        w = dequantize_nf4_ref(packed, absmax, (out_features, in_features), blocksize, grad_y.dtype)
+        return grad_y @ w
+    g2 = grad_y.reshape(-1, out_features).contiguous()  # (M, N)
+    shape = (out_features, in_features)
+    if choose_path(g2.shape[0]) == "gemv":
+        gx = _gemv(g2, packed, absmax, in_features, out_features, in_features, blocksize, trans_w=True)
+    else:
+        w = dequantize_nf4(packed, absmax, shape, blocksize, grad_y.dtype, backend="triton")
+        gx = g2 @ w  # (M, N) @ (N, K) -> (M, K)
+    return gx.view(*grad_y.shape[:-1], in_features)
+
+
+def nf4_matmul_ref(x, packed, absmax, out_features, in_features, blocksize=64):
+    """Plain PyTorch: dequantize to x.dtype, then x @ W^T.
+
+    Memory traffic: the NF4 weight (N*K/2 + 4*N*K/blocksize bytes) is read once, then a dense
+    N*K*sizeof(x) copy is written and read back by the matmul: about 4.5x the bytes of the fused GEMV
+    for a bf16 decode step.
+    """
+    w = dequantize_nf4_ref(packed, absmax, (out_features, in_features), blocksize, x.dtype)
+    return x @ w.t()  # (..., K) @ (K, N) -> (..., N)

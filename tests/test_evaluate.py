@@ -1,0 +1,140 @@
+"""evaluate.py: token-weighted loss / perplexity by hand, greedy answers against a plain argmax loop,
+exact-match / contains on fixed strings, and the Markdown report's rows."""
+
+import json
+import math
+import string
+
+import torch
+
+from minillm.config import ModelConfig
+from minillm.evaluate import (
+    contains,
+    evaluate_loss,
+    exact_match,
+    greedy_answer,
+    normalize,
+    short_answer_accuracy,
+    side_by_side_rows,
+    write_report,
+)
+from minillm.instruct import load_instruct_data, read_examples
+from minillm.lora import apply_lora, lora_modules
+from minillm.model import Llama
+
+
+class CharTokenizer:
+    bos_id, eos_id, pad_id = 1, 2, 0
+    alphabet = string.printable
+    vocab_size = 3 + len(string.printable)
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + [3 + self.alphabet.index(c) for c in text] + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i - 3] for i in ids if i >= 3)
+
+
+TOK = CharTokenizer()
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=TOK.vocab_size, max_seq_len=96)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Llama(CFG).eval()
+
+
+def data(tmp_path, records):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return load_instruct_data(path, TOK, template="none", max_seq_len=64, test_frac=0.0).train
+
+
+def test_perplexity_is_exp_of_token_weighted_mean_loss(tmp_path):
+    model = tiny_model()
+    exs = data(tmp_path, [{"instruction": "ab", "output": "c"}, {"instruction": "d", "output": "efghij"}])
+    nll, n = 0.0, 0
+    with torch.no_grad():  # by hand: one example, one position at a time
+        for e in exs:
+            logits, _ = model(torch.tensor([e.ids[:-1]]))
+            logp = torch.log_softmax(logits[0].double(), dim=-1)
+            for t, target in enumerate(e.labels[1:]):
+                if target != -100:
+                    nll, n = nll - logp[t, target].item(), n + 1
+    assert n == 2 + 7  # "c"+EOS and "efghij"+EOS
+    for batch_size in (1, 2):  # batching must not change a token-weighted mean
+        out = evaluate_loss(model, exs, batch_size=batch_size, pad_id=TOK.pad_id)
+        assert out["tokens"] == n
+        assert math.isclose(out["loss"], nll / n, rel_tol=1e-5)
+        assert math.isclose(out["ppl"], math.exp(nll / n), rel_tol=1e-5)
+
+
+def test_exact_match_and_contains_fixed_strings():
+    assert normalize("  json \n\t dumps ") == "json dumps"
+    assert exact_match("json", " json\n") and not exact_match("json.decoder", "json")
+    assert contains("The module is json.", "json") and not contains("JSON", "json")
+    assert exact_match("wrap(text,  width=70)", "wrap(text, width=70)")
+
+
+def greedy_by_hand(model, prompt, n):
+    """Argmax over a full forward each step (no KV cache): the obvious version of greedy decoding."""
+    ids = TOK.encode(prompt, bos=True)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids + out]))
+            tok = int(logits[0, -1].argmax())
+            if tok == TOK.eos_id:
+                break
+            out.append(tok)
+    return TOK.decode(out).strip()
+
+
+def test_greedy_answers_and_accuracy(tmp_path):
+    model = tiny_model(1)
+    expected = greedy_by_hand(model, "What?", 8)
+    assert greedy_answer(model, TOK, "What?", max_new_tokens=8) == expected
+    path = tmp_path / "q.jsonl"
+    path.write_text(
+        json.dumps({"instruction": "What?", "output": expected or "x"})
+        + "\n"
+        + json.dumps({"instruction": "Who?", "output": "~~~~"})
+        + "\n"
+    )
+    acc = short_answer_accuracy(model, TOK, read_examples(path), template="none", max_new_tokens=8)
+    assert (acc["n"], acc["exact"], acc["contains"]) == (2, 0.5, 0.5)
+    assert [r["exact"] for r in acc["rows"]] == [True, False]
+
+
+def test_side_by_side_with_lora_disabled_and_report_rows(tmp_path):
+    model = tiny_model(2)
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(0.5 * torch.randn(m.lora_B.weight.shape, generator=g))
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"instruction": "Hi", "output": "ok"}) + "\n")
+    rows = side_by_side_rows(None, model, TOK, read_examples(path), template="none", max_new_tokens=6)
+    plain = tiny_model(2)  # the same base weights, no adapters
+    assert rows[0]["base"] == greedy_by_hand(plain, "Hi", 6)
+    assert rows[0]["tuned"] == greedy_answer(model, TOK, "Hi", 6)
+
+    fixed = [
+        dict(instruction="Which module defines `dumps`?", reference="json", base="pickle", tuned="json"),
+        dict(instruction="a | b", reference="x\ny", base="", tuned="x y"),
+    ]
+    out = write_report(tmp_path / "r" / "report.md", fixed, title="stdlib", metrics={"exact": (0.0, 0.5)})
+    assert out.read_text(encoding="utf-8").splitlines() == [
+        "# stdlib",
+        "",
+        "| metric | base | fine-tuned |",
+        "|---|---|---|",
+        "| exact | 0 | 0.5 |",
+        "",
+        "| # | instruction | reference | base | fine-tuned |",
+        "|---|---|---|---|---|",
+        "| 0 | Which module defines `dumps`? | json | pickle | json ✓ |",
+        "| 1 | a \\| b | x<br>y |  | x y ✓ |",
+    ]
+    assert not list((tmp_path / "r").glob(".*tmp*"))  # the temp file was renamed away

@@ -1,0 +1,157 @@
+"""NF4Linear against nn.Linear on the dequantized weight (the QLoRA check), the model-wide swap,
+state_dict round trips and the double-quantized variant."""
+
+import pytest
+import torch
+from torch import nn
+
+from minillm.kernels.nf4 import quantize_nf4
+from minillm.nf4 import NF4Linear, quantize_model_
+
+# y = x @ W^T on identical weights: fp32 differs only by summation order, bf16 by 2 ulps of the output
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=1.3e-1, rtol=1.6e-2)}
+
+
+def make_linear(in_features, out_features, bias, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def dense_twin(layer: NF4Linear, dtype) -> nn.Linear:
+    """nn.Linear holding the dequantized weight: what NF4Linear must compute."""
+    twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        twin.weight.copy_(layer.dequantize(dtype))
+        if layer.bias is not None:
+            twin.bias.copy_(layer.bias)
+    twin.weight.requires_grad_(False)
+    return twin
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 24])  # the fused GEMV path and the dequantize + matmul path
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_and_input_grad_match_linear(compute_dtype, rows, bias):
+    linear = make_linear(129, 37, bias)  # 37*129 weights: blocks straddle rows, odd count
+    layer = NF4Linear.from_linear(linear, compute_dtype=compute_dtype)
+    twin = dense_twin(layer, compute_dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 129, generator=g).to(compute_dtype).requires_grad_()
+    x_twin = x.detach().clone().requires_grad_()
+    grad_y = torch.randn(rows, 37, generator=g).to(compute_dtype)
+
+    y = layer(x)
+    y_twin = twin(x_twin)
+    assert y.dtype == compute_dtype and y.shape == (rows, 37)
+    torch.testing.assert_close(y, y_twin, **TOL[compute_dtype])
+    y.backward(grad_y)
+    y_twin.backward(grad_y)
+    torch.testing.assert_close(x.grad, x_twin.grad, **TOL[compute_dtype])
+    assert not any(p.requires_grad for p in layer.parameters())  # frozen: everything is a buffer
+
+
+def test_dequantized_weight_is_close_to_original():
+    linear = make_linear(96, 40, bias=False)
+    layer = NF4Linear.from_linear(linear, compute_dtype=torch.float32)
+    w = linear.weight.detach()
+    absmax = w.reshape(-1, 64).abs().amax(1).repeat_interleave(64).view(w.shape)
+    # nearest NF4 code: error at most half the widest code gap (0.1519) times the block absmax
+    assert ((layer.dequantize() - w).abs() <= 0.1519 * absmax).all()
+    assert layer.dequantize().dtype == torch.float32
+    assert layer.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_input_dtype_is_kept():
+    layer = NF4Linear.from_linear(make_linear(64, 16, bias=True))  # computes in bf16
+    x = torch.randn(2, 5, 64)
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == (2, 5, 16)
+    expect = dense_twin(layer, torch.bfloat16)(x.to(torch.bfloat16)).float()
+    torch.testing.assert_close(y, expect, **TOL[torch.bfloat16])
+
+
+def test_from_weight_matches_quantize_nf4():
+    w = torch.randn(33, 70, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    layer = NF4Linear.from_weight(w)
+    packed, absmax = quantize_nf4(w)
+    assert torch.equal(layer.packed, packed) and torch.equal(layer.absmax, absmax)
+    assert (layer.out_features, layer.in_features) == (33, 70)
+    assert "blocksize=64" in repr(layer) and "double_quant=False" in repr(layer)
+    with pytest.raises(ValueError, match="2-D"):
+        NF4Linear.from_weight(torch.randn(4, 4, 4))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(32, 32, bias=False), "o_proj": nn.Linear(32, 32)})
+        self.mlp = nn.Sequential(nn.Linear(32, 80, bias=False), nn.SiLU(), nn.Linear(80, 32, bias=False))
+
+    def forward(self, x):
+        x = x + self.attn["o_proj"](self.attn["q_proj"](x))
+        return x + self.mlp(x)
+
+
+def test_quantize_model_swaps_nested_linears():
+    torch.manual_seed(3)
+    model = nn.Sequential(Block(), Block(), nn.LayerNorm(32))
+    model.lm_head = nn.Linear(32, 50, bias=False)
+    dense_before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    n_swapped = quantize_model_(model, compute_dtype=torch.float32)
+    assert n_swapped == 8  # 4 per block, lm_head skipped
+    assert isinstance(model.lm_head, nn.Linear)
+    assert isinstance(model[0].attn["q_proj"], NF4Linear) and isinstance(model[1].mlp[2], NF4Linear)
+    assert model[0].attn["o_proj"].bias is not None
+    # the old dense weights were released
+    assert all(m.weight is None for n, m in dense_before.items() if n != "lm_head")
+
+    # the quantized model computes what a dense model on the dequantized weights computes
+    twin = nn.Sequential(Block(), Block(), nn.LayerNorm(32))
+    twin.load_state_dict(model.state_dict(), strict=False)
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            twin.get_submodule(name).weight.data.copy_(module.dequantize())
+            if module.bias is not None:
+                twin.get_submodule(name).bias.data.copy_(module.bias)
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model[:3](x), twin(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_round_trip(double_quant):
+    layer = NF4Linear.from_linear(make_linear(100, 21, bias=True), double_quant=double_quant)
+    state = layer.state_dict()
+    scale_keys = {"qabsmax", "absmax_scales", "absmax_offset"} if double_quant else {"absmax"}
+    expect_keys = {"packed", "bias"} | scale_keys
+    assert set(state) == expect_keys
+    fresh = NF4Linear(100, 21, bias=True, double_quant=double_quant)
+    fresh.load_state_dict(state)
+    for key in state:
+        assert torch.equal(fresh.state_dict()[key], state[key])
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(layer.to("cpu")(x), layer(x))
+    with pytest.raises(TypeError, match="float32"):
+        layer.to(torch.bfloat16)(x)  # casting rounds the scales: refused, not silently degraded
+
+
+def test_double_quant_variant():
+    linear = make_linear(256, 80, bias=False)  # 320 NF4 blocks: two double-quant blocks, one partial
+    plain = NF4Linear.from_linear(linear, compute_dtype=torch.float32)
+    dq = NF4Linear.from_linear(linear, double_quant=True, compute_dtype=torch.float32)
+    assert torch.equal(dq.packed, plain.packed)  # same codes; only the scales are stored differently
+    assert dq.qabsmax.dtype == torch.uint8 and dq.absmax_scales.shape == (2,) and dq.absmax_offset.dim() == 0
+    # scales come back within half a dynamic-map step (0.00704) of the block's double-quant scale
+    err = (dq.absmax_f32() - plain.absmax).abs()
+    assert (err <= 0.00704 * dq.absmax_scales.repeat_interleave(256)[:320] + 1e-7).all()
+    # so the dequantized weights differ by at most that relative error times |code| <= 1
+    w_err = (dq.dequantize() - plain.dequantize()).abs().view(-1, 64).amax(1)
+    assert (w_err <= err * 1.0001 + 1e-7).all()
+    twin = dense_twin(dq, torch.float32)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(dq(x), twin(x), **TOL[torch.float32])
+    # bits per weight: 4 + 8/64 + 32 per 64*256 weights (one scale; here a partial second one + offset),
+    # i.e. 4.127 for a large weight
+    bits = (dq.packed.numel() * 8 + dq.qabsmax.numel() * 8 + (dq.absmax_scales.numel() + 1) * 32) / (256 * 80)
+    assert bits == 4 + 8 / 64 + 3 * 32 / (256 * 80)
+    assert 4 + 8 / 64 + 32 / (64 * 256) == pytest.approx(4.127, abs=1e-3)
