@@ -107,8 +107,8 @@ def main():
     cmd = [sys.executable, __file__, "--child", str(out)] + (["--no-forward"] if args.no_forward else [])
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip().splitlines()[-1])
-    print(f"| model | format | weight bytes | load s | peak RSS after load | after 1-token forward |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | format | weight bytes | load s | peak RSS after load | after 1-token forward |")
+    print("|---|---|---|---|---|---|")
     print(f"| {args.preset} | {args.format} shards | {total / 1e9:.2f} GB | {r['load_s']:.1f} | "
           f"{r['rss_after_load'] / 1e9:.2f} GB ({r['rss_after_load'] / total:.2f}x) | "
           f"{r['rss_after_forward'] / 1e9:.2f} GB ({r['rss_after_forward'] / total:.2f}x) |")

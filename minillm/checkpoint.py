@@ -254,7 +254,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
         raise ValueError(f"quantize must be None or 'nf4', found {quantize!r}")
     hook = None
     if quantize == "nf4":
-        hook = nf4_hook(compute_dtype=dtype, device=device, **nf4_kwargs)
+        hook = nf4_hook(compute_dtype=dtype or torch.float32, device=device, **nf4_kwargs)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a checkpoint file must be .gguf; for HF/minillm weights pass the directory")
