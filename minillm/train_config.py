@@ -1,0 +1,314 @@
+"""TrainConfig: every number a training run depends on, as nested dataclasses with strict overrides.
+
+    defaults (the dataclasses below: a tiny model on the Python stdlib, trains on a 2-core CPU)
+      <- configs/*.toml          (only overrides; [model], [data], [optim], [schedule], ... tables)
+      <- command line            (--optim.weight_decay 0.05, --schedule.max_lr=1e-3, --batch_size 8)
+
+Later layers win. An unknown key or a value of the wrong type is an error naming the key and where it
+came from (the TOML file, or "command line"), raised before anything is built. nanoGPT's configurator
+`exec`s a Python file for this; we keep its rules (unknown key -> error, type checked) without the exec.
+
+The resolved config is written beside the checkpoint as train_config.json, so a run can be reproduced
+from its output folder alone (`python train.py out/tiny/train_config.json`, JSON or TOML both load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minillm.config import ModelConfig
+from minillm.schedulers import ScheduleConfig
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib" (the embedded default), a text file, a directory, or a .jsonl file
+    format: str = "pretrain"  # "pretrain": token stream windows; "instruct": prompt/response examples
+    cache_dir: str = "data_cache/stdlib"  # train.bin / val.bin / meta.json (+ tokenizer.model) land here
+    tokenizer: str = ""  # an existing tokenizer.model; "" trains one (model.vocab_size) on the corpus
+    tokenizer_max_chars: int = 4_000_000  # characters of corpus the tokenizer is trained on
+    val_frac: float = 0.05  # last fraction of the token stream kept for validation
+    seed: int = 1337  # document shuffle (split) and tokenizer sample seed
+    num_workers: int = 2  # tokenizer processes (0 or 1: tokenize in this process)
+    # instruct only (data.corpus is then a .json/.jsonl of examples, see minillm/instruct.py)
+    instruct_format: str = "auto"  # alpaca | sharegpt | completion | auto (detected from the first record)
+    template: str = ""  # prompt template name from minillm/templates.py; "" picks the format's default
+    packing: bool = False  # several examples per row with a block-diagonal attention mask
+    train_on_inputs: bool = False  # also train on the prompt tokens (default: response tokens only)
+
+    def __post_init__(self):
+        _choice("data.format", self.format, ("pretrain", "instruct"))
+        _choice("data.instruct_format", self.instruct_format, ("auto", "alpaca", "sharegpt", "completion"))
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global grad norm to this; 0 disables clipping
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "full"  # full | lora | qlora (lora/qlora train adapters only; see minillm/lora.py)
+    lora_r: int = 8  # adapter rank
+    lora_alpha: float = 16.0  # scale alpha / r on the adapter output
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names to wrap
+
+    def __post_init__(self):
+        _choice("finetune.method", self.method, ("full", "lora", "qlora"))
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 200  # evaluate every this many steps (and at the end); 0 only at the end
+    iters: int = 10  # val batches averaged per evaluation (a fixed set: same windows every time)
+    sample_tokens: int = 64  # tokens of text sampled after each eval; 0 disables sampling
+    sample_prompt: str = "def __init__(self"  # prompt for that sample
+    temperature: float = 0.8
+    top_k: int = 50
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # tensorboard scalars every this many steps
+    tensorboard: bool = True  # write out_dir/tb (view with `tensorboard --logdir out`)
+    progress_bar: bool = True  # the tqdm bar (loss, tokens/s)
+    peak_flops: float = 0.0  # accelerator peak for MFU; 0: 989e12 (H100 bf16 dense) on CUDA, no MFU on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 200  # save every this many steps (and at the end); 0 only at the end
+    export: bool = True  # also write model.safetensors + minillm_config.json + tokenizer.model to out_dir
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/tiny"  # ckpt.pt, train_config.json, the inference export, tb/
+    init_from: str = "scratch"  # "scratch", or a checkpoint directory (HF/OpenLLaMA or minillm) to start from
+    seed: int = 1337  # model init and the data sampler
+    device: str = "auto"  # auto | cpu | cuda | cuda:N  (under torchrun: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16 (GradScaler)
+    cpu_threads: int = 1  # torch threads on CPU (0: torch's default, every core). One thread avoids OpenMP
+    # spin-wait stalls on shared cores and loses little on a dim-128 model; raise it on a dedicated machine
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~33% more compute
+    batch_size: int = 16  # sequences per micro-step, summed over all ranks (each rank takes batch_size / W)
+    block_size: int = 128  # tokens per sequence (<= model.max_seq_len)
+    grad_accum_steps: int = 1  # micro-steps per optimizer step; tokens/step = batch*block*accum
+    max_steps: int = 0  # stop after this step count (0: schedule.total_steps); the schedule is unchanged
+    # the architecture when init_from = "scratch" (a pretrained init_from brings its own). The default is
+    # 1.85M parameters (0.5M of them the untied 4096-row lm_head): about 5 minutes for 600 steps on 2 cores
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(
+            dim=128, n_layers=4, n_heads=4, hidden_dim=352, vocab_size=4096, max_seq_len=256
+        )
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(
+            name="cosine", max_lr=3e-3, min_lr=3e-4, warmup_steps=30, total_steps=600
+        )
+    )
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for name in ("batch_size", "block_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, found {getattr(self, name)}")
+        if self.block_size > self.model.max_seq_len:
+            raise ValueError(
+                f"TrainConfig: block_size={self.block_size} exceeds "
+                f"model.max_seq_len={self.model.max_seq_len}"
+            )
+        if self.max_steps < 0:
+            raise ValueError(f"TrainConfig.max_steps must be >= 0, found {self.max_steps}")
+
+    @property
+    def num_steps(self) -> int:
+        return self.max_steps or self.schedule.total_steps
+
+
+# fields that may differ between a run and its --resume (they do not change what is computed)
+RESUMABLE_CHANGES = ("max_steps", "cpu_threads", "compile", "eval", "log", "checkpoint", "data.num_workers",
+                     "device")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]):
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {allowed}, found {value!r}")
+
+
+# -----------------------------------------------------------------------------------------------------
+# strict overrides: a flat {"section.key": value} applied to a config, each key and type checked
+
+
+def _hints(cls) -> dict[str, Any]:
+    # resolves the "int | None" strings that `from __future__ import annotations` leaves in the fields
+    return typing.get_type_hints(cls)
+
+
+def _check_type(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Return value (an int widened to float where a float is expected) or raise naming key and source."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _check_type(key, value, tp, source)
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            raise TypeError(f"{source}: {key} must be a list of {args[0].__name__}, found {value!r}")
+        return list(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not tp:  # exact: True is not an int here, 3 is not a str
+        raise TypeError(f"{source}: {key} must be {tp.__name__}, found {type(value).__name__} {value!r}")
+    return value
+
+
+def apply_overrides(cfg, flat: dict[str, Any], source: str):
+    """A new config with each dotted key set; unknown keys, sections set to scalars and wrong types raise."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node, obj, parts = nested, cfg, key.split(".")
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                where = ".".join(parts[:i]) or type(cfg).__name__
+                is_section = dataclasses.is_dataclass(obj)
+                known = sorted(f.name for f in dataclasses.fields(obj)) if is_section else []
+                raise KeyError(f"{source}: unknown config key {key!r} ({part!r} is not a field of {where}; "
+                               f"expected one of {known})")
+            tp = _hints(type(obj))[part]
+            obj = getattr(obj, part)
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(obj):
+                    raise TypeError(f"{source}: {key} is a section ([{key}] in TOML), found value {value!r}")
+                node[part] = _check_type(key, value, tp, source)
+            else:
+                node = node.setdefault(part, {})
+    return _replace(cfg, nested, source)
+
+
+def _replace(obj, nested: dict, source: str):
+    changes = {k: (_replace(getattr(obj, k), v, source) if isinstance(v, dict) else v)
+               for k, v in nested.items()}
+    if isinstance(obj, ModelConfig) and "n_heads" in changes and "n_kv_heads" not in changes \
+            and obj.n_kv_heads == obj.n_heads:
+        changes["n_kv_heads"] = None  # plain multi-head stays plain: None resolves to the new n_heads
+    try:
+        return dataclasses.replace(obj, **changes)  # re-runs __post_init__: cross-field checks apply
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- the TOML (or saved JSON) file at `path` <- `overrides` (dotted keys, "command line")."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            d = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot parse ({e})") from None
+        cfg = apply_overrides(cfg, flatten(d), str(path))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, "command line")
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def resume_mismatches(saved: dict, now: TrainConfig) -> list[str]:
+    """Keys whose value differs between a checkpoint's config and this run's, other than RESUMABLE_CHANGES."""
+    old, new = flatten(saved), flatten(to_dict(now))
+    keys = sorted(set(old) | set(new))
+    allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
+    return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in keys
+            if not allowed(k) and old.get(k) != new.get(k)]
+
+
+# -----------------------------------------------------------------------------------------------------
+# the command line: one --section.key flag per field, generated from the dataclasses
+
+
+def _parse_value(tp: Any, key: str):
+    """An argparse `type=` for field type tp: "true"/"false" for bools, "none" for optionals,
+    commas for lists."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def parse(s: str):
+        if origin in (typing.Union, types.UnionType):
+            if s.lower() == "none":
+                return None
+            (inner,) = [a for a in args if a is not type(None)]
+            return _parse_value(inner, key)(s)
+        if origin is list:
+            return [x for x in s.split(",") if x]
+        if tp is bool:
+            if s.lower() not in ("true", "false", "1", "0"):
+                raise argparse.ArgumentTypeError(f"--{key} expects true or false, found {s!r}")
+            return s.lower() in ("true", "1")
+        try:
+            return tp(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{key} expects {tp.__name__}, found {s!r}") from None
+
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cfg: TrainConfig | None = None):
+    """One flag per leaf field (--out_dir, --optim.weight_decay, --schedule.max_lr, ...); dest is the
+    dotted key, default SUPPRESS so only flags actually given become overrides."""
+    cfg = cfg or TrainConfig()
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value, tp, key = getattr(obj, f.name), _hints(type(obj))[f.name], prefix + f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+                continue
+            metavar = {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
+            parser.add_argument(f"--{key}", dest=key, type=_parse_value(tp, key), default=argparse.SUPPRESS,
+                                metavar=metavar, help=f"override {key} (default: {value!r})")
+
+    walk(cfg, "")

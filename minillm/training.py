@@ -1,0 +1,603 @@
+"""The training loop: `train(cfg)` reads top to bottom, nanoGPT style, between `# ----` banners.
+
+    data (tokenizer + train.bin/val.bin) -> model -> AdamW -> [resume] -> compile / DDP
+      -> for each step: lr = get_lr(step) ; k micro-batches ; forward/backward ; clip ; step
+                        ; log ; eval + sample ; checkpoint
+
+The small pure pieces it needs sit above it, so the tests can call them directly: the optimizer, the
+token-normalised gradient accumulation, the eval loop, checkpoints with every RNG state.
+
+Gradient accumulation is normalised by target tokens, not by micro-batches: the loss of a step is
+    L = (sum over all micro-batches and ranks of the token cross-entropies) / (number of non-ignored targets)
+so k micro-batches give exactly the gradient of one batch k times larger, even when micro-batches hold
+different numbers of -100 targets (padded instruction data). Averaging per-micro-batch means would weight
+a token in a short micro-batch more than one in a long one.
+
+Exact resume: the batch of a step is a pure function of the data generator's state (data.get_batch), the
+lr is a pure function of the step (schedulers.py), eval and sampling draw from their own generators, and
+the checkpoint holds model, optimizer, GradScaler, step and every RNG state. So on CPU a run stopped at
+step k and resumed logs bit-identical losses to the uninterrupted run.
+
+Fine-tuning uses the same loop: `init_from` names a checkpoint directory (HF/OpenLLaMA or minillm),
+`finetune.method` = full | lora | qlora (lora.py wraps the target projections of a frozen base, held in
+NF4 for qlora), and `data.format = "instruct"` draws padded or packed prompt/response batches whose
+prompt targets are -100 (instruct.py). With adapters the checkpoint holds only the trained tensors (the
+base is reloaded from init_from on resume), and the export is both the PEFT adapter (out_dir/adapter) and
+a plain model with the adapters folded in, so generate.py needs no LoRA support.
+
+Multi-GPU: launched by `torchrun --nproc_per_node W train.py ...`, each rank draws the same global batch
+offsets and keeps its 1/W slice, DDP averages gradients (we pre-multiply by W so the average is the
+token-normalised sum above). gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minillm.checkpoint import load_pretrained, save_model
+from minillm.data import get_batch, prepare_dataset, read_corpus, train_corpus_tokenizer, unigram_entropy
+from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
+from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable, save_adapter
+from minillm.model import Llama
+from minillm.schedulers import get_lr
+from minillm.tokenizer import Tokenizer
+from minillm.train_config import TrainConfig, resume_mismatches, save_config, to_dict
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
+
+
+# -----------------------------------------------------------------------------------------------------
+# optimizer
+
+
+def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
+                        eps: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm gains):
+    decaying a norm gain pulls it toward 0, which only fights the normalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+# -----------------------------------------------------------------------------------------------------
+# loss and gradient accumulation
+
+
+def micro_batch_loss(model, x: torch.Tensor, y: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropies of the targets in y (B, T) that are not -100, in float32."""
+    logits, _ = model(x) if attn_mask is None else model(x, attn_mask=attn_mask)  # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def count_targets(batches) -> int:
+    return sum(int((b[1] != -100).sum()) for b in batches)
+
+
+def forward_backward(model, batches, n_targets: int, world_size: int = 1, autocast=nullcontext,
+                     scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Accumulate into .grad the gradient of  sum(token losses of all ranks' batches) / n_targets.
+
+    batches: this rank's micro-batches [(x, y) or (x, y, attn_mask)]; n_targets: the non-ignored targets
+    of every micro-batch on every rank. Each rank scales by world_size because DDP averages over ranks.
+    Returns this rank's summed token loss (detached), for logging.
+    """
+    total = torch.zeros((), device=batches[0][0].device)
+    for i, batch in enumerate(batches):
+        # DDP all-reduces in backward; only the last micro-batch needs to (the grads keep summing locally)
+        sync = nullcontext() if not isinstance(model, DDP) or i == len(batches) - 1 else model.no_sync()
+        with sync:
+            with autocast():
+                loss_sum = micro_batch_loss(model, *batch)
+            loss = loss_sum * (world_size / n_targets)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss_sum.detach()
+    return total
+
+
+# -----------------------------------------------------------------------------------------------------
+# evaluation and sampling
+
+
+@torch.no_grad()
+def estimate_loss(model, data: np.ndarray, batch_size: int, block_size: int, iters: int, seed: int,
+                  device, autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+    """Mean token cross-entropy over `iters` batches drawn from a generator seeded with `seed`: the same
+    windows at every eval, so successive val losses are comparable and training RNG is not touched."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
+    for _ in range(iters):
+        x, y = get_batch(data, batch_size, block_size, g, rank, world_size)
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            total[0] += micro_batch_loss(model, x, y).double()
+        total[1] += (y != -100).sum()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int, device,
+                           autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+    """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file order
+    (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
+    for i, (x, y) in enumerate(iter_batches(examples, batch_size, pad_id)):
+        if i >= iters:
+            break
+        if i % world_size != rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            total[0] += micro_batch_loss(model, x, y).double()
+        total[1] += (y != -100).sum()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def sample(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+           top_k: int, seed: int, device) -> str:
+    """A short sample by full re-forward per token (no KV cache: a few dozen tokens of a small model)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([tokenizer.encode(prompt, bos=True)], device=device)  # (1, T)
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.max_seq_len:])  # (1, T, V)
+        logits = logits[0, -1].float() / max(temperature, 1e-5)  # (V,)
+        if top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)  # (1,)
+        if next_id.item() == tokenizer.eos_id:
+            break
+        idx = torch.cat([idx, next_id[None]], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(idx[0, 1:].tolist())
+
+
+# -----------------------------------------------------------------------------------------------------
+# checkpoints: atomic, with every RNG state
+
+
+def rng_states(data_generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return dict(
+        torch_cpu=torch.get_rng_state(),
+        torch_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=np_state[2],
+                   has_gauss=np_state[3], cached_gaussian=np_state[4]),
+        python=random.getstate(),
+        data=data_generator.get_state(),
+    )
+
+
+def set_rng_states(states: dict, data_generator: torch.Generator):
+    torch.set_rng_state(states["torch_cpu"])
+    if states["torch_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    data_generator.set_state(states["data"])
+
+
+def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
+                    val_loss: float | None = None):
+    """torch.save to a temp file beside `path`, then os.replace: a kill mid-write keeps the old file."""
+    ckpt = dict(
+        model=trainable_state(model),
+        model_config=model.config.to_dict(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        step=step,  # the number of completed optimizer steps = the step to run next
+        rng=rng_states(data_generator),
+        config=to_dict(cfg),
+        val_loss=val_loss,
+    )
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state for full training; only the trained tensors when the base is frozen (LoRA/QLoRA):
+    the base is rebuilt from init_from on resume, so a 7B QLoRA checkpoint holds megabytes, not gigabytes."""
+    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return model.state_dict()
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trained}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict, source: str):
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trained = {k for k, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        bad = unexpected[:3] if unexpected else sorted(trained & set(missing))[:3]
+        what = f"unexpected {bad}" if unexpected else f"missing {bad}"
+        raise ValueError(f"{source}: checkpoint does not match the model: {what}")
+
+
+def plain_llama(model: Llama) -> Llama:
+    """A plain float32 Llama with every LoRA adapter folded in (W0 + (α/r)·BA) and NF4 weights dequantized:
+    what save_model writes for generate.py. `model` itself is not changed."""
+    with torch.device("meta"):
+        plain = Llama(model.config)
+    state = {}
+    for key, _ in plain.named_parameters():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(owner, LoRALinear):
+            state[key] = owner.to_dense_linear().weight.detach().float().cpu()
+        elif hasattr(owner, "dequantize"):  # an NF4Linear that carries no adapter
+            state[key] = owner.dequantize(torch.float32).cpu()
+        else:
+            state[key] = getattr(owner, leaf).detach().float().cpu()
+    plain.load_state_dict(state, assign=True)
+    if model.config.tie_embeddings:
+        plain.lm_head.weight = plain.embed_tokens.weight
+    plain.init_rope(torch.device("cpu"))
+    return plain
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -----------------------------------------------------------------------------------------------------
+# set-up pieces
+
+
+def setup_distributed(device_setting: str) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; joins the process group if W > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        cuda = device_setting != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return rank, local_rank, world_size
+
+
+def pick_device(setting: str, local_rank: int, world_size: int) -> torch.device:
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and world_size > 1:
+        setting = f"cuda:{local_rank}"
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={setting!r} but CUDA is not available")
+        torch.cuda.set_device(device)
+    return device
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+
+
+def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, object]:
+    """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
+    tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init checkpoint's,
+    else one trained on the corpus (pretraining from scratch)."""
+    if cfg.data.tokenizer:
+        tokenizer = Tokenizer(cfg.data.tokenizer)
+    elif cfg.init_from != "scratch":
+        tokenizer = Tokenizer(cfg.init_from)  # a checkpoint directory holds its tokenizer.model
+    else:
+        tokenizer = None
+    if cfg.data.format == "instruct":
+        if tokenizer is None:
+            raise ValueError("data.format='instruct' needs a tokenizer: set init_from or data.tokenizer")
+        data = load_instruct_data(cfg.data.corpus, tokenizer, cfg.data.template or None,
+                                  cfg.data.instruct_format, cfg.block_size, cfg.data.train_on_inputs,
+                                  cfg.data.val_frac, seed=cfg.data.seed)
+        if verbose:
+            print(data.summary())
+        return tokenizer, data.train, data.test
+    corpus = read_corpus(cfg.data.corpus)
+    cache_dir = Path(cfg.data.cache_dir)
+    if tokenizer is None:
+        tokenizer = train_corpus_tokenizer(corpus, cache_dir / "tokenizer.model", cfg.model.vocab_size,
+                                           cfg.data.tokenizer_max_chars, cfg.data.seed)
+    data = prepare_dataset(corpus, tokenizer, cache_dir, cfg.data.val_frac, cfg.data.seed,
+                           cfg.data.num_workers, verbose=verbose)
+    return tokenizer, data.train, data.val
+
+
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Llama:
+    """scratch: a fresh Llama(cfg.model); otherwise the init_from checkpoint. Full training keeps float32
+    weights (autocast runs the matmuls in `dtype`); LoRA freezes a base held in `dtype`, QLoRA one in NF4,
+    and wraps the finetune.lora_targets projections in trainable float32 adapters."""
+    method = cfg.finetune.method
+    if cfg.init_from == "scratch":
+        if method != "full":
+            raise ValueError(f"finetune.method={method!r} adapts a pretrained model: set init_from to its "
+                             "checkpoint directory")
+        return Llama(cfg.model).to(device)
+    if method == "full":
+        return load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
+    quantize = "nf4" if method == "qlora" else None
+    model = load_pretrained(cfg.init_from, dtype=dtype, device=device, quantize=quantize)
+    apply_lora(model, cfg.finetune.lora_targets, cfg.finetune.lora_r, cfg.finetune.lora_alpha,
+               cfg.finetune.lora_dropout)
+    mark_only_lora_trainable(model)
+    return model.train()
+
+
+def draw_batch(cfg: TrainConfig, data, generator: torch.Generator, pad_id: int, rank: int, world_size: int):
+    """This rank's slice of one global micro-batch: (x, y) windows of the token stream, or instruct
+    examples (x, y[, attn_mask] when packed). Both are pure functions of the generator's state."""
+    if cfg.data.format == "pretrain":
+        return get_batch(data, cfg.batch_size, cfg.block_size, generator, rank, world_size)  # (B/W, T) x2
+    x, y, mask = get_instruct_batch(data, cfg.batch_size, generator, pad_id, cfg.data.packing, cfg.block_size,
+                                    pad_to_max=cfg.compile, rank=rank, world_size=world_size)
+    return (x, y) if mask is None else (x, y, mask)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def stopping(ckpt_path: Path) -> str:
+    if ckpt_path.is_file():
+        step = load_checkpoint(ckpt_path)["step"]
+        return f"stopping; the last good checkpoint {ckpt_path} (step {step}) is kept"
+    return "stopping before any checkpoint was written"
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (token mean, all ranks)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global grad norm before clipping
+    val_losses: dict[int, float] = field(default_factory=dict)  # completed steps -> val loss
+    unigram_entropy: float = float("nan")  # nats/token of the train split: the context-free baseline
+    tokens_per_s: float = 0.0  # over the whole run (excluding eval)
+    samples: list[str] = field(default_factory=list)  # the text sampled after each eval
+    model: Llama | None = None  # the trained model (unwrapped from DDP / compile)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    # ---- processes, device, precision ---------------------------------------------------------------
+    rank, local_rank, world_size = setup_distributed(cfg.device)
+    master = rank == 0
+    device = pick_device(cfg.device, local_rank, world_size)
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    if cfg.batch_size % world_size != 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
+    pretrain, adapters = cfg.data.format == "pretrain", cfg.finetune.method != "full"
+    # mixed precision: trained weights and AdamW state stay float32, the matmuls run in `dtype`
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # model init (and LoRA dropout)
+
+    # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it ----------------
+    if master:
+        tokenizer, train_data, val_data = prepare_data(cfg, verbose=True)
+    if world_size > 1:
+        dist.barrier()
+    if not master:
+        tokenizer, train_data, val_data = prepare_data(cfg, verbose=False)
+    baseline = unigram_entropy(train_data) if pretrain else float("nan")  # no stream to count for instruct
+    data_generator = torch.Generator().manual_seed(cfg.seed)  # every rank alike: same global offsets
+
+    # ---- model: fresh, pretrained, or pretrained + LoRA adapters (then the checkpoint's state on resume)
+    model = build_model(cfg, device, dtype)
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None:
+        bad = resume_mismatches(ckpt["config"], cfg)
+        if bad:
+            raise ValueError(f"{ckpt_path}: --resume with a different config:\n  " + "\n  ".join(bad))
+        load_trainable_state(model, ckpt["model"], str(ckpt_path))
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer {tokenizer.path} has "
+                         f"{tokenizer.vocab_size} pieces")
+    if cfg.block_size > model.config.max_seq_len:
+        raise ValueError(f"block_size={cfg.block_size} exceeds the model's "
+                         f"max_seq_len={model.config.max_seq_len}")
+    model.activation_checkpointing = cfg.activation_checkpointing
+    raw_model = model  # the Llama itself: what is saved, sampled from and counted
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+
+    # ---- optimizer (+ resume) -----------------------------------------------------------------------
+    optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
+                                    (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
+                                    fused=device.type == "cuda")
+    start_step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"], data_generator)
+        start_step = ckpt["step"]
+        if master:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # ---- logging ------------------------------------------------------------------------------------
+    writer = None
+    if master and cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tb"))
+    if master:
+        save_config(cfg, out_dir / "train_config.json")
+        n, n_train = raw_model.num_params(), sum(p.numel() for p in trainable)
+        unit = "tokens" if pretrain else "examples"
+        data_desc = f"{len(train_data):,} train / {len(val_data):,} val {unit}"
+        if pretrain:
+            data_desc += f" | unigram baseline {baseline:.3f} nats/token"
+        print(f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
+              f"{flops_per_token / 1e6:.1f} MFLOPs/token | {data_desc} | device {device}, {dtype}, "
+              f"{world_size} rank(s)")
+    peak_flops = cfg.log.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
+    result = TrainResult(unigram_entropy=baseline, model=raw_model)
+    num_steps = cfg.num_steps
+    bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="train",
+               disable=not (master and cfg.log.progress_bar), dynamic_ncols=True)
+    train_time, tokens_seen, last_val = 0.0, 0, None
+
+    def evaluate_and_sample(step_done: int):
+        nonlocal last_val
+        if pretrain:
+            last_val = estimate_loss(model, val_data, cfg.batch_size, cfg.block_size, cfg.eval.iters,
+                                     cfg.seed, device, autocast, rank, world_size)
+        else:
+            last_val = estimate_instruct_loss(model, val_data, cfg.batch_size, cfg.eval.iters,
+                                              tokenizer.pad_id, device, autocast, rank, world_size)
+        result.val_losses[step_done] = last_val
+        if not master:
+            return
+        msg = f"step {step_done}: val loss {last_val:.4f} (perplexity {math.exp(min(last_val, 50)):.1f})"
+        if pretrain:
+            msg += f" | unigram baseline {baseline:.4f}"
+        if cfg.eval.sample_tokens > 0:
+            text = sample(raw_model, tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
+                          cfg.eval.temperature, cfg.eval.top_k, cfg.seed, device)
+            result.samples.append(text)
+            msg += f"\n----- sample -----\n{text}\n------------------"
+        tqdm.write(msg)
+        if writer is not None:
+            writer.add_scalar("val/loss", last_val, step_done)
+            writer.add_scalar("val/perplexity", math.exp(min(last_val, 50)), step_done)
+
+    def checkpoint(step_done: int):
+        if not master:
+            return
+        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step_done, data_generator, cfg, last_val)
+        if cfg.checkpoint.export:  # the inference format generate.py loads: `--checkpoint out_dir`
+            save_model(plain_llama(raw_model) if adapters else raw_model, out_dir, tokenizer.path)
+            if adapters:  # and the adapter alone, in PEFT's layout
+                save_adapter(raw_model, out_dir / "adapter", cfg.init_from)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1) the learning rate of this step, a pure function of the step
+        lr = get_lr(step, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 2) the step's micro-batches (this rank's slices) and the target count over every rank
+        batches = []
+        for _ in range(cfg.grad_accum_steps):
+            batch = draw_batch(cfg, train_data, data_generator, tokenizer.pad_id, rank, world_size)
+            batches.append(tuple(t.to(device, non_blocking=True) for t in batch))  # x, y (B/W, T)[, mask]
+        counts = torch.tensor([count_targets(batches), sum(b[0].numel() for b in batches)],
+                              dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(counts)
+        n_targets, n_tokens = int(counts[0].item()), int(counts[1].item())
+
+        # 3) forward + backward, token-normalised over all micro-batches and ranks
+        loss_sum = forward_backward(model, batches, n_targets, world_size, autocast, scaler)
+        if world_size > 1:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / n_targets
+        if not math.isfinite(loss):
+            bar.close()
+            raise FloatingPointError(f"step {step}: training loss is {loss} (lr {lr:.3g}); "
+                                     f"{stopping(ckpt_path)}")
+
+        # 4) clip the global grad norm, then step (GradScaler skips steps whose fp16 grads overflowed)
+        scaler.unscale_(optimizer)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            bar.close()
+            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm} (lr {lr:.3g}); "
+                                     f"{stopping(ckpt_path)}")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5) log
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        tokens_per_s = n_tokens / dt
+        tokens_seen += n_tokens
+        result.losses[step], result.grad_norms[step] = loss, grad_norm
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if writer is not None and step % cfg.log.interval == 0:
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
+            writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
+            writer.add_scalar("perf/peak_memory_gib", peak_memory_bytes(device) / 2**30, step)
+            if peak_flops:
+                writer.add_scalar("perf/mfu", tokens_per_s * flops_per_token / peak_flops, step)
+
+        # 6) eval + sample, checkpoint (both also after the last step)
+        done, last = step + 1, step + 1 == num_steps
+        if last or (cfg.eval.interval > 0 and done % cfg.eval.interval == 0):
+            evaluate_and_sample(done)
+        if last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0):
+            checkpoint(done)
+
+    # ---- wrap up ------------------------------------------------------------------------------------
+    bar.close()
+    if train_time > 0:
+        result.tokens_per_s = tokens_seen / train_time
+    if master and last_val is not None:
+        vs = f" vs unigram baseline {baseline:.4f} nats/token" if pretrain else ""
+        print(f"done: {num_steps} steps, val loss {last_val:.4f}{vs}, {result.tokens_per_s:,.0f} tokens/s, "
+              f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB; "
+              f"checkpoint in {out_dir}")
+    if writer is not None:
+        writer.close()
+    return result
