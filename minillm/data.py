@@ -45,9 +45,11 @@ from minillm.tokenizer import Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
 DEFAULT_PATTERNS = ("**/*.py", "**/*.txt", "**/*.md")
-# stdlib folders that are not "the standard library": installed packages, the test suites (their data
-# includes files that are deliberately malformed or in legacy encodings) and bytecode caches
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
+# stdlib folders that are not "the standard library" as code to learn from: installed packages, the test
+# suites (their data includes files that are deliberately malformed or in legacy encodings), bytecode
+# caches, and `encodings/` (~100 machine-generated codec tables that would teach a small model to babble
+# hex tables instead of Python)
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
 
 # -----------------------------------------------------------------------------------------------------
 # corpus sources
