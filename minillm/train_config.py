@@ -101,8 +101,8 @@ class TrainConfig:
     seed: int = 1337  # model init and the data sampler
     device: str = "auto"  # auto | cpu | cuda | cuda:N  (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16 (GradScaler)
-    cpu_threads: int = 1  # torch threads on CPU (0: torch's default, every core). One thread avoids OpenMP
-    # spin-wait stalls on shared cores and loses little on a dim-128 model; raise it on a dedicated machine
+    cpu_threads: int = 0  # torch threads on CPU (0: torch's default, every core). On a machine shared with
+    # other busy processes, 1 avoids OpenMP spin-wait stalls (measured 2-40x slower steps when overloaded)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~33% more compute
     batch_size: int = 16  # sequences per micro-step, summed over all ranks (each rank takes batch_size / W)
@@ -110,7 +110,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-steps per optimizer step; tokens/step = batch*block*accum
     max_steps: int = 0  # stop after this step count (0: schedule.total_steps); the schedule is unchanged
     # the architecture when init_from = "scratch" (a pretrained init_from brings its own). The default is
-    # 1.85M parameters (0.5M of them the untied 4096-row lm_head): about 5 minutes for 600 steps on 2 cores
+    # 1.85M parameters (0.5M of them the untied 4096-row lm_head): about 5 minutes for 1000 steps on 2 cores
     model: ModelConfig = field(
         default_factory=lambda: ModelConfig(
             dim=128, n_layers=4, n_heads=4, hidden_dim=352, vocab_size=4096, max_seq_len=256
@@ -120,7 +120,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(
-            name="cosine", max_lr=3e-3, min_lr=3e-4, warmup_steps=30, total_steps=600
+            name="cosine", max_lr=3e-3, min_lr=3e-4, warmup_steps=30, total_steps=1000
         )
     )
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
