@@ -69,10 +69,16 @@ def lora_params(cfg: ModelConfig, r: int, targets: list[str]) -> int:
     return cfg.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6N + 12·L·C·T with N the non-embedding parameters (Llama.flops_per_token, from the config alone)."""
+def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapter_params: int = 0) -> float:
+    """Training FLOPs per token, N the non-embedding parameters (Llama.flops_per_token for "full"):
+
+      full:        6N + 12·L·C·T   (per weight: 2 forward, 2 for the input gradient, 2 for its own gradient)
+      lora/qlora:  4N + 6·N_adapter + 12·L·C·T   (a frozen weight skips its own gradient; the input
+                   gradient still flows through it to the adapters below)
+    The attention term (scores and weighted sum, forward + backward) is the same in all three."""
     n = count_params(cfg)
-    return 6 * (n["total"] - n["embedding"]) + 12 * cfg.n_layers * cfg.dim * seq_len
+    per_weight = 6 if method == "full" else 4
+    return per_weight * (n["total"] - n["embedding"]) + 6 * adapter_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 def layer_activation_elements(cfg: ModelConfig, batch: int, seq: int, lora_r: int = 0,
@@ -122,7 +128,8 @@ class Estimate:
 
 
 def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 8,
-             lora_targets: tuple[str, ...] = ("q_proj", "v_proj"), act_bytes: int = 2) -> Estimate:
+             lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"), act_bytes: int = 2) -> Estimate:
     """Bytes of each memory component for one training micro-batch (batch, seq) under `method`."""
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"method must be full, lora or qlora, found {method!r}")
@@ -139,7 +146,7 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
         weights = round(n["block_linear"] * NF4_BITS_PER_PARAM / 8) + 2 * dense + 4 * adapters
     act = lambda ckpt: act_bytes * activation_elements(cfg, batch, seq, ckpt, r, targets)
     return Estimate(
-        params=n["total"] + adapters, trainable=trainable, flops_per_token=flops_per_token(cfg, seq),
+        params=n["total"] + adapters, trainable=trainable, flops_per_token=flops_per_token(cfg, seq, method, adapters),
         weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
         activations=act(False), activations_checkpointed=act(True), kv_cache=kv_cache_bytes(cfg, batch, seq),
     )
@@ -151,7 +158,8 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
         f"{name}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
         f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | method {method}, batch {batch}, seq {seq}",
         f"parameters             {est.params:>15,d}   (trainable {est.trainable:,d})",
-        f"training FLOPs/token   {est.flops_per_token:>15.4g}   (6N + 12·L·C·T)",
+        f"training FLOPs/token   {est.flops_per_token:>15.4g}   "
+        f"({'6N' if method == 'full' else '4N + 6N_adapter'} + 12·L·C·T)",
         f"FLOPs per micro-batch  {est.flops_per_token * batch * seq:>15.4g}",
         f"weights                {gib(est.weights)}",
         f"gradients              {gib(est.gradients)}",
@@ -177,11 +185,12 @@ def main(argv=None) -> str:
     parser.add_argument("--batch", type=int, default=None, help="micro-batch size (default 1 or batch_size)")
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8 or finetune.lora_r)")
     parser.add_argument("--lora-targets", default=None,
-                        help="comma-separated projections to adapt (default q_proj,v_proj)")
+                        help="comma-separated projections to adapt (default: all seven, q_proj … down_proj)")
     parser.add_argument("--act-bytes", type=int, default=2,
                         help="bytes per activation element (2 bf16, 4 fp32)")
     args = parser.parse_args(argv)
-    method, seq, batch, r, targets = "full", 1024, 1, 8, ["q_proj", "v_proj"]
+    method, seq, batch, r = "full", 1024, 1, 8
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if args.config is not None:
         from minillm.train_config import load_config
 

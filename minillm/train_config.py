@@ -64,7 +64,9 @@ class FinetuneConfig:
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # scale alpha / r on the adapter output
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names to wrap
+    lora_targets: list[str] = field(  # module names to wrap: all seven projections, as QLoRA recommends
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
     def __post_init__(self):
         _choice("finetune.method", self.method, ("full", "lora", "qlora"))
