@@ -104,7 +104,10 @@ def test_activation_and_weight_estimate_within_15_percent(checkpointing):
 def test_cli_prints_the_breakdown(capsys, tmp_path):
     report = flops.main(["--preset", "openllama-7b", "--method", "qlora", "--seq", "1024", "--batch", "4"])
     assert capsys.readouterr().out.strip() == report
-    assert "parameters               6,742,609,920   (trainable 4,194,304)" in report
+    # all seven projections at r=8: 32 · 8 · (4·(4096+4096) + 3·(4096+11008)) adapter parameters
+    assert "parameters               6,758,404,096   (trainable 19,988,480)" in report
+    # 4N + 6N_adapter + 12·L·C·T = 4·6,607,343,616 + 6·19,988,480 + 12·32·4096·1024
+    assert f"training FLOPs/token   {28_159_918_080:>15.4g}" in report
     assert "KV cache (inference)        2.00 GiB" in report
     report = flops.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "1b.toml")])
     assert "method full, batch 8, seq 2048" in report
