@@ -30,7 +30,8 @@ from minillm.schedulers import ScheduleConfig
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" (the embedded default), a text file, a directory, or a .jsonl file
+    corpus: str = "stdlib"  # "stdlib" (the embedded default), a text file, a directory, or a .jsonl file;
+    # with format "instruct": "stdlib" (the embedded instruction set) or a .json/.jsonl of examples
     format: str = "pretrain"  # "pretrain": token stream windows; "instruct": prompt/response examples
     cache_dir: str = "data_cache/stdlib"  # train.bin / val.bin / meta.json (+ tokenizer.model) land here
     tokenizer: str = ""  # an existing tokenizer.model; "" trains one (model.vocab_size) on the corpus

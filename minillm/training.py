@@ -55,6 +55,7 @@ from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_dat
 from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable, save_adapter
 from minillm.model import Llama
 from minillm.schedulers import get_lr
+from minillm.templates import format_prompt
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig, resume_mismatches, save_config, to_dict
 
@@ -324,9 +325,15 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, ob
     if cfg.data.format == "instruct":
         if tokenizer is None:
             raise ValueError("data.format='instruct' needs a tokenizer: set init_from or data.tokenizer")
-        data = load_instruct_data(cfg.data.corpus, tokenizer, cfg.data.template or None,
+        paths, test_paths = cfg.data.corpus, None
+        if cfg.data.corpus == "stdlib":  # the embedded instruction set, with its held-out split
+            from minillm.stdlib_dataset import build_stdlib_dataset
+
+            ds = build_stdlib_dataset(Path(cfg.data.cache_dir))
+            paths, test_paths = ds.train_path, ds.test_path
+        data = load_instruct_data(paths, tokenizer, cfg.data.template or None,
                                   cfg.data.instruct_format, cfg.block_size, cfg.data.train_on_inputs,
-                                  cfg.data.val_frac, seed=cfg.data.seed)
+                                  cfg.data.val_frac, test_paths=test_paths, seed=cfg.data.seed)
         if verbose:
             print(data.summary())
         return tokenizer, data.train, data.test
@@ -504,7 +511,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if pretrain:
             msg += f" | unigram baseline {baseline:.4f}"
         if cfg.eval.sample_tokens > 0:
-            text = sample(raw_model, tokenizer, cfg.eval.sample_prompt, cfg.eval.sample_tokens,
+            prompt = cfg.eval.sample_prompt
+            if not pretrain:  # ask the way the examples were asked: wrapped in the training template
+                prompt = format_prompt(cfg.data.template or "alpaca", prompt)
+            text = sample(raw_model, tokenizer, prompt, cfg.eval.sample_tokens,
                           cfg.eval.temperature, cfg.eval.top_k, cfg.seed, device)
             result.samples.append(text)
             msg += f"\n----- sample -----\n{text}\n------------------"
@@ -523,6 +533,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                 save_adapter(raw_model, out_dir / "adapter", cfg.init_from)
 
     # ---- the loop -----------------------------------------------------------------------------------
+    if cfg.init_from != "scratch" and start_step == 0 and cfg.eval.interval > 0:
+        evaluate_and_sample(0)  # the starting model's numbers: what fine-tuning has to beat
     model.train()
     for step in bar:
         t0 = time.perf_counter()
