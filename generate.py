@@ -17,26 +17,11 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_pretrained
+from minillm.checkpoint import load_pretrained, load_tokenizer
 from minillm.generation import GenerationStats, SamplingConfig, decode_one_token, generate_text
-from minillm.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def load_tokenizer(checkpoint: Path, tokenizer: str | None) -> Tokenizer:
-    """The tokenizer beside the checkpoint, an explicit --tokenizer, or the one rebuilt from GGUF metadata."""
-    if tokenizer is not None:
-        return Tokenizer(tokenizer)
-    if checkpoint.is_file() and checkpoint.suffix == ".gguf":
-        from minillm.gguf import read_gguf, sentencepiece_model_from_gguf
-
-        return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
-    path = checkpoint / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.model beside the checkpoint; pass --tokenizer PATH")
-    return Tokenizer(path)
 
 
 def main(argv=None):

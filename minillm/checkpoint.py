@@ -279,6 +279,24 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
     return model.eval()
 
 
+def load_tokenizer(checkpoint, tokenizer_path=None):
+    """The tokenizer for a checkpoint: an explicit tokenizer_path, the tokenizer.model beside it, or for a
+    GGUF file the SentencePiece model rebuilt from its metadata."""
+    from minillm.tokenizer import Tokenizer
+
+    if tokenizer_path is not None:
+        return Tokenizer(tokenizer_path)
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_file() and checkpoint.suffix == ".gguf":
+        from minillm.gguf import read_gguf, sentencepiece_model_from_gguf
+
+        return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
+    path = checkpoint / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing tokenizer.model beside the checkpoint (pass a tokenizer path)")
+    return Tokenizer(path)
+
+
 # -----------------------------------------------------------------------------------------------------
 # minillm's own format
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_pretrained, save_hf
+from minillm.checkpoint import load_pretrained, load_tokenizer, save_hf
 from minillm.model import Llama
 from minillm.tokenizer import Tokenizer
 
@@ -50,20 +50,6 @@ class ExportConfig:
             raise ValueError(f"outtype {self.outtype!r} is not supported for {self.format}; expected one of {allowed}")
         if self.qlora and self.adapter is None:
             raise ValueError("qlora=True needs an adapter to merge")
-
-
-def find_tokenizer(cfg: ExportConfig) -> Tokenizer:
-    if cfg.tokenizer is not None:
-        return Tokenizer(cfg.tokenizer)
-    ckpt = Path(cfg.checkpoint)
-    if ckpt.is_file() and ckpt.suffix == ".gguf":
-        from minillm.gguf import read_gguf, sentencepiece_model_from_gguf
-
-        return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(ckpt)))
-    path = ckpt / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing tokenizer; export needs the SentencePiece model (pass --tokenizer)")
-    return Tokenizer(path)
 
 
 def load_merged(cfg: ExportConfig) -> Llama:
@@ -109,7 +95,7 @@ def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written path."""
     out = Path(cfg.out)
     _check_writable(out)
-    tokenizer = find_tokenizer(cfg)  # fail on a missing tokenizer before loading gigabytes
+    tokenizer = load_tokenizer(cfg.checkpoint, cfg.tokenizer)  # fail early, before loading gigabytes
     model = load_merged(cfg)
     if cfg.format == "gguf":
         from minillm.gguf import write_gguf

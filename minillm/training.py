@@ -32,6 +32,7 @@ token-normalised sum above). gloo on CPU, nccl on CUDA.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -51,6 +52,7 @@ from tqdm import tqdm
 
 from minillm.checkpoint import load_pretrained, save_model
 from minillm.data import get_batch, prepare_dataset, read_corpus, train_corpus_tokenizer, unigram_entropy
+from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable, save_adapter
 from minillm.model import Llama
@@ -118,16 +120,12 @@ def forward_backward(model, batches, n_targets: int, world_size: int = 1, autoca
 
 
 @torch.no_grad()
-def estimate_loss(model, data: np.ndarray, batch_size: int, block_size: int, iters: int, seed: int,
-                  device, autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
-    """Mean token cross-entropy over `iters` batches drawn from a generator seeded with `seed`: the same
-    windows at every eval, so successive val losses are comparable and training RNG is not touched."""
+def mean_token_loss(model, batches, device, autocast=nullcontext, world_size: int = 1) -> float:
+    """Token-weighted mean cross-entropy over (x, y) batches (y = -100 where no loss), summed over ranks."""
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
-    for _ in range(iters):
-        x, y = get_batch(data, batch_size, block_size, g, rank, world_size)
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast():
             total[0] += micro_batch_loss(model, x, y).double()
@@ -138,49 +136,37 @@ def estimate_loss(model, data: np.ndarray, batch_size: int, block_size: int, ite
     return (total[0] / total[1]).item()
 
 
-@torch.no_grad()
+def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, seed: int, device,
+                  autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+    """Mean token cross-entropy over `iters` random windows of `data`, drawn from a generator seeded
+    with `seed` (the same windows at every evaluation, so val losses are comparable)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = (get_batch(data, batch_size, block_size, g, rank, world_size) for _ in range(iters))
+    return mean_token_loss(model, batches, device, autocast, world_size)
+
+
 def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int, device,
                            autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
     """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file order
     (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
-    for i, (x, y) in enumerate(iter_batches(examples, batch_size, pad_id)):
-        if i >= iters:
-            break
-        if i % world_size != rank:
-            continue
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            total[0] += micro_batch_loss(model, x, y).double()
-        total[1] += (y != -100).sum()
-    if world_size > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
+    first = itertools.islice(iter_batches(examples, batch_size, pad_id), iters)
+    batches = (b for i, b in enumerate(first) if i % world_size == rank)
+    return mean_token_loss(model, batches, device, autocast, world_size)
 
 
-@torch.no_grad()
 def sample(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
            top_k: int, seed: int, device) -> str:
-    """A short sample by full re-forward per token (no KV cache: a few dozen tokens of a small model)."""
+    """The prompt and a short sampled continuation (generation.py's KV-cache decoding). A prompt too long
+    for the context keeps its last tokens, leaving room for at least half the context of new ones."""
     was_training = model.training
     model.eval()
-    g = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([tokenizer.encode(prompt, bos=True)], device=device)  # (1, T)
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.max_seq_len:])  # (1, T, V)
-        logits = logits[0, -1].float() / max(temperature, 1e-5)  # (V,)
-        if top_k > 0:
-            kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        next_id = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)  # (1,)
-        if next_id.item() == tokenizer.eos_id:
-            break
-        idx = torch.cat([idx, next_id[None]], dim=1)
+    ids = tokenizer.encode(prompt, bos=True)
+    keep = model.config.max_seq_len - min(max_new_tokens, model.config.max_seq_len // 2)
+    ids = ids[-keep:]
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
+    new = list(generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id))
     model.train(was_training)
-    return tokenizer.decode(idx[0, 1:].tolist())
+    return tokenizer.decode(ids + new)
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from tiny import tiny_tokenizer, write_hf_checkpoint
 
 import export as export_cli
 from minillm import Llama
+from minillm.checkpoint import load_tokenizer
 from minillm.config import ModelConfig
 from minillm.exporter import ExportConfig, export
 from minillm.gguf import read_gguf
@@ -89,7 +90,7 @@ def test_gguf_to_generate_uses_rebuilt_tokenizer(base, tmp_path, capsys):
                    "--max-new-tokens", "5"])
     assert capsys.readouterr().out.startswith("import json")
     tok = Tokenizer(base / "tokenizer.model")
-    assert generate.load_tokenizer(out, None).encode("def f():\n\treturn  'é'") == tok.encode("def f():\n\treturn  'é'")
+    assert load_tokenizer(out).encode("def f():\n\treturn  'é'") == tok.encode("def f():\n\treturn  'é'")
 
 
 def test_qlora_merge_uses_nf4_weights(base, adapter, tmp_path):
