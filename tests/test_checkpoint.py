@@ -169,3 +169,25 @@ def test_minillm_config_unknown_key(tmp_path):
     (tmp_path / "minillm_config.json").write_text(json.dumps(d))
     with pytest.raises(ValueError, match=r"minillm_config.json: unknown config key 'n_expert'"):
         Llama.from_pretrained(tmp_path)
+
+
+def test_quantize_on_load_nf4_matches_rounded_dense_model(tmp_path, monkeypatch):
+    from minillm.kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
+    from minillm.nf4 import NF4Linear
+
+    # the kernels are checked against their references in test_nf4_kernels.py; here the loader is under
+    # test, so run the references (what a CPU-only machine runs) instead of the slow Triton interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    write_hf_checkpoint(tmp_path, GQA, seed=4, fmt="bin-sharded")
+    q = load_pretrained(tmp_path, quantize="nf4")
+    dense = load_pretrained(tmp_path)
+    swapped = [n for n, m in q.named_modules() if isinstance(m, NF4Linear)]
+    assert len(swapped) == 7 * GQA.n_layers  # every block projection; embeddings, norms, lm_head stay dense
+    assert isinstance(q.lm_head, torch.nn.Linear) and not isinstance(q.lm_head, NF4Linear)
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            if name in swapped:
+                w = m.weight
+                m.weight.copy_(dequantize_nf4_ref(*quantize_nf4_ref(w), w.shape, dtype=torch.float32))
+        idx = torch.randint(0, GQA.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(q(idx)[0], dense(idx)[0], atol=1e-5, rtol=0)
