@@ -9,8 +9,8 @@ This is nanoGPT's `prepare.py` + `get_batch`: the whole corpus is one long strea
 (no header) so `np.memmap` maps it without reading it, and a batch is B random windows of T+1 tokens.
 BOS/EOS between documents tell the model where one file ends and the next begins.
 
-The default corpus is embedded in every Python install: the standard library's own source (~730 files,
-~12 MB of `*.py` once `site-packages` and the test suites are left out), so a from-scratch model can be
+The default corpus is embedded in every Python install: the standard library's own source (~610 files,
+~10.7 MB of `*.py` once `site-packages`, the test suites and `encodings/` are left out), so a from-scratch model can be
 trained with no download.
 
 Train/val split (by tokens, after a seeded shuffle of documents): documents are ordered by
@@ -385,7 +385,7 @@ def train_corpus_tokenizer(
     """Train a SentencePiece BPE tokenizer on a sample of `corpus`, or reuse the one at `out_path`.
 
     The sample is whole documents in document_order(seed) until `max_chars` characters (at least one
-    document): BPE merges stabilise long before 12 MB, and training time grows with the sample. A
+    document): BPE merges stabilise long before 10 MB, and training time grows with the sample. A
     sidecar `<out_path>.json` (e.g. tokenizer.model.json) records the corpus fingerprint, vocab_size,
     max_chars, seed and the model's sha256; any difference (or a hand-edited model) retrains.
     """
