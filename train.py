@@ -27,11 +27,16 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None,
                         help="TOML file of overrides (configs/*.toml) or a saved train_config.json")
+    parser.add_argument("--config", dest="config_flag", default=None, metavar="PATH",
+                        help="the same file, given as a flag (python train.py --config configs/lora-tiny.toml)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/ckpt.pt (model, optimizer, step and RNG states)")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    config_path, resume = args.pop("config"), args.pop("resume")
+    config_path, config_flag, resume = args.pop("config"), args.pop("config_flag"), args.pop("resume")
+    if config_path and config_flag:
+        parser.error(f"two config files given: {config_path} and --config {config_flag}")
+    config_path = config_path or config_flag
     cfg = load_config(config_path, args)  # what is left in args: the --section.key overrides given
     try:
         train(cfg, resume=resume)

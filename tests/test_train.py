@@ -216,6 +216,11 @@ def test_cli_toml_and_flags(assets, tmp_path):
     assert saved["schedule"]["max_lr"] == 0.005 and saved["optim"]["weight_decay"] == 0.05
     assert saved["max_steps"] == 2 and saved["model"]["dim"] == 32
     assert training.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
+    # the same file as a flag, as the fine-tuning docs write it
+    script.main(["--config", str(toml), "--out_dir", str(tmp_path / "out2"), "--max_steps", "1"])
+    assert training.load_checkpoint(tmp_path / "out2" / "ckpt.pt")["step"] == 1
+    with pytest.raises(SystemExit):
+        script.main([str(toml), "--config", str(toml)])
 
 
 # -----------------------------------------------------------------------------------------------------
