@@ -3,9 +3,9 @@ exact-match / contains on fixed strings, and the Markdown report's rows."""
 
 import json
 import math
-import string
 
 import torch
+from tiny import CharTokenizer
 
 from minillm.config import ModelConfig
 from minillm.evaluate import (
@@ -21,19 +21,6 @@ from minillm.evaluate import (
 from minillm.instruct import load_instruct_data, read_examples
 from minillm.lora import apply_lora, lora_modules
 from minillm.model import Llama
-
-
-class CharTokenizer:
-    bos_id, eos_id, pad_id = 1, 2, 0
-    alphabet = string.printable
-    vocab_size = 3 + len(string.printable)
-
-    def encode(self, text, bos=True, eos=False):
-        return [self.bos_id] * bos + [3 + self.alphabet.index(c) for c in text] + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return "".join(self.alphabet[i - 3] for i in ids if i >= 3)
-
 
 TOK = CharTokenizer()
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=TOK.vocab_size, max_seq_len=96)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import CharTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import STDLIB, tiny_tokenizer  # noqa: E402
@@ -27,21 +28,6 @@ from minillm.instruct import (  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 from minillm.stdlib_dataset import build_stdlib_dataset, first_sentence, short_answer_subset, stdlib_records  # noqa: E402
 from minillm.templates import format_prompt  # noqa: E402
-
-
-class CharTokenizer:
-    """One id per printable character (3 + index), bos 1, eos 2, pad 0: positions are easy to read."""
-
-    bos_id, eos_id, pad_id = 1, 2, 0
-    alphabet = string.printable
-    vocab_size = 3 + len(string.printable)
-
-    def encode(self, text, bos=True, eos=False):
-        return [self.bos_id] * bos + [3 + self.alphabet.index(c) for c in text] + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return "".join(self.alphabet[i - 3] for i in ids if i >= 3)
-
 
 TOK = CharTokenizer()
 CFG = ModelConfig(

@@ -8,6 +8,7 @@ side files. `tiny_tokenizer` trains a SentencePiece model on a few standard-libr
 from __future__ import annotations
 
 import json
+import string
 import sysconfig
 from pathlib import Path
 
@@ -96,3 +97,18 @@ def write_hf_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dirpath / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2))
     return state
+
+
+class CharTokenizer:
+    """One id per printable character (3 + index), bos 1, eos 2, pad 0: token positions are easy to read
+    in tests of masking, truncation and packing."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+    alphabet = string.printable
+    vocab_size = 3 + len(string.printable)
+
+    def encode(self, text, bos=True, eos=False):
+        return [self.bos_id] * bos + [3 + self.alphabet.index(c) for c in text] + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i - 3] for i in ids if i >= 3)
