@@ -116,3 +116,14 @@ def test_trace_prints_shapes(tmp_path, model, tok, capsys):
     T = len(tok.encode("x = 1"))
     assert f"layers.0.self_attn.k_proj                Linear       (1, {T}, 64) float32 -> (1, {T}, 32) float32" in out
     assert f"logits                                                (1, {T}, {tok.vocab_size}) float32" in out
+
+
+def test_compiled_decode_step_matches_eager(model):
+    # the GPU decode goal relies on torch.compile capturing decode_one_token whole (static KV cache):
+    # fullgraph=True fails on any graph break, and the tokens must equal the eager ones exactly
+    from minillm.generation import decode_one_token
+
+    compiled = torch.compile(decode_one_token, fullgraph=True)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    eager = list(generate_tokens(model, [1, 5, 9], cfg))
+    assert list(generate_tokens(model, [1, 5, 9], cfg, decode_fn=compiled)) == eager
