@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from minillm.checkpoint import shard_groups  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 from minillm.names import ours_to_hf  # noqa: E402
@@ -39,15 +40,9 @@ def write_checkpoint(out: Path, cfg: ModelConfig, fmt: str, shard_bytes: float =
     out.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         shapes = [(ours_to_hf(k), tuple(p.shape)) for k, p in Llama(cfg).named_parameters()]
-    groups, cur, size = [], [], 0
-    for k, shape in shapes:
-        n = 2 * torch.Size(shape).numel()
-        if cur and size + n > shard_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append((k, shape))
-        size += n
-    groups.append(cur)
+    shape_of = dict(shapes)
+    groups = [[(k, shape_of[k]) for k in group]
+              for group in shard_groups([(k, 2 * torch.Size(s).numel()) for k, s in shapes], shard_bytes)]
     ext = "safetensors" if fmt == "safetensors" else "bin"
     stem = "model" if fmt == "safetensors" else "pytorch_model"
     weight_map, g = {}, torch.Generator().manual_seed(0)

@@ -206,16 +206,15 @@ def nf4_hook(blocksize: int = 64, double_quant: bool = False, compute_dtype=torc
 def load_hf(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     cfg = ModelConfig.from_hf_config(dirpath / "config.json")
     shards, weight_map, named_by = find_hf_shards(dirpath)
+    with torch.device("meta"):
+        model = Llama(cfg)
     if weight_map is not None:  # check the index against the config before reading gigabytes
-        with torch.device("meta"):
-            names = {ours_to_hf(k) for k, _ in Llama(cfg).named_parameters()}
+        names = {ours_to_hf(k) for k, _ in model.named_parameters()}
         listed = {k for k in weight_map if not k.endswith("rotary_emb.inv_freq")}
         if names - listed:
             raise ValueError(f"{named_by}: index lacks weight {sorted(names - listed)[0]!r}")
         if listed - names:
             raise ValueError(f"{named_by}: index lists unexpected weight {sorted(listed - names)[0]!r}")
-    with torch.device("meta"):
-        model = Llama(cfg)
 
     def tensors():
         for shard in shards:
@@ -326,6 +325,20 @@ def save_model(model: Llama, dirpath, tokenizer_path=None):
 # HF format out (the inverse of load_hf)
 
 
+def shard_groups(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Split (key, nbytes) pairs, in order, into consecutive groups of at most max_bytes each (a tensor
+    larger than max_bytes gets a shard of its own): the `-0000K-of-0000N` shards of the HF layout."""
+    groups, cur, size = [], [], 0
+    for key, n in sizes:
+        if cur and size + n > max_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(key)
+        size += n
+    groups.append(cur)
+    return groups
+
+
 def save_hf(model: Llama, dirpath, tokenizer_path=None, dtype=None, shard_bytes: int = 2 * 1024**3):
     """Write an HF / OpenLLaMA-layout directory: config.json, model-0000K-of-0000N.safetensors shards of at
     most `shard_bytes` + model.safetensors.index.json, and the tokenizer files. dtype None keeps the
@@ -335,21 +348,15 @@ def save_hf(model: Llama, dirpath, tokenizer_path=None, dtype=None, shard_bytes:
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    items = [(ours_to_hf(k), v) for k, v in model.state_dict().items()
-             if not (k == "lm_head.weight" and cfg.tie_embeddings)]
-    groups, cur, size = [], [], 0
-    for k, v in items:
-        n = v.numel() * (v.element_size() if dtype is None else torch.empty(0, dtype=dtype).element_size())
-        if cur and size + n > shard_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append((k, v))
-        size += n
-    groups.append(cur)
+    items = {ours_to_hf(k): v for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    out_size = None if dtype is None else torch.empty(0, dtype=dtype).element_size()
+    groups = shard_groups([(k, v.numel() * (out_size or v.element_size())) for k, v in items.items()],
+                          shard_bytes)
     weight_map, total = {}, 0
     for i, group in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        part = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in group}
+        part = {k: items[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in group}
         total += sum(t.numel() * t.element_size() for t in part.values())
         atomic_write_bytes(dirpath / name, save(part, metadata={"format": "pt"}))
         weight_map.update({k: name for k in part})

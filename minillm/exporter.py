@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_pretrained, load_tokenizer, save_hf
+from minillm.checkpoint import atomic_write_bytes, load_pretrained, load_tokenizer, save_hf
+from minillm.meta_format import save_meta
 from minillm.model import Llama
-from minillm.tokenizer import Tokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 TORCH_TYPES = {"auto": None, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -105,26 +105,19 @@ def export(cfg: ExportConfig) -> Path:
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model has "
                              f"{model.config.vocab_size} embedding rows; llama.cpp needs them equal")
-        state = model.state_dict()
-        write_gguf(out, model.config, ((k, state[k]) for k in state), tokenizer, cfg.outtype,
+        write_gguf(out, model.config, model.state_dict().items(), tokenizer, cfg.outtype,
                    name=cfg.name or out.stem)
         return out
     dtype = TORCH_TYPES[cfg.outtype]
-    tok_path = _tokenizer_file(tokenizer)
-    if cfg.format == "hf":
-        _write_dir_atomically(out, lambda d: save_hf(model, d, tokenizer_path=tok_path, dtype=dtype))
-    else:
-        from minillm.meta_format import save_meta
+    if cfg.format == "meta" and dtype is not None:
+        model = model.to(dtype)
+    save = save_hf if cfg.format == "hf" else save_meta
+    kwargs = {"dtype": dtype} if cfg.format == "hf" else {}
 
-        if dtype is not None:
-            model = model.to(dtype)
-        _write_dir_atomically(out, lambda d: save_meta(model, d, tokenizer_path=tok_path))
+    def write(d: Path):
+        save(model, d, **kwargs)
+        # the tokenizer's bytes (from its file, or rebuilt from GGUF metadata) go beside the weights
+        atomic_write_bytes(d / "tokenizer.model", tokenizer.model_bytes())
+
+    _write_dir_atomically(out, write)
     return out
-
-
-def _tokenizer_file(tokenizer: Tokenizer) -> Path:
-    if tokenizer.path is not None:
-        return tokenizer.path
-    tmp = Path(tempfile.mkdtemp()) / "tokenizer.model"  # rebuilt from GGUF metadata
-    tmp.write_bytes(tokenizer.model_bytes())
-    return tmp

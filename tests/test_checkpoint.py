@@ -191,3 +191,22 @@ def test_quantize_on_load_nf4_matches_rounded_dense_model(tmp_path, monkeypatch)
                 m.weight.copy_(dequantize_nf4_ref(*quantize_nf4_ref(w), w.shape, dtype=torch.float32))
         idx = torch.randint(0, GQA.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(q(idx)[0], dense(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_shard_groups_exact():
+    from minillm.checkpoint import shard_groups
+
+    assert shard_groups([("a", 3), ("b", 3), ("c", 10), ("d", 1)], 6) == [["a", "b"], ["c"], ["d"]]
+
+
+def test_save_hf_multi_shard_round_trip(tmp_path):
+    from minillm.checkpoint import save_hf
+
+    torch.manual_seed(0)
+    model = Llama(GQA)
+    save_hf(model, tmp_path, shard_bytes=100_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    again = Llama.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
