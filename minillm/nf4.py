@@ -24,26 +24,53 @@ from minillm.kernels.nf4 import dequantize_nf4, quantize_nf4
 from minillm.kernels.nf4_double_quant import DQ_BLOCKSIZE, double_dequantize, double_quantize
 from minillm.kernels.nf4_matmul import nf4_matmul, nf4_matmul_backward_input
 
+# The matmul is a PyTorch custom op rather than a plain function so that torch.compile treats it as one
+# opaque call: `torch.compile(decode_one_token, fullgraph=True)` and CUDA graphs (generate.py --compile)
+# capture the model around it, whatever happens inside (backend choice, a Triton launch, the
+# interpreter). The fake ("meta") functions tell the compiler the output shapes without running it.
 
-class NF4MatmulFn(torch.autograd.Function):
-    """y = x @ W^T with W in NF4; backward returns grad_x = grad_y @ W and nothing for the weight."""
 
-    @staticmethod
-    def forward(ctx, x, packed, absmax, out_features, in_features, blocksize):
-        ctx.save_for_backward(packed, absmax)
-        ctx.shape = (out_features, in_features, blocksize)
-        return nf4_matmul(x, packed, absmax, out_features, in_features, blocksize)
+@torch.library.custom_op("minillm::nf4_matmul", mutates_args=())
+def nf4_linear_op(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_features: int, in_features: int, blocksize: int
+) -> torch.Tensor:
+    """y = x @ W^T with W (out_features, in_features) in NF4: (..., in) -> (..., out), in x's dtype."""
+    return nf4_matmul(x, packed, absmax, out_features, in_features, blocksize)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        packed, absmax = ctx.saved_tensors
-        out_features, in_features, blocksize = ctx.shape
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = nf4_matmul_backward_input(
-                grad_y.contiguous(), packed, absmax, out_features, in_features, blocksize
-            )
-        return grad_x, None, None, None, None, None
+
+@nf4_linear_op.register_fake
+def _(x, packed, absmax, out_features, in_features, blocksize):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("minillm::nf4_matmul_grad_x", mutates_args=())
+def nf4_grad_x_op(
+    grad_y: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, out_features: int, in_features: int,
+    blocksize: int,
+) -> torch.Tensor:
+    """grad_x = grad_y @ W: (..., out) -> (..., in), in grad_y's dtype."""
+    return nf4_matmul_backward_input(grad_y.contiguous(), packed, absmax, out_features, in_features, blocksize)
+
+
+@nf4_grad_x_op.register_fake
+def _(grad_y, packed, absmax, out_features, in_features, blocksize):
+    return grad_y.new_empty(*grad_y.shape[:-1], in_features)
+
+
+def _save_for_backward(ctx, inputs, output):
+    _x, packed, absmax, out_features, in_features, blocksize = inputs
+    ctx.save_for_backward(packed, absmax)
+    ctx.shape = (out_features, in_features, blocksize)
+
+
+def _backward(ctx, grad_y):
+    """grad_x only: the NF4 weight is frozen (a buffer), so packed/absmax get no gradient."""
+    packed, absmax = ctx.saved_tensors
+    grad_x = nf4_grad_x_op(grad_y, packed, absmax, *ctx.shape) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None, None, None
+
+
+nf4_linear_op.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 class NF4Linear(nn.Module):
@@ -145,7 +172,7 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.packed, self.absmax_f32(), shape, self.blocksize, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = NF4MatmulFn.apply(
+        y = nf4_linear_op(
             x.to(self.compute_dtype), self.packed, self.absmax_f32(),
             self.out_features, self.in_features, self.blocksize,
         )  # fmt: skip  # (..., in) -> (..., out)

@@ -155,3 +155,63 @@ def test_double_quant_variant():
     bits = (dq.packed.numel() * 8 + dq.qabsmax.numel() * 8 + (dq.absmax_scales.numel() + 1) * 32) / (256 * 80)
     assert bits == 4 + 8 / 64 + 3 * 32 / (256 * 80)
     assert 4 + 8 / 64 + 32 / (64 * 256) == pytest.approx(4.127, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 24])
+def test_custom_ops_pass_opcheck(dtype, rows):
+    # torch.library.opcheck checks the schema, the fake (shape-only) functions torch.compile uses, and
+    # that the registered backward agrees with what autograd sees
+    from minillm.nf4 import nf4_grad_x_op, nf4_linear_op
+
+    layer = NF4Linear.from_linear(make_linear(129, 37, bias=False), compute_dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, 129, generator=g).to(dtype).requires_grad_()
+    grad_y = torch.randn(rows, 37, generator=g).to(dtype)
+    torch.library.opcheck(nf4_linear_op, (x, layer.packed, layer.absmax, 37, 129, 64))
+    torch.library.opcheck(nf4_grad_x_op, (grad_y, layer.packed, layer.absmax, 37, 129, 64))
+
+
+def tiny_qlora_model():
+    from minillm.config import ModelConfig
+    from minillm.lora import apply_lora, mark_only_lora_trainable
+    from minillm.model import Llama
+
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                              max_seq_len=32))
+    quantize_model_(model, compute_dtype=torch.float32, double_quant=True)
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    mark_only_lora_trainable(model)
+    for module in model.modules():  # B starts at zero: make the adapters do something
+        if hasattr(module, "lora_B"):
+            nn.init.normal_(module.lora_B.weight, std=0.02)
+    return model
+
+
+def test_compiled_nf4_decode_step_has_no_graph_break():
+    # generate.py --quantize nf4 --compile: the NF4 matmul must not break torch.compile's graph
+    from minillm.generation import decode_one_token, prefill
+
+    model = tiny_qlora_model().eval()
+    model.setup_caches(1, 8)
+    with torch.no_grad():
+        tok = prefill(model, torch.tensor([[1, 5, 9]]), torch.arange(3)).argmax(-1, keepdim=True)
+        eager = decode_one_token(model, tok, torch.tensor([3]))
+        compiled = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(model, tok, torch.tensor([3])), eager, atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_qlora_training_step_matches_eager():
+    # a QLoRA step under torch.compile (training.compile = true) goes through the registered backward
+    model = tiny_qlora_model().train()
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    _, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    _, loss_c = torch.compile(model, backend="aot_eager", fullgraph=True)(idx[:, :-1], idx[:, 1:])
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
+    assert eager and all(torch.allclose(p.grad, eager[n], atol=1e-6) for n, p in model.named_parameters()
+                         if p.requires_grad)
