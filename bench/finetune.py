@@ -1,12 +1,15 @@
 """Benchmark: one fine-tuning step — full, LoRA or QLoRA — step time, tokens/s and peak memory.
 
     python bench/finetune.py --preset openllama-7b --methods lora,qlora --seq 512,1024     # GPU
+    python bench/finetune.py --preset openllama-7b --peer       # + transformers/peft/bitsandbytes rows
     python bench/finetune.py --preset tiny --methods full,lora,qlora --seq 128 --device cpu  # smoke run
 
 Settings match the peer rows in the README (transformers + peft [+ bitsandbytes]): LoRA r=16 on all seven
 projections, activation checkpointing, batch 1, AdamW, bf16 on GPU. Weights are random (speed does not
 depend on their values); QLoRA quantizes the projections to NF4 exactly as quantize-on-load does. Peak
-memory is torch.cuda.max_memory_allocated on GPU (not reported on CPU).
+memory is torch.cuda.max_memory_allocated on GPU (not reported on CPU). `--peer` adds, under each minillm
+row, the same step in transformers + peft (+ bitsandbytes NF4 with double quantization for QLoRA; see
+bench/peers.py), measured in the same process on the same device.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.lora import apply_lora, mark_only_lora_trainable  # noqa: E402
@@ -60,6 +64,16 @@ def step_time(model, device, seq: int, steps: int):
     return sorted(times[1:])[len(times[1:]) // 2]  # median after the first (warm-up) step
 
 
+def measure(device, step_time_fn, *args) -> tuple[float, str]:
+    """(seconds per step, peak memory text) of step_time_fn(*args) on a freshly reset peak-memory counter."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = step_time_fn(*args)
+    peak = f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if device.type == "cuda" else "n/a"
+    return t, peak
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="openllama-7b", help="model shape (see minillm/config.py)")
@@ -68,6 +82,7 @@ def main():
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--steps", type=int, default=6, help="steps per row (median of all but the first)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--peer", action="store_true", help="also time transformers + peft (+ bitsandbytes)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -75,17 +90,28 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.preset}, {dtype}, batch 1, activation checkpointing, AdamW, LoRA r={args.rank} on 7 projections"
           f" — {name}")
-    print("| method | seq | s/step | tokens/s | peak memory |")
-    print("|---|---|---|---|---|")
+    if args.peer:
+        import peers
+
+        needed = ["transformers", "peft"] + (["bitsandbytes"] if "qlora" in args.methods else [])
+        print("peers:", peers.versions(*needed))
+    print("| method | implementation | seq | s/step | tokens/s | peak memory |")
+    print("|---|---|---|---|---|---|")
+    seqs = [int(s) for s in args.seq.split(",")]
     for method in args.methods.split(","):
+        rows = {}
         model = build(cfg, method, device, dtype, args.rank)
-        for seq in (int(s) for s in args.seq.split(",")):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t = step_time(model, device, seq, args.steps)
-            peak = f"{torch.cuda.max_memory_allocated() / 1e9:.1f} GB" if device.type == "cuda" else "n/a"
-            print(f"| {method} | {seq} | {t:.3f} | {seq / t:,.0f} | {peak} |")
+        for seq in seqs:
+            rows[seq, "minillm"] = measure(device, step_time, model, device, seq, args.steps)
         del model
+        if args.peer:
+            model = peers.hf_finetune_model(cfg, method, device, dtype, args.rank)
+            peer = {"full": "transformers", "lora": "transformers + peft", "qlora": "transformers + peft + bnb"}[method]
+            for seq in seqs:
+                rows[seq, peer] = measure(device, peers.hf_step_time, model, device, cfg.vocab_size, seq, args.steps)
+            del model
+        for (seq, impl), (t, peak) in sorted(rows.items(), key=lambda kv: kv[0][0]):
+            print(f"| {method} | {impl} | {seq} | {t:.3f} | {seq / t:,.0f} | {peak} |")
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -2,12 +2,15 @@
 
     python bench/generate_speed.py --preset openllama-7b                # GPU: eager and compiled, bf16
     python bench/generate_speed.py --preset openllama-7b --quantize nf4 # NF4 weights (QLoRA's base)
+    python bench/generate_speed.py --preset openllama-7b --peer         # + a transformers row (same run)
     python bench/generate_speed.py --preset tiny --device cpu           # smoke run
 
 Decoding one token reads every weight once, so its speed limit is weight bytes / memory bandwidth (the
 roofline); the copy bandwidth is measured here with a large device-to-device copy. "compiled" wraps
 `decode_one_token` in torch.compile(mode="reduce-overhead") over the static KV cache — the gpt-fast recipe —
 while "eager" is the readable default path. Weights are random (speed does not depend on their values).
+`--peer` adds transformers' LlamaForCausalLM (its `generate`, eager, default cache; with `--quantize nf4`
+bitsandbytes' NF4 layers) on the same shape, dtype and prompt: see bench/peers.py.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.generation import decode_one_token, prefill  # noqa: E402
@@ -83,6 +87,7 @@ def main():
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode")
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
+    p.add_argument("--peer", action="store_true", help="also time transformers (+ bitsandbytes for nf4)")
     args = p.parse_args()
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -99,11 +104,21 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.preset} {args.dtype} quantize={args.quantize} on {name}: weights {wb / 1e9:.2f} GB, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s, roofline {bw / wb:.1f} tok/s")
-    print("| mode | prefill tok/s | decode tok/s | decode / roofline |")
+    print("| implementation | prefill tok/s | decode tok/s | decode / roofline |")
     print("|---|---|---|---|")
     for mode in args.modes.split(","):
         pf, dc = measure(model, device, args.prompt_len, args.new_tokens, compiled=(mode == "compiled"))
-        print(f"| {mode} | {pf:,.0f} | {dc:.1f} | {dc / (bw / wb):.0%} |")
+        print(f"| minillm {mode} | {pf:,.0f} | {dc:.1f} | {dc / (bw / wb):.0%} |")
+    if args.peer:
+        import peers
+
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        nf4 = args.quantize == "nf4"
+        label = peers.versions("transformers", *(["bitsandbytes"] if nf4 else []))
+        pf, dc = peers.hf_generate_speed(cfg, device, dtype, args.prompt_len, args.new_tokens, nf4=nf4)
+        print(f"| {label} (eager) | {pf:,.0f} | {dc:.1f} | {dc / (bw / wb):.0%} |")
 
 
 if __name__ == "__main__":

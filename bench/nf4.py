@@ -3,6 +3,7 @@ bandwidth, and the batched (dequantize + cuBLAS) matmul in TFLOP/s.
 
     python bench/nf4.py                       # Llama-7B projection shapes on CUDA
     python bench/nf4.py --shapes 4096x4096    # one shape
+    python bench/nf4.py --peer                # + bitsandbytes' quantize_4bit / matmul_4bit / dequantize_4bit
 
 Roofline for decode: one token reads every weight once, so the fastest possible NF4 GEMV takes
 (packed bytes + absmax bytes) / copy bandwidth, with the copy bandwidth measured here (read + write of a
@@ -14,6 +15,7 @@ import argparse
 import time
 from dataclasses import dataclass
 
+import peers  # bench/peers.py: bitsandbytes, imported only when --peer asks for it
 import torch
 
 from minillm.kernels.nf4 import dequantize_nf4, quantize_nf4
@@ -64,70 +66,83 @@ def copy_bandwidth_gbs(cfg: BenchConfig) -> float:
     return 2 * src.numel() / us / 1e3
 
 
-CUDA_HEADER = (
-    f"{'out x in':<13} | {'decode us':>9} {'bf16 us':>8} {'roofline':>8} | "
-    f"{'dequant us':>10} {'GB/s':>6} | {'batched TF/s':>12} {'bf16 TF/s':>9}"
-)
+def table(title: str, rows: list[dict]) -> None:
+    """Print rows (dicts with the same keys) as a Markdown table."""
+    print(title)
+    print("| " + " | ".join(rows[0]) + " |")
+    print("|" + "---|" * len(rows[0]))
+    for row in rows:
+        print("| " + " | ".join(row.values()) + " |")
 
 
-def bench_cuda_shape(cfg: BenchConfig, n_out: int, n_in: int, bw_gbs: float) -> str:
+def bench_cuda_shape(cfg: BenchConfig, n_out: int, n_in: int, bw_gbs: float, peer: bool) -> dict:
     """One row of the CUDA table for an (n_out, n_in) bf16 weight."""
     timed = lambda fn: time_cuda_us(fn, cfg.warmup, cfg.iters)
     w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
     packed, absmax = quantize_nf4(w)
     nf4_bytes = packed.numel() + 4 * absmax.numel()
-
     x = torch.randn(cfg.decode_rows, n_in, device="cuda", dtype=torch.bfloat16)
-    decode_us = timed(lambda: nf4_matmul(x, packed, absmax, n_out, n_in))
-    dense_us = timed(lambda: x @ w.t())  # (1, in) @ (in, out)
-    roofline_us = nf4_bytes / bw_gbs / 1e3
-
-    deq_us = timed(lambda: dequantize_nf4(packed, absmax, (n_out, n_in)))
-    deq_gbs = (nf4_bytes + 2 * w.numel()) / deq_us / 1e3  # read NF4, write bf16
-
     xb = torch.randn(cfg.batch_rows, n_in, device="cuda", dtype=torch.bfloat16)
     flops = 2 * cfg.batch_rows * n_in * n_out
-    batch_tflops = flops / timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in)) / 1e6
-    dense_tflops = flops / timed(lambda: xb @ w.t()) / 1e6
-    return (
-        f"{n_out:>5} x {n_in:<5} | {decode_us:>9.1f} {dense_us:>8.1f} {roofline_us:>8.1f} | "
-        f"{deq_us:>10.1f} {deq_gbs:>6.0f} | {batch_tflops:>12.1f} {dense_tflops:>9.1f}"
-    )
+
+    decode_us = timed(lambda: nf4_matmul(x, packed, absmax, n_out, n_in))
+    roofline_us = nf4_bytes / bw_gbs / 1e3
+    deq_us = timed(lambda: dequantize_nf4(packed, absmax, (n_out, n_in)))
+    deq_gbs = (nf4_bytes + 2 * w.numel()) / deq_us / 1e3  # read NF4, write bf16
+    row = {
+        "out x in": f"{n_out} x {n_in}",
+        "decode us": f"{decode_us:.1f}",
+        "roofline us": f"{roofline_us:.1f}",
+        "% of roofline": f"{roofline_us / decode_us:.0%}",
+        "bf16 cuBLAS us": f"{timed(lambda: x @ w.t()):.1f}",  # (1, in) @ (in, out)
+        "dequant us": f"{deq_us:.1f}",
+        "dequant % of copy BW": f"{deq_gbs / bw_gbs:.0%}",
+        "batched TFLOP/s": f"{flops / timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in)) / 1e6:.0f}",
+        "bf16 cuBLAS TFLOP/s": f"{flops / timed(lambda: xb @ w.t()) / 1e6:.0f}",
+    }
+    if peer:
+        bnb_matmul, bnb_dequantize = peers.bnb_nf4_ops(w)
+        bnb_decode_us = timed(lambda: bnb_matmul(x))
+        row["bnb decode us"] = f"{bnb_decode_us:.1f}"
+        row["speed-up vs bnb"] = f"{bnb_decode_us / decode_us:.1f}x"
+        row["bnb dequant us"] = f"{timed(bnb_dequantize):.1f}"
+        row["bnb batched TFLOP/s"] = f"{flops / timed(lambda: bnb_matmul(xb)) / 1e6:.0f}"
+    return row
 
 
-def bench_cuda(cfg: BenchConfig) -> None:
+def bench_cuda(cfg: BenchConfig, peer: bool) -> None:
     bw_gbs = copy_bandwidth_gbs(cfg)
-    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw_gbs:.0f} GB/s")
-    print(CUDA_HEADER)
-    print("-" * len(CUDA_HEADER))
-    for n_out, n_in in cfg.shapes:
-        print(bench_cuda_shape(cfg, n_out, n_in, bw_gbs))
+    versions = f"; peer {peers.versions('bitsandbytes')}" if peer else ""
+    title = (f"{torch.cuda.get_device_name()}, copy bandwidth {bw_gbs:.0f} GB/s; decode {cfg.decode_rows} row(s), "
+             f"batched {cfg.batch_rows} rows, bf16{versions}")  # fmt: skip
+    table(title, [bench_cuda_shape(cfg, n_out, n_in, bw_gbs, peer) for n_out, n_in in cfg.shapes])
 
 
-CPU_HEADER = f"{'out x in':<13} | {'decode us':>9} {'fp32 us':>8} | {'dequant us':>10} | {'batched us':>10}"
-
-
-def bench_cpu_shape(cfg: BenchConfig, n_out: int, n_in: int) -> str:
+def bench_cpu_shape(cfg: BenchConfig, n_out: int, n_in: int, peer: bool) -> dict:
     """One row of the CPU table: the reference path (backend="torch") on an fp32 weight."""
     timed = lambda fn: time_cpu_us(fn, cfg.warmup, cfg.iters)
     w = torch.randn(n_out, n_in)
     packed, absmax = quantize_nf4(w, backend="torch")
     x = torch.randn(cfg.decode_rows, n_in)
     xb = torch.randn(cfg.batch_rows, n_in)
-    decode_us = timed(lambda: nf4_matmul(x, packed, absmax, n_out, n_in, backend="torch"))
-    dense_us = timed(lambda: x @ w.t())
-    deq_us = timed(lambda: dequantize_nf4(packed, absmax, (n_out, n_in), backend="torch"))
-    batch_us = timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in, backend="torch"))
-    timings = f"{decode_us:>9.1f} {dense_us:>8.1f} | {deq_us:>10.1f} | {batch_us:>10.1f}"
-    return f"{n_out:>5} x {n_in:<5} | {timings}"
+    row = {
+        "out x in": f"{n_out} x {n_in}",
+        "decode us": f"{timed(lambda: nf4_matmul(x, packed, absmax, n_out, n_in, backend='torch')):.1f}",
+        "fp32 us": f"{timed(lambda: x @ w.t()):.1f}",
+        "dequant us": f"{timed(lambda: dequantize_nf4(packed, absmax, (n_out, n_in), backend='torch')):.1f}",
+        "batched us": f"{timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in, backend='torch')):.1f}",
+    }
+    if peer:
+        bnb_matmul, bnb_dequantize = peers.bnb_nf4_ops(w)
+        row["bnb decode us"] = f"{timed(lambda: bnb_matmul(x)):.1f}"
+        row["bnb dequant us"] = f"{timed(bnb_dequantize):.1f}"
+        row["bnb batched us"] = f"{timed(lambda: bnb_matmul(xb)):.1f}"
+    return row
 
 
-def bench_cpu(cfg: BenchConfig) -> None:
-    print("CPU run (no CUDA): timing the plain-PyTorch reference path, not the Triton kernels.")
-    print(CPU_HEADER)
-    print("-" * len(CPU_HEADER))
-    for n_out, n_in in cfg.shapes:
-        print(bench_cpu_shape(cfg, n_out, n_in))
+def bench_cpu(cfg: BenchConfig, peer: bool) -> None:
+    title = "CPU run (no CUDA): timing the plain-PyTorch reference path, not the Triton kernels; fp32"
+    table(title, [bench_cpu_shape(cfg, n_out, n_in, peer) for n_out, n_in in cfg.shapes])
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -149,6 +164,7 @@ def main() -> None:
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 10; 1 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 50; 3 on CPU)")
+    parser.add_argument("--peer", action="store_true", help="add bitsandbytes' NF4 timings (bench/peers.py)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -159,7 +175,7 @@ def main() -> None:
         warmup=args.warmup if args.warmup is not None else (10 if cuda else 1),
         iters=args.iters or (50 if cuda else 3),
     )
-    (bench_cuda if cuda else bench_cpu)(cfg)
+    (bench_cuda if cuda else bench_cpu)(cfg, args.peer)
 
 
 if __name__ == "__main__":

@@ -74,9 +74,20 @@ _ZERO_CODE = tl.constexpr(ZERO_CODE)
 _ABSMAX_FLOOR = tl.constexpr(ABSMAX_FLOOR)
 
 
+_CODE_ON: dict[torch.device, torch.Tensor] = {}  # device -> the codebook there, made once
+
+
 def nf4_code(device=None) -> torch.Tensor:
-    """The 16 code values as a float32 tensor (16,)."""
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    """The 16 code values as a float32 tensor (16,) on `device`; treat it as read-only.
+
+    Made once per device and then reused: a fresh host-to-device copy on every matmul would stall the
+    GPU each call, and is not allowed while a CUDA graph is being captured (torch.compile's
+    mode="reduce-overhead" in generate.py --compile).
+    """
+    device = torch.device(device if device is not None else "cpu")
+    if device not in _CODE_ON:
+        _CODE_ON[device] = torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return _CODE_ON[device]
 
 
 def nf4_midpoints(device=None) -> torch.Tensor:
@@ -320,13 +331,14 @@ def dequantize_nf4(
 def dequantize_nf4_ref(packed, absmax, shape, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16):
     """Plain-PyTorch dequantize_nf4.
 
-    Memory traffic: reads n/2 + 4n/blocksize bytes and writes n * sizeof(dtype), plus int64 index and
-    float32 temporaries of n elements each (about 16 bytes per element).
+    Memory traffic: reads n/2 + 4n/blocksize bytes and writes n * sizeof(dtype), plus int32 codes and a
+    float32 copy of n elements each (about 8 bytes per element of temporaries).
     """
     shape = torch.Size(shape)
     n = shape.numel()
     _check_packed(packed, absmax, n, blocksize)
-    q = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n].long()  # (n,) high nibble first
-    block = torch.arange(n, device=packed.device) // blocksize  # (n,) absmax index of each element
-    w = nf4_code(packed.device)[q] * absmax[block]  # float32
-    return w.to(dtype).view(shape)
+    n_blocks = absmax.numel()
+    q = torch.stack([packed >> 4, packed & 15], dim=1).view(-1)[:n].int()  # (n,) high nibble first
+    q = torch.nn.functional.pad(q, (0, n_blocks * blocksize - n), value=ZERO_CODE)  # whole blocks
+    w = nf4_code(packed.device)[q].view(n_blocks, blocksize) * absmax[:, None]  # float32
+    return w.view(-1)[:n].to(dtype).view(shape)

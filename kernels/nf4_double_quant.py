@@ -59,11 +59,17 @@ def create_dynamic_map() -> torch.Tensor:
 
 
 _DYNAMIC_CODE = create_dynamic_map()
+_DYNAMIC_CODE_ON: dict[torch.device, torch.Tensor] = {}  # device -> the map there, copied once
 
 
 def dynamic_code(device=None) -> torch.Tensor:
-    """The signed dynamic map on `device`, (256,) float32."""
-    return _DYNAMIC_CODE.to(device)
+    """The signed dynamic map on `device`, (256,) float32; treat it as read-only. Copied to each device
+    once: NF4Linear dequantizes its scales with it on every forward, where a host-to-device copy per call
+    would stall the GPU (and break CUDA graph capture)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device not in _DYNAMIC_CODE_ON:
+        _DYNAMIC_CODE_ON[device] = _DYNAMIC_CODE.to(device)
+    return _DYNAMIC_CODE_ON[device]
 
 
 def quantize_dynamic(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:

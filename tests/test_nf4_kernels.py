@@ -351,3 +351,13 @@ def test_matmul_shape_errors(nf4_weight):
         nf4_matmul(torch.randn(2, n_in + 1), packed, absmax, n_out, n_in)
     with pytest.raises(ValueError, match="absmax"):
         nf4_matmul(torch.randn(2, n_in), packed, absmax[:-1], n_out, n_in)
+
+
+def test_codebooks_are_made_once_per_device():
+    # a fresh host-to-device copy per matmul would stall the GPU and break CUDA graph capture
+    from minillm.kernels.nf4 import nf4_code
+    from minillm.kernels.nf4_double_quant import dynamic_code
+
+    assert nf4_code() is nf4_code("cpu") is nf4_code(torch.device("cpu"))
+    assert dynamic_code() is dynamic_code("cpu")
+    assert nf4_code().tolist() == list(NF4_CODE) and dynamic_code()[127].item() == 0.0
