@@ -41,7 +41,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .nf4 import bf16_bits, dequantize_nf4, dequantize_nf4_ref, nf4_code, round_to_bf16, use_triton
+from .nf4 import (
+    autotune_configs,
+    bf16_bits,
+    dequantize_nf4,
+    dequantize_nf4_ref,
+    nf4_code,
+    round_to_bf16,
+    use_triton,
+)
 
 GEMV_MAX_ROWS = 16  # input rows up to which the fused GEMV kernel beats dequantize + cuBLAS
 
@@ -56,6 +64,18 @@ def choose_path(m_rows: int) -> str:
     return "gemv" if m_rows <= GEMV_MAX_ROWS else "dequant_matmul"
 
 
+# GEMV tiles (BLOCK_O outputs x BLOCK_R reduction elements per step, warps). Decode is memory bound: what
+# matters is enough bytes in flight per SM (more programs, wider steps) without spilling registers, and
+# for TRANS_W (where outputs are the contiguous axis) wide BLOCK_O for coalescing. The best tile depends
+# on the GPU and the shape, so the autotuner times these on the first call per (shape, direction).
+GEMV_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_O": o, "BLOCK_R": r}, num_warps=w)
+    for o, r, w in ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (32, 128, 4),
+                    (64, 64, 4), (128, 32, 4))
+])  # fmt: skip
+
+
+@triton.autotune(configs=GEMV_CONFIGS, key=["N_OUT", "N_RED", "TRANS_W"])
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
@@ -129,14 +149,12 @@ def _gemv(x2, packed, absmax, n_out, n_red, in_features, blocksize, trans_w):
     y = torch.empty(m_rows, n_out, dtype=x2.dtype, device=x2.device)
     if m_rows == 0:
         return y
-    block_o, block_r = 16, 256
-    grid = (triton.cdiv(n_out, block_o), m_rows)
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_O"]), m_rows)  # tile from GEMV_CONFIGS
     _nf4_gemv_kernel[grid](
         x2, packed, absmax, nf4_code(x2.device), y.view(torch.int16) if x2.dtype == torch.bfloat16 else y,
         n_out, n_red, in_features,
         x2.stride(0), y.stride(0),
         BLOCKSIZE=blocksize, TRANS_W=trans_w, X_BF16=x2.dtype == torch.bfloat16,
-        BLOCK_O=block_o, BLOCK_R=block_r,
     )  # fmt: skip
     return y
 
