@@ -6,10 +6,11 @@
 
 Settings match the peer rows in the README (transformers + peft [+ bitsandbytes]): LoRA r=16 on all seven
 projections, activation checkpointing, batch 1, AdamW, bf16 on GPU. Weights are random (speed does not
-depend on their values); QLoRA quantizes the projections to NF4 exactly as quantize-on-load does. Peak
-memory is torch.cuda.max_memory_allocated on GPU (not reported on CPU). `--peer` adds, under each minillm
-row, the same step in transformers + peft (+ bitsandbytes NF4 with double quantization for QLoRA; see
-bench/peers.py), measured in the same process on the same device.
+depend on their values); QLoRA quantizes the projections to NF4 with double quantization, as
+quantize-on-load does with `finetune.double_quant = true`. Peak memory is torch.cuda.max_memory_allocated
+on GPU (not reported on CPU). `--peer` adds, under each minillm row, the same step in transformers + peft
+(+ bitsandbytes NF4 with double quantization for QLoRA; see bench/peers.py), measured in the same process
+on the same device.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def build(cfg: ModelConfig, method: str, device, dtype, r: int):
     with torch.device(device):
         model = Llama(cfg).to(dtype)
     if method == "qlora":
-        quantize_model_(model, skip=("lm_head",), compute_dtype=dtype)
+        quantize_model_(model, skip=("lm_head",), compute_dtype=dtype, double_quant=True)  # as the peer
     if method in ("lora", "qlora"):
         apply_lora(model, r=r, alpha=2 * r, dropout=0.05)
         mark_only_lora_trainable(model)

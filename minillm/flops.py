@@ -13,8 +13,8 @@ Memory, per component:
 
     weights      full: fp32 master copy (4 B/param, autocast runs the matmuls in bf16)
                  lora: frozen base in bf16 (2 B) + fp32 adapters
-                 qlora: block projections in NF4, 4.5 bits/param (4-bit code + one fp32 absmax per 64),
-                        embeddings / lm_head / norms bf16, fp32 adapters
+                 qlora: block projections in NF4, 4.5 bits/param (4-bit code + one fp32 absmax per 64;
+                        4.127 with double quantization), embeddings / lm_head / norms bf16, fp32 adapters
     gradients    fp32, only for what trains (full: every weight; lora/qlora: the adapters)
     optimizer    AdamW: two fp32 moments per trained parameter (8 B)
     activations  what autograd keeps for backward, counted from model.py (elements per layer, C = dim,
@@ -41,6 +41,7 @@ from minillm.config import ModelConfig
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
+NF4_DQ_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)  # double quantization: 8-bit absmax + fp32 per 256 blocks
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -129,7 +130,8 @@ class Estimate:
 
 def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 8,
              lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"), act_bytes: int = 2) -> Estimate:
+                                              "down_proj"), act_bytes: int = 2,
+             double_quant: bool = False) -> Estimate:
     """Bytes of each memory component for one training micro-batch (batch, seq) under `method`."""
     if method not in ("full", "lora", "qlora"):
         raise ValueError(f"method must be full, lora or qlora, found {method!r}")
@@ -143,7 +145,8 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
     else:
         dense = n["total"] - n["block_linear"]
         trainable = adapters
-        weights = round(n["block_linear"] * NF4_BITS_PER_PARAM / 8) + 2 * dense + 4 * adapters
+        bits = NF4_DQ_BITS_PER_PARAM if double_quant else NF4_BITS_PER_PARAM
+        weights = round(n["block_linear"] * bits / 8) + 2 * dense + 4 * adapters
     act = lambda ckpt: act_bytes * activation_elements(cfg, batch, seq, ckpt, r, targets)
     return Estimate(
         params=n["total"] + adapters, trainable=trainable, flops_per_token=flops_per_token(cfg, seq, method, adapters),
@@ -188,8 +191,10 @@ def main(argv=None) -> str:
                         help="comma-separated projections to adapt (default: all seven, q_proj … down_proj)")
     parser.add_argument("--act-bytes", type=int, default=2,
                         help="bytes per activation element (2 bf16, 4 fp32)")
+    parser.add_argument("--double-quant", action="store_true",
+                        help="qlora: NF4 scales double-quantized (default: finetune.double_quant from --config)")
     args = parser.parse_args(argv)
-    method, seq, batch, r = "full", 1024, 1, 8
+    method, seq, batch, r, double_quant = "full", 1024, 1, 8, False
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if args.config is not None:
         from minillm.train_config import load_config
@@ -197,7 +202,7 @@ def main(argv=None) -> str:
         tc = load_config(args.config)
         cfg, name = tc.model, args.config
         method, seq, batch = tc.finetune.method, tc.block_size, tc.batch_size
-        r, targets = tc.finetune.lora_r, tc.finetune.lora_targets
+        r, targets, double_quant = tc.finetune.lora_r, tc.finetune.lora_targets, tc.finetune.double_quant
     else:
         name = args.preset or "openllama-7b"
         cfg = ModelConfig.from_name(name)
@@ -206,7 +211,8 @@ def main(argv=None) -> str:
     r = args.lora_r or r
     targets = args.lora_targets.split(",") if args.lora_targets else targets
     report = format_report(cfg, name, method, batch, seq,
-                           estimate(cfg, method, batch, seq, r, tuple(targets), args.act_bytes))
+                           estimate(cfg, method, batch, seq, r, tuple(targets), args.act_bytes,
+                                    double_quant or args.double_quant))
     print(report)
     return report
 

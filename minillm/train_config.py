@@ -68,6 +68,7 @@ class FinetuneConfig:
     lora_targets: list[str] = field(  # module names to wrap: all seven projections, as QLoRA recommends
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    double_quant: bool = False  # qlora: store the NF4 scales in 8 bits too (4.127 bits/weight, not 4.5)
 
     def __post_init__(self):
         _choice("finetune.method", self.method, ("full", "lora", "qlora"))

@@ -345,8 +345,11 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         return Llama(cfg.model).to(device)
     if method == "full":
         return load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
-    quantize = "nf4" if method == "qlora" else None
-    model = load_pretrained(cfg.init_from, dtype=dtype, device=device, quantize=quantize)
+    if method == "qlora":
+        model = load_pretrained(cfg.init_from, dtype=dtype, device=device, quantize="nf4",
+                                double_quant=cfg.finetune.double_quant)
+    else:
+        model = load_pretrained(cfg.init_from, dtype=dtype, device=device)
     apply_lora(model, cfg.finetune.lora_targets, cfg.finetune.lora_r, cfg.finetune.lora_alpha,
                cfg.finetune.lora_dropout)
     mark_only_lora_trainable(model)

@@ -18,7 +18,7 @@ from minillm import flops
 from minillm.config import PRESETS, ModelConfig
 from minillm.lora import apply_lora, count_parameters, mark_only_lora_trainable
 from minillm.model import Llama
-from minillm.nf4 import quantize_model_
+from minillm.nf4 import NF4Linear, quantize_model_
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -60,6 +60,11 @@ def test_lora_and_nf4_counts_match_the_modules():
     quantize_model_(base)
     nf4_bytes = sum(b.numel() * b.element_size() for name, b in base.named_buffers() if "layers." in name)
     assert nf4_bytes == flops.count_params(cfg)["block_linear"] * flops.NF4_BITS_PER_PARAM / 8
+    # double quantization, on a 7B projection's buffers (allocated, not quantized): the formula misses only
+    # the layer's one float32 offset
+    layer = NF4Linear(4096, 4096, double_quant=True)
+    dq_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert dq_bytes - 4096 * 4096 * flops.NF4_DQ_BITS_PER_PARAM / 8 == 4
 
 
 def saved_bytes(model: Llama, x: torch.Tensor, y: torch.Tensor) -> int:

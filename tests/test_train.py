@@ -326,9 +326,10 @@ def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_pat
     from minillm.nf4 import NF4Linear
 
     result = train(finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3,
-                                eval__interval=0, eval__sample_tokens=0))
+                                eval__interval=0, eval__sample_tokens=0, finetune__double_quant=True))
     assert all(math.isfinite(v) for v in result.losses.values()) and len(result.losses) == 3
     assert isinstance(result.model.layers[0].mlp.gate_proj, NF4Linear)  # quantized, not adapted
+    assert result.model.layers[0].mlp.gate_proj.double_quant  # finetune.double_quant reached the loader
     assert isinstance(result.model.layers[0].self_attn.q_proj.base, NF4Linear)
     trained = {k for k, p in result.model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in k for k in trained)
