@@ -27,6 +27,13 @@ Two paths, chosen by the number of input rows M (`choose_path`, threshold GEMV_M
       features), so the backward pass also reads only the packed weight.
       For M > 1 the M programs of one output tile read the same bytes; after the first they come from L2.
 
+      PAIRED tiles (rows of even length K, i.e. every real model) load each byte once for its two
+      weights, which are neighbours in one row: byte o*K/2 + j holds W[o, 2j] (high nibble) and
+      W[o, 2j + 1]. Addresses and masks are then contiguous in j, so the compiler turns 16 one-byte loads
+      per thread into two 8-byte vector loads (seen in the PTX for sm_90), and the scale is loaded once
+      per byte instead of once per weight. The unpaired loop above is kept for odd K and as a tile the
+      autotuner may still prefer.
+
   (b) M > GEMV_MAX_ROWS: W = dequantize_nf4(..., dtype=x.dtype) (Triton), then torch.matmul (cuBLAS).
       The dense W is a temporary of N_out * K elements that is freed after the call.
 
@@ -64,18 +71,52 @@ def choose_path(m_rows: int) -> str:
     return "gemv" if m_rows <= GEMV_MAX_ROWS else "dequant_matmul"
 
 
-# GEMV tiles (BLOCK_O outputs x BLOCK_R reduction elements per step, warps). Decode is memory bound: what
-# matters is enough bytes in flight per SM (more programs, wider steps) without spilling registers, and
-# for TRANS_W (where outputs are the contiguous axis) wide BLOCK_O for coalescing. The best tile depends
-# on the GPU and the shape, so the autotuner times these on the first call per (shape, direction).
-GEMV_CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_O": o, "BLOCK_R": r}, num_warps=w)
-    for o, r, w in ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (32, 128, 4),
-                    (64, 64, 4), (128, 32, 4))
-])  # fmt: skip
+# GEMV tiles: BLOCK_O outputs x BLOCK_R reduction elements per loop step, the warps, and PAIRED (below).
+# Decode is memory bound: what matters is enough bytes in flight per SM (more programs, wider steps)
+# without spilling registers, and for TRANS_W (where outputs are the contiguous axis of W) a wide BLOCK_O
+# for coalescing. The best tile depends on the GPU and the shape, so the autotuner times these on the
+# first call per (shape, direction) and keeps the fastest; the first is the hand-picked default.
+GEMV_TILES = [
+    triton.Config({"BLOCK_O": o, "BLOCK_R": r, "PAIRED": paired}, num_warps=w)
+    for paired, tiles in (
+        (False, ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (32, 128, 4), (64, 64, 4))),
+        (True, ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (32, 128, 4), (64, 64, 4),
+                (128, 32, 4))),
+    )
+    for o, r, w in tiles
+]  # fmt: skip
 
 
-@triton.autotune(configs=GEMV_CONFIGS, key=["N_OUT", "N_RED", "TRANS_W"])
+def _drop_paired_tiles_for_odd_rows(configs, named_args, **kwargs):
+    """PAIRED tiles need an even row length K: then the two codes of every byte are neighbours within
+    one row of W (and one quantization block, as BLOCKSIZE is even)."""
+    if named_args["K"] % 2 == 0:
+        return configs
+    return [c for c in configs if not c.kwargs["PAIRED"]]
+
+
+@triton.jit
+def _weight(code_ptr, q, scale, x_ptr, X_BF16: tl.constexpr):
+    """code[q] * absmax in float32, rounded once to x's dtype: the weight the reference multiplies by."""
+    w = tl.load(code_ptr + q) * scale
+    if X_BF16:
+        w = round_to_bf16(w)
+    else:
+        w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _store(y_ptr, offsets, acc, mask, X_BF16: tl.constexpr):
+    """Write float32 acc to y in x's dtype (a bfloat16 y is seen as int16: see nf4.bf16_bits)."""
+    if X_BF16:
+        tl.store(y_ptr + offsets, bf16_bits(acc), mask=mask)
+    else:
+        tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=autotune_configs(GEMV_TILES), key=["N_OUT", "N_RED", "TRANS_W"],
+                 prune_configs_by={"early_config_prune": _drop_paired_tiles_for_odd_rows})  # fmt: skip
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
@@ -97,32 +138,63 @@ def _nf4_gemv_kernel(
     X_BF16: tl.constexpr,  # x is bfloat16: round weights to bf16 by hand (see nf4.round_to_bf16)
     BLOCK_O: tl.constexpr,  # outputs per program
     BLOCK_R: tl.constexpr,  # reduction step
+    PAIRED: tl.constexpr,  # K even: load each byte (and its scale) once for its two weights
 ):
     pid_o = tl.program_id(0)
     m = tl.program_id(1)
-    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
-    acc = tl.zeros([BLOCK_O], dtype=tl.float32)
-    for r0 in range(0, N_RED, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-        xr = tl.load(x_ptr + m * stride_xm + r, mask=r < N_RED, other=0.0).to(tl.float32)
-        if TRANS_W:
-            f = r[None, :] * K + o[:, None]  # (BLOCK_O, BLOCK_R) flat index of W[r, o]
-        else:
-            f = o[:, None] * K + r[None, :]  # (BLOCK_O, BLOCK_R) flat index of W[o, r]
-        mask = (o[:, None] < N_OUT) & (r[None, :] < N_RED)
-        byte = tl.load(packed_ptr + f // 2, mask=mask, other=0).to(tl.int32)
-        q = (byte >> ((1 - (f & 1)) * 4)) & 15  # even flat index -> high nibble
-        scale = tl.load(absmax_ptr + f // BLOCKSIZE, mask=mask, other=0.0)
-        w = tl.load(code_ptr + q) * scale  # (BLOCK_O, BLOCK_R) float32
-        if X_BF16:
-            w = round_to_bf16(w)
-        else:
-            w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += tl.sum(w * xr[None, :], axis=1)
-    if X_BF16:  # y_ptr is the bfloat16 output viewed as int16
-        tl.store(y_ptr + m * stride_ym + o, bf16_bits(acc), mask=o < N_OUT)
+    x_row = x_ptr + m * stride_xm
+    y_row = y_ptr + m * stride_ym
+    if not PAIRED:
+        # any K: every weight finds its own byte and nibble from its flat index
+        o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for r0 in range(0, N_RED, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+            xr = tl.load(x_row + r, mask=r < N_RED, other=0.0).to(tl.float32)
+            if TRANS_W:
+                f = r[None, :] * K + o[:, None]  # (BLOCK_O, BLOCK_R) flat index of W[r, o]
+            else:
+                f = o[:, None] * K + r[None, :]  # (BLOCK_O, BLOCK_R) flat index of W[o, r]
+            mask = (o[:, None] < N_OUT) & (r[None, :] < N_RED)
+            byte = tl.load(packed_ptr + f // 2, mask=mask, other=0).to(tl.int32)
+            q = (byte >> ((1 - (f & 1)) * 4)) & 15  # even flat index -> high nibble
+            scale = tl.load(absmax_ptr + f // BLOCKSIZE, mask=mask, other=0.0)
+            w = _weight(code_ptr, q, scale, x_ptr, X_BF16)  # (BLOCK_O, BLOCK_R)
+            acc += tl.sum(w * xr[None, :], axis=1)
+        _store(y_row, o, acc, o < N_OUT, X_BF16)
+    elif not TRANS_W:
+        # y[o] = sum_r W[o, r] x[r]: byte j of a row holds W[o, 2j] (high nibble) and W[o, 2j + 1]
+        o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
+        acc = tl.zeros([BLOCK_O], dtype=tl.float32)
+        for r0 in range(0, N_RED, BLOCK_R):
+            j = r0 // 2 + tl.arange(0, BLOCK_R // 2)  # (BLOCK_R/2,) byte columns: weights 2j and 2j + 1
+            x_even = tl.load(x_row + 2 * j, mask=j < N_RED // 2, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_row + 2 * j + 1, mask=j < N_RED // 2, other=0.0).to(tl.float32)
+            mask = (o[:, None] < N_OUT) & (j[None, :] < N_RED // 2)  # N_RED = K is even
+            # contiguous bytes along a row (so the loads can be vectorized): byte o*K/2 + j
+            byte = tl.load(packed_ptr + o[:, None] * (K // 2) + j[None, :], mask=mask, other=0).to(tl.int32)
+            scale = tl.load(absmax_ptr + (o[:, None] * K + 2 * j[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+            w_even = _weight(code_ptr, byte >> 4, scale, x_ptr, X_BF16)
+            w_odd = _weight(code_ptr, byte & 15, scale, x_ptr, X_BF16)
+            acc += tl.sum(w_even * x_even[None, :] + w_odd * x_odd[None, :], axis=1)
+        _store(y_row, o, acc, o < N_OUT, X_BF16)
     else:
-        tl.store(y_ptr + m * stride_ym + o, acc.to(y_ptr.dtype.element_ty), mask=o < N_OUT)
+        # y[o] = sum_r W[r, o] x[r]: outputs 2p and 2p + 1 share byte p of every row r
+        p = pid_o * (BLOCK_O // 2) + tl.arange(0, BLOCK_O // 2)  # (BLOCK_O/2,) output pairs
+        p_ok = p < N_OUT // 2  # N_OUT = K is even
+        acc_even = tl.zeros([BLOCK_O // 2], dtype=tl.float32)
+        acc_odd = tl.zeros([BLOCK_O // 2], dtype=tl.float32)
+        for r0 in range(0, N_RED, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+            xr = tl.load(x_row + r, mask=r < N_RED, other=0.0).to(tl.float32)
+            mask = p_ok[:, None] & (r[None, :] < N_RED)
+            # byte r*K/2 + p holds W[r, 2p] and W[r, 2p + 1]: contiguous along the outputs
+            byte = tl.load(packed_ptr + r[None, :] * (K // 2) + p[:, None], mask=mask, other=0).to(tl.int32)
+            scale = tl.load(absmax_ptr + (r[None, :] * K + 2 * p[:, None]) // BLOCKSIZE, mask=mask, other=0.0)
+            acc_even += tl.sum(_weight(code_ptr, byte >> 4, scale, x_ptr, X_BF16) * xr[None, :], axis=1)
+            acc_odd += tl.sum(_weight(code_ptr, byte & 15, scale, x_ptr, X_BF16) * xr[None, :], axis=1)
+        _store(y_row, 2 * p, acc_even, p_ok, X_BF16)
+        _store(y_row, 2 * p + 1, acc_odd, p_ok, X_BF16)
 
 
 def _check(x, packed, absmax, out_features, in_features, blocksize, x_name, x_len):
@@ -143,18 +215,20 @@ def _check(x, packed, absmax, out_features, in_features, blocksize, x_name, x_le
         raise ValueError(f"{x_name} on {x.device}, packed on {packed.device}, absmax on {absmax.device}")
 
 
-def _gemv(x2, packed, absmax, n_out, n_red, in_features, blocksize, trans_w):
-    """Launch the fused kernel on x2 (M, n_red) -> (M, n_out)."""
+def _gemv(x2, packed, absmax, n_out, n_red, in_features, blocksize, trans_w, tile: dict | None = None):
+    """Launch the fused kernel on x2 (M, n_red) -> (M, n_out). `tile`: one entry of GEMV_TILES' kwargs
+    to run that tile as is (the tests run every one); None lets the autotuner choose."""
     m_rows = x2.shape[0]
     y = torch.empty(m_rows, n_out, dtype=x2.dtype, device=x2.device)
     if m_rows == 0:
         return y
-    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_O"]), m_rows)  # tile from GEMV_CONFIGS
-    _nf4_gemv_kernel[grid](
+    kernel = _nf4_gemv_kernel if tile is None else _nf4_gemv_kernel.fn  # .fn: the kernel under the tuner
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_O"]), m_rows)
+    kernel[grid](
         x2, packed, absmax, nf4_code(x2.device), y.view(torch.int16) if x2.dtype == torch.bfloat16 else y,
         n_out, n_red, in_features,
         x2.stride(0), y.stride(0),
-        BLOCKSIZE=blocksize, TRANS_W=trans_w, X_BF16=x2.dtype == torch.bfloat16,
+        BLOCKSIZE=blocksize, TRANS_W=trans_w, X_BF16=x2.dtype == torch.bfloat16, **(tile or {}),
     )  # fmt: skip
     return y
 

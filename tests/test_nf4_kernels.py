@@ -25,6 +25,8 @@ from minillm.kernels.nf4_double_quant import (
 )
 from minillm.kernels.nf4_matmul import (
     GEMV_MAX_ROWS,
+    GEMV_TILES,
+    _gemv,
     choose_path,
     nf4_matmul,
     nf4_matmul_backward_input,
@@ -343,6 +345,28 @@ def test_matmul_input_grad_matches_autograd(nf4_weight, rows, dtype):
     grad_x = tri_matmul(nf4_matmul_backward_input, grad_y, packed, absmax, n_out, n_in)
     assert grad_x.dtype == dtype and grad_x.shape == x.shape
     torch.testing.assert_close(grad_x, x.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(37, 129), (36, 130)])  # odd K (blocks straddle rows), even K (pairs)
+@pytest.mark.parametrize("trans_w", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_gemv_tile_matches_reference(shape, trans_w, dtype):
+    # on a GPU the autotuner may pick any tile; the interpreter runs only the first, so run each by hand
+    n_out, n_in = shape
+    g = torch.Generator().manual_seed(11)
+    packed, absmax = quantize_nf4_ref(torch.randn(shape, generator=g))
+    w = dequantize_nf4_ref(packed, absmax, shape, dtype=dtype)
+    x = torch.randn(3, n_out if trans_w else n_in, generator=g).to(dtype)
+    expect = x @ w if trans_w else x @ w.t()  # (3, n_in) or (3, n_out)
+    ran = 0
+    for tile in GEMV_TILES:
+        if tile.kwargs["PAIRED"] and n_in % 2:
+            continue  # pruned by the autotuner: pairs need an even row length
+        y = _gemv(x.to(DEVICE), packed.to(DEVICE), absmax.to(DEVICE), expect.shape[1], x.shape[1], n_in, 64,
+                  trans_w, tile=tile.kwargs).cpu()  # fmt: skip
+        torch.testing.assert_close(y, expect, **TOL[dtype], msg=lambda m, t=tile: f"{t}: {m}")
+        ran += 1
+    assert ran == (len(GEMV_TILES) if n_in % 2 == 0 else sum(not t.kwargs["PAIRED"] for t in GEMV_TILES))
 
 
 def test_matmul_shape_errors(nf4_weight):
