@@ -293,6 +293,7 @@ def _nf4_dequantize_kernel(
     out_ptr,  # *fp32|fp16 (n,), or bf16 seen as *int16  out: the flattened weight
     # sizes
     n,  # number of weight elements
+    n_bytes,  # ceil(n / 2), passed in (not computed here) so Triton sees its divisibility
     # meta-parameters
     BLOCKSIZE: tl.constexpr,  # elements per quantization block
     BLOCK_BYTES: tl.constexpr,  # packed bytes handled by one program
@@ -300,18 +301,19 @@ def _nf4_dequantize_kernel(
 ):
     pid = tl.program_id(0)
     byte_idx = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)  # (BLOCK_BYTES,)
-    ev = 2 * byte_idx  # element in the high nibble
-    od = ev + 1  # element in the low nibble (same quantization block: BLOCKSIZE is even)
-    byte = tl.load(packed_ptr + byte_idx, mask=ev < n, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + ev // BLOCKSIZE, mask=ev < n, other=0.0)
-    w0 = tl.load(code_ptr + (byte >> 4)) * scale  # float32, rounded once below
-    w1 = tl.load(code_ptr + (byte & 15)) * scale
+    in_bounds = byte_idx < n_bytes  # contiguous, so loads of neighbouring bytes can be vectorized
+    byte = tl.load(packed_ptr + byte_idx, mask=in_bounds, other=0).to(tl.int32)
+    # both elements of a byte (2k, 2k + 1) share a quantization block: BLOCKSIZE is even
+    scale = tl.load(absmax_ptr + (2 * byte_idx) // BLOCKSIZE, mask=in_bounds, other=0.0)
+    w_hi = tl.load(code_ptr + (byte >> 4)) * scale  # element 2k, float32 (rounded once below)
+    w_lo = tl.load(code_ptr + (byte & 15)) * scale  # element 2k + 1
+    # interleave into one contiguous run of 2 * BLOCK_BYTES outputs: (B,) (B,) -> (B, 2) -> (2B,)
+    w = tl.reshape(tl.join(w_hi, w_lo), [2 * BLOCK_BYTES])
+    e = 2 * pid * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)  # (2 * BLOCK_BYTES,) element index
     if OUT_BF16:
-        tl.store(out_ptr + ev, bf16_bits(w0), mask=ev < n)
-        tl.store(out_ptr + od, bf16_bits(w1), mask=od < n)
+        tl.store(out_ptr + e, bf16_bits(w), mask=e < n)
     else:
-        tl.store(out_ptr + ev, w0.to(out_ptr.dtype.element_ty), mask=ev < n)
-        tl.store(out_ptr + od, w1.to(out_ptr.dtype.element_ty), mask=od < n)
+        tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=e < n)
 
 
 def dequantize_nf4(
@@ -338,7 +340,7 @@ def dequantize_nf4(
     out_bf16 = dtype == torch.bfloat16
     _nf4_dequantize_kernel[grid](
         packed.contiguous(), absmax.contiguous(), nf4_code(packed.device),
-        out.view(torch.int16) if out_bf16 else out, n,
+        out.view(torch.int16) if out_bf16 else out, n, packed.numel(),
         BLOCKSIZE=blocksize, OUT_BF16=out_bf16,
     )  # fmt: skip
     return out

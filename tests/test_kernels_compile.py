@@ -21,7 +21,7 @@ SIGNATURES = {
          {"BLOCKSIZE": 64, "BLOCKS_PER_PROG": 16}) for t in ("fp32", "fp16", "bf16")]),
     "dequantize": ("minillm.kernels.nf4", "_nf4_dequantize_kernel", [
         ({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{t}", "n": "i32",
-          "BLOCKSIZE": "constexpr", "BLOCK_BYTES": "constexpr", "OUT_BF16": "constexpr"},
+          "n_bytes": "i32", "BLOCKSIZE": "constexpr", "BLOCK_BYTES": "constexpr", "OUT_BF16": "constexpr"},
          {"BLOCKSIZE": 64, "OUT_BF16": t == "i16"}) for t in ("fp32", "fp16", "i16")]),
     "gemv": ("minillm.kernels.nf4_matmul", "_nf4_gemv_kernel", [
         ({"x_ptr": f"*{x}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": f"*{y}",
