@@ -127,3 +127,23 @@ def test_compiled_decode_step_matches_eager(model):
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)
     eager = list(generate_tokens(model, [1, 5, 9], cfg))
     assert list(generate_tokens(model, [1, 5, 9], cfg, decode_fn=compiled)) == eager
+
+
+def test_decode_rate_leaves_out_the_first_step():
+    # with --compile the first decode step compiles (seconds): it is reported apart from tokens/s
+    from minillm.generation import GenerationStats
+
+    stats = GenerationStats(prompt_tokens=4, new_tokens=5, prefill_seconds=0.5, decode_seconds=4.0,
+                            first_step_seconds=3.0)
+    assert stats.summary() == "prefill: 4 tokens at 8.0 tok/s | decode: 5 tokens at 3.0 tok/s (first step 3.00 s)"
+    two = GenerationStats(prompt_tokens=4, new_tokens=2, prefill_seconds=0.5, decode_seconds=0.25,
+                          first_step_seconds=0.25)
+    assert two.summary() == "prefill: 4 tokens at 8.0 tok/s | decode: 2 tokens at 4.0 tok/s"
+
+
+def test_generation_times_the_first_decode_step(model):
+    from minillm.generation import GenerationStats
+
+    stats = GenerationStats()
+    list(generate_tokens(model, [1, 5, 9], SamplingConfig(max_new_tokens=6, temperature=0.0), stats=stats))
+    assert stats.new_tokens == 6 and 0 < stats.first_step_seconds <= stats.decode_seconds
