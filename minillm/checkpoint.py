@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, read_json_object
 from minillm.model import Llama
 from minillm.names import hf_to_ours, ours_to_hf
 
@@ -228,10 +228,7 @@ def load_hf(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
 
 def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     cfg_path = dirpath / MINILLM_CONFIG
-    try:
-        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = ModelConfig.from_dict(read_json_object(cfg_path, "minillm config"), source=str(cfg_path))
     weights = dirpath / "model.safetensors"
     with torch.device("meta"):
         model = Llama(cfg)

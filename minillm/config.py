@@ -18,6 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def read_json_object(path: str | Path, what: str = "file") -> dict:
+    """Parse a JSON file whose top level must be an object: one clear error naming the file for a missing
+    file ("<path>: <what> not found"), invalid JSON, or a top level that is not an object."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 @dataclass
 class ModelConfig:
     dim: int = 256  # width of the residual stream (HF: hidden_size)
@@ -91,14 +106,7 @@ class ModelConfig:
         config we do not understand never loads into a model that silently computes something else.
         """
         path = Path(path)
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"{path}: expected a JSON object, found {type(hf).__name__}")
+        hf = read_json_object(path, "config file")
         out = {}
         for key, value in hf.items():
             if key in HF_TO_OURS:

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from minillm.checkpoint import atomic_write_bytes
+from minillm.config import read_json_object
 from minillm.names import hf_to_ours, ours_to_hf
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -312,14 +313,7 @@ def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None 
 
 
 def _read_adapter_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: adapter config not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    cfg = read_json_object(path, "adapter config")
     required_values = {"peft_type": ("LORA",), "bias": ("none",), "fan_in_fan_out": (False,),
                        "use_dora": (False, None), "modules_to_save": (None, []),
                        "rank_pattern": ({}, None), "alpha_pattern": ({}, None)}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import atomic_write_bytes, fill_model, iter_shard
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, read_json_object
 from minillm.model import Llama
 from minillm.names import hf_to_interleaved, interleaved_to_hf, is_rope_rotated, meta_to_ours, ours_to_meta
 
@@ -81,10 +81,7 @@ def save_meta(model: Llama, dirpath, tokenizer_path=None):
 
 def load_meta(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     params_path = dirpath / "params.json"
-    try:
-        p = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{params_path}: not valid JSON ({e})") from None
+    p = read_json_object(params_path, "Meta params file")
     known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
              "norm_eps", "rope_theta", "max_seq_len", "max_batch_size", "use_scaled_rope"}
     for key in p:

@@ -210,3 +210,19 @@ def test_save_hf_multi_shard_round_trip(tmp_path):
     again = Llama.from_pretrained(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_json_files_get_one_clear_error(tmp_path):
+    # one reader for config.json, minillm_config.json, params.json and adapter_config.json
+    from minillm.config import read_json_object
+
+    with pytest.raises(FileNotFoundError, match=r"missing.json: adapter config not found"):
+        read_json_object(tmp_path / "missing.json", "adapter config")
+    (tmp_path / "bad.json").write_text("{'a': 1}")
+    with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(Expecting property name"):
+        read_json_object(tmp_path / "bad.json")
+    (tmp_path / "params.json").write_text("[4096]")
+    with pytest.raises(ValueError, match=r"params.json: expected a JSON object, found list"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "ok.json").write_text('{"dim": 64}')
+    assert read_json_object(tmp_path / "ok.json") == {"dim": 64}
