@@ -7,7 +7,7 @@ small adapters on top. This module is the frozen part, a module swap over `nn.Li
     dL/dx = dL/dy @ dequant(W0)      no gradient for W0 (it is a buffer, not a parameter)
 
 Storage per weight: 4 bits of code + 32/64 bits of absmax = 4.5 bits, or 4.127 bits with double
-quantization (absmax itself in 8 bits; see kernels/nf4_double_quant.py). Everything lives in buffers,
+quantization (absmax itself in 8 bits; see minillm/nf4_double_quant.py). Everything lives in buffers,
 so `state_dict()`, `load_state_dict()` and `.to(device)` work as for any module. Do not cast a quantized
 model with `.to(dtype)` / `.half()`: PyTorch would round the float32 scales (the uint8 codes are left
 alone); the forward pass then raises. Cast before quantizing, and choose the matmul precision with
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from minillm.kernels.nf4 import dequantize_nf4, quantize_nf4
-from minillm.kernels.nf4_double_quant import DQ_BLOCKSIZE, double_dequantize, double_quantize
+from minillm.nf4_double_quant import DQ_BLOCKSIZE, double_dequantize, double_quantize
 from minillm.kernels.nf4_matmul import nf4_matmul, nf4_matmul_backward_input
 
 

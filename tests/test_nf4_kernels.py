@@ -17,7 +17,7 @@ from minillm.kernels.nf4 import (
     quantize_nf4_ref,
     use_triton,
 )
-from minillm.kernels.nf4_double_quant import (
+from minillm.nf4_double_quant import (
     create_dynamic_map,
     double_dequantize,
     double_quantize,
@@ -380,7 +380,7 @@ def test_matmul_shape_errors(nf4_weight):
 def test_codebooks_are_made_once_per_device():
     # a fresh host-to-device copy per matmul would stall the GPU and break CUDA graph capture
     from minillm.kernels.nf4 import nf4_code
-    from minillm.kernels.nf4_double_quant import dynamic_code
+    from minillm.nf4_double_quant import dynamic_code
 
     assert nf4_code() is nf4_code("cpu") is nf4_code(torch.device("cpu"))
     assert dynamic_code() is dynamic_code("cpu")

@@ -22,9 +22,10 @@ The roundtrip error on absmax is at most half a code step times the block scale:
 near 0 (steps of ~1e-6 relative) and coarsest near +-1 (steps of 1/64 ~ 0.014 relative), so
 |absmax_hat - absmax| <= 0.0071 * scale[b] (plus float32 rounding).
 
-Why there is no Triton kernel: absmax has numel/64 entries (16 K for a 4096x4096 weight); the search is
-8 vectorized `torch.where` steps over that, runs once at load time, and costs nothing next to the NF4
-quantization itself. A kernel would add code to read without making anything faster that matters.
+Why this file is plain PyTorch and lives in minillm/, not kernels/: absmax has numel/64 entries (16 K for
+a 4096x4096 weight); the search is 8 vectorized `torch.where` steps over that, runs once at load time,
+and dequantizing 16 K scales per forward is one gather, one multiply and one add. A Triton kernel would add
+code to read without making anything faster that matters.
 
 Failure modes: a block whose centred values are all zero has scale 0; c * (1/0) is NaN, which the
 search (like bitsandbytes' `x > val` comparisons) sends to code 0, and dequantization still returns
