@@ -186,15 +186,22 @@ def _nf4_quantize_kernel(
     tl.store(absmax_ptr + blk, amax, mask=blk < n_blocks)
 
     # One correctly rounded reciprocal per block (div_rn: Triton's plain `/` is approximate on GPUs).
-    safe = tl.maximum(amax, _ABSMAX_FLOOR)
-    recip = tl.math.div_rn(tl.full([BLOCKS_PER_PROG], 1.0, tl.float32), safe)  # (NB,)
+    # Every constant is built with an explicit float32 dtype: a bare literal's type is inferred, and
+    # Triton 3.8 infers 1e-38 (below float32's smallest normal) as fp64, which div_rn then rejects.
+    floor = tl.full([BLOCKS_PER_PROG], _ABSMAX_FLOOR, tl.float32)  # (NB,)
+    one = tl.full([BLOCKS_PER_PROG], 1.0, tl.float32)  # (NB,)
+    safe = tl.maximum(amax, floor)  # (NB,)
+    recip = tl.math.div_rn(one, safe)  # (NB,)
     # bitsandbytes divides instead of multiplying in the last, partial block.
     partial = ((blk + 1) * BLOCKSIZE > n)[:, None]  # (NB, 1)
     nonzero = (amax > 0)[:, None]  # guards 0 * inf should a GPU flush the subnormal floor to zero
     s0 = tl.where(partial, tl.math.div_rn(x0, safe[:, None]), x0 * recip[:, None])
     s1 = tl.where(partial, tl.math.div_rn(x1, safe[:, None]), x1 * recip[:, None])
-    s0 = tl.where(nonzero, tl.minimum(tl.maximum(s0, -1.0), 1.0), 0.0)
-    s1 = tl.where(nonzero, tl.minimum(tl.maximum(s1, -1.0), 1.0), 0.0)
+    lo = tl.full([BLOCKS_PER_PROG, HALF], -1.0, tl.float32)  # (NB, HALF)
+    hi = tl.full([BLOCKS_PER_PROG, HALF], 1.0, tl.float32)
+    zero = tl.zeros([BLOCKS_PER_PROG, HALF], dtype=tl.float32)
+    s0 = tl.where(nonzero, tl.minimum(tl.maximum(s0, lo), hi), zero)
+    s1 = tl.where(nonzero, tl.minimum(tl.maximum(s1, lo), hi), zero)
 
     # Nearest code = number of midpoints strictly below s (ties go to the lower code).
     q0 = tl.zeros([BLOCKS_PER_PROG, HALF], dtype=tl.int32)
