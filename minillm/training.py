@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import pickle
 import random
 import resource
 import sys
@@ -52,6 +53,7 @@ from tqdm import tqdm
 
 from minillm.checkpoint import load_pretrained, save_model
 from minillm.data import get_batch, prepare_dataset, read_corpus, train_corpus_tokenizer, unigram_entropy
+from minillm.fileio import atomic_write, remove_stale_temp_files
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable, save_adapter
@@ -199,7 +201,8 @@ def set_rng_states(states: dict, data_generator: torch.Generator):
 
 def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
                     val_loss: float | None = None):
-    """torch.save to a temp file beside `path`, then os.replace: a kill mid-write keeps the old file."""
+    """torch.save through fileio.atomic_write (temp file, fsync, rename): a kill mid-write keeps the old file,
+    a full disk raises DiskFullError naming `path`."""
     ckpt = dict(
         model=trainable_state(model),
         model_config=model.config.to_dict(),
@@ -210,12 +213,8 @@ def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data
         config=to_dict(cfg),
         val_loss=val_loss,
     )
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -262,7 +261,11 @@ def plain_llama(model: Llama) -> Llama:
 def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's own text advises weights_only=False
+        raise ValueError(f"{path}: not a readable minillm training checkpoint (truncated or another format: "
+                         f"{type(e).__name__})") from None
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -413,6 +416,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     ckpt_path = out_dir / "ckpt.pt"
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out_dir)  # what a killed earlier run left (fileio.py says which are stale)
     torch.manual_seed(cfg.seed)  # model init (and LoRA dropout)
 
     # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it ----------------

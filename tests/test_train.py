@@ -119,7 +119,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def killed_save(obj, f):
-        Path(f).write_bytes(before[: len(before) // 2])  # half a file, then the process "dies"
+        f.write(before[: len(before) // 2])  # half a file, then the process "dies"
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(training.torch, "save", killed_save)
