@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import load_pretrained, load_tokenizer
+from minillm.device import DTYPES, pick_device, pick_dtype
 from minillm.generation import GenerationStats, SamplingConfig, decode_one_token, generate_text
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def main(argv=None):
@@ -40,7 +38,7 @@ def main(argv=None):
     p.add_argument("--input", default=None, help="the optional Alpaca 'input' field, with --template alpaca")
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                   help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="nf4: 4-bit NF4 projections")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the checkpoint's")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static KV cache)")
@@ -48,8 +46,8 @@ def main(argv=None):
                    help="print every module's output shape and dtype through one forward pass, then exit")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = pick_device(args.device or "auto")
+    dtype = pick_dtype(args.dtype or "auto", device)
     checkpoint = Path(args.checkpoint)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     model = load_pretrained(checkpoint, dtype=dtype, device=device,

@@ -22,8 +22,6 @@ truncated or corrupt shard) raises one error that names the file and the key.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from minillm.config import ModelConfig, read_json_object
+from minillm.fileio import atomic_write_bytes
 from minillm.model import Llama
 from minillm.names import hf_to_ours, ours_to_hf
 
@@ -41,19 +40,6 @@ HF_WEIGHT_FILES = (  # in order of preference
     ("pytorch_model.bin.index.json", True),
     ("pytorch_model.bin", False),
 )
-
-
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write to a temp name beside `path`, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -313,9 +299,7 @@ def save_model(model: Llama, dirpath, tokenizer_path=None):
     atomic_write_bytes(dirpath / "model.safetensors", save(state))
     atomic_write_bytes(dirpath / MINILLM_CONFIG, json.dumps(model.config.to_dict(), indent=2).encode())
     if tokenizer_path is not None and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve():
-        tmp = dirpath / ".tokenizer.model.tmp"
-        shutil.copyfile(tokenizer_path, tmp)
-        os.replace(tmp, dirpath / "tokenizer.model")
+        atomic_write_bytes(dirpath / "tokenizer.model", Path(tokenizer_path).read_bytes())
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import sysconfig
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minillm.fileio import atomic_write, atomic_write_bytes, remove_stale_temp_files
 from minillm.tokenizer import Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
@@ -71,8 +71,10 @@ def _new_hash(kind: str, options: str) -> hashlib._Hash:
 
 
 def _read_files(files: list[Path], root: Path, source: str, h: hashlib._Hash) -> Corpus:
-    """Read each file as one document; names are paths relative to `root`, the hash covers raw bytes."""
-    names, texts, skipped = [], [], []
+    """Read each file as one document; names are paths relative to `root`, the hash covers raw bytes.
+    Files that are not UTF-8 are skipped with a warning; if none is left, the error names the first one
+    and the byte offset where decoding failed."""
+    names, texts, skipped, first_error = [], [], [], None
     for path in files:
         name = path.relative_to(root).as_posix()
         raw = path.read_bytes()
@@ -81,8 +83,9 @@ def _read_files(files: list[Path], root: Path, source: str, h: hashlib._Hash) ->
         try:
             texts.append(raw.decode("utf-8"))
             names.append(name)
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:
             skipped.append(name)
+            first_error = first_error or f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})"
     if skipped:
         warnings.warn(
             f"{source}: skipped {len(skipped)} of {len(files)} files that are not valid UTF-8 "
@@ -90,7 +93,7 @@ def _read_files(files: list[Path], root: Path, source: str, h: hashlib._Hash) ->
             stacklevel=3,
         )
     if not texts:
-        raise ValueError(f"{source}: no readable UTF-8 documents (read {len(files)} files)")
+        raise ValueError(f"{source}: no readable UTF-8 documents among {len(files)} files; {first_error}")
     return Corpus(source, names, texts, h.hexdigest(), skipped)
 
 
@@ -154,7 +157,8 @@ def read_jsonl(path: str | Path, field: str = "text") -> Corpus:
         except UnicodeDecodeError as e:
             raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            # our words first; json's own wording (e.msg) changes between Python versions
+            raise ValueError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
         if not isinstance(obj, dict):
             raise ValueError(
                 f"{where}: expected a JSON object with a string field {field!r}, found {type(obj).__name__}"
@@ -259,12 +263,6 @@ def tokenize_documents(
 # the cached train.bin / val.bin
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never a mix
-
-
 def _cache_key(corpus: Corpus, tokenizer_sha256: str, val_frac: float, seed: int) -> dict:
     return dict(
         format=FORMAT_VERSION,
@@ -336,6 +334,7 @@ def prepare_dataset(
         raise ValueError(f"prepare_dataset: val_frac must be in (0, 1), found {val_frac}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(cache_dir)  # left by a build that was killed (fileio.py)
     key = _cache_key(corpus, file_sha256(tokenizer.path), val_frac, seed)
     reason = _stale_reason(cache_dir, key)
     if reason is None:
@@ -357,8 +356,10 @@ def prepare_dataset(
         raise ValueError(
             f"{corpus.source}: {len(stream)} tokens are too few to split with val_frac={val_frac}"
         )
-    _atomic_write(cache_dir / "train.bin", stream[:split_at].tofile)
-    _atomic_write(cache_dir / "val.bin", stream[split_at:].tofile)
+    # each file lands whole or not at all: readers see the old file or the new one (fileio.atomic_write)
+    for name, part in (("train.bin", stream[:split_at]), ("val.bin", stream[split_at:])):
+        with atomic_write(cache_dir / name) as f:
+            part.tofile(f)
     # 4) meta last: its presence means the .bin files are complete
     meta = dict(
         key,
@@ -375,7 +376,7 @@ def prepare_dataset(
         val=dict(file="val.bin", n_tokens=len(stream) - split_at),
         skipped_files=corpus.skipped,
     )
-    _atomic_write(cache_dir / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_bytes(cache_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return TokenizedData(load_split(cache_dir, "train"), load_split(cache_dir, "val"), meta)
 
 
@@ -404,7 +405,7 @@ def train_corpus_tokenizer(
         n_chars += len(corpus.texts[i])
     tokenizer = train_tokenizer(sample, out_path, vocab_size, seed=seed)
     saved = dict(key, tokenizer_sha256=file_sha256(out_path))
-    _atomic_write(sidecar, lambda p: p.write_text(json.dumps(saved, indent=2) + "\n"))
+    atomic_write_bytes(sidecar, (json.dumps(saved, indent=2) + "\n").encode())
     return tokenizer
 
 

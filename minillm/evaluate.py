@@ -19,12 +19,12 @@ Greedy decoding comes from generation.py (`generate_tokens` with temperature 0).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minillm.fileio import atomic_write_bytes
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import IGNORE, TokenizedExample, iter_batches, prompt_text, reference_text
 
@@ -142,7 +142,5 @@ def write_report(path: str | Path, rows: list[dict], title: str = "Base vs fine-
         lines.append(f"| {i} | {_cell(r['instruction'])} | {_cell(r['reference'])} | "
                      f"{_cell(r['base'])}{mark['base']} | {_cell(r['tuned'])}{mark['tuned']} |")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path

@@ -19,14 +19,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from minillm.checkpoint import atomic_write_bytes, load_pretrained, load_tokenizer, save_hf
+from minillm.device import DTYPES
 from minillm.meta_format import save_meta
 from minillm.model import Llama
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-TORCH_TYPES = {"auto": None, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TORCH_TYPES = ("auto", "f32", "f16", "bf16")  # hf/meta outtypes: auto keeps the stored dtype
 
 
 @dataclass
@@ -45,7 +44,7 @@ class ExportConfig:
             raise ValueError(f"format must be gguf, hf or meta, found {self.format!r}")
         if self.outtype is None:
             self.outtype = "f16" if self.format == "gguf" else "auto"
-        allowed = GGUF_TYPES if self.format == "gguf" else tuple(TORCH_TYPES)
+        allowed = GGUF_TYPES if self.format == "gguf" else TORCH_TYPES
         if self.outtype not in allowed:
             raise ValueError(f"outtype {self.outtype!r} is not supported for {self.format}; expected one of {allowed}")
         if self.qlora and self.adapter is None:
@@ -108,7 +107,7 @@ def export(cfg: ExportConfig) -> Path:
         write_gguf(out, model.config, model.state_dict().items(), tokenizer, cfg.outtype,
                    name=cfg.name or out.stem)
         return out
-    dtype = TORCH_TYPES[cfg.outtype]
+    dtype = None if cfg.outtype == "auto" else DTYPES[cfg.outtype]
     if cfg.format == "meta" and dtype is not None:
         model = model.to(dtype)
     save = save_hf if cfg.format == "hf" else save_meta

@@ -35,6 +35,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.fileio import atomic_write_bytes
+
 VERSION = 1  # bump when the records change, to invalidate caches
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
              "ensurepip", "pydoc_data", "__pycache__", "__phello__"}
@@ -168,9 +170,7 @@ class StdlibDataset:
 
 def _write_jsonl(path: Path, records: list[dict]) -> str:
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -200,9 +200,7 @@ def build_stdlib_dataset(out_dir: str | Path, test_frac: float = 0.05, root: str
     meta = dict(key, **stats, n_train=len(train), n_test=len(test),
                 n_test_short=len(short_answer_subset(test)),
                 train_sha256=_write_jsonl(train_path, train), test_sha256=_write_jsonl(test_path, test))
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_path)
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
     return StdlibDataset(train_path, test_path, meta)
 
 

@@ -10,12 +10,13 @@ Paper: Kudo & Richardson 2018, https://arxiv.org/abs/1808.06226
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+
+from minillm.fileio import atomic_write_bytes
 
 
 class Tokenizer:
@@ -134,7 +135,5 @@ def train_tokenizer(
             num_threads=1,
             minloglevel=2,
         )
-        tmp_out = out_path.with_name(out_path.name + ".tmp")
-        tmp_out.write_bytes(Path(str(prefix) + ".model").read_bytes())
-        os.replace(tmp_out, out_path)
+        atomic_write_bytes(out_path, Path(str(prefix) + ".model").read_bytes())
     return Tokenizer(out_path)

@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from minillm.checkpoint import load_tokenizer
+from minillm.device import pick_device
 from minillm.evaluate import evaluate_loss, short_answer_accuracy, write_report
 from minillm.exporter import ExportConfig, export
 from minillm.generation import SamplingConfig, generate_text
@@ -142,8 +141,7 @@ def main(argv=None) -> dict:
     # ---- 4. evaluate ------------------------------------------------------------------------------------
     banner(4, "evaluate on held-out symbols: loss, short answers, side-by-side report (docs/06-evaluation.md)")
     t0 = time.perf_counter()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     tokenizer = load_tokenizer(base)
     test = read_examples(data.test_path)
     scored = test if n_eval is None else test[:n_eval]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import ModelConfig
+from minillm.fileio import atomic_write_bytes
 from minillm.schedulers import ScheduleConfig
 
 
@@ -256,10 +257,7 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 
 def save_config(cfg: TrainConfig, path: str | Path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(to_dict(cfg), indent=2) + "\n").encode())
 
 
 def resume_mismatches(saved: dict, now: TrainConfig) -> list[str]:

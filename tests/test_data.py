@@ -7,6 +7,7 @@ sha256 with hashlib directly, concatenate) and compared with the files on disk e
 import hashlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -118,6 +119,15 @@ def test_read_stdlib_fake_tree_skips_tests_and_non_utf8(tmp_path, monkeypatch, t
     assert d.meta["skipped_files"] == ["latin1.py"] and d.meta["source"] == f"stdlib:{root}"
 
 
+def test_non_utf8_text_file_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"ok\n\xff rest\n")
+    with pytest.warns(UserWarning), pytest.raises(ValueError) as e:
+        read_corpus(path)
+    assert str(e.value) == (f"file:{path}: no readable UTF-8 documents among 1 files; "
+                            f"{path}: not valid UTF-8 (invalid start byte at byte 3)")
+
+
 def test_real_stdlib_is_found():
     c = read_stdlib()
     assert "os.py" in c.names and "json/decoder.py" in c.names and len(c.names) > 500
@@ -135,10 +145,9 @@ def test_read_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        (
-            '{"text": "a",}',
-            r"c.jsonl:2: invalid JSON: Expecting property name enclosed in double quotes \(column 14\)",
-        ),
+        # only our own words: json's message and even its column for this one differ in Python 3.13
+        ('{"text": "a",}', r"c.jsonl:2: invalid JSON at column 1[34] \(.+\)$"),
+        ('{"text" 1}', r"c.jsonl:2: invalid JSON at column 9 \("),
         ('{"body": "a", "id": 1}', r"c.jsonl:2: missing field 'text' \(found keys \['body', 'id'\]\)"),
         ('{"text": 3}', r"c.jsonl:2: field 'text' must be a string, found int 3"),
         ('{"text": null}', r"c.jsonl:2: field 'text' must be a string, found NoneType None"),
@@ -255,6 +264,18 @@ def test_failed_build_leaves_no_meta(tree, tok, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)
     assert not (cache / "meta.json").exists()  # the old meta no longer vouches for anything
+
+
+def test_temp_files_of_a_killed_build_are_removed(tree, tok, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)
+    dead = 4194305  # above the largest pid Linux can hand out (2**22): no process has it
+    stale = [cache / f".train.bin.tmp.{dead}", cache / ".val.bin.tmp12345678", cache / ".meta.json.tmp"]
+    live = cache / f".val.bin.tmp.{os.getppid()}"  # another process still writing: kept
+    for p in stale + [live]:
+        p.write_bytes(b"half a file")
+    prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)  # reuses the cache
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["meta.json", "train.bin", "val.bin", live.name])
 
 
 def test_uint32_when_vocab_exceeds_uint16(tree, tmp_path):
