@@ -145,6 +145,8 @@ class ScheduleConfig:
             raise ValueError(
                 f"ScheduleConfig.name: unknown schedule {self.name!r}; expected one of {SCHEDULE_NAMES}"
             )
+        if not self.max_lr > 0.0:  # also refuses NaN
+            raise ValueError(f"ScheduleConfig.max_lr must be > 0, found {self.max_lr!r}")
         if not 0.0 <= self.min_lr <= self.max_lr:
             raise ValueError(
                 f"ScheduleConfig: need 0 <= min_lr <= max_lr, found min_lr={self.min_lr}, "
