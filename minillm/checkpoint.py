@@ -3,7 +3,7 @@ GGUF and Meta's consolidated layout.
 
 Formats read (`load_pretrained` picks by what it finds at the path):
 
-    model.gguf                     GGUF file (gguf.py)
+    model.gguf                     GGUF file (gguf_reader.py)
     dir/minillm_config.json        minillm: model.safetensors (our key names) + ModelConfig JSON
     dir/config.json                HF / OpenLLaMA: model.safetensors[.index.json] or
                                    pytorch_model.bin[.index.json] (shards listed in the index's weight_map)
@@ -240,7 +240,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a checkpoint file must be .gguf; for HF/minillm weights pass the directory")
-        from minillm.gguf import load_gguf_model
+        from minillm.gguf_reader import load_gguf_model
 
         cfg, state, _ = load_gguf_model(path)
         with torch.device("meta"):
@@ -270,7 +270,7 @@ def load_tokenizer(checkpoint, tokenizer_path=None):
         return Tokenizer(tokenizer_path)
     checkpoint = Path(checkpoint)
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
-        from minillm.gguf import read_gguf, sentencepiece_model_from_gguf
+        from minillm.gguf_reader import read_gguf, sentencepiece_model_from_gguf
 
         return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
     path = checkpoint / "tokenizer.model"

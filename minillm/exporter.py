@@ -97,7 +97,7 @@ def export(cfg: ExportConfig) -> Path:
     tokenizer = load_tokenizer(cfg.checkpoint, cfg.tokenizer)  # fail early, before loading gigabytes
     model = load_merged(cfg)
     if cfg.format == "gguf":
-        from minillm.gguf import write_gguf
+        from minillm.gguf_writer import write_gguf
 
         if out.suffix != ".gguf":
             raise ValueError(f"{out}: a GGUF output file must end in .gguf")

@@ -9,7 +9,7 @@ from minillm import Llama
 from minillm.checkpoint import load_tokenizer
 from minillm.config import ModelConfig
 from minillm.exporter import ExportConfig, export
-from minillm.gguf import read_gguf
+from minillm.gguf_reader import read_gguf
 from minillm.lora import apply_lora, save_adapter
 from minillm.tokenizer import Tokenizer
 

@@ -14,19 +14,9 @@ from tiny import tiny_tokenizer
 
 from minillm.config import ModelConfig
 from minillm.ggml_quants import GGML_BF16, GGML_F16, GGML_F32, GGML_Q4_0, GGML_Q8_0, dequantize, quantize
-from minillm.gguf import (
-    ARRAY,
-    BOOL,
-    FLOAT32,
-    INT32,
-    STRING,
-    UINT32,
-    expected_shapes,
-    load_gguf_model,
-    read_gguf,
-    sentencepiece_model_from_gguf,
-    write_gguf,
-)
+from minillm.gguf_format import ARRAY, BOOL, FLOAT32, INT32, STRING, UINT32, expected_shapes
+from minillm.gguf_reader import load_gguf_model, read_gguf, sentencepiece_model_from_gguf
+from minillm.gguf_writer import write_gguf
 from minillm.names import gguf_to_ours, hf_to_interleaved, interleaved_to_hf
 
 TEXTS = ["def f(x):\n\treturn x  +  1\n", "héllo → 世界", "  two  spaces\n\n\nand\ttabs\t\t", "a\nb", "\nabc", ""]
