@@ -7,20 +7,19 @@ consolidated layout — the last steps of the tutorial path ("merge the adapter,
 
 Nothing here holds a second full copy of the model: the base stays in the dtype it is stored in (no
 rounding before quantizing, and a memory-mapped `.bin` is never copied), and the GGUF writer converts one
-tensor at a time. Directory outputs are built in a temp folder beside the target and renamed into place;
-a failed export leaves no partial output behind.
+tensor at a time. Directory outputs are built in a temp folder beside the target and renamed into place
+(fileio.atomic_directory, with the usual permissions); a failed export leaves no partial output behind.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from minillm.checkpoint import atomic_write_bytes, load_pretrained, load_tokenizer, save_hf
+from minillm.checkpoint import load_pretrained, load_tokenizer, save_hf
 from minillm.device import DTYPES
+from minillm.fileio import atomic_directory, atomic_write_bytes
 from minillm.meta_format import save_meta
 from minillm.model import Llama
 
@@ -72,24 +71,6 @@ def _check_writable(target: Path):
         raise PermissionError(f"{target}: output directory {parent} is not writable")
 
 
-def _write_dir_atomically(target: Path, write):
-    """Run write(tmp_dir), then move tmp_dir to target (replacing an older export there)."""
-    _check_writable(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written path."""
     out = Path(cfg.out)
@@ -113,10 +94,8 @@ def export(cfg: ExportConfig) -> Path:
     save = save_hf if cfg.format == "hf" else save_meta
     kwargs = {"dtype": dtype} if cfg.format == "hf" else {}
 
-    def write(d: Path):
+    with atomic_directory(out) as d:  # replaces an older export at `out` only once this one is complete
         save(model, d, **kwargs)
         # the tokenizer's bytes (from its file, or rebuilt from GGUF metadata) go beside the weights
         atomic_write_bytes(d / "tokenizer.model", tokenizer.model_bytes())
-
-    _write_dir_atomically(out, write)
     return out

@@ -7,6 +7,9 @@
 
     atomic_write_bytes(path, data)                    # the same, for bytes already in memory
 
+    with atomic_directory(out / "merged") as d:       # d: an empty temp directory beside the target
+        save_hf(model, d)                             # on success it replaces out/merged as a whole
+
 How: the data goes to `.{name}.tmp.{pid}` in the same directory (a rename is only atomic within one file
 system), is flushed and fsynced, then `os.replace`d onto the target (readers see the old file or the new
 one, never a mix), and the directory is fsynced so that the rename itself survives a power cut.
@@ -45,6 +48,10 @@ class DiskFullError(OSError):
     def __init__(self, path: Path):
         super().__init__(errno.ENOSPC, f"{path}: the disk is full (no space left on device); free some space "
                                        f"and retry (the previous file, if any, is unchanged)")
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
+        return self.strerror
 
 
 def temp_path(path: Path) -> Path:
@@ -92,6 +99,11 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "failed writing" in str(exc))
 
 
+def _raise_disk_full(exc: BaseException, path: Path):
+    if is_disk_full(exc) and not isinstance(exc, DiskFullError):  # an inner write may have named its file
+        raise DiskFullError(path) from exc
+
+
 def _fsync_directory(directory: Path):
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -122,8 +134,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         _fsync_directory(path.parent)
     except BaseException as exc:  # also KeyboardInterrupt: never leave the temp file
         tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise DiskFullError(path) from exc
+        _raise_disk_full(exc, path)
         raise
 
 
@@ -131,3 +142,40 @@ def atomic_write_bytes(path: str | Path, data: bytes):
     """atomic_write for bytes already in memory."""
     with atomic_write(path) as f:
         f.write(data)
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield an empty directory `.{name}.tmp.{pid}` beside `path`; when the `with` block succeeds it
+    replaces `path` (a file or directory already there is moved aside to `.{name}.old.tmp.{pid}`, then
+    deleted: a directory cannot be renamed over a non-empty one). On an exception the temp directory is
+    deleted and `path` is unchanged. The directory gets the usual permissions, 0777 minus the umask, like
+    os.makedirs (tempfile.mkdtemp would make it 0700). Stale temp directories of `path` are removed first,
+    by the rule of atomic_write."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: directory {path.parent} does not exist")
+    old = path.with_name(f".{path.name}.old.tmp.{os.getpid()}")
+    for target in (path.name, f"{path.name}.old"):
+        remove_stale_temp_files(path.parent, target)
+    tmp = temp_path(path)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)  # put the previous one back
+            raise
+        _fsync_directory(path.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_disk_full(exc, path)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink(missing_ok=True)

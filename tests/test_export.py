@@ -10,7 +10,8 @@ from minillm.checkpoint import load_tokenizer
 from minillm.config import ModelConfig
 from minillm.exporter import ExportConfig, export
 from minillm.gguf_reader import read_gguf
-from minillm.lora import apply_lora, save_adapter
+from minillm.lora import apply_lora
+from minillm.peft_io import save_adapter
 from minillm.tokenizer import Tokenizer
 
 

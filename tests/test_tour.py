@@ -21,7 +21,7 @@ import torch
 
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.gguf_reader import read_gguf, sentencepiece_model_from_gguf
-from minillm.lora import load_adapter
+from minillm.peft_io import load_adapter
 from minillm.model import Llama
 from minillm.tokenizer import Tokenizer
 
