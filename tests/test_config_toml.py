@@ -80,6 +80,45 @@ def test_cross_field_checks_name_the_file(tmp_path):
         load_config(write(tmp_path, "batch_size = \n"))
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.weight_decay", -0.1, r"optim\.weight_decay must be >= 0 \(0: no decay\), found -0\.1"),
+    ("optim.grad_clip", -1.0, r"optim\.grad_clip must be >= 0 \(0: no clipping\), found -1\.0"),
+    ("optim.grad_clip", float("nan"), r"optim\.grad_clip must be >= 0 .*, found nan"),
+    ("optim.beta1", 1.0, r"optim\.beta1 must be in \[0, 1\) .*, found 1\.0"),
+    ("optim.beta2", -0.5, r"optim\.beta2 must be in \[0, 1\) .*, found -0\.5"),
+    ("optim.eps", 0.0, r"optim\.eps must be > 0 .*, found 0\.0"),
+    ("eval.iters", 0, r"eval\.iters must be >= 1, found 0"),
+    ("eval.interval", -5, r"eval\.interval must be >= 0 \(0: only at the end\), found -5"),
+    ("checkpoint.interval", -1, r"checkpoint\.interval must be >= 0 .*, found -1"),
+    ("log.interval", 0, r"log\.interval must be >= 1, found 0"),
+    ("cpu_threads", -2, r"cpu_threads must be >= 0 .*, found -2"),
+    ("finetune.lora_alpha", 0.0, r"finetune\.lora_alpha must be > 0 .*, found 0\.0"),
+    ("finetune.lora_alpha", -16.0, r"finetune\.lora_alpha must be > 0 .*, found -16\.0"),
+    ("finetune.lora_r", 0, r"finetune\.lora_r must be >= 1, found 0"),
+    ("schedule.max_lr", 0.0, r"ScheduleConfig\.max_lr must be > 0, found 0\.0"),
+    ("schedule.max_lr", -1e-3, r"ScheduleConfig\.max_lr must be > 0, found -0\.001"),
+    ("device", "gpu", r"device must be auto, cpu, cuda, cuda:N or mps, found 'gpu'"),
+    ("device", "cuda:x", r"device must be auto, cpu, cuda, cuda:N or mps, found 'cuda:x'"),
+    ("data.num_workers", -1, r"data\.num_workers must be >= 0, found -1"),
+])
+def test_values_that_make_no_sense_name_the_key_and_value(key, value, message):
+    with pytest.raises(ValueError, match=r"^command line: " + message + "$"):
+        load_config(None, {key: value})
+
+
+def test_devices_that_are_accepted():
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert load_config(None, {"device": device}).device == device
+
+
+def test_a_toml_that_is_not_utf8_names_file_and_offset(tmp_path):
+    p = tmp_path / "run.toml"
+    p.write_bytes(b"batch_size = 4\n# caf\xe9\n")
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: not UTF-8 text (byte 0xe9 at offset 20)"  # 15 + len("# caf")
+
+
 def test_command_line_beats_toml(tmp_path):
     p = write(tmp_path, "batch_size = 4\n[schedule]\nmax_lr = 1e-3\n")
     flags = parse_flags(["--schedule.max_lr", "5e-4", "--optim.weight_decay=0.05", "--compile", "true",
