@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from minillm.config import ModelConfig
 from minillm.lora import (
-    DoRALinear,
     LoRALinear,
     apply_lora,
     lora_disabled,
@@ -20,8 +19,8 @@ from minillm.lora import (
     merge_lora,
     parameter_summary,
 )
-from minillm.peft_io import load_adapter, read_base_quantization, save_adapter
 from minillm.model import Llama
+from minillm.peft_io import load_adapter, save_adapter
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
