@@ -22,6 +22,8 @@ truncated or corrupt shard) raises one error that names the file and the key.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,6 +47,36 @@ HF_WEIGHT_FILES = (  # in order of preference
 # -----------------------------------------------------------------------------------------------------
 # reading tensors from shard files
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive since PyTorch 1.6
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a"  # before 1.6: a bare pickle stream (protocol 2, then a long magic)
+LFS_POINTER = b"version https://git-lfs"  # a clone without `git lfs pull` has these small text files
+
+
+def load_torch_weights(path: Path) -> dict:
+    """torch.load(weights_only=True) of a .bin, memory-mapped, with every failure one line naming the file.
+
+    The first bytes tell what the file is before torch parses it. torch's own errors suggest retrying
+    with weights_only=False, i.e. running whatever code the file asks for: minillm never does, and its
+    messages never suggest it (they keep only torch's reason, e.g. the global it refused).
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    legacy = head.startswith(LEGACY_TORCH_MAGIC)  # loadable, but a bare pickle stream cannot be mmapped
+    if not head.startswith(ZIP_MAGIC) and not legacy:
+        what = "a Git LFS pointer, not the weights (run `git lfs pull`)" if head.startswith(LFS_POINTER) else \
+            f"its {path.stat().st_size} bytes start with {head[:16]!r}"
+        raise ValueError(f"{path}: not a PyTorch zip checkpoint (expected a zip archive starting with "
+                         f"{ZIP_MAGIC!r}, as torch.save writes): {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+    except pickle.UnpicklingError as e:
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(e))
+        raise ValueError(f"{path}: holds more than tensors, which minillm does not load "
+                         f"({reason[1] if reason else 'refused by the weights-only unpickler'})") from None
+    except Exception as e:  # RuntimeError from the zip reader, EOFError, ...
+        first = str(e).split(". ")[0].split("\n")[0]
+        raise ValueError(f"{path}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}: {first})") from None
+
 
 def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from one `.bin` or `.safetensors` file, turning any read error into a
@@ -66,15 +98,7 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise ValueError(f"{path}: cannot read tensor {k!r} ({e})") from None
             yield k, t
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise ValueError(f"{path}: not a valid PyTorch weights file, truncated or corrupt ({e})") from None
-            # files written by torch < 1.6 (not zip) cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors, EOFError, UnpicklingError on forbidden objects
-            raise ValueError(f"{path}: not a valid PyTorch weights file ({type(e).__name__}: {e})") from None
+        state = load_torch_weights(path)
         if not isinstance(state, dict):
             raise ValueError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
         for k, t in state.items():
@@ -92,15 +116,13 @@ def find_hf_shards(dirpath: Path) -> tuple[list[Path], dict[str, str] | None, Pa
             continue
         if not is_index:
             return [p], None, p
-        try:
-            index = json.loads(p.read_text())
-            weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{p}: not a valid index (expected JSON with a 'weight_map' object): {e}") from None
-        if not isinstance(weight_map, dict):
+        weight_map = read_json_object(p, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{p}: 'weight_map' must map tensor names to file names")
         files = sorted(set(weight_map.values()))
         for fname in files:
+            if Path(fname).name != fname:  # no "../" or absolute paths out of the checkpoint directory
+                raise ValueError(f"{p}: shard name {fname!r} is not a file name in {dirpath}")
             if not (dirpath / fname).is_file():
                 keys = [k for k, v in weight_map.items() if v == fname]
                 raise FileNotFoundError(f"{p}: names shard {fname!r} (for {keys[0]!r} …) which does not exist")
@@ -125,22 +147,30 @@ def fill_model(
     dtype: torch.dtype,
     device,
     linear_hook: Callable[[Llama, str, torch.Tensor], bool] | None = None,
+    where: str = "",
+    name_in_file: Callable[[str], str] = str,
 ):
     """Put (source file, our key, tensor) triples into a meta-device model, checking names and shapes.
 
     dtype None keeps each tensor's stored dtype (with a memory-mapped .bin that is zero-copy).
+
+    A weight none of the files held is reported as `{where}: missing weights: <name_in_file(key)>`, where
+    names the file(s) that should hold it. With tied embeddings a stored lm_head.weight (a `.bin` saved
+    by torch.save keeps both names of a shared tensor) is accepted if it equals the embedding.
 
     linear_hook(model, key, weight) may consume a 2-D linear weight (e.g. quantize it into an NF4 layer)
     and return True; the weight then never exists in `dtype` on `device`.
     """
     expected = {k: p.shape for k, p in model.named_parameters()}  # a tied lm_head is not listed
     seen: dict[str, str] = {}
+    tied_head = None
     for source, key, t in tensors:
         if key.endswith("rotary_emb.inv_freq"):
             continue  # old HF checkpoints saved the RoPE frequencies; we compute them
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            tied_head = (source, t)  # checked against the embedding below
+            continue
         if key not in expected:
-            if key == "lm_head.weight" and model.config.tie_embeddings:
-                raise ValueError(f"{source}: holds 'lm_head.weight' but the config ties embeddings")
             raise ValueError(f"{source}: unexpected weight {key!r} (not a parameter of this Llama config)")
         if key in seen:
             raise ValueError(f"{source}: weight {key!r} appears twice (also in {seen[key]})")
@@ -158,8 +188,14 @@ def fill_model(
     missing = [k for k in expected if k not in seen]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ValueError(f"missing weights: {', '.join(repr(k) for k in missing[:3])}{more}")
+        names = ", ".join(repr(name_in_file(k)) for k in missing[:3])
+        where = where or ", ".join(sorted(set(seen.values()))) or "checkpoint"
+        raise ValueError(f"{where}: missing weights: {names}{more}")
     if model.config.tie_embeddings:
+        if tied_head is not None and not torch.equal(tied_head[1].to(device=device, dtype=dtype),
+                                                     model.embed_tokens.weight.detach()):
+            raise ValueError(f"{tied_head[0]}: holds an lm_head.weight that differs from the embedding, but the "
+                             f"config ties them (tie_word_embeddings)")
         model.lm_head.weight = model.embed_tokens.weight
     model.init_rope(torch.device(device))
     return model
@@ -197,6 +233,8 @@ def load_hf(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     if weight_map is not None:  # check the index against the config before reading gigabytes
         names = {ours_to_hf(k) for k, _ in model.named_parameters()}
         listed = {k for k in weight_map if not k.endswith("rotary_emb.inv_freq")}
+        if cfg.tie_embeddings:
+            listed.discard("lm_head.weight")  # a copy of the embedding (checked in fill_model)
         if names - listed:
             raise ValueError(f"{named_by}: index lacks weight {sorted(names - listed)[0]!r}")
         if listed - names:
@@ -209,7 +247,8 @@ def load_hf(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
                     raise ValueError(f"{shard}: holds {k!r}, which {named_by.name} places in {weight_map[k]!r}")
                 yield str(shard), hf_to_ours(k), t
 
-    return fill_model(model, tensors(), dtype, device, linear_hook)
+    where = named_by if weight_map is None else f"{dirpath} (shards listed in {named_by.name})"
+    return fill_model(model, tensors(), dtype, device, linear_hook, where=str(where), name_in_file=ours_to_hf)
 
 
 def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
@@ -218,7 +257,8 @@ def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     weights = dirpath / "model.safetensors"
     with torch.device("meta"):
         model = Llama(cfg)
-    return fill_model(model, ((str(weights), k, t) for k, t in iter_shard(weights)), dtype, device, linear_hook)
+    return fill_model(model, ((str(weights), k, t) for k, t in iter_shard(weights)), dtype, device, linear_hook,
+                      where=str(weights))
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | None = None, **nf4_kwargs) -> Llama:
@@ -231,7 +271,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise FileNotFoundError(f"{path}: checkpoint path does not exist")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', found {quantize!r}")
     hook = None
@@ -245,7 +285,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", quantize: str | Non
         cfg, state, _ = load_gguf_model(path)
         with torch.device("meta"):
             model = Llama(cfg)
-        return fill_model(model, ((str(path), k, t) for k, t in state.items()), dtype, device, hook)
+        return fill_model(model, ((str(path), k, t) for k, t in state.items()), dtype, device, hook, where=str(path))
     if (path / MINILLM_CONFIG).is_file():
         model = load_minillm(path, dtype, device, hook)
     elif (path / "config.json").is_file():
@@ -269,6 +309,8 @@ def load_tokenizer(checkpoint, tokenizer_path=None):
     if tokenizer_path is not None:
         return Tokenizer(tokenizer_path)
     checkpoint = Path(checkpoint)
+    if not checkpoint.exists():  # say so, rather than that the tokenizer.model inside it is missing
+        raise FileNotFoundError(f"{checkpoint}: checkpoint path does not exist")
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
         from minillm.gguf_reader import read_gguf, sentencepiece_model_from_gguf
 

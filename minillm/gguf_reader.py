@@ -240,21 +240,18 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     if arch != "llama":
         raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads only 'llama'")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
-    try:
-        config = ModelConfig(
-            dim=int(_require(g, "llama.embedding_length", UINT32)),
-            n_layers=int(_require(g, "llama.block_count", UINT32)),
-            n_heads=int(_require(g, "llama.attention.head_count", UINT32)),
-            n_kv_heads=int(_require(g, "llama.attention.head_count_kv", UINT32)),
-            hidden_dim=int(_require(g, "llama.feed_forward_length", UINT32)),
-            vocab_size=len(tokens),
-            max_seq_len=int(_require(g, "llama.context_length", UINT32)),
-            norm_eps=_short_float(_require(g, "llama.attention.layer_norm_rms_epsilon", FLOAT32)),
-            rope_theta=_short_float(_require(g, "llama.rope.freq_base", FLOAT32)),
-            tie_embeddings="output.weight" not in g.tensors,
-        )
-    except ValueError as e:
-        raise ValueError(f"{g.path}: {e}") from None
+    # untrusted metadata: config.check_model_values bounds the sizes and rejects NaN / zero / negative
+    # epsilon and RoPE base, naming the GGUF key
+    keys = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
+            "n_kv_heads": "llama.attention.head_count_kv", "hidden_dim": "llama.feed_forward_length",
+            "vocab_size": "tokenizer.ggml.tokens", "max_seq_len": "llama.context_length",
+            "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
+    values = {field: int(_require(g, key, UINT32)) for field, key in keys.items()
+              if field not in ("vocab_size", "norm_eps", "rope_theta")}
+    values |= dict(vocab_size=len(tokens), tie_embeddings="output.weight" not in g.tensors,
+                   norm_eps=_short_float(_require(g, keys["norm_eps"], FLOAT32)),
+                   rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)))
+    config = ModelConfig.from_metadata(values, keys, str(g.path))
     rope_dims = _require(g, "llama.rope.dimension_count", UINT32)
     if rope_dims != config.head_dim:
         raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, but minillm rotates the whole "

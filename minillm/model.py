@@ -45,15 +45,16 @@ class RMSNorm(nn.Module):
 # depends only on the relative distance between the two positions.
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_seq_len, head_dim), in the HF "rotate half" layout.
+def precompute_rope(head_dim: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for positions 0 … seq_len-1, each (seq_len, head_dim), in the HF "rotate half"
+    layout.
 
     Frequency i (0 ≤ i < D/2) is theta^(-2i/D); dimension i is paired with dimension i + D/2, so the table
     repeats the D/2 angles twice: [θ_0 … θ_{D/2-1}, θ_0 … θ_{D/2-1}]. (Meta's code pairs (2i, 2i+1)
     instead; the weights of the two conventions differ by a row permutation, see names.py.)
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
-    t = torch.arange(max_seq_len, dtype=torch.int64).float()  # (T,)
+    t = torch.arange(seq_len, dtype=torch.int64).float()  # (T,)
     freqs = torch.outer(t, inv_freq)  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return emb.cos(), emb.sin()
@@ -184,14 +185,24 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def init_rope(self, device=None):
-        """(Re)build the RoPE tables; called again after a model built on the meta device is loaded."""
+    def init_rope(self, device=None, seq_len: int = 0):
+        """(Re)build the RoPE tables for positions [0, seq_len); called again after a model built on the
+        meta device is loaded. The tables grow to the length actually run (grow_rope, from forward and
+        setup_caches), never to config.max_seq_len up front: that is only a limit, and a checkpoint's
+        metadata may claim 2^31 positions (a 32 GiB table for head_dim 128)."""
         if device is None:
             device = self.embed_tokens.weight.device
-        with torch.device(device):  # on "meta" this records shapes only
-            cos, sin = precompute_rope(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D) float32
+        # on "meta" this records shapes only; inference_mode(False): a table grown while decoding under
+        # inference_mode must still be usable by a later training step
+        with torch.device(device), torch.inference_mode(False):
+            cos, sin = precompute_rope(self.config.head_dim, seq_len, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (seq_len, D) float32
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def grow_rope(self, seq_len: int):
+        """Make the RoPE tables cover positions [0, seq_len) (rebuilt only when they are shorter)."""
+        if self.rope_cos.shape[0] < seq_len:
+            self.init_rope(self.rope_cos.device, seq_len)
 
     def forward(self, idx, targets=None, *, input_pos=None, attn_mask=None):
         """idx (B, T) token ids → (logits (B, T, V), loss or None).
@@ -205,14 +216,16 @@ class Llama(nn.Module):
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+            self.grow_rope(T)
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
             mask = attn_mask
         else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
             # With a cache, queries at positions input_pos attend over the whole buffer (S slots). Slot s
             # is visible to the query at position p iff s <= p: this single rule hides both the future
             # and the slots not yet written, so prefill (T > 1) and decode (T = 1) use the same mask.
             S = self.layers[0].self_attn.kv_cache.k.shape[2]
+            self.grow_rope(S)  # positions are < S (setup_caches already grew the tables)
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
             mask = input_pos[:, None] >= torch.arange(S, device=idx.device)[None, :]  # (T, S)
             mask = mask[None, None]  # (1, 1, T, S)
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -235,6 +248,7 @@ class Llama(nn.Module):
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds max_seq_len={self.config.max_seq_len}")
+        self.grow_rope(max_seq_len)  # here, not inside a compiled decode step
         p = self.embed_tokens.weight
         dtype = dtype or p.dtype
         for layer in self.layers:
