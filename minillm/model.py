@@ -67,7 +67,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (T, D). Each pair (x_i, x_{i+D/2}) is rotated by its angle:
+    """x (B, H, T, D); cos, sin (T, D), or (B, 1, T, D) when each row has its own positions. Each pair
+    (x_i, x_{i+D/2}) is rotated by its angle:
     x_i' = x_i cos − x_{i+D/2} sin,  x_{i+D/2}' = x_{i+D/2} cos + x_i sin."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
@@ -109,8 +110,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        """x (B, T, C); cos/sin (T, D) for these positions; mask None (plain causal) or a bool
-        (B or 1, 1, T, S) where True means "may attend"."""
+        """x (B, T, C); cos/sin (T, D) or (B, 1, T, D) for these positions; mask None (plain causal) or a
+        bool (B or 1, 1, T, S) where True means "may attend"."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -204,13 +205,14 @@ class Llama(nn.Module):
         if self.rope_cos.shape[0] < seq_len:
             self.init_rope(self.rope_cos.device, seq_len)
 
-    def forward(self, idx, targets=None, *, input_pos=None, attn_mask=None):
+    def forward(self, idx, targets=None, *, input_pos=None, attn_mask=None, left_pad=None):
         """idx (B, T) token ids → (logits (B, T, V), loss or None).
 
         targets (B, T): next-token ids, -100 where no loss is wanted; loss = mean cross-entropy over the
         others. input_pos (T,): positions of idx when decoding with a KV cache (see setup_caches).
         attn_mask: optional bool (B, 1, T, T) "may attend" mask, e.g. block-diagonal for packed examples;
-        it must include the causal constraint itself.
+        it must include the causal constraint itself. left_pad (B,): with input_pos, how many cache slots
+        of each row are padding before its prompt (batched prompts of different lengths, generation.py).
         """
         B, T = idx.shape
         if input_pos is None:
@@ -226,8 +228,18 @@ class Llama(nn.Module):
             S = self.layers[0].self_attn.kv_cache.k.shape[2]
             self.grow_rope(S)  # positions are < S (setup_caches already grew the tables)
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
-            mask = input_pos[:, None] >= torch.arange(S, device=idx.device)[None, :]  # (T, S)
+            slots = torch.arange(S, device=idx.device)  # (S,)
+            mask = input_pos[:, None] >= slots[None, :]  # (T, S)
             mask = mask[None, None]  # (1, 1, T, S)
+            if left_pad is not None:
+                # Left padding: row b's prompt starts at slot left_pad[b]. Its RoPE positions count from
+                # there and its queries never see the padding slots, so the row computes what it would
+                # alone. A padding query sees only itself (an all-masked row would give NaN, which the
+                # next layer would write into the cache).
+                pos = (input_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
+                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D)
+                first = torch.minimum(left_pad[:, None], input_pos[None, :])  # (B, T) first visible slot
+                mask = mask & (slots[None, None, :] >= first[:, :, None])[:, None]  # (B, 1, T, S)
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -259,23 +271,6 @@ class Llama(nn.Module):
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-
-    # -------------------------------------------------------------------------------------------------
-    # accounting
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (a tied lm_head counted once). exclude_embeddings drops the token embedding,
-        the convention of FLOPs estimates (its lookup costs no multiply-adds)."""
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
-        if exclude_embeddings:
-            n -= self.embed_tokens.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6N for the matmuls (2 forward + 4 backward per weight), plus the
-        attention scores and weighted sum, 12·L·C·T (PaLM appendix B; Chinchilla uses the same)."""
-        cfg = self.config
-        return 6 * self.num_params(exclude_embeddings=True) + 12 * cfg.n_layers * cfg.dim * seq_len
 
     # -------------------------------------------------------------------------------------------------
     # loading
