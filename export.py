@@ -10,12 +10,14 @@ Then run the GGUF in llama.cpp (`llama-cli -m tiny-q8_0.gguf -p "def " -n 64`) o
 """
 
 import argparse
+import sys
 
+from minillm.cli import ArgumentParser, run_cli
 from minillm.exporter import ExportConfig, export
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="base model: HF/OpenLLaMA dir, minillm dir, Meta dir or .gguf")
     p.add_argument("--out", required=True, help="output .gguf file (gguf) or directory (hf, meta)")
     p.add_argument("--format", choices=["gguf", "hf", "meta"], default="gguf", help="output format")
@@ -34,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

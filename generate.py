@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from minillm.checkpoint import load_pretrained, load_tokenizer
+from minillm.cli import ArgumentParser, run_cli
 from minillm.device import DTYPES, pick_device, pick_dtype
 from minillm.generation import GenerationStats, SamplingConfig, decode_one_token, generate_text
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (HF/OpenLLaMA, minillm, Meta) or .gguf")
     p.add_argument("--prompt", default="", help="text to continue; the two characters \\n and \\t mean newline, tab")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
@@ -84,4 +85,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -15,16 +15,18 @@ train_config.json (the resolved config), tb/ (tensorboard) and an inference expo
 """
 
 import argparse
+import sys
 
 import torch.distributed as dist
 
+from minillm.cli import ArgumentParser, run_cli
 from minillm.train_config import add_config_flags, load_config
 from minillm.training import train
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None,
                         help="TOML file of overrides (configs/*.toml) or a saved train_config.json")
     parser.add_argument("--config", dest="config_flag", default=None, metavar="PATH",
@@ -34,6 +36,7 @@ def main(argv=None):
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     config_path, config_flag, resume = args.pop("config"), args.pop("config_flag"), args.pop("resume")
+    args.pop("debug")  # read by run_cli
     if config_path and config_flag:
         parser.error(f"two config files given: {config_path} and --config {config_flag}")
     config_path = config_path or config_flag
@@ -46,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
