@@ -19,9 +19,11 @@ from contextlib import nullcontext
 
 import torch
 
+from minillm.device import pick_dtype
+from minillm.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
 from minillm.model import Llama
 from minillm.train_config import TrainConfig, apply_overrides, load_config
-from minillm.training import H100_BF16_PEAK_FLOPS, configure_optimizer, forward_backward, pick_dtype
+from minillm.training import configure_optimizer, forward_backward
 
 
 def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> dict:
@@ -31,7 +33,7 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> 
         torch.set_num_threads(cfg.cpu_threads)
     model = Llama(cfg.model).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    flops_per_token = model.flops_per_token(cfg.block_size)
+    flops_per_token = model_flops_per_token(model, cfg.block_size)
     optimizer = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), 1e-8, fused=device.type == "cuda")
     step_model = torch.compile(model) if cfg.compile else model
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
@@ -56,7 +58,7 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> 
     tokens_per_s = steps * cfg.batch_size * cfg.block_size / dt
     peak = H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0
     return dict(
-        params=model.num_params(), seq=cfg.block_size, batch=cfg.batch_size,
+        params=model_params(model)[0], seq=cfg.block_size, batch=cfg.batch_size,
         dtype=str(dtype).removeprefix("torch."), compile=cfg.compile, tokens_per_s=tokens_per_s,
         mfu=tokens_per_s * flops_per_token / peak if peak else None,
         mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -3,11 +3,18 @@
     python -m minillm.flops --preset openllama-7b --method qlora --seq 1024 --batch 4
     python -m minillm.flops --config configs/1b.toml
 
+This file is the one place parameters and FLOPs are counted: the estimator below, the trainer's printed
+summary and its MFU (training.py) all call it.
+
 Compute (PaLM appendix B): each weight does one multiply-add per token forward (2 FLOPs) and two in
 backward (4 FLOPs), so training costs 6N FLOPs/token for the N non-embedding weights (lm_head included),
 plus the attention scores and weighted sum, 12·L·C·T (T the sequence length). LoRA/QLoRA still run the
-full forward and the backward through every layer (only the weight gradients of the frozen base are
-skipped: ~4N instead of 6N); we report the 6N convention, as MFU does.
+full forward and the backward through every layer, but skip the weight gradients of the frozen base:
+4N + 6·N_adapter. MFU divides the FLOPs of the method that ran by the accelerator's peak.
+
+Parameters are logical weights: an NF4 projection (QLoRA's base) holds its in·out weights as packed 4-bit
+codes in buffers, not as parameters, and still counts in·out (model_params counts a built model this way,
+count_params a config; tests/test_flops.py checks that the two agree).
 
 Memory, per component:
 
@@ -37,9 +44,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from minillm.config import ModelConfig
+import torch.nn as nn
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from minillm.config import ModelConfig
+from minillm.lora import DEFAULT_TARGETS
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
 NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
 NF4_DQ_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)  # double quantization: 8-bit absmax + fp32 per 256 blocks
 
@@ -52,7 +62,7 @@ def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts by kind; equal to Llama(cfg).num_params() in total."""
+    """Parameter counts by kind; the total equals model_params(Llama(cfg))[0]."""
     block_linear = cfg.n_layers * sum(i * o for i, o in linear_shapes(cfg).values())
     norms = (2 * cfg.n_layers + 1) * cfg.dim
     embedding = cfg.vocab_size * cfg.dim
@@ -71,7 +81,7 @@ def lora_params(cfg: ModelConfig, r: int, targets: list[str]) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapter_params: int = 0) -> float:
-    """Training FLOPs per token, N the non-embedding parameters (Llama.flops_per_token for "full"):
+    """Training FLOPs per token, N the non-embedding parameters:
 
       full:        6N + 12·L·C·T   (per weight: 2 forward, 2 for the input gradient, 2 for its own gradient)
       lora/qlora:  4N + 6·N_adapter + 12·L·C·T   (a frozen weight skips its own gradient; the input
@@ -80,6 +90,27 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapte
     n = count_params(cfg)
     per_weight = 6 if method == "full" else 4
     return per_weight * (n["total"] - n["embedding"]) + 6 * adapter_params + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def model_params(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters of a built model, as logical weights: a module that computes with
+    `dequantize()` instead of an nn.Linear weight (an NF4Linear) counts its in·out weights. For a model
+    built for `method`, these are estimate(cfg, method, ...).params and .trainable."""
+    total = sum(p.numel() for p in model.parameters())  # a tied lm_head is yielded once
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for m in model.modules():
+        if hasattr(m, "dequantize") and not isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+    return total, trainable
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """flops_per_token for a built Llama: "full" when every parameter trains, else a frozen base with the
+    trainable parameters as adapters (4N + 6·N_adapter)."""
+    total, trainable = model_params(model)
+    if trainable == total:
+        return flops_per_token(model.config, seq_len, "full")
+    return flops_per_token(model.config, seq_len, "lora", adapter_params=trainable)
 
 
 def layer_activation_elements(cfg: ModelConfig, batch: int, seq: int, lora_r: int = 0,
@@ -129,8 +160,7 @@ class Estimate:
 
 
 def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 8,
-             lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                              "down_proj"), act_bytes: int = 2,
+             lora_targets: tuple[str, ...] = DEFAULT_TARGETS, act_bytes: int = 2,
              double_quant: bool = False) -> Estimate:
     """Bytes of each memory component for one training micro-batch (batch, seq) under `method`."""
     if method not in ("full", "lora", "qlora"):
@@ -195,7 +225,7 @@ def main(argv=None) -> str:
                         help="qlora: NF4 scales double-quantized (default: finetune.double_quant from --config)")
     args = parser.parse_args(argv)
     method, seq, batch, r, double_quant = "full", 1024, 1, 8, False
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = list(DEFAULT_TARGETS)
     if args.config is not None:
         from minillm.train_config import load_config
 

@@ -53,7 +53,9 @@ from tqdm import tqdm
 
 from minillm.checkpoint import load_pretrained, save_model
 from minillm.data import get_batch, prepare_dataset, read_corpus, train_corpus_tokenizer, unigram_entropy
+from minillm.device import pick_device, pick_dtype
 from minillm.fileio import atomic_write, remove_stale_temp_files
+from minillm.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable, save_adapter
@@ -62,9 +64,6 @@ from minillm.schedulers import get_lr
 from minillm.templates import format_prompt
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig, resume_mismatches, save_config, to_dict
-
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM
-
 
 # -----------------------------------------------------------------------------------------------------
 # optimizer
@@ -282,25 +281,6 @@ def setup_distributed(device_setting: str) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
-def pick_device(setting: str, local_rank: int, world_size: int) -> torch.device:
-    if setting == "auto":
-        setting = "cuda" if torch.cuda.is_available() else "cpu"
-    if setting == "cuda" and world_size > 1:
-        setting = f"cuda:{local_rank}"
-    device = torch.device(setting)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={setting!r} but CUDA is not available")
-        torch.cuda.set_device(device)
-    return device
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
-
-
 def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, object]:
     """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
     tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init checkpoint's,
@@ -446,7 +426,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     model.activation_checkpointing = cfg.activation_checkpointing
     raw_model = model  # the Llama itself: what is saved, sampled from and counted
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    flops_per_token = raw_model.flops_per_token(cfg.block_size)
+    flops_per_token = model_flops_per_token(raw_model, cfg.block_size)  # 4N + 6N_adapter under LoRA
 
     # ---- optimizer (+ resume) -----------------------------------------------------------------------
     optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
@@ -474,7 +454,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         writer = SummaryWriter(str(out_dir / "tb"))
     if master:
         save_config(cfg, out_dir / "train_config.json")
-        n, n_train = raw_model.num_params(), sum(p.numel() for p in trainable)
+        n, n_train = model_params(raw_model)  # NF4 projections count their in·out weights
         unit = "tokens" if pretrain else "examples"
         data_desc = f"{len(train_data):,} train / {len(val_data):,} val {unit}"
         if pretrain:

@@ -16,9 +16,12 @@ import torch.nn.functional as F
 
 from minillm import flops
 from minillm.config import PRESETS, ModelConfig
-from minillm.lora import apply_lora, count_parameters, mark_only_lora_trainable
+from minillm.lora import apply_lora, mark_only_lora_trainable
 from minillm.model import Llama
 from minillm.nf4 import NF4Linear, quantize_model_
+from minillm.train_config import TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -26,8 +29,18 @@ def test_params_and_flops_match_the_model(name):
     cfg = ModelConfig.from_name(name)
     with torch.device("meta"):
         model = Llama(cfg)
-    assert flops.count_params(cfg)["total"] == model.num_params()
-    assert flops.flops_per_token(cfg, 1024) == model.flops_per_token(1024)
+    assert flops.model_params(model) == (flops.count_params(cfg)["total"],) * 2
+    assert flops.model_flops_per_token(model, 1024) == flops.flops_per_token(cfg, 1024)
+
+
+def test_tiny_preset_is_the_model_the_main_job_trains():
+    """One "tiny": the preset, the ModelConfig defaults, the default TrainConfig and configs/tiny.toml
+    (what `python3 run.py train` trains) are the same 1.85M-parameter model."""
+    tiny = ModelConfig.from_name("tiny")
+    assert tiny == ModelConfig() == TrainConfig().model == load_config(ROOT / "configs" / "tiny.toml").model
+    assert (tiny.dim, tiny.n_layers, tiny.n_heads, tiny.hidden_dim, tiny.vocab_size) == (128, 4, 4, 352, 4096)
+    # 2 · 4096 · 128 (embedding, untied lm_head) + 4 · (4 · 128² + 3 · 128 · 352 + 2 · 128) + 128
+    assert "parameters                   1,852,544" in flops.main(["--preset", "tiny"])
 
 
 def test_openllama_7b_numbers():
@@ -55,7 +68,7 @@ def test_lora_and_nf4_counts_match_the_modules():
     model = Llama(cfg)
     apply_lora(model, ["q_proj", "k_proj", "down_proj"], r=4)
     mark_only_lora_trainable(model)
-    assert count_parameters(model)[0] == flops.lora_params(cfg, 4, ["q_proj", "k_proj", "down_proj"])
+    assert flops.model_params(model)[1] == flops.lora_params(cfg, 4, ["q_proj", "k_proj", "down_proj"])
     base = Llama(cfg)
     quantize_model_(base)
     nf4_bytes = sum(b.numel() * b.element_size() for name, b in base.named_buffers() if "layers." in name)
@@ -65,6 +78,28 @@ def test_lora_and_nf4_counts_match_the_modules():
     layer = NF4Linear(4096, 4096, double_quant=True)
     dq_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
     assert dq_bytes - 4096 * 4096 * flops.NF4_DQ_BITS_PER_PARAM / 8 == 4
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapted_model_count_and_flops_agree_with_the_estimator(method):
+    """A model built as the trainer builds it (NF4 base for qlora, adapters on three projections): its
+    parameter count (NF4 weights counted as in·out) and its training FLOPs are the estimator's."""
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=96,
+                      max_seq_len=32)
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = Llama(cfg)
+    if method == "qlora":
+        quantize_model_(model, double_quant=True)
+        assert isinstance(model.layers[0].self_attn.k_proj, NF4Linear)  # its weight is no parameter
+    apply_lora(model, list(targets), r=4)
+    mark_only_lora_trainable(model)
+    est = flops.estimate(cfg, method, batch=2, seq=32, lora_r=4, lora_targets=targets, double_quant=True)
+    n = flops.count_params(cfg)["total"]
+    adapters = 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))  # L · r · (in + out) per target
+    assert flops.model_params(model) == (est.params, est.trainable) == (n + adapters, adapters)
+    # 4N + 6·N_adapter + 12·L·C·T, N without the embedding
+    expected = 4 * (n - 96 * 64) + 6 * adapters + 12 * 2 * 64 * 32
+    assert flops.model_flops_per_token(model, 32) == est.flops_per_token == expected
 
 
 def saved_bytes(model: Llama, x: torch.Tensor, y: torch.Tensor) -> int:

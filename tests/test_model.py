@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from reference_llama import reference_forward
 from tiny import random_hf_state
 
+from minillm import flops
 from minillm.checkpoint import fill_model
 from minillm.config import ModelConfig
 from minillm.model import Llama, apply_rope, precompute_rope
@@ -108,12 +109,11 @@ def test_param_count_and_flops():
     C, L, V, F_, Hkv, D = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.hidden_dim, cfg.n_kv_heads, cfg.head_dim
     per_layer = C * C * 2 + 2 * C * Hkv * D + 3 * C * F_ + 2 * C
     expected = V * C + L * per_layer + C + V * C
-    assert model.num_params() == expected
-    assert model.num_params(exclude_embeddings=True) == expected - V * C
-    assert model.flops_per_token(64) == 6 * (expected - V * C) + 12 * L * C * 64
+    assert flops.model_params(model) == (expected, expected)  # (all, trainable)
+    assert flops.model_flops_per_token(model, 64) == 6 * (expected - V * C) + 12 * L * C * 64
     tied = Llama(CONFIGS["tied"])
     c = CONFIGS["tied"]
-    assert tied.num_params() == c.vocab_size * c.dim + c.n_layers * (
+    assert flops.model_params(tied)[0] == c.vocab_size * c.dim + c.n_layers * (
         4 * c.dim * c.dim + 3 * c.dim * c.hidden_dim + 2 * c.dim) + c.dim
 
 
@@ -125,4 +125,4 @@ def test_openllama_presets():
         assert (cfg.vocab_size, cfg.norm_eps, cfg.max_seq_len, cfg.rope_theta) == (32000, 1e-6, 2048, 10000.0)
     assert ModelConfig.from_name("openllama-3b").head_dim == 100
     with torch.device("meta"):
-        assert abs(Llama(ModelConfig.from_name("openllama-7b")).num_params() - 6.74e9) < 0.01e9
+        assert abs(flops.model_params(Llama(ModelConfig.from_name("openllama-7b")))[0] - 6.74e9) < 0.01e9
