@@ -20,31 +20,29 @@ absorb ΔW without re-quantizing it away: `merge_lora` dequantizes it and return
 The base may be any module mapping (..., in) → (..., out) that exposes `in_features`/`out_features`: an
 nn.Linear, or minillm.nf4.NF4Linear (whose `dequantize()` gives the dense weight).
 
-Adapter files are PEFT's (`PeftModel.save_pretrained`), so they load in PEFT and PEFT's load here:
-    adapter_model.safetensors   base_model.model.<HF module path>.lora_A.weight   (r, in)
-                                base_model.model.<HF module path>.lora_B.weight   (out, r)
-                                e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-                                (PEFT strips the adapter name "default" from its in-memory keys)
-    adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, … (ADAPTER_CONFIG below)
+DoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353) splits the adapted weight into a direction and
+a learned length per output row: with V = W0 + (α/r)·BA (out, in) and a magnitude vector m (out,),
+
+    W' = m ⊙ V / ‖V‖_row                                     ‖V‖_row: the L2 norm of each row of V (out,)
+    y  = W' x + b = (m / ‖V‖) ⊙ (W0 x + (α/r) B A x) + b
+
+m starts as ‖W0‖_row, so W' = W0 at step 0. As PEFT does (and the paper's §4.3 suggests), ‖V‖ is treated
+as a constant in backward (computed from a detached ΔW): gradients reach m, A and B through the two
+matmuls only, and no (out, in) gradient is ever formed. `DoRALinear` below; an NF4 base uses the norm of
+its dequantized weight.
+
+Adapter files are PEFT's; they are read and written in minillm/peft_io.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from minillm.checkpoint import atomic_write_bytes
-from minillm.config import read_json_object
-from minillm.names import hf_to_ours, ours_to_hf
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 # all seven projections of a block, as QLoRA recommends: the one default of train configs and the estimator
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -131,14 +129,17 @@ class LoRALinear(nn.Module):
         w.data = (w.data.float() - self.delta_weight().to(w.device)).to(w.dtype)
         self.merged = False
 
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + ΔW (out, in) float32: the weight this layer computes with (the bias aside)."""
+        w = dense_weight(self.base)
+        return w + self.delta_weight().to(w.device)
+
     def to_dense_linear(self) -> nn.Linear:
         """A plain nn.Linear computing base + ΔW (dtype: the base weight's, or NF4's compute_dtype)."""
         base = self.base
         dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
         bias = getattr(base, "bias", None)
-        w = dense_weight(base)
-        if not self.merged:
-            w = w + self.delta_weight().to(w.device)
+        w = dense_weight(base) if self.merged else self.merged_weight()  # (out, in) float32
         out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device,
                         dtype=dtype)
         with torch.no_grad():
@@ -150,6 +151,86 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class DoRALinear(LoRALinear):
+    """y = (m / ‖W0 + ΔW‖_row) ⊙ (W0 x + ΔW x) + b, ΔW = (α/r)·BA; trains m (out,), A and B.
+
+    Computed as PEFT's DoRA layer does, as a correction added to the base output y0 = W0 x + b:
+
+        s = m / ‖W0 + ΔW.detach()‖_row                              (out,), float32
+        y = y0 + (s - 1) ⊙ W0 x̃ + s ⊙ (α/r) B A x̃
+
+    where x̃ = x in eval mode (then W0 x̃ is y0 - b: no second matmul), and x̃ = dropout(x) in training
+    with dropout > 0 (then W0 x̃ is recomputed: PEFT applies the dropout to both terms of the update).
+    Each forward reads the whole base weight for the norm (an NF4 base is dequantized for it), so DoRA
+    costs one extra pass over W0 per layer and step compared with LoRA.
+
+    Merging folds the row scale into the weight: W0 ← s ⊙ (W0 + ΔW), with s taken from the unmerged
+    weight and kept for `unmerge`, which computes W0 = W / s - ΔW (float32: allclose, not bit-exact).
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False, lora_dtype: torch.dtype = torch.float32):
+        super().__init__(base, r, alpha, dropout, use_rslora, lora_dtype)
+        # PEFT's DoraLinearLayer.update_layer: m = ‖W0 + ΔW‖_row, = ‖W0‖_row since B = 0
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(lora_dtype))  # (out,)
+        self._merge_scale = None  # s at merge time (out,), for unmerge
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W0 + ΔW‖ per output row (out,), float32, outside the autograd graph (the paper's §4.3)."""
+        with torch.no_grad():
+            w = dense_weight(self.base)  # (out, in)
+            return torch.linalg.norm(w + self.delta_weight().to(w.device), dim=1)
+
+    def row_scale(self) -> torch.Tensor:
+        """s = m / ‖W0 + ΔW‖ (out,): differentiable in m only."""
+        return self.lora_magnitude_vector / self.weight_norm().to(self.lora_magnitude_vector.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., out): W0 x + b
+        if self.merged or self.disabled:
+            return y
+        x = x.to(self.lora_A.weight.dtype)
+        s = self.row_scale()  # (out,)
+        if self.training and self.dropout_p > 0:
+            x = self.lora_dropout(x)
+            w0x = F.linear(x, dense_weight(self.base).to(x.device))  # (..., out): W0 dropout(x)
+        else:
+            bias = getattr(self.base, "bias", None)
+            w0x = y.to(x.dtype) if bias is None else y.to(x.dtype) - bias.to(x.dtype)  # (..., out)
+        lora = self.lora_B(self.lora_A(x)) * self.scaling  # (..., out)
+        return y + ((s - 1) * w0x + s * lora).to(y.dtype)
+
+    def merge(self):
+        """W0 ← s ⊙ (W0 + ΔW) in place (nn.Linear base only); s is kept for `unmerge`."""
+        if self.merged:
+            return
+        if not isinstance(self.base, nn.Linear):
+            raise TypeError(f"cannot merge into a {type(self.base).__name__} in place (re-quantizing "
+                            "would lose ΔW); use merge_lora(model), which returns a dense nn.Linear")
+        with torch.no_grad():
+            s = self.row_scale().float()  # (out,)
+        w = self.base.weight
+        w.data = (s[:, None] * (w.data.float() + self.delta_weight().to(w.device))).to(w.dtype)
+        self._merge_scale, self.merged = s, True
+
+    def unmerge(self):
+        """W0 = W / s - ΔW with the s of `merge` (the norm of the merged weight would be ‖m‖, not ‖V‖)."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.data = (w.data.float() / self._merge_scale[:, None] - self.delta_weight().to(w.device)).to(w.dtype)
+        self._merge_scale, self.merged = None, False
+
+    def merged_weight(self) -> torch.Tensor:
+        """s ⊙ (W0 + ΔW) (out, in) float32 (dequantized first for an NF4 base)."""
+        with torch.no_grad():
+            s = self.row_scale().float()  # (out,)
+        return s[:, None] * super().merged_weight()
+
+    def extra_repr(self) -> str:
+        return "dora, " + super().extra_repr()
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -172,9 +253,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16,
-               dropout: float = 0.05, use_rslora: bool = False) -> list[str]:
+               dropout: float = 0.05, use_rslora: bool = False, use_dora: bool = False) -> list[str]:
     """Wrap every linear-like module whose last name is in `targets` (HF names or q,k,v,o,gate,up,down)
-    in a LoRALinear; returns the wrapped module names, e.g. "layers.0.self_attn.q_proj".
+    in a LoRALinear (a DoRALinear with `use_dora`); returns the wrapped module names, e.g.
+    "layers.0.self_attn.q_proj".
 
     lm_head and embeddings are touched only if named ("lm_head"). A target that matches no module is an
     error (a typo would otherwise train nothing). Call `mark_only_lora_trainable` afterwards.
@@ -198,15 +280,26 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
                          f"expected names like {list(DEFAULT_TARGETS)} or {list(SHORT_NAMES)}")
     for name in wrapped:
         base = model.get_submodule(name)
-        lora = LoRALinear(base, r, alpha, dropout, use_rslora).train(base.training)  # keep eval() mode
+        kind = DoRALinear if use_dora else LoRALinear
+        lora = kind(base, r, alpha, dropout, use_rslora).train(base.training)  # keep eval() mode
         _set_module(model, name, lora)
     return wrapped
 
 
-def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad = True for lora_A / lora_B weights, False for every other parameter."""
+def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> None:
+    """requires_grad = True for lora_A / lora_B weights, DoRA magnitudes and every parameter of the
+    `modules_to_save` (PEFT's name for modules trained in full, e.g. ["embed_tokens", "lm_head"], which
+    are made float32 here, as the adapters are); False for every other parameter."""
+    for name in modules_to_save:
+        module = getattr(model, name, None)
+        if not isinstance(module, (nn.Embedding, nn.Linear)):
+            raise ValueError(f"modules_to_save: {name!r} is not an embedding or dense linear module of "
+                             f"{type(model).__name__}; expected names like ['embed_tokens', 'lm_head']")
+        module.float()
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        in_saved = name.partition(".")[0] in modules_to_save
+        p.requires_grad_(in_saved or ".lora_A." in name or ".lora_B." in name
+                         or name.endswith(".lora_magnitude_vector"))
 
 
 def parameter_summary(model: nn.Module) -> str:
@@ -243,143 +336,3 @@ def lora_disabled(model: nn.Module):
             m.disabled = False
             if merged:
                 m.merge()
-
-
-# -----------------------------------------------------------------------------------------------------
-# PEFT adapter files
-
-
-def _peft_key(module_name: str, which: str) -> str:
-    """("layers.0.self_attn.q_proj", "A") →
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" (HF module path, PEFT prefix)."""
-    return PEFT_PREFIX + ours_to_hf(module_name + ".weight").removesuffix(".weight") + f".lora_{which}.weight"
-
-
-def adapter_config(modules: dict[str, LoRALinear], base_model_name_or_path: str | None) -> dict:
-    """PEFT's LoraConfig fields for these modules (all must share r, alpha, dropout and rsLoRA)."""
-    first = next(iter(modules.values()))
-    for name, m in modules.items():
-        if [m.r, m.alpha, m.dropout_p, m.use_rslora] != [first.r, first.alpha, first.dropout_p,
-                                                          first.use_rslora]:
-            raise ValueError(f"save_adapter: {name!r} has r={m.r}, alpha={m.alpha}, dropout={m.dropout_p}; "
-                             f"expected the same as the first adapter (r={first.r}, alpha={first.alpha}, "
-                             f"dropout={first.dropout_p}): PEFT's per-module patterns are not written")
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": first.dropout_p,
-        "target_modules": sorted({n.rpartition(".")[2] for n in modules}),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_rslora": first.use_rslora,
-        "use_dora": False,
-        "layers_to_transform": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
-def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout), each atomically."""
-    from safetensors.torch import save
-
-    modules = lora_modules(model)
-    if not modules:
-        raise ValueError("save_adapter: the model has no LoRALinear modules (call apply_lora first)")
-    dirpath = Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for name, m in modules.items():
-        state[_peft_key(name, "A")] = m.lora_A.weight.detach().contiguous().cpu()  # (r, in)
-        state[_peft_key(name, "B")] = m.lora_B.weight.detach().contiguous().cpu()  # (out, r)
-    config = adapter_config(modules, base_model_name_or_path)
-    atomic_write_bytes(dirpath / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
-    atomic_write_bytes(dirpath / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
-    return dirpath
-
-
-def _read_adapter_config(path: Path) -> dict:
-    cfg = read_json_object(path, "adapter config")
-    required_values = {"peft_type": ("LORA",), "bias": ("none",), "fan_in_fan_out": (False,),
-                       "use_dora": (False, None), "modules_to_save": (None, []),
-                       "rank_pattern": ({}, None), "alpha_pattern": ({}, None)}
-    for key, allowed in required_values.items():
-        if key in cfg and cfg[key] not in allowed:
-            raise ValueError(f"{path}: {key} = {cfg[key]!r} is not supported; "
-                             f"expected one of {list(allowed)}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
-            raise ValueError(f"{path}: {key} must be a number, found {cfg.get(key)!r}")
-    return cfg
-
-
-def _read_adapter_weights(dirpath: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    st, bin_ = dirpath / ADAPTER_WEIGHTS, dirpath / "adapter_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return st, load_file(str(st))
-        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-            raise ValueError(f"{st}: not a valid safetensors file ({e})") from None
-    if bin_.is_file():  # older PEFT versions
-        return bin_, torch.load(bin_, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{dirpath}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
-
-
-def load_adapter(model: nn.Module, dirpath) -> list[str]:
-    """Apply a PEFT LoRA adapter directory onto `model` (wrapping the named modules, or filling adapters
-    already applied with the same rank). Every key is checked: an unknown key, a module this model lacks,
-    a missing A/B half or a shape that does not fit (an adapter for another base) raises an error naming
-    the file and the key. Returns the module names that received an adapter."""
-    dirpath = Path(dirpath)
-    cfg = _read_adapter_config(dirpath / ADAPTER_CONFIG)
-    path, state = _read_adapter_weights(dirpath)
-    r, alpha = int(cfg["r"]), cfg["lora_alpha"]
-    dropout, rslora = float(cfg.get("lora_dropout") or 0.0), bool(cfg.get("use_rslora") or False)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in state.items():
-        body = key.removeprefix(PEFT_PREFIX)
-        which = body[-len("lora_A.weight"):]
-        if not key.startswith(PEFT_PREFIX) or which not in ("lora_A.weight", "lora_B.weight"):
-            raise ValueError(f"{path}: unexpected key {key!r}; expected "
-                             f"'{PEFT_PREFIX}<module>.lora_A.weight' or '.lora_B.weight'")
-        module_name = hf_to_ours(body[: -len(".lora_A.weight")])
-        pairs.setdefault(module_name, {})[which[5]] = t
-    for name, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            half = "B" if "A" in ab else "A"
-            raise ValueError(f"{path}: {_peft_key(name, half)!r} is missing (its other half is present)")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{path}: key {_peft_key(name, 'A')!r} names module {name!r}, which this model "
-                             "does not have (an adapter for another architecture?)") from None
-        base = module.base if isinstance(module, LoRALinear) else module
-        expected = {"A": (r, base.in_features), "B": (base.out_features, r)}
-        for which, t in ab.items():
-            if tuple(t.shape) != expected[which]:
-                raise ValueError(f"{path}: {_peft_key(name, which)!r} has shape {tuple(t.shape)}, expected "
-                                 f"{expected[which]} for r={r} and this base model "
-                                 "(an adapter for another base?)")
-    loaded = [n for n, _ in model.named_modules() if n in pairs]  # in the model's module order
-    for name in loaded:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear(module, r, alpha, dropout, rslora).train(module.training)
-            _set_module(model, name, module)
-        elif module.r != r:
-            raise ValueError(f"{path}: adapter rank r={r} but {name!r} already has a rank-{module.r} adapter")
-        module.alpha, module.use_rslora = alpha, rslora
-        module.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        with torch.no_grad():
-            module.lora_A.weight.copy_(pairs[name]["A"])
-            module.lora_B.weight.copy_(pairs[name]["B"])
-    return loaded

@@ -45,15 +45,16 @@ class RMSNorm(nn.Module):
 # depends only on the relative distance between the two positions.
 
 
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_seq_len, head_dim), in the HF "rotate half" layout.
+def precompute_rope(head_dim: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for positions 0 … seq_len-1, each (seq_len, head_dim), in the HF "rotate half"
+    layout.
 
     Frequency i (0 ≤ i < D/2) is theta^(-2i/D); dimension i is paired with dimension i + D/2, so the table
     repeats the D/2 angles twice: [θ_0 … θ_{D/2-1}, θ_0 … θ_{D/2-1}]. (Meta's code pairs (2i, 2i+1)
     instead; the weights of the two conventions differ by a row permutation, see names.py.)
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
-    t = torch.arange(max_seq_len, dtype=torch.int64).float()  # (T,)
+    t = torch.arange(seq_len, dtype=torch.int64).float()  # (T,)
     freqs = torch.outer(t, inv_freq)  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return emb.cos(), emb.sin()
@@ -66,7 +67,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (T, D). Each pair (x_i, x_{i+D/2}) is rotated by its angle:
+    """x (B, H, T, D); cos, sin (T, D), or (B, 1, T, D) when each row has its own positions. Each pair
+    (x_i, x_{i+D/2}) is rotated by its angle:
     x_i' = x_i cos − x_{i+D/2} sin,  x_{i+D/2}' = x_{i+D/2} cos + x_i sin."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
@@ -108,8 +110,8 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        """x (B, T, C); cos/sin (T, D) for these positions; mask None (plain causal) or a bool
-        (B or 1, 1, T, S) where True means "may attend"."""
+        """x (B, T, C); cos/sin (T, D) or (B, 1, T, D) for these positions; mask None (plain causal) or a
+        bool (B or 1, 1, T, S) where True means "may attend"."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
@@ -184,37 +186,60 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def init_rope(self, device=None):
-        """(Re)build the RoPE tables; called again after a model built on the meta device is loaded."""
+    def init_rope(self, device=None, seq_len: int = 0):
+        """(Re)build the RoPE tables for positions [0, seq_len); called again after a model built on the
+        meta device is loaded. The tables grow to the length actually run (grow_rope, from forward and
+        setup_caches), never to config.max_seq_len up front: that is only a limit, and a checkpoint's
+        metadata may claim 2^31 positions (a 32 GiB table for head_dim 128)."""
         if device is None:
             device = self.embed_tokens.weight.device
-        with torch.device(device):  # on "meta" this records shapes only
-            cos, sin = precompute_rope(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D) float32
+        # on "meta" this records shapes only; inference_mode(False): a table grown while decoding under
+        # inference_mode must still be usable by a later training step
+        with torch.device(device), torch.inference_mode(False):
+            cos, sin = precompute_rope(self.config.head_dim, seq_len, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (seq_len, D) float32
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, targets=None, *, input_pos=None, attn_mask=None):
+    def grow_rope(self, seq_len: int):
+        """Make the RoPE tables cover positions [0, seq_len) (rebuilt only when they are shorter)."""
+        if self.rope_cos.shape[0] < seq_len:
+            self.init_rope(self.rope_cos.device, seq_len)
+
+    def forward(self, idx, targets=None, *, input_pos=None, attn_mask=None, left_pad=None):
         """idx (B, T) token ids → (logits (B, T, V), loss or None).
 
         targets (B, T): next-token ids, -100 where no loss is wanted; loss = mean cross-entropy over the
         others. input_pos (T,): positions of idx when decoding with a KV cache (see setup_caches).
         attn_mask: optional bool (B, 1, T, T) "may attend" mask, e.g. block-diagonal for packed examples;
-        it must include the causal constraint itself.
+        it must include the causal constraint itself. left_pad (B,): with input_pos, how many cache slots
+        of each row are padding before its prompt (batched prompts of different lengths, generation.py).
         """
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+            self.grow_rope(T)
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
             mask = attn_mask
         else:
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
             # With a cache, queries at positions input_pos attend over the whole buffer (S slots). Slot s
             # is visible to the query at position p iff s <= p: this single rule hides both the future
             # and the slots not yet written, so prefill (T > 1) and decode (T = 1) use the same mask.
             S = self.layers[0].self_attn.kv_cache.k.shape[2]
-            mask = input_pos[:, None] >= torch.arange(S, device=idx.device)[None, :]  # (T, S)
+            self.grow_rope(S)  # positions are < S (setup_caches already grew the tables)
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
+            slots = torch.arange(S, device=idx.device)  # (S,)
+            mask = input_pos[:, None] >= slots[None, :]  # (T, S)
             mask = mask[None, None]  # (1, 1, T, S)
+            if left_pad is not None:
+                # Left padding: row b's prompt starts at slot left_pad[b]. Its RoPE positions count from
+                # there and its queries never see the padding slots, so the row computes what it would
+                # alone. A padding query sees only itself (an all-masked row would give NaN, which the
+                # next layer would write into the cache).
+                pos = (input_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
+                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D)
+                first = torch.minimum(left_pad[:, None], input_pos[None, :])  # (B, T) first visible slot
+                mask = mask & (slots[None, None, :] >= first[:, :, None])[:, None]  # (B, 1, T, S)
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
@@ -235,6 +260,7 @@ class Llama(nn.Module):
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds max_seq_len={self.config.max_seq_len}")
+        self.grow_rope(max_seq_len)  # here, not inside a compiled decode step
         p = self.embed_tokens.weight
         dtype = dtype or p.dtype
         for layer in self.layers:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, read_json_object
 from minillm.fileio import atomic_write_bytes
 from minillm.lora import DEFAULT_TARGETS
 from minillm.schedulers import ScheduleConfig
@@ -50,6 +51,9 @@ class DataConfig:
     def __post_init__(self):
         _choice("data.format", self.format, ("pretrain", "instruct"))
         _choice("data.instruct_format", self.instruct_format, ("auto", "alpaca", "sharegpt", "completion"))
+        _check("data.tokenizer_max_chars", self.tokenizer_max_chars, self.tokenizer_max_chars >= 1, ">= 1")
+        _check("data.val_frac", self.val_frac, 0 < self.val_frac < 1, "in (0, 1)")
+        _check("data.num_workers", self.num_workers, self.num_workers >= 0, ">= 0")
 
 
 @dataclass
@@ -59,6 +63,13 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 disables clipping
+
+    def __post_init__(self):
+        _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0 (0: no decay)")
+        for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
+            _check(key, beta, 0 <= beta < 1, "in [0, 1) (an Adam moment's decay rate)")
+        _check("optim.eps", self.eps, self.eps > 0, "> 0 (it keeps Adam's division finite)")
+        _check("optim.grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0 (0: no clipping)")
 
 
 @dataclass
@@ -72,6 +83,9 @@ class FinetuneConfig:
 
     def __post_init__(self):
         _choice("finetune.method", self.method, ("full", "lora", "qlora"))
+        _check("finetune.lora_r", self.lora_r, self.lora_r >= 1, ">= 1")
+        _check("finetune.lora_alpha", self.lora_alpha, self.lora_alpha > 0, "> 0 (the adapter scale is alpha / r)")
+        _check("finetune.lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
 
 
 @dataclass
@@ -83,6 +97,14 @@ class EvalConfig:
     temperature: float = 0.8
     top_k: int = 50
 
+    def __post_init__(self):
+        _check("eval.interval", self.interval, self.interval >= 0, ">= 0 (0: only at the end)")
+        # eval always runs at the end, and 0 batches would average to a NaN val loss
+        _check("eval.iters", self.iters, self.iters >= 1, ">= 1")
+        _check("eval.sample_tokens", self.sample_tokens, self.sample_tokens >= 0, ">= 0 (0: no sample)")
+        _check("eval.temperature", self.temperature, self.temperature >= 0, ">= 0 (0: greedy)")
+        _check("eval.top_k", self.top_k, self.top_k >= 0, ">= 0")
+
 
 @dataclass
 class LogConfig:
@@ -91,11 +113,18 @@ class LogConfig:
     progress_bar: bool = True  # the tqdm bar (loss, tokens/s)
     peak_flops: float = 0.0  # accelerator peak for MFU; 0: 989e12 (H100 bf16 dense) on CUDA, no MFU on CPU
 
+    def __post_init__(self):
+        _check("log.interval", self.interval, self.interval >= 1, ">= 1")
+        _check("log.peak_flops", self.peak_flops, self.peak_flops >= 0, ">= 0 (0: the default)")
+
 
 @dataclass
 class CheckpointConfig:
     interval: int = 200  # save every this many steps (and at the end); 0 only at the end
     export: bool = True  # also write model.safetensors + minillm_config.json + tokenizer.model to out_dir
+
+    def __post_init__(self):
+        _check("checkpoint.interval", self.interval, self.interval >= 0, ">= 0 (0: only at the end)")
 
 
 @dataclass
@@ -131,6 +160,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+               "auto, cpu, cuda, cuda:N or mps")
+        _check("cpu_threads", self.cpu_threads, self.cpu_threads >= 0, ">= 0 (0: torch's default)")
         for name in ("batch_size", "block_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, found {getattr(self, name)}")
@@ -155,6 +187,12 @@ RESUMABLE_CHANGES = ("max_steps", "cpu_threads", "compile", "eval", "log", "chec
 def _choice(key: str, value: str, allowed: tuple[str, ...]):
     if value not in allowed:
         raise ValueError(f"{key} must be one of {allowed}, found {value!r}")
+
+
+def _check(key: str, value, ok: bool, expected: str):
+    """Raise unless `ok`. NaN fails every comparison, so `ok` is False for it and it is refused too."""
+    if not ok:
+        raise ValueError(f"{key} must be {expected}, found {value!r}")
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -238,14 +276,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        try:
-            d = json.loads(path.read_text()) if path.suffix == ".json" else tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot parse ({e})") from None
+        d = read_json_object(path, "config file") if path.suffix == ".json" else _read_toml(path)
         cfg = apply_overrides(cfg, flatten(d), str(path))
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
     return cfg
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: cannot parse ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot parse (TOML nested too deeply)") from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

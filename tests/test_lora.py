@@ -13,15 +13,14 @@ from minillm.config import ModelConfig
 from minillm.lora import (
     LoRALinear,
     apply_lora,
-    load_adapter,
     lora_disabled,
     lora_modules,
     mark_only_lora_trainable,
     merge_lora,
     parameter_summary,
-    save_adapter,
 )
 from minillm.model import Llama
+from minillm.peft_io import load_adapter, save_adapter
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
@@ -270,8 +269,8 @@ def test_load_adapter_errors_name_file_and_key(tmp_path):
     ):
         load_adapter(tiny_llama(), tmp_path)
     cfg_path = tmp_path / "adapter_config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": True}))
-    with pytest.raises(ValueError, match=r"adapter_config.json: use_dora = True is not supported"):
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": "yes"}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: use_dora = 'yes' is not supported"):
         load_adapter(tiny_llama(), tmp_path)
 
 
