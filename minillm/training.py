@@ -58,8 +58,10 @@ from minillm.fileio import atomic_write, remove_stale_temp_files
 from minillm.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
-from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable, save_adapter
+from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable
 from minillm.model import Llama
+from minillm.new_tokens import resize_vocab
+from minillm.peft_io import save_adapter
 from minillm.schedulers import get_lr
 from minillm.templates import format_prompt
 from minillm.tokenizer import Tokenizer
@@ -326,16 +328,20 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
             raise ValueError(f"finetune.method={method!r} adapts a pretrained model: set init_from to its "
                              "checkpoint directory")
         return Llama(cfg.model).to(device)
+    new_rows = len(cfg.finetune.new_tokens)  # pieces prepare_data appended to the tokenizer
     if method == "full":
-        return load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
+        model = load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
+        resize_vocab(model, model.config.vocab_size + new_rows)
+        return model
     if method == "qlora":
         model = load_pretrained(cfg.init_from, dtype=dtype, device=device, quantize="nf4",
                                 double_quant=cfg.finetune.double_quant)
     else:
         model = load_pretrained(cfg.init_from, dtype=dtype, device=device)
+    resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
     apply_lora(model, cfg.finetune.lora_targets, cfg.finetune.lora_r, cfg.finetune.lora_alpha,
-               cfg.finetune.lora_dropout)
-    mark_only_lora_trainable(model)
+               cfg.finetune.lora_dropout, cfg.finetune.use_rslora, cfg.finetune.dora)
+    mark_only_lora_trainable(model, cfg.finetune.modules_to_save)
     return model.train()
 
 
@@ -503,7 +509,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if cfg.checkpoint.export:  # the inference format generate.py loads: `--checkpoint out_dir`
             save_model(plain_llama(raw_model) if adapters else raw_model, out_dir, tokenizer.path)
             if adapters:  # and the adapter alone, in PEFT's layout
-                save_adapter(raw_model, out_dir / "adapter", cfg.init_from)
+                save_adapter(raw_model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
+                             tokenizer.path if cfg.finetune.new_tokens else None)
 
     # ---- the loop -----------------------------------------------------------------------------------
     if cfg.init_from != "scratch" and start_step == 0 and cfg.eval.interval > 0:
