@@ -1,5 +1,8 @@
 """export.py end to end: adapters merged, GGUF / HF / Meta written, each loads back with the same logits."""
 
+import os
+import stat
+
 import pytest
 import torch
 from tiny import tiny_tokenizer, write_hf_checkpoint
@@ -70,8 +73,14 @@ def test_gguf_quantized_close_to_base(base, tmp_path, outtype, tol):
 
 
 def test_hf_export_round_trip_and_tokenizer(base, adapter, tmp_path):
-    out = export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "hf"), format="hf",
-                              adapter=str(adapter[0])))
+    umask = os.umask(0o022)  # the usual one: a directory gets 0755 (mkdtemp's was 0700), a file 0644
+    try:
+        out = export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "hf"), format="hf",
+                                  adapter=str(adapter[0])))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     torch.testing.assert_close(logits_of(out), adapter[1], atol=1e-5, rtol=0)
     assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()

@@ -180,6 +180,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch)
 
     monkeypatch.setattr(training, "micro_batch_loss", poisoned)
     cfg = tiny_cfg(assets, tmp_path, checkpoint__interval=2, eval__interval=0)
+    for stale in (".ckpt.pt.tmp12345678", ".events.bin.tmp.4194305"):  # an earlier run's, killed (-9)
+        (tmp_path / stale).write_bytes(b"half a file")  # (pids above Linux's 2**22 limit: never alive)
     message = r"step 4: training loss is nan .* last good checkpoint .*ckpt.pt \(step 4\) is kept"
     with pytest.raises(FloatingPointError, match=message):
         train(cfg)
