@@ -4,6 +4,11 @@ consolidated layout — the last steps of the tutorial path ("merge the adapter,
     base checkpoint ──load (stored dtype, memory-mapped)──▶ Llama
         [--adapter: LoRA onto it; --qlora: the base is first rounded through NF4, as QLoRA trained on it]
         ──merge W += (α/r)·B·A──▶ dense Llama ──▶ write_gguf / save_hf / save_meta
+    --format gguf-lora: the adapter alone, unmerged, as llama.cpp's LoRA GGUF (gguf_lora.py)
+
+The chat template the model was fine-tuned with (prompt_template.json in the adapter or checkpoint
+directory, or --template) goes into the GGUF as `tokenizer.chat_template` and into an HF directory's
+tokenizer_config.json as "chat_template" (Jinja from templates.py).
 
 Nothing here holds a second full copy of the model: the base stays in the dtype it is stored in (no
 rounding before quantizing, and a memory-mapped `.bin` is never copied), and the GGUF writer converts one
@@ -13,15 +18,19 @@ tensor at a time. Directory outputs are built in a temp folder beside the target
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from minillm.checkpoint import load_pretrained, load_tokenizer, save_hf
+from minillm.config import read_json_object
 from minillm.device import DTYPES
 from minillm.fileio import atomic_directory, atomic_write_bytes
+from minillm.gguf_lora import LORA_OUTTYPES, write_lora_gguf
 from minillm.meta_format import save_meta
 from minillm.model import Llama
+from minillm.templates import JINJA, TEMPLATES, read_template_record
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 TORCH_TYPES = ("auto", "f32", "f16", "bf16")  # hf/meta outtypes: auto keeps the stored dtype
@@ -31,23 +40,29 @@ TORCH_TYPES = ("auto", "f32", "f16", "bf16")  # hf/meta outtypes: auto keeps the
 class ExportConfig:
     checkpoint: str  # HF/OpenLLaMA directory, minillm checkpoint, Meta directory or .gguf
     out: str  # .gguf file (format gguf) or a directory (hf, meta)
-    format: str = "gguf"  # gguf | hf | meta
+    format: str = "gguf"  # gguf | hf | meta | gguf-lora (the adapter alone, for llama.cpp's --lora)
     outtype: str | None = None  # gguf: f32 f16 (default) bf16 q8_0 q4_0; hf/meta: auto (as stored) f32 f16 bf16
     adapter: str | None = None  # a PEFT-format LoRA adapter directory to merge first
     qlora: bool = False  # the adapter was trained on an NF4 base: merge into the NF4-rounded weights
     tokenizer: str | None = None  # tokenizer.model (default: the one beside the checkpoint)
     name: str | None = None  # general.name in GGUF (default: the output's stem)
+    template: str | None = None  # chat template (templates.py); default: the recorded prompt_template.json
 
     def __post_init__(self):
-        if self.format not in ("gguf", "hf", "meta"):
-            raise ValueError(f"format must be gguf, hf or meta, found {self.format!r}")
+        if self.format not in ("gguf", "hf", "meta", "gguf-lora"):
+            raise ValueError(f"format must be gguf, hf, meta or gguf-lora, found {self.format!r}")
         if self.outtype is None:
-            self.outtype = "f16" if self.format == "gguf" else "auto"
-        allowed = GGUF_TYPES if self.format == "gguf" else TORCH_TYPES
+            self.outtype = {"gguf": "f16", "gguf-lora": "f32"}.get(self.format, "auto")
+        allowed = {"gguf": GGUF_TYPES, "gguf-lora": tuple(LORA_OUTTYPES)}.get(self.format, TORCH_TYPES)
         if self.outtype not in allowed:
             raise ValueError(f"outtype {self.outtype!r} is not supported for {self.format}; expected one of {allowed}")
         if self.qlora and self.adapter is None:
             raise ValueError("qlora=True needs an adapter to merge")
+        if self.format == "gguf-lora" and (self.adapter is None or self.qlora):
+            raise ValueError("format gguf-lora writes an adapter: give --adapter (and no --qlora: llama.cpp "
+                             "applies it to whatever base file it is given)")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {list(TEMPLATES)}, found {self.template!r}")
 
 
 def load_merged(cfg: ExportConfig) -> Llama:
@@ -71,10 +86,37 @@ def _check_writable(target: Path):
         raise PermissionError(f"{target}: output directory {parent} is not writable")
 
 
+def chat_template(cfg: ExportConfig) -> str | None:
+    """The Jinja chat template to ship: --template, else the adapter's or checkpoint's recorded one."""
+    dirs = [d for d in (cfg.adapter, cfg.checkpoint) if d is not None and Path(d).is_dir()]
+    name = cfg.template or read_template_record(*dirs)
+    if name is not None:
+        print(f"chat template: {name}" + ("" if name in JINJA else " (plain completion: no chat template)"))
+    return JINJA.get(name)
+
+
+def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
+    from minillm.peft_io import ADAPTER_CONFIG, load_adapter
+
+    if out.suffix != ".gguf":
+        raise ValueError(f"{out}: a GGUF output file must end in .gguf")
+    whole = read_json_object(Path(cfg.adapter) / ADAPTER_CONFIG, "adapter config").get("modules_to_save")
+    if whole:
+        raise ValueError(f"{cfg.adapter}: trains {whole} in full (modules_to_save); llama.cpp's LoRA GGUF holds "
+                         "only lora_a / lora_b pairs: export the merged model instead")
+    model = load_pretrained(cfg.checkpoint, dtype=None)  # the base's config and shapes check the adapter
+    load_adapter(model, cfg.adapter)
+    write_lora_gguf(out, model, cfg.outtype, name=cfg.name or out.stem)
+    return out
+
+
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written path."""
     out = Path(cfg.out)
     _check_writable(out)
+    if cfg.format == "gguf-lora":
+        return _export_lora_gguf(cfg, out)
+    template = chat_template(cfg)
     tokenizer = load_tokenizer(cfg.checkpoint, cfg.tokenizer)  # fail early, before loading gigabytes
     model = load_merged(cfg)
     if cfg.format == "gguf":
@@ -86,7 +128,7 @@ def export(cfg: ExportConfig) -> Path:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model has "
                              f"{model.config.vocab_size} embedding rows; llama.cpp needs them equal")
         write_gguf(out, model.config, model.state_dict().items(), tokenizer, cfg.outtype,
-                   name=cfg.name or out.stem)
+                   name=cfg.name or out.stem, chat_template=template)
         return out
     dtype = None if cfg.outtype == "auto" else DTYPES[cfg.outtype]
     if cfg.format == "meta" and dtype is not None:
@@ -98,4 +140,8 @@ def export(cfg: ExportConfig) -> Path:
         save(model, d, **kwargs)
         # the tokenizer's bytes (from its file, or rebuilt from GGUF metadata) go beside the weights
         atomic_write_bytes(d / "tokenizer.model", tokenizer.model_bytes())
+        if template is not None and cfg.format == "hf":  # transformers' apply_chat_template reads it here
+            tok_cfg = read_json_object(d / "tokenizer_config.json", "tokenizer config")
+            atomic_write_bytes(d / "tokenizer_config.json", json.dumps({**tok_cfg, "chat_template": template},
+                                                                       indent=2).encode())
     return out

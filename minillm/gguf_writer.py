@@ -4,8 +4,7 @@ The byte layout is in gguf_format.py. Design (streaming, one pass): every tensor
 type follow from the `ModelConfig` and the outtype, so the header (with all offsets) is written first;
 then the weights are consumed one at a time from the caller's iterator, each seeked to its precomputed
 offset, converted in row chunks and written. A 7B export never holds more than one source tensor plus one
-chunk, and the iterator may yield tensors in any order. The file is written under a temporary name and
-renamed at the end; on any error the temporary file is removed.
+chunk, and the iterator may yield tensors in any order.
 
 Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` for q4_0):
 - 1-D tensors (norms) stay F32; a 2-D tensor whose rows are not a multiple of the block size falls back
@@ -16,16 +15,20 @@ Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` fo
   implement; we write it as Q8_0, the closer in quality of the two types we have. Everything else 2-D
   is Q4_0; general.file_type is MOSTLY_Q4_0 as in llama.cpp's own mixed files.
 - Tokenizer piece types come from the SentencePiece API as the converter does: UNKNOWN, CONTROL, UNUSED,
-  BYTE, else NORMAL. User-defined pieces (our "\\n", "\\t") are written NORMAL, like the converter:
-  llama.cpp splits USER_DEFINED tokens out of the text first and then re-adds a "▁" prefix after each
-  of them, which SentencePiece does not, so USER_DEFINED would change the ids of text like "a\\nb".
+  BYTE, else NORMAL. Whitespace user-defined pieces (our "\\n", "\\t") are written NORMAL, like the
+  converter: llama.cpp splits USER_DEFINED tokens out of the text first and then re-adds a "▁" prefix
+  after each of them, which SentencePiece does not, so USER_DEFINED would change the ids of "a\\nb".
+  Other user-defined pieces (added tokens such as "<|im_start|>", new_tokens.py) are written
+  USER_DEFINED, as the converter writes added tokens: llama.cpp can only produce them by matching them
+  whole, since its SentencePiece merges never build a piece like "<|im_start|>" from characters.
+- `chat_template` (Jinja, templates.py) becomes `tokenizer.chat_template`.
+- The file is written with fileio.atomic_write: on any error the old file stays and no temp file is left.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from minillm.config import ModelConfig
+from minillm.fileio import atomic_write
 from minillm.ggml_quants import (
     GGML_BF16,
     GGML_F16,
@@ -64,12 +68,13 @@ from minillm.gguf_format import (
     TOKEN_NORMAL,
     TOKEN_UNKNOWN,
     TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
     UINT32,
     align,
     expected_shapes,
 )
 from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
-from minillm.spm_proto import add_dummy_prefix
+from minillm.spm_proto import add_dummy_prefix, piece_types
 from minillm.tokenizer import Tokenizer
 
 # outtype -> (ggml type of the 2-D weights, general.file_type: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2,
@@ -161,6 +166,7 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> list[tuple]:
     sp = tokenizer.sp
     n = sp.GetPieceSize()
     tokens, scores, types = [], [], []
+    proto_types = piece_types(tokenizer.model_bytes(), str(tokenizer.path))  # for USER_DEFINED, see the top
     for i in range(n):
         tokens.append(sp.IdToPiece(i))  # keeps "▁" and the "<0x0A>" byte spellings as they are
         scores.append(sp.GetScore(i))
@@ -172,8 +178,10 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> list[tuple]:
             types.append(TOKEN_UNUSED)
         elif sp.IsByte(i):
             types.append(TOKEN_BYTE)
+        elif proto_types[i] == TOKEN_USER_DEFINED and sp.IdToPiece(i).strip():
+            types.append(TOKEN_USER_DEFINED)  # an added token; whitespace ones stay NORMAL (see the top)
         else:
-            types.append(TOKEN_NORMAL)  # also user-defined pieces, see the module docstring
+            types.append(TOKEN_NORMAL)
     add_space_prefix = add_dummy_prefix(tokenizer.model_bytes(), str(tokenizer.path))
     kvs = [
         ("tokenizer.ggml.model", STRING, "llama"),
@@ -240,6 +248,7 @@ def write_gguf(
     outtype: str,
     name: str = "minillm",
     progress: bool = True,
+    chat_template: str | None = None,
 ) -> list[TensorPlan]:
     """Write a llama.cpp-loadable GGUF; returns the tensor plan that was written.
 
@@ -254,42 +263,36 @@ def write_gguf(
     if tok.vocab_size != config.vocab_size:
         raise ValueError(f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the model's embedding has "
                          f"{config.vocab_size} rows; llama.cpp requires them equal")
-    header = _header(llama_metadata(config, outtype, name) + tokenizer_metadata(tok), plans,
-                     GGUF_DEFAULT_ALIGNMENT)
+    kvs = llama_metadata(config, outtype, name) + tokenizer_metadata(tok)
+    if chat_template is not None:  # Jinja, as HF's tokenizer_config.json "chat_template" (templates.py)
+        kvs.append(("tokenizer.chat_template", STRING, chat_template))
+    header = _header(kvs, plans, GGUF_DEFAULT_ALIGNMENT)
     by_key = {p.key: p for p in plans}
     total = align(plans[-1].offset + plans[-1].nbytes, GGUF_DEFAULT_ALIGNMENT)
     stream = tensors() if callable(tensors) else tensors
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(header)
-            seen: set[str] = set()
-            for key, tensor in tqdm(stream, total=len(plans), desc=f"gguf {outtype}", unit="tensor",
-                                    disable=not progress):
-                if key == "lm_head.weight" and config.tie_embeddings:
-                    continue  # tied: llama.cpp reuses token_embd.weight for the logits
-                if key not in by_key:
-                    raise ValueError(f"{path}: tensor {key!r} is not a weight of this Llama config")
-                if key in seen:
-                    raise ValueError(f"{path}: tensor {key!r} was yielded twice")
-                p = by_key[key]
-                if tuple(tensor.shape) != p.shape:
-                    raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected "
-                                     f"{p.shape} for this config")
-                seen.add(key)
-                f.seek(len(header) + p.offset)
-                _write_tensor(f, key, tensor, p, config)
-            missing = [p.key for p in plans if p.key not in seen]
-            if missing:
-                raise ValueError(f"{path}: {len(missing)} tensors never arrived, e.g. {missing[:3]}")
-            f.truncate(len(header) + total)  # zero padding after the last tensor
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:  # on any error below, the old file stays and no temp file is left
+        f.write(header)
+        seen: set[str] = set()
+        for key, tensor in tqdm(stream, total=len(plans), desc=f"gguf {outtype}", unit="tensor",
+                                disable=not progress):
+            if key == "lm_head.weight" and config.tie_embeddings:
+                continue  # tied: llama.cpp reuses token_embd.weight for the logits
+            if key not in by_key:
+                raise ValueError(f"{path}: tensor {key!r} is not a weight of this Llama config")
+            if key in seen:
+                raise ValueError(f"{path}: tensor {key!r} was yielded twice")
+            p = by_key[key]
+            if tuple(tensor.shape) != p.shape:
+                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected "
+                                 f"{p.shape} for this config")
+            seen.add(key)
+            f.seek(len(header) + p.offset)
+            _write_tensor(f, key, tensor, p, config)
+        missing = [p.key for p in plans if p.key not in seen]
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} tensors never arrived, e.g. {missing[:3]}")
+        f.truncate(len(header) + total)  # zero padding after the last tensor
     return plans
 
 
@@ -307,3 +310,29 @@ def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: Mode
         written += data.numel()
     assert written == p.nbytes, f"{key}: wrote {written} bytes, planned {p.nbytes}"
     f.write(b"\0" * (align(p.nbytes, GGUF_DEFAULT_ALIGNMENT) - p.nbytes))
+
+
+def write_tensors(path: str | os.PathLike, kvs: list[tuple],
+                  tensors: list[tuple[str, torch.Tensor, int]]) -> list[TensorPlan]:
+    """Write a small GGUF whose tensors are all in memory: `kvs` as (key, value type, value[, element
+    type]) and `tensors` as (GGUF name, tensor already in file layout, ggml type), in file order. Used
+    for LoRA adapters (gguf_lora.py); a whole model goes through the streaming `write_gguf`."""
+    plans, offset = [], 0
+    for name, t, ggml_type in tensors:
+        shape = tuple(t.shape)
+        block = GGML_TYPES[ggml_type][1]
+        if shape[-1] % block:
+            raise ValueError(f"{path}: tensor {name!r} rows hold {shape[-1]} values, not a multiple of "
+                             f"{type_name(ggml_type)}'s block of {block}")
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        nbytes = rows * row_bytes(ggml_type, shape[-1])
+        plans.append(TensorPlan(name, name, shape, ggml_type, offset, nbytes))
+        offset = align(offset + nbytes, GGUF_DEFAULT_ALIGNMENT)
+    header = _header(kvs, plans, GGUF_DEFAULT_ALIGNMENT)
+    with atomic_write(path) as f:
+        f.write(header)
+        for (_, t, _), p in zip(tensors, plans, strict=True):
+            data = quantize(t.detach().cpu().float().reshape(-1, p.shape[-1]), p.ggml_type)  # (rows, row bytes)
+            f.write(data.numpy().tobytes())
+            f.write(b"\0" * (align(p.nbytes, GGUF_DEFAULT_ALIGNMENT) - p.nbytes))
+    return plans

@@ -14,8 +14,9 @@ The parts of sentencepiece_model.proto that minillm touches (field numbers from 
     NormalizerSpec  { 1: name, 3: add_dummy_prefix (default true), 4: remove_extra_whitespaces,
                       5: escape_whitespaces }
 
-Two uses: the GGUF writer reads one flag (`add_dummy_prefix`) from a tokenizer.model, and the GGUF reader
-rebuilds a tokenizer.model from the vocabulary a GGUF carries (`bpe_model_proto`).
+Two uses: the GGUF writer reads what the SentencePiece API does not expose (`add_dummy_prefix`, which
+pieces are USER_DEFINED: `piece_types`) from a tokenizer.model, and the GGUF reader rebuilds a
+tokenizer.model from the vocabulary a GGUF carries (`bpe_model_proto`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-BYTE_PIECE = 6  # SentencePiece.Type.BYTE
+NORMAL_PIECE, USER_DEFINED_PIECE, BYTE_PIECE = 1, 4, 6  # SentencePiece.Type values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -52,6 +53,12 @@ def _pb_float(num: int, value: float) -> bytes:
     return _varint(num << 3 | 5) + struct.pack("<f", value)
 
 
+def piece_entry(piece: str, score: float, piece_type: int) -> bytes:
+    """One `pieces` entry (ModelProto field 1). Appended to a serialized model it adds a piece at the end of
+    the vocabulary: a parser concatenates the values of a repeated field in file order."""
+    return _pb_bytes(1, _pb_bytes(1, piece.encode("utf-8")) + _pb_float(2, float(score)) + _pb_int(3, int(piece_type)))
+
+
 def bpe_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int],
                     special_ids: dict[str, int], add_dummy_prefix: bool) -> bytes:
     """A serialized BPE ModelProto over these pieces.
@@ -60,10 +67,7 @@ def bpe_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Seque
     with whitespace escaped to "▁", no extra-whitespace removal, and the dummy prefix as given: what
     llama.cpp applies to a "llama" vocabulary. byte_fallback is on when any piece is a BYTE piece.
     """
-    pieces = b"".join(
-        _pb_bytes(1, _pb_bytes(1, t.encode("utf-8")) + _pb_float(2, float(s)) + _pb_int(3, int(ty)))
-        for t, s, ty in zip(tokens, scores, types, strict=True)
-    )
+    pieces = b"".join(piece_entry(t, s, ty) for t, s, ty in zip(tokens, scores, types, strict=True))
     trainer = _pb_int(3, 2)  # model_type = BPE
     trainer += _pb_int(4, len(tokens))  # vocab_size
     trainer += _pb_int(35, int(BYTE_PIECE in {int(t) for t in types}))  # byte_fallback
@@ -127,3 +131,9 @@ def add_dummy_prefix(model_bytes: bytes, what: str) -> bool:
     model = proto_fields(model_bytes, what)
     normalizer = proto_fields(model[3][-1], f"{what} normalizer_spec") if 3 in model else {}
     return bool(normalizer.get(3, [1])[-1])
+
+
+def piece_types(model_bytes: bytes, what: str) -> list[int]:
+    """SentencePiece.type of every piece, in id order (NORMAL when the field is absent, its default)."""
+    pieces = proto_fields(model_bytes, what).get(1, [])
+    return [proto_fields(p, f"{what} piece {i}").get(3, [NORMAL_PIECE])[-1] for i, p in enumerate(pieces)]

@@ -395,3 +395,31 @@ def test_truncated_and_corrupted_files_fail_cleanly(tok, tmp_path):
         attempt(good[:at] + bytes([good[at] ^ (1 << rng.randrange(8))]) + good[at + 1 :])
     assert outcomes["rejected"] >= len(cut_points) - 20  # every cut inside the header is rejected
     assert outcomes["loaded"] > 0  # flips inside tensor data or scores still load
+
+
+def test_added_tokens_are_user_defined_and_chat_template_is_written(tok, tmp_path):
+    """A non-whitespace USER_DEFINED piece (an added token) is written USER_DEFINED (4), whitespace ones
+    NORMAL (1); the Jinja chat template is stored verbatim; the rebuilt tokenizer keeps the added token whole."""
+    from minillm.spm_proto import bpe_model_proto, piece_types
+    from minillm.templates import JINJA
+    from minillm.tokenizer import Tokenizer
+
+    sp = tok.sp
+    n = sp.GetPieceSize()
+    pieces = [sp.IdToPiece(i) for i in range(n)] + ["<|im_start|>"]
+    scores = [sp.GetScore(i) for i in range(n)] + [0.0]
+    types = piece_types(tok.model_bytes(), "tok") + [4]
+    ids = {"unknown": 0, "bos": 1, "eos": 2, "padding": -1}
+    tok2 = Tokenizer(model_bytes=bpe_model_proto(pieces, scores, types, ids, add_dummy_prefix=True))
+    cfg = make_config(tok2)
+    path = tmp_path / "added.gguf"
+    write_gguf(path, cfg, random_state(cfg).items(), tok2, "f32", progress=False, chat_template=JINJA["vicuna"])
+    g = read_gguf(path)
+    written = g.metadata["tokenizer.ggml.token_type"].tolist()
+    assert written[-1] == 4 and written[pieces.index("\n")] == 1 and written[pieces.index("\t")] == 1
+    assert g.metadata["tokenizer.chat_template"] == JINJA["vicuna"]
+    assert g.value_types["tokenizer.chat_template"] == (STRING, None)
+    rebuilt = spm.SentencePieceProcessor()
+    rebuilt.LoadFromSerializedProto(sentencepiece_model_from_gguf(g))
+    assert rebuilt.EncodeAsIds("a<|im_start|>b") == tok2.sp.EncodeAsIds("a<|im_start|>b")
+    assert n in rebuilt.EncodeAsIds("a<|im_start|>b")
