@@ -28,8 +28,7 @@ def read_json_object(path: str | Path, what: str = "file") -> dict:
     not an object."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # JSON is UTF-8; tolerate a byte-order mark
-        obj = json.loads(text)
+        obj = json.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))  # JSON is UTF-8 (a BOM is allowed)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except OSError as e:
