@@ -34,9 +34,12 @@ def main(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty, e.g. 1.1 (1 = off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--template", choices=["none", "alpaca"], default="none",
+    p.add_argument("--template", choices=["none", "alpaca", "vicuna"], default="none",
                    help="wrap the prompt in an instruction template (alpaca: the prompt is the instruction)")
     p.add_argument("--input", default=None, help="the optional Alpaca 'input' field, with --template alpaca")
+    p.add_argument("--chat", action="store_true",
+                   help="multi-turn chat (an empty line ends it) in the template the model was fine-tuned with: "
+                        "--template, else the prompt_template.json recorded in the checkpoint directory")
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)")
@@ -72,6 +75,16 @@ def main(argv=None):
                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          stop=args.stop, seed=args.seed)
     stats = GenerationStats()
+    if args.chat:
+        from minillm.chat import chat_loop
+        from minillm.templates import CHAT_TEMPLATES, read_template_record
+
+        template = args.template if args.template != "none" else read_template_record(checkpoint)
+        if template not in CHAT_TEMPLATES:
+            p.error(f"--chat needs a chat template ({', '.join(CHAT_TEMPLATES)}): {checkpoint} records "
+                    f"{template or 'none'}; pass --template")
+        chat_loop(model, tokenizer, template, cfg)
+        return
     sys.stdout.write(prompt)
     sys.stdout.flush()
 

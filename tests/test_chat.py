@@ -1,0 +1,73 @@
+"""generate.py --chat: each turn feeds the model exactly the training token ids of the conversation so far,
+and the answer is what greedy decoding from those ids gives, cut at EOS."""
+
+import io
+import sys
+
+import pytest
+from tiny import tiny_tokenizer, write_hf_checkpoint
+
+import generate as generate_cli
+from minillm import Llama
+from minillm.chat import chat_loop, reply
+from minillm.config import ModelConfig
+from minillm.generation import SamplingConfig, generate_tokens
+from minillm.templates import chat_token_ids, write_template_record
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("chat")
+    tok = tiny_tokenizer(d / "tokenizer.model")
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
+                      max_seq_len=256)
+    write_hf_checkpoint(d, cfg, seed=3, fmt="safetensors", tokenizer=tok)
+    return d, tok, Llama.from_pretrained(d).eval()
+
+
+GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=0)
+
+
+@pytest.mark.parametrize("template", ["alpaca", "vicuna"])
+def test_reply_is_greedy_decoding_of_the_training_ids(tiny, template):
+    _, tok, model = tiny
+    messages = [{"role": "user", "content": "def f(x):"}]
+    want = list(generate_tokens(model, chat_token_ids(tok, template, messages), GREEDY, eos_id=tok.eos_id))
+    pieces = []
+    got = reply(model, tok, template, messages, GREEDY, stream=pieces.append)
+    assert got == "".join(pieces) == tok.decode(want)
+
+
+def test_chat_loop_carries_the_conversation(tiny, monkeypatch):
+    _, tok, model = tiny
+    lines = iter(["import os", "return x", ""])
+    seen_ids = []
+    real = chat_token_ids
+
+    def spy(tokenizer, template, messages):
+        ids = real(tokenizer, template, messages)
+        seen_ids.append(ids)
+        return ids
+
+    monkeypatch.setattr("minillm.chat.chat_token_ids", spy)
+    out = []
+    messages = chat_loop(model, tok, "vicuna", GREEDY, read=lambda _: next(lines), write=out.append)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    # turn 2's ids start with turn 1's ids, then the first answer's ids and an EOS
+    first = seen_ids[0] + tok.encode(messages[1]["content"], bos=False, eos=True)
+    assert seen_ids[1][:len(first)] == first
+    assert "".join(out) == messages[1]["content"] + "\n" + messages[3]["content"] + "\n"
+
+
+def test_generate_cli_chat_uses_the_recorded_template(tiny, tmp_path, monkeypatch, capsys):
+    d, tok, model = tiny
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n\n"))
+    with pytest.raises(SystemExit):  # nothing recorded and no --template: a one-line usage error
+        generate_cli.main(["--checkpoint", str(d), "--chat", "--device", "cpu"])
+    assert "--chat needs a chat template" in capsys.readouterr().err
+    write_template_record(d, "alpaca")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n\n"))
+    generate_cli.main(["--checkpoint", str(d), "--chat", "--temperature", "0", "--max-new-tokens", "12",
+                       "--device", "cpu", "--dtype", "float32"])
+    want = reply(model, tok, "alpaca", [{"role": "user", "content": "def f(x):"}], GREEDY)
+    assert want and capsys.readouterr().out == "> " + want + "\n> "  # input()'s prompts, the answer
