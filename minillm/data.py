@@ -159,6 +159,8 @@ def read_jsonl(path: str | Path, field: str = "text") -> Corpus:
         except json.JSONDecodeError as e:
             # our words first; json's own wording (e.msg) changes between Python versions
             raise ValueError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: invalid JSON (nested too deeply to parse)") from None
         if not isinstance(obj, dict):
             raise ValueError(
                 f"{where}: expected a JSON object with a string field {field!r}, found {type(obj).__name__}"

@@ -79,12 +79,19 @@ class TokenizedExample:
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for a JSON array file or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: invalid JSON (nested too deeply to parse)") from None
         for i, rec in enumerate(data):
             yield f"{path}[{i}]", rec
         return
@@ -96,6 +103,8 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                              "expected one JSON object per line") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{lineno}: invalid JSON (nested too deeply to parse)") from None
         yield f"{path}:{lineno}", rec
 
 

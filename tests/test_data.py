@@ -161,6 +161,14 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, line, message):
         read_jsonl(path)
 
 
+def test_read_jsonl_too_deeply_nested_names_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")  # RecursionError in json
+    with pytest.raises(ValueError) as e:
+        read_jsonl(path)
+    assert str(e.value) == f"{path}:2: invalid JSON (nested too deeply to parse)"
+
+
 def test_read_jsonl_not_utf8_and_missing_sources(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
