@@ -66,11 +66,22 @@ class ExportConfig:
 
 
 def load_merged(cfg: ExportConfig) -> Llama:
-    """The base model with the adapter (if any) merged in, in the dtype the base is stored in."""
-    model = load_pretrained(cfg.checkpoint, dtype=None, quantize="nf4" if cfg.qlora else None,
-                            **({"double_quant": False} if cfg.qlora else {}))
+    """The base model with the adapter (if any) merged in, in the dtype the base is stored in. A QLoRA
+    adapter records the NF4 settings it trained on (base_quantization.json): the base is rounded through
+    exactly those (with or without --qlora); --qlora on an adapter without the record assumes QLoRA's
+    defaults (blocksize 64, no double quantization)."""
+    from minillm.peft_io import read_base_quantization
+
+    nf4 = read_base_quantization(cfg.adapter) if cfg.adapter is not None else None
+    if nf4 is None and cfg.qlora:
+        nf4 = {"blocksize": 64, "double_quant": False}
+        print(f"{cfg.adapter} records no NF4 settings: assuming blocksize 64, no double quantization")
+    elif nf4 is not None:
+        print(f"merging into the NF4 base the adapter was trained on: {nf4}")
+    model = load_pretrained(cfg.checkpoint, dtype=None, quantize="nf4" if nf4 else None, **(nf4 or {}))
     if cfg.adapter is not None:
-        from minillm.lora import load_adapter, merge_lora
+        from minillm.lora import merge_lora
+        from minillm.peft_io import load_adapter
 
         load_adapter(model, cfg.adapter)
         merged = merge_lora(model)  # an NF4 base is dequantized here and returned dense
@@ -117,7 +128,10 @@ def export(cfg: ExportConfig) -> Path:
     if cfg.format == "gguf-lora":
         return _export_lora_gguf(cfg, out)
     template = chat_template(cfg)
-    tokenizer = load_tokenizer(cfg.checkpoint, cfg.tokenizer)  # fail early, before loading gigabytes
+    tokenizer_path = cfg.tokenizer
+    if tokenizer_path is None and cfg.adapter is not None and (Path(cfg.adapter) / "tokenizer.model").is_file():
+        tokenizer_path = Path(cfg.adapter) / "tokenizer.model"  # the adapter's vocabulary has new pieces
+    tokenizer = load_tokenizer(cfg.checkpoint, tokenizer_path)  # fail early, before loading gigabytes
     model = load_merged(cfg)
     if cfg.format == "gguf":
         from minillm.gguf_writer import write_gguf

@@ -66,6 +66,16 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(base).__name__} has neither .weight (nn.Linear) nor .dequantize() (NF4Linear)")
 
 
+def _frozen_linear(w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A requires_grad=False nn.Linear holding the (out, in) weight w (and bias) in dtype."""
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(w.to(dtype))
+        if bias is not None:
+            out.bias.copy_(bias.detach().to(dtype))
+    return out.requires_grad_(False)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (α/r) · lora_B(lora_A(dropout(x))); base frozen, only lora_A / lora_B train.
 
@@ -140,14 +150,7 @@ class LoRALinear(nn.Module):
         dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
         bias = getattr(base, "bias", None)
         w = dense_weight(base) if self.merged else self.merged_weight()  # (out, in) float32
-        out = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device,
-                        dtype=dtype)
-        with torch.no_grad():
-            out.weight.copy_(w.to(dtype))
-            if bias is not None:
-                out.bias.copy_(bias.detach().to(dtype))
-        out.requires_grad_(False)
-        return out
+        return _frozen_linear(w, bias, dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
@@ -313,11 +316,16 @@ def parameter_summary(model: nn.Module) -> str:
 
 
 def merge_lora(model: nn.Module) -> list[str]:
-    """Replace every LoRALinear by a plain nn.Linear holding W0 + ΔW (dequantized first for an NF4 base);
-    the model is then a plain Llama again (save it with checkpoint.save_model). Returns the merged names."""
+    """Replace every LoRALinear by a plain nn.Linear holding W0 + ΔW (dequantized first for an NF4 base),
+    and every NF4 layer that carries no adapter (QLoRA with a few targets) by its dequantized weight (in
+    its compute_dtype): the model is then a plain Llama again (save it with checkpoint.save_model).
+    Returns the merged adapter names."""
     names = list(lora_modules(model))
     for name in names:
         _set_module(model, name, model.get_submodule(name).to_dense_linear())
+    for name, m in list(model.named_modules()):
+        if hasattr(m, "dequantize") and not isinstance(m, nn.Linear):
+            _set_module(model, name, _frozen_linear(m.dequantize(torch.float32), m.bias, m.compute_dtype))
     return names
 
 

@@ -5,11 +5,19 @@ is spelled as its UTF-8 bytes (`<0xE2>` pieces), so encode → decode is lossles
 unk 0, bos 1, eos 2; a BOS is prepended to a prompt. We call SentencePiece directly (the
 auto-converted "fast" HF tokenizer is known to tokenize some inputs differently).
 
+Added pieces (`add_pieces`, e.g. ChatML's "<|im_start|>"): appended to the vocabulary as USER_DEFINED
+pieces, and encoded the way llama.cpp and HF's slow tokenizer do: the text is first split on them, each
+becomes its own id, and every stretch of text between them is encoded by SentencePiece on its own (so it
+gets the dummy-prefix "▁" a text start gets). SentencePiece alone would match them inside the text
+instead ("<|im_start|>user" → "▁", "<|im_start|>", "u", …), which llama.cpp would not reproduce. `decode`
+is the inverse: each stretch decoded on its own, the added pieces spelled as they are.
+
 Paper: Kudo & Richardson 2018, https://arxiv.org/abs/1808.06226
 """
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +25,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from minillm.fileio import atomic_write_bytes
+from minillm.spm_proto import USER_DEFINED_PIECE, piece_entry, proto_fields
 
 
 class Tokenizer:
@@ -30,6 +39,7 @@ class Tokenizer:
                 self.sp.LoadFromSerializedProto(model_bytes)
             except (OSError, RuntimeError) as e:
                 raise ValueError(f"not a valid serialized SentencePiece model ({e})") from None
+            self._find_added_pieces()
             return
         model_path = Path(model_path)
         if model_path.is_dir():
@@ -41,6 +51,7 @@ class Tokenizer:
             self.sp.Load(str(model_path))
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{model_path}: not a valid SentencePiece model ({e})") from None
+        self._find_added_pieces()
 
     @property
     def vocab_size(self) -> int:
@@ -64,16 +75,69 @@ class Tokenizer:
         pad = self.sp.pad_id()
         return pad if pad >= 0 else self.unk_id
 
+    def _find_added_pieces(self):
+        """self.added {piece: id}: the USER_DEFINED pieces that are not whitespace, i.e. added tokens such
+        as "<|im_start|>" (`add_pieces`). The GGUF writer gives exactly these llama.cpp's USER_DEFINED type;
+        whitespace ones (our trained "\n" and "\t") stay with SentencePiece's own handling, as they stay
+        NORMAL in GGUF (gguf_writer.py says why)."""
+        self.added: dict[str, int] = {}
+        self._split_re = None
+        data, what = self.model_bytes(), str(self.path or "tokenizer")
+        tail = bytes([3 << 3, USER_DEFINED_PIECE])  # "type = USER_DEFINED", the last field of such a piece
+        if tail not in data:
+            return  # no piece can be USER_DEFINED: skip parsing (a 32000-piece model takes ~0.3 s)
+        for i, piece in enumerate(proto_fields(data, what).get(1, [])):
+            if piece.endswith(tail) and proto_fields(piece, f"{what} piece {i}").get(3) == [USER_DEFINED_PIECE]:
+                if self.sp.IdToPiece(i).strip():
+                    self.added[self.sp.IdToPiece(i)] = i
+        if self.added:
+            longest_first = sorted(self.added, key=len, reverse=True)
+            self._split_re = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    @property
+    def added_ids(self) -> frozenset[int]:
+        return frozenset(self.added.values())
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self.sp.EncodeAsIds(text)
-        if bos and self.bos_id >= 0:
-            ids = [self.bos_id] + ids
+        parts = self._split_re.split(text) if self._split_re else [text]  # text, piece, text, piece, …, text
+        ids = [self.bos_id] if bos and self.bos_id >= 0 else []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.added[part])
+            elif part:
+                ids += self.sp.EncodeAsIds(part)
         if eos and self.eos_id >= 0:
-            ids = ids + [self.eos_id]
+            ids.append(self.eos_id)
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.DecodeIds([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        if not self.added:
+            return self.sp.DecodeIds(ids)
+        out, run, added = [], [], self.added_ids
+        for i in ids:
+            if i in added:
+                out += [self.sp.DecodeIds(run), self.sp.IdToPiece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.DecodeIds(run)
+
+    def add_pieces(self, pieces: Iterable[str], out_path: str | Path) -> Tokenizer:
+        """Write this model with `pieces` appended as USER_DEFINED pieces (ids V, V+1, …) to out_path
+        (atomically) and return it loaded. Each piece must be new, non-empty and free of whitespace (a
+        space inside would be escaped to "▁" by SentencePiece but not by llama.cpp). The model's embedding
+        and lm_head need as many new rows: minillm/new_tokens.py."""
+        pieces = list(pieces)
+        for p in pieces:
+            if not p or any(c.isspace() for c in p):
+                raise ValueError(f"add_pieces: {p!r} must be non-empty and contain no whitespace")
+            if pieces.count(p) > 1 or self.sp.PieceToId(p) != self.unk_id or p == self.sp.IdToPiece(self.unk_id):
+                raise ValueError(f"add_pieces: {p!r} is given twice or is already a piece of {self.path or 'this'} "
+                                 "vocabulary")
+        data = self.model_bytes() + b"".join(piece_entry(p, 0.0, USER_DEFINED_PIECE) for p in pieces)
+        atomic_write_bytes(Path(out_path), data)
+        return Tokenizer(out_path)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(i)

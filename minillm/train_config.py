@@ -74,18 +74,37 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora | qlora (lora/qlora train adapters only; see minillm/lora.py)
+    method: str = "full"  # full | lora | qlora | dora (adapters only; dora = lora + use_dora; minillm/lora.py)
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # scale alpha / r on the adapter output
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # modules to wrap
     double_quant: bool = False  # qlora: store the NF4 scales in 8 bits too (4.127 bits/weight, not 4.5)
+    use_rslora: bool = False  # rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # DoRA: a learned magnitude per output row (with lora, or qlora: QDoRA)
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full beside the adapters (PEFT's
+    # name), e.g. ["embed_tokens", "lm_head"]; saved whole in the adapter
+    new_tokens: list[str] = field(default_factory=list)  # pieces added to the tokenizer, e.g. ["<|im_start|>",
+    # "<|im_end|>"]; embed_tokens / lm_head grow by as many rows (the mean of the old rows; new_tokens.py)
 
     def __post_init__(self):
-        _choice("finetune.method", self.method, ("full", "lora", "qlora"))
+        _choice("finetune.method", self.method, ("full", "lora", "qlora", "dora"))
+        adapters = self.method != "full"
+        _check("finetune.use_dora", self.use_dora, adapters or not self.use_dora, "false with method 'full'")
+        _check("finetune.modules_to_save", self.modules_to_save,
+               set(self.modules_to_save) <= {"embed_tokens", "lm_head"} and (adapters or not self.modules_to_save),
+               "a subset of ['embed_tokens', 'lm_head'], with an adapter method (full trains everything)")
+        _check("finetune.modules_to_save", self.modules_to_save,
+               not (adapters and self.new_tokens) or set(self.modules_to_save) == {"embed_tokens", "lm_head"},
+               "['embed_tokens', 'lm_head'] when new_tokens are added with adapters (their rows must train)")
         _check("finetune.lora_r", self.lora_r, self.lora_r >= 1, ">= 1")
         _check("finetune.lora_alpha", self.lora_alpha, self.lora_alpha > 0, "> 0 (the adapter scale is alpha / r)")
         _check("finetune.lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
+
+    @property
+    def dora(self) -> bool:
+        """DoRA adapters: method "dora", or use_dora with lora / qlora."""
+        return self.use_dora or self.method == "dora"
 
 
 @dataclass
