@@ -293,6 +293,10 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, ob
         tokenizer = Tokenizer(cfg.init_from)  # a checkpoint directory holds its tokenizer.model
     else:
         tokenizer = None
+    if cfg.finetune.new_tokens:  # appended as USER_DEFINED pieces; build_model grows the model to match
+        if tokenizer is None:
+            raise ValueError("finetune.new_tokens extends a pretrained model's tokenizer: set init_from")
+        tokenizer = tokenizer.add_pieces(cfg.finetune.new_tokens, Path(cfg.out_dir) / "tokenizer.model")
     if cfg.data.format == "instruct":
         if tokenizer is None:
             raise ValueError("data.format='instruct' needs a tokenizer: set init_from or data.tokenizer")
