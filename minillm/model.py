@@ -119,8 +119,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D), S = cache length
-        # GQA: each group of H/Hkv query heads shares one key/value head. SDPA's enable_gqa broadcasts
-        # the kv heads without materializing copies (Meta's code calls this repeat_kv).
+        # GQA: each group of H/Hkv query heads shares one key/value head (Meta's code repeats them: repeat_kv).
+        # With enable_gqa, SDPA's flash kernels (CUDA without a mask, and the CPU's) read the shared heads in
+        # place; its math backend (e.g. a CUDA call with a mask, which flash does not take) repeats K and V
+        # to H heads first, materializing the copies.
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
             # training / full forward: the causal mask is implied, and SDPA can take its flash path
