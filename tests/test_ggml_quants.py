@@ -1,6 +1,6 @@
-"""ggml Q8_0 / Q4_0 / BF16 codecs against slow per-element transcriptions of ggml's reference C.
+"""ggml Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / BF16 codecs against slow per-element transcriptions of ggml's C.
 
-The references below follow `quantize_row_q8_0_ref`, `quantize_row_q4_0_ref`, the dequantizers and
+The references below follow `quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref`, the dequantizers and
 `ggml_compute_fp32_to_bf16` line by line, in Python floats with explicit float32 roundings (`f32`).
 The golden Q4_0 blocks were produced by compiling that C with `gcc -O2 -march=native` (which contracts
 `x0 + 8.5f` into an FMA, as llama.cpp's builds do).
@@ -17,13 +17,17 @@ from minillm.ggml_quants import (
     GGML_F16,
     GGML_F32,
     GGML_Q4_0,
+    GGML_Q4_1,
+    GGML_Q5_0,
+    GGML_Q5_1,
     GGML_Q8_0,
     dequantize,
-    dequantize_q4_0,
-    dequantize_q8_0,
     f32_to_bf16,
     quantize,
     quantize_q4_0,
+    quantize_q4_1,
+    quantize_q5_0,
+    quantize_q5_1,
     quantize_q8_0,
     row_bytes,
 )
@@ -65,8 +69,51 @@ def ref_q4_0_block(xs: list[float]) -> bytes:
     return fp16_bytes(d) + bytes(q[j] | (q[j + 16] << 4) for j in range(16))
 
 
+def ref_q5_0_block(xs: list[float]) -> bytes:
+    amax, mx = 0.0, 0.0
+    for v in xs:
+        if amax < abs(v):
+            amax, mx = abs(v), v
+    d = f32(mx / -16)
+    inv = f32(1.0 / d) if d else 0.0
+    q = [min(31, int(f32(f32(v * inv) + 16.5))) for v in xs]  # x0 = x*id, then (int8_t)(x0 + 16.5f)
+    qh = sum(((q[j] & 0x10) >> 4) << j for j in range(32))
+    return fp16_bytes(d) + struct.pack("<I", qh) + bytes((q[j] & 15) | ((q[j + 16] & 15) << 4) for j in range(16))
+
+
+def ref_type1_block(xs: list[float], nmax: int) -> bytes:
+    """quantize_row_q4_1_ref (nmax 15) and quantize_row_q5_1_ref (nmax 31)."""
+    mn, mx = 3.4028234663852886e38, -3.4028234663852886e38  # FLT_MAX
+    for v in xs:
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+    d = f32((mx - mn) / nmax)
+    inv = f32(1.0 / d) if d else 0.0
+    q = [int(f32(f32(f32(v - mn) * inv) + 0.5)) for v in xs]  # (int8_t) / (uint8_t) truncation
+    head = fp16_bytes(d) + fp16_bytes(mn)
+    if nmax == 15:
+        q = [min(15, c) for c in q]
+        return head + bytes(q[j] | (q[j + 16] << 4) for j in range(16))
+    qh = sum(((q[j] & 0x10) >> 4) << j for j in range(32))
+    return head + struct.pack("<I", qh) + bytes((q[j] & 15) | ((q[j + 16] & 15) << 4) for j in range(16))
+
+
 def ref_dequant(block: bytes, kind: str) -> list[float]:
     d = struct.unpack("<e", block[:2])[0]
+    if kind in ("q5_0", "q5_1"):
+        m = struct.unpack("<e", block[2:4])[0] if kind == "q5_1" else 0.0
+        qh = struct.unpack("<I", block[-20:-16])[0]
+        qs = block[-16:]
+        q = [(qs[j] & 15) | (((qh >> j) & 1) << 4) for j in range(16)]
+        q += [(qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4) for j in range(16)]
+        if kind == "q5_0":
+            return [f32((c - 16) * d) for c in q]
+        return [f32(f32(c * d) + m) for c in q]  # x0*d + m
+    if kind == "q4_1":
+        m = struct.unpack("<e", block[2:4])[0]
+        return [f32(f32(q * d) + m) for q in [b & 15 for b in block[4:]] + [b >> 4 for b in block[4:]]]
     if kind == "q8_0":
         return [f32(q * d) for q in struct.unpack("<32b", block[2:])]
     lo = [(b & 0x0F) - 8 for b in block[2:]]
@@ -164,16 +211,54 @@ def test_q4_0_golden_fma_blocks():
     assert got == "413680998888888888888888888888888888" "ed3380558888888888888888888888888888"
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def type1_blocks() -> torch.Tensor:
+    """Blocks where Q4_1 / Q5_1 / Q5_0 go wrong in plausible ways."""
+    g = torch.Generator().manual_seed(4)
+    b = [torch.zeros(32), torch.full((32,), -2.5), torch.rand(32, generator=g) + 3.0, -torch.rand(32, generator=g)]
+    z = torch.rand(32, generator=g)
+    z[4], z[9] = -0.0, 0.0  # the min is zero: the first zero's sign goes into m
+    b.append(z)
+    t = torch.arange(32.0)  # max - min = 31: d = 1, so (x - min)*id + 0.5 lands on halves; 31 -> code 31.5
+    b.append(t)
+    b.append(torch.linspace(-1, 1, 32) * 1e-6)  # fp16 subnormal d
+    e = torch.randn(32, generator=g)
+    e[11] = 40.0  # one outlier
+    b.append(e)
+    return torch.stack(b)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q5_0", "q5_1"])
+def test_type1_and_q5_0_match_reference(values, kind):
+    quant = {"q4_1": quantize_q4_1, "q5_0": quantize_q5_0, "q5_1": quantize_q5_1}[kind]
+    ref = {"q4_1": lambda b: ref_type1_block(b, 15), "q5_0": ref_q5_0_block, "q5_1": lambda b: ref_type1_block(b, 31)}
+    x = torch.cat([values.reshape(-1, 32), special_blocks(), type1_blocks()])
+    got = quant(x).numpy().tobytes()
+    assert got == b"".join(ref[kind](b) for b in blocks_of(x))
+    # the zero-min block keeps the sign of the first zero: m = -0.0 (fp16 bytes 00 80)
+    zmin = quant(type1_blocks()[4:5]).numpy().tobytes()
+    if kind != "q5_0":
+        assert zmin[2:4] == bytes([0x00, 0x80])
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_dequantize_matches_reference(values, kind):
-    quant, dequant = {"q8_0": (quantize_q8_0, dequantize_q8_0), "q4_0": (quantize_q4_0, dequantize_q4_0)}[kind]
-    data = quant(values)  # (9, 3 blocks)
-    got = dequant(data, 96)
-    size = 34 if kind == "q8_0" else 18
+    gtype, size = {"q8_0": (GGML_Q8_0, 34), "q4_0": (GGML_Q4_0, 18), "q4_1": (GGML_Q4_1, 20),
+                   "q5_0": (GGML_Q5_0, 22), "q5_1": (GGML_Q5_1, 24)}[kind]
+    data = quantize(values, gtype)  # (9, 3 blocks)
+    got = dequantize(data, gtype, 96)
     raw = data.numpy().tobytes()
     expected = [v for i in range(0, len(raw), size) for v in ref_dequant(raw[i : i + size], kind)]
     assert got.shape == (9, 96)
     assert got.reshape(-1).tolist() == expected
+    if kind not in ("q8_0", "q4_0"):
+        # asymmetric / 5-bit types: within half a step (plus the fp16 rounding of d and m) of the input
+        amax = values.abs().reshape(-1, 32).amax(dim=1)
+        span = values.reshape(-1, 32).amax(1) - values.reshape(-1, 32).amin(1)
+        steps = {"q4_1": 15, "q5_0": 16, "q5_1": 31}[kind]
+        step = (2 * amax if kind == "q5_0" else span) / steps
+        err = (got - values).abs().reshape(-1, 32).amax(dim=1)
+        assert bool((err <= 0.5 * step + 2e-3 * amax).all())
+        return
     # error per block: half a step for Q8_0, one step for Q4_0 (x = -m clamps to code 15 = 7 steps),
     # plus what rounding d to fp16 costs at the largest code
     d16 = torch.tensor([struct.unpack("<e", raw[i : i + 2])[0] for i in range(0, len(raw), size)]).abs()
@@ -217,5 +302,7 @@ def test_errors():
         quantize_q4_0(torch.tensor([float("nan")] + [0.0] * 31))
     with pytest.raises(ValueError, match="Q4_0 block size 32"):
         row_bytes(GGML_Q4_0, 48)
-    with pytest.raises(ValueError, match="no encoder for ggml type Q6_K"):
-        quantize(torch.ones(1, 256), 14)
+    with pytest.raises(ValueError, match="no encoder for ggml type Q3_K"):
+        quantize(torch.ones(1, 256), 11)
+    with pytest.raises(ValueError, match="Q4_K: row length 96 is not a multiple of the block size 256"):
+        quantize(torch.ones(1, 96), 12)
