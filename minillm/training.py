@@ -1,11 +1,13 @@
 """The training loop: `train(cfg)` reads top to bottom, nanoGPT style, between `# ----` banners.
 
-    data (tokenizer + train.bin/val.bin) -> model -> AdamW -> [resume] -> compile / DDP
+    prepare_data (TokenStream | InstructExamples) -> build_model (full / LoRA / QLoRA) -> AdamW
+      -> [resume_state] -> compile / DDP
       -> for each step: lr = get_lr(step) ; k micro-batches ; forward/backward ; clip ; step
-                        ; log ; eval + sample ; checkpoint
+                        ; Logger.step ; eval + Logger.eval (sample) ; write_outputs (checkpoint, export)
 
-The small pure pieces it needs sit above it, so the tests can call them directly: the optimizer, the
-token-normalised gradient accumulation, the eval loop, checkpoints with every RNG state.
+The pieces it needs sit above it, each small enough to test directly: the optimizer, the token-normalised
+gradient accumulation, the eval loop, checkpoints with every RNG state, the two data sources behind one
+interface, the model builder, the writer of a checkpoint step's outputs and the logger.
 
 Gradient accumulation is normalised by target tokens, not by micro-batches: the loss of a step is
     L = (sum over all micro-batches and ranks of the token cross-entropies) / (number of non-ignored targets)
@@ -270,6 +272,78 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------------
+# data: pretraining and instruction tuning reach the loop through one small interface
+#
+#   data.tokenizer                                  what both splits were encoded with
+#   data.draw(generator, rank, world_size)          this rank's slice of one global micro-batch, (x, y) or
+#                                                   (x, y, attn_mask): a pure function of the generator
+#   data.val_loss(model, device, autocast, rank, world_size)
+#                                                   token-mean val loss, over the same batches every time
+#   data.prompt(text)                               a sample prompt, asked the way the examples were
+#   data.baseline, data.describe()                  for the printed summary
+
+
+@dataclass
+class TokenStream:
+    """Pretraining: random (x, y) windows of the train / val token streams (np.memmap, data.py)."""
+
+    cfg: TrainConfig
+    tokenizer: Tokenizer
+    train: np.ndarray
+    val: np.ndarray
+    baseline: float = field(init=False)  # nats/token of a context-free model: the bar to beat
+
+    def __post_init__(self):
+        self.baseline = unigram_entropy(self.train)
+
+    def draw(self, generator: torch.Generator, rank: int, world_size: int):
+        c = self.cfg
+        return get_batch(self.train, c.batch_size, c.block_size, generator, rank, world_size)  # (B/W, T) x2
+
+    def val_loss(self, model, device, autocast, rank: int, world_size: int) -> float:
+        c = self.cfg
+        return estimate_loss(model, self.val, c.batch_size, c.block_size, c.eval.iters, c.seed, device,
+                             autocast, rank, world_size)
+
+    def prompt(self, text: str) -> str:
+        return text
+
+    def describe(self) -> str:
+        return (f"{len(self.train):,} train / {len(self.val):,} val tokens | "
+                f"unigram baseline {self.baseline:.3f} nats/token")
+
+
+@dataclass
+class InstructExamples:
+    """Instruction tuning: tokenized prompt/response examples (instruct.py) whose prompt targets are -100,
+    padded per batch, or packed several to a row with a block-diagonal attention mask."""
+
+    cfg: TrainConfig
+    tokenizer: Tokenizer
+    train: list
+    val: list
+    baseline: float = float("nan")  # no token stream to count a unigram baseline on
+
+    def draw(self, generator: torch.Generator, rank: int, world_size: int):
+        c = self.cfg
+        x, y, mask = get_instruct_batch(self.train, c.batch_size, generator, self.tokenizer.pad_id,
+                                        c.data.packing, c.block_size, pad_to_max=c.compile, rank=rank,
+                                        world_size=world_size)  # (B/W, T) x2, mask (B/W, 1, T, T) or None
+        return (x, y) if mask is None else (x, y, mask)
+
+    def val_loss(self, model, device, autocast, rank: int, world_size: int) -> float:
+        c = self.cfg
+        return estimate_instruct_loss(model, self.val, c.batch_size, c.eval.iters, self.tokenizer.pad_id,
+                                      device, autocast, rank, world_size)
+
+    def prompt(self, text: str) -> str:
+        return format_prompt(self.cfg.data.template or "alpaca", text)  # wrapped in the training template
+
+    def describe(self) -> str:
+        return f"{len(self.train):,} train / {len(self.val):,} val examples"
+
+
+# -----------------------------------------------------------------------------------------------------
 # set-up pieces
 
 
@@ -283,7 +357,7 @@ def setup_distributed(device_setting: str) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
-def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, object]:
+def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamples:
     """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
     tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init checkpoint's,
     else one trained on the corpus (pretraining from scratch)."""
@@ -311,7 +385,7 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, ob
                                   cfg.data.val_frac, test_paths=test_paths, seed=cfg.data.seed)
         if verbose:
             print(data.summary())
-        return tokenizer, data.train, data.test
+        return InstructExamples(cfg, tokenizer, data.train, data.test)
     corpus = read_corpus(cfg.data.corpus)
     cache_dir = Path(cfg.data.cache_dir)
     if tokenizer is None:
@@ -319,7 +393,7 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> tuple[Tokenizer, object, ob
                                            cfg.data.tokenizer_max_chars, cfg.data.seed)
     data = prepare_dataset(corpus, tokenizer, cache_dir, cfg.data.val_frac, cfg.data.seed,
                            cfg.data.num_workers, verbose=verbose)
-    return tokenizer, data.train, data.val
+    return TokenStream(cfg, tokenizer, data.train, data.val)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Llama:
@@ -349,14 +423,34 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
     return model.train()
 
 
-def draw_batch(cfg: TrainConfig, data, generator: torch.Generator, pad_id: int, rank: int, world_size: int):
-    """This rank's slice of one global micro-batch: (x, y) windows of the token stream, or instruct
-    examples (x, y[, attn_mask] when packed). Both are pure functions of the generator's state."""
-    if cfg.data.format == "pretrain":
-        return get_batch(data, cfg.batch_size, cfg.block_size, generator, rank, world_size)  # (B/W, T) x2
-    x, y, mask = get_instruct_batch(data, cfg.batch_size, generator, pad_id, cfg.data.packing, cfg.block_size,
-                                    pad_to_max=cfg.compile, rank=rank, world_size=world_size)
-    return (x, y) if mask is None else (x, y, mask)
+def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler, data_generator) -> int:
+    """Load ckpt.pt into a freshly built run (model, AdamW, GradScaler, every RNG); returns the step to run
+    next. The config must match the checkpoint's except for RESUMABLE_CHANGES (train_config.py)."""
+    ckpt = load_checkpoint(path)
+    bad = resume_mismatches(ckpt["config"], cfg)
+    if bad:
+        raise ValueError(f"{path}: --resume with a different config:\n  " + "\n  ".join(bad))
+    load_trainable_state(model, ckpt["model"], str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"], data_generator)
+    return ckpt["step"]
+
+
+def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
+                  val_loss: float | None, tokenizer: Tokenizer):
+    """Everything a checkpoint step writes (rank 0): ckpt.pt to resume from, and unless checkpoint.export is
+    off, what generate.py loads from out_dir: the model (adapters folded in) with its tokenizer, plus for
+    LoRA / QLoRA the adapter alone in PEFT's layout (out_dir/adapter)."""
+    save_checkpoint(out_dir / "ckpt.pt", model, optimizer, scaler, step, data_generator, cfg, val_loss)
+    if not cfg.checkpoint.export:
+        return
+    if cfg.finetune.method == "full":
+        save_model(model, out_dir, tokenizer.path)
+        return
+    save_model(plain_llama(model), out_dir, tokenizer.path)
+    save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
+                 tokenizer.path if cfg.finetune.new_tokens else None)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -371,6 +465,86 @@ def stopping(ckpt_path: Path) -> str:
         step = load_checkpoint(ckpt_path)["step"]
         return f"stopping; the last good checkpoint {ckpt_path} (step {step}) is kept"
     return "stopping before any checkpoint was written"
+
+
+# -----------------------------------------------------------------------------------------------------
+# logging
+
+
+class Logger:
+    """What a run reports, from rank 0: the model summary, the tqdm bar (loss, tokens/s), tensorboard
+    scalars in out_dir/tb (train every log.interval steps: loss, lr, grad norm, tokens/s, peak memory, MFU;
+    val at each eval) and, after each eval, the val loss with a short sample. On other ranks it is silent.
+
+    MFU = tokens/s × FLOPs/token / peak, FLOPs/token from flops.py (6N for full training, 4N + 6N_adapter
+    under LoRA/QLoRA, + attention); peak is log.peak_flops, or an H100's bf16 peak on CUDA (none on CPU)."""
+
+    def __init__(self, cfg: TrainConfig, data, model: Llama, device: torch.device, dtype: torch.dtype,
+                 world_size: int, start_step: int, master: bool):
+        self.cfg, self.data, self.device, self.master = cfg, data, device, master
+        self.flops_per_token = model_flops_per_token(model, cfg.block_size)
+        self.peak_flops = cfg.log.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
+        self.train_time, self.tokens, self.samples = 0.0, 0, []
+        self.writer = None
+        if master and cfg.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(cfg.out_dir) / "tb"))
+        self.bar = tqdm(initial=start_step, total=cfg.num_steps, desc="train", dynamic_ncols=True,
+                        disable=not (master and cfg.log.progress_bar))
+        if master:
+            n, n_train = model_params(model)  # NF4 projections count their in·out weights
+            print(f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
+                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | {data.describe()} | device {device}, "
+                  f"{dtype}, {world_size} rank(s)")
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, n_tokens: int, seconds: float):
+        self.train_time += seconds
+        self.tokens += n_tokens
+        tokens_per_s = n_tokens / seconds
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if self.writer is None or step % self.cfg.log.interval != 0:
+            return
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+        self.writer.add_scalar("train/grad_norm", grad_norm, step)
+        self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
+        self.writer.add_scalar("perf/peak_memory_gib", peak_memory_bytes(self.device) / 2**30, step)
+        if self.peak_flops:
+            self.writer.add_scalar("perf/mfu", tokens_per_s * self.flops_per_token / self.peak_flops, step)
+
+    def eval(self, step: int, val_loss: float, model: Llama):
+        """Print the val loss after `step` steps and, if eval.sample_tokens > 0, a sample from the model."""
+        if not self.master:
+            return
+        e = self.cfg.eval
+        msg = f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
+        if not math.isnan(self.data.baseline):
+            msg += f" | unigram baseline {self.data.baseline:.4f}"
+        if e.sample_tokens > 0:
+            text = sample(model, self.data.tokenizer, self.data.prompt(e.sample_prompt), e.sample_tokens,
+                          e.temperature, e.top_k, self.cfg.seed, self.device)
+            self.samples.append(text)
+            msg += f"\n----- sample -----\n{text}\n------------------"
+        tqdm.write(msg)
+        if self.writer is not None:
+            self.writer.add_scalar("val/loss", val_loss, step)
+            self.writer.add_scalar("val/perplexity", math.exp(min(val_loss, 50)), step)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_time if self.train_time > 0 else 0.0  # eval time left out
+
+    def close(self, val_loss: float | None = None):
+        """Close the bar and the tensorboard file; after a finished run, print its last line."""
+        self.bar.close()
+        if self.master and val_loss is not None:
+            vs = "" if math.isnan(self.data.baseline) else f" vs unigram baseline {self.data.baseline:.4f} nats/token"
+            print(f"done: {self.cfg.num_steps} steps, val loss {val_loss:.4f}{vs}, {self.tokens_per_s():,.0f} "
+                  f"tokens/s, peak memory {peak_memory_bytes(self.device) / 2**30:.2f} GiB; checkpoint in "
+                  f"{self.cfg.out_dir}")
+        if self.writer is not None:
+            self.writer.close()
 
 
 @dataclass
@@ -398,12 +572,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         torch.set_num_threads(cfg.cpu_threads)
     if cfg.batch_size % world_size != 0:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
-    pretrain, adapters = cfg.data.format == "pretrain", cfg.finetune.method != "full"
     # mixed precision: trained weights and AdamW state stay float32, the matmuls run in `dtype`
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out_dir)  # what a killed earlier run left (fileio.py says which are stale)
@@ -411,116 +583,51 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
 
     # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it ----------------
     if master:
-        tokenizer, train_data, val_data = prepare_data(cfg, verbose=True)
+        data = prepare_data(cfg, verbose=True)
     if world_size > 1:
         dist.barrier()
     if not master:
-        tokenizer, train_data, val_data = prepare_data(cfg, verbose=False)
-    baseline = unigram_entropy(train_data) if pretrain else float("nan")  # no stream to count for instruct
+        data = prepare_data(cfg, verbose=False)
     data_generator = torch.Generator().manual_seed(cfg.seed)  # every rank alike: same global offsets
 
-    # ---- model: fresh, pretrained, or pretrained + LoRA adapters (then the checkpoint's state on resume)
+    # ---- model (full, LoRA or QLoRA), optimizer, resume, compile / DDP -------------------------------
     model = build_model(cfg, device, dtype)
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    if ckpt is not None:
-        bad = resume_mismatches(ckpt["config"], cfg)
-        if bad:
-            raise ValueError(f"{ckpt_path}: --resume with a different config:\n  " + "\n  ".join(bad))
-        load_trainable_state(model, ckpt["model"], str(ckpt_path))
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer {tokenizer.path} has "
-                         f"{tokenizer.vocab_size} pieces")
+    if model.config.vocab_size != data.tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer {data.tokenizer.path} "
+                         f"has {data.tokenizer.vocab_size} pieces")
     if cfg.block_size > model.config.max_seq_len:
         raise ValueError(f"block_size={cfg.block_size} exceeds the model's "
                          f"max_seq_len={model.config.max_seq_len}")
     model.activation_checkpointing = cfg.activation_checkpointing
     raw_model = model  # the Llama itself: what is saved, sampled from and counted
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    flops_per_token = model_flops_per_token(raw_model, cfg.block_size)  # 4N + 6N_adapter under LoRA
-
-    # ---- optimizer (+ resume) -----------------------------------------------------------------------
     optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
                                     (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
                                     fused=device.type == "cuda")
     start_step = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"], data_generator)
-        start_step = ckpt["step"]
+    if resume:
+        start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler, data_generator)
         if master:
-            print(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt
+            print(f"resumed from {out_dir / 'ckpt.pt'} at step {start_step}")
     if cfg.compile:
         model = torch.compile(model)
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # ---- logging ------------------------------------------------------------------------------------
-    writer = None
-    if master and cfg.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tb"))
     if master:
         save_config(cfg, out_dir / "train_config.json")
-        n, n_train = model_params(raw_model)  # NF4 projections count their in·out weights
-        unit = "tokens" if pretrain else "examples"
-        data_desc = f"{len(train_data):,} train / {len(val_data):,} val {unit}"
-        if pretrain:
-            data_desc += f" | unigram baseline {baseline:.3f} nats/token"
-        print(f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
-              f"{flops_per_token / 1e6:.1f} MFLOPs/token | {data_desc} | device {device}, {dtype}, "
-              f"{world_size} rank(s)")
-    peak_flops = cfg.log.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
-    result = TrainResult(unigram_entropy=baseline, model=raw_model)
-    num_steps = cfg.num_steps
-    bar = tqdm(range(start_step, num_steps), initial=start_step, total=num_steps, desc="train",
-               disable=not (master and cfg.log.progress_bar), dynamic_ncols=True)
-    train_time, tokens_seen, last_val = 0.0, 0, None
-
-    def evaluate_and_sample(step_done: int):
-        nonlocal last_val
-        if pretrain:
-            last_val = estimate_loss(model, val_data, cfg.batch_size, cfg.block_size, cfg.eval.iters,
-                                     cfg.seed, device, autocast, rank, world_size)
-        else:
-            last_val = estimate_instruct_loss(model, val_data, cfg.batch_size, cfg.eval.iters,
-                                              tokenizer.pad_id, device, autocast, rank, world_size)
-        result.val_losses[step_done] = last_val
-        if not master:
-            return
-        msg = f"step {step_done}: val loss {last_val:.4f} (perplexity {math.exp(min(last_val, 50)):.1f})"
-        if pretrain:
-            msg += f" | unigram baseline {baseline:.4f}"
-        if cfg.eval.sample_tokens > 0:
-            prompt = cfg.eval.sample_prompt
-            if not pretrain:  # ask the way the examples were asked: wrapped in the training template
-                prompt = format_prompt(cfg.data.template or "alpaca", prompt)
-            text = sample(raw_model, tokenizer, prompt, cfg.eval.sample_tokens,
-                          cfg.eval.temperature, cfg.eval.top_k, cfg.seed, device)
-            result.samples.append(text)
-            msg += f"\n----- sample -----\n{text}\n------------------"
-        tqdm.write(msg)
-        if writer is not None:
-            writer.add_scalar("val/loss", last_val, step_done)
-            writer.add_scalar("val/perplexity", math.exp(min(last_val, 50)), step_done)
-
-    def checkpoint(step_done: int):
-        if not master:
-            return
-        save_checkpoint(ckpt_path, raw_model, optimizer, scaler, step_done, data_generator, cfg, last_val)
-        if cfg.checkpoint.export:  # the inference format generate.py loads: `--checkpoint out_dir`
-            save_model(plain_llama(raw_model) if adapters else raw_model, out_dir, tokenizer.path)
-            if adapters:  # and the adapter alone, in PEFT's layout
-                save_adapter(raw_model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
-                             tokenizer.path if cfg.finetune.new_tokens else None)
+    log = Logger(cfg, data, raw_model, device, dtype, world_size, start_step, master)
+    result = TrainResult(unigram_entropy=data.baseline, model=raw_model)
+    last_val = None
+    if cfg.init_from != "scratch" and start_step == 0 and cfg.eval.interval > 0:
+        # the starting model's numbers: what fine-tuning has to beat
+        last_val = result.val_losses[0] = data.val_loss(model, device, autocast, rank, world_size)
+        log.eval(0, last_val, raw_model)
 
     # ---- the loop -----------------------------------------------------------------------------------
-    if cfg.init_from != "scratch" and start_step == 0 and cfg.eval.interval > 0:
-        evaluate_and_sample(0)  # the starting model's numbers: what fine-tuning has to beat
     model.train()
-    for step in bar:
+    for step in range(start_step, cfg.num_steps):
         t0 = time.perf_counter()
         # 1) the learning rate of this step, a pure function of the step
         lr = get_lr(step, cfg.schedule)
@@ -528,10 +635,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             group["lr"] = lr
 
         # 2) the step's micro-batches (this rank's slices) and the target count over every rank
-        batches = []
-        for _ in range(cfg.grad_accum_steps):
-            batch = draw_batch(cfg, train_data, data_generator, tokenizer.pad_id, rank, world_size)
-            batches.append(tuple(t.to(device, non_blocking=True) for t in batch))  # x, y (B/W, T)[, mask]
+        batches = [tuple(t.to(device, non_blocking=True) for t in data.draw(data_generator, rank, world_size))
+                   for _ in range(cfg.grad_accum_steps)]  # each x, y (B/W, T)[, mask]
         counts = torch.tensor([count_targets(batches), sum(b[0].numel() for b in batches)],
                               dtype=torch.float64, device=device)
         if world_size > 1:
@@ -544,18 +649,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             dist.all_reduce(loss_sum)
         loss = loss_sum.item() / n_targets
         if not math.isfinite(loss):
-            bar.close()
+            log.close()
             raise FloatingPointError(f"step {step}: training loss is {loss} (lr {lr:.3g}); "
-                                     f"{stopping(ckpt_path)}")
+                                     f"{stopping(out_dir / 'ckpt.pt')}")
 
         # 4) clip the global grad norm, then step (GradScaler skips steps whose fp16 grads overflowed)
         scaler.unscale_(optimizer)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
         if not math.isfinite(grad_norm) and not scaler.is_enabled():
-            bar.close()
+            log.close()
             raise FloatingPointError(f"step {step}: gradient norm is {grad_norm} (lr {lr:.3g}); "
-                                     f"{stopping(ckpt_path)}")
+                                     f"{stopping(out_dir / 'ckpt.pt')}")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -563,37 +668,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         # 5) log
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        tokens_per_s = n_tokens / dt
-        tokens_seen += n_tokens
         result.losses[step], result.grad_norms[step] = loss, grad_norm
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        if writer is not None and step % cfg.log.interval == 0:
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/grad_norm", grad_norm, step)
-            writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
-            writer.add_scalar("perf/peak_memory_gib", peak_memory_bytes(device) / 2**30, step)
-            if peak_flops:
-                writer.add_scalar("perf/mfu", tokens_per_s * flops_per_token / peak_flops, step)
+        log.step(step, loss, lr, grad_norm, n_tokens, time.perf_counter() - t0)
 
         # 6) eval + sample, checkpoint (both also after the last step)
-        done, last = step + 1, step + 1 == num_steps
+        done, last = step + 1, step + 1 == cfg.num_steps
         if last or (cfg.eval.interval > 0 and done % cfg.eval.interval == 0):
-            evaluate_and_sample(done)
-        if last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0):
-            checkpoint(done)
+            last_val = result.val_losses[done] = data.val_loss(model, device, autocast, rank, world_size)
+            log.eval(done, last_val, raw_model)
+        if master and (last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0)):
+            write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg, last_val,
+                          data.tokenizer)
 
     # ---- wrap up ------------------------------------------------------------------------------------
-    bar.close()
-    if train_time > 0:
-        result.tokens_per_s = tokens_seen / train_time
-    if master and last_val is not None:
-        vs = f" vs unigram baseline {baseline:.4f} nats/token" if pretrain else ""
-        print(f"done: {num_steps} steps, val loss {last_val:.4f}{vs}, {result.tokens_per_s:,.0f} tokens/s, "
-              f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB; "
-              f"checkpoint in {out_dir}")
-    if writer is not None:
-        writer.close()
+    log.close(last_val)
+    result.tokens_per_s, result.samples = log.tokens_per_s(), log.samples
     return result

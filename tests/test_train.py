@@ -225,6 +225,46 @@ def test_cli_toml_and_flags(assets, tmp_path):
         script.main([str(toml), "--config", str(toml)])
 
 
+def test_mixed_precision_tracks_float32_and_fp16_resumes_exactly(assets, tmp_path):
+    """bf16 autocast, and fp16 autocast with a GradScaler, train like float32 to within bf16/fp16 rounding; the
+    scaler's state is saved, so an fp16 run stopped and resumed is bit-identical to the uninterrupted one."""
+    over = dict(schedule__total_steps=4, eval__interval=0, eval__sample_tokens=0, checkpoint__export=False)
+    fp32 = train(tiny_cfg(assets, tmp_path / "fp32", **over))
+    bf16 = train(tiny_cfg(assets, tmp_path / "bf16", dtype="bfloat16", **over))
+    fp16 = train(tiny_cfg(assets, tmp_path / "fp16", dtype="float16", **over))
+    for run in (bf16, fp16):
+        assert max(abs(run.losses[s] - fp32.losses[s]) for s in range(4)) < 0.05
+    assert fp16.losses != fp32.losses  # the matmuls did run in half precision
+    assert training.load_checkpoint(tmp_path / "bf16" / "ckpt.pt")["scaler"] == {}  # bf16 needs no scaler
+    assert training.load_checkpoint(tmp_path / "fp16" / "ckpt.pt")["scaler"]["scale"] == 2.0**16
+    train(tiny_cfg(assets, tmp_path / "fp16b", dtype="float16", **{**over, "max_steps": 2}))
+    second = train(tiny_cfg(assets, tmp_path / "fp16b", dtype="float16", **over), resume=True)
+    assert second.losses == {k: fp16.losses[k] for k in (2, 3)}
+    assert states_equal(second.model.state_dict(), fp16.model.state_dict())
+
+
+def test_compiled_model_trains_like_eager(assets, tmp_path, monkeypatch):
+    """compile = true runs the steps through torch.compile, and the checkpoint still holds the plain Llama's
+    keys (no _orig_mod. prefix). The backend here is aot_eager: dynamo's graph capture and AOT autograd, the
+    parts that can break a training step, without inductor's C++ build, which a CPU test cannot afford."""
+    real_compile = torch.compile
+    compiled_modules = []
+
+    def compile_aot_eager(model):
+        compiled_modules.append(model)
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    over = dict(schedule__total_steps=3, eval__interval=0, eval__sample_tokens=0, checkpoint__export=False)
+    eager = train(tiny_cfg(assets, tmp_path / "eager", **over))
+    compiled = train(tiny_cfg(assets, tmp_path / "compiled", compile=True, **over))
+    assert compiled_modules == [compiled.model]
+    assert max(abs(compiled.losses[s] - eager.losses[s]) for s in range(3)) < 1e-4
+    assert abs(compiled.val_losses[3] - eager.val_losses[3]) < 1e-4
+    ckpt = training.load_checkpoint(tmp_path / "compiled" / "ckpt.pt")
+    assert sorted(ckpt["model"]) == sorted(eager.model.state_dict())
+
+
 # -----------------------------------------------------------------------------------------------------
 # data parallel: 2 CPU processes over gloo == 1 process with the same global batch
 
@@ -324,11 +364,27 @@ def test_lora_instruct_finetune_resumes_exactly_and_exports(assets, base_checkpo
         assert torch.allclose(merged(x)[0], full.model.eval()(x)[0], atol=1e-5)
 
 
-def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_path):
+def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from minillm import flops
     from minillm.nf4 import NF4Linear
 
-    result = train(finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3,
-                                eval__interval=0, eval__sample_tokens=0, finetune__double_quant=True))
+    cfg = finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3, eval__interval=0,
+                       eval__sample_tokens=0, finetune__double_quant=True, log__tensorboard=True,
+                       log__interval=1, log__peak_flops=1e12)
+    result = train(cfg)
+    # the printed count and the MFU are flops.py's: NF4 weights counted, 4N + 6N_adapter FLOPs per token
+    est = flops.estimate(result.model.config, "qlora", cfg.batch_size, cfg.block_size, 4,
+                         ("q_proj", "v_proj", "down_proj"))
+    assert est.flops_per_token < flops.flops_per_token(result.model.config, cfg.block_size, "full")
+    assert (f"model: {est.params / 1e6:.2f}M parameters ({est.trainable / 1e6:.2f}M trained, qlora), "
+            f"{est.flops_per_token / 1e6:.1f} MFLOPs/token") in capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    speeds, mfus = events.Scalars("perf/tokens_per_s"), events.Scalars("perf/mfu")
+    assert [e.step for e in mfus] == [0, 1, 2]
+    for speed, mfu in zip(speeds, mfus, strict=True):
+        assert mfu.value == pytest.approx(speed.value * est.flops_per_token / 1e12, rel=1e-6)
     assert all(math.isfinite(v) for v in result.losses.values()) and len(result.losses) == 3
     assert isinstance(result.model.layers[0].mlp.gate_proj, NF4Linear)  # quantized, not adapted
     assert result.model.layers[0].mlp.gate_proj.double_quant  # finetune.double_quant reached the loader
