@@ -1,0 +1,106 @@
+"""The compatibility matrix: the test suite in one fresh venv per cell, as a user's pip resolves it.
+
+    python3 .ci/matrix.py                 # every cell
+    python3 .ci/matrix.py floors py3.13   # just these cells
+
+The README's own path (Python 3.11, whatever pip resolves today) is run by .ci/run through run.py; the
+cells here add what a new user might have instead:
+
+    py3.12, py3.13   today's newest versions on the other supported Pythons
+    floors           Python 3.11 with every dependency at the floor pyproject.toml declares
+                     (`name>=X` installed as `name==X`; torch's floor brings the Triton it pins)
+    torch-cpu        Python 3.11 with the CPU build of torch 2.13.0 (the one wheel on these machines'
+                     disk) and whatever Triton pip then resolves
+
+In every cell the suite runs the Triton kernels through the interpreter against their references and
+compiles every kernel variant ahead of time for sm_80 and sm_90 (tests/test_kernels_compile.py), so
+"works with this Triton" is tested without a GPU. pip's own cache (~/.cache/pip) is shared by all the
+venvs, so a wheel is downloaded once. Venvs live in .ci-venvs/ (ignored by git) and are made anew each run.
+Standard library only; exits non-zero if any cell fails, after a summary table.
+"""
+
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENVS = ROOT / ".ci-venvs"
+PYENV = Path.home() / ".pyenv" / "versions"
+
+
+def find_python(version: str) -> str:
+    """The interpreter for `version` ("3.12"): pyenv's newest patch release, else pythonX.Y on PATH."""
+    found = sorted(PYENV.glob(f"{version}.*/bin/python3"), key=lambda p: [int(x) for x in p.parts[-3].split(".")])
+    if found:
+        return str(found[-1])
+    exe = shutil.which(f"python{version}")
+    if exe is None:
+        sys.exit(f"error: no Python {version} found (looked in {PYENV} and on PATH)")
+    return exe
+
+
+def floor_pins() -> list[str]:
+    """pyproject.toml's dependencies with each `>=` floor turned into `==` (markers kept)."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = []
+    for dep in deps:
+        req, _, marker = dep.partition(";")
+        if ">=" not in req:
+            sys.exit(f"error: pyproject.toml dependency {dep!r} has no '>=' floor to test")
+        pins.append(req.replace(">=", "==").strip() + (f"; {marker.strip()}" if marker else ""))
+    return pins
+
+
+CELLS = {  # name -> (Python version, extra requirements installed together with minillm[dev])
+    "py3.12": ("3.12", []),
+    "py3.13": ("3.13", []),
+    "floors": ("3.11", floor_pins()),
+    "torch-cpu": ("3.11", ["torch==2.13.0"]),
+}
+
+VERSIONS = """
+import importlib.metadata as m, sys
+names = ["torch", "triton", "numpy", "sentencepiece", "safetensors", "tqdm", "tensorboard"]
+print("python " + sys.version.split()[0] + ", " + ", ".join(f"{n} {m.version(n)}" for n in names))
+"""
+
+
+def run(cmd: list[str], **kw) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, **kw).returncode
+
+
+def run_cell(name: str, pytest_args: list[str]) -> tuple[str, str, float]:
+    version, extra = CELLS[name]
+    venv = VENVS / name
+    shutil.rmtree(venv, ignore_errors=True)
+    t0 = time.time()
+    py = str(venv / "bin" / "python")
+    if run([find_python(version), "-m", "venv", str(venv)]) or run(
+        [py, "-m", "pip", "install", "-q", "-e", ".[dev]", *extra]
+    ):
+        return name, "install failed", time.time() - t0
+    versions = subprocess.run([py, "-c", VERSIONS], capture_output=True, text=True).stdout.strip()
+    print(f"[{name}] {versions}", flush=True)
+    rc = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args])
+    shutil.rmtree(venv, ignore_errors=True)  # a CUDA torch venv is ~5 GB
+    return name, ("passed" if rc == 0 else f"FAILED (pytest exit {rc})") + f" — {versions}", time.time() - t0
+
+
+def main(argv: list[str]) -> int:
+    names = [a for a in argv if not a.startswith("-")] or list(CELLS)
+    unknown = [n for n in names if n not in CELLS]
+    if unknown:
+        sys.exit(f"error: unknown cell {unknown[0]!r}; cells: {', '.join(CELLS)}")
+    results = [run_cell(n, [a for a in argv if a.startswith("-")]) for n in names]
+    print("\n| cell | result | minutes |\n|---|---|---|")
+    for name, result, secs in results:
+        print(f"| {name} | {result} | {secs / 60:.1f} |")
+    return 0 if all(r.startswith("passed") for _, r, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
