@@ -4,14 +4,19 @@
     python generate.py --checkpoint path/to/open_llama_3b_v2 --prompt "Q: What is the capital of France?\nA:"
     python generate.py --checkpoint model.gguf --prompt "import os" --temperature 0
     python generate.py --checkpoint out/tiny --prompt "x = 1" --trace      # shapes through one forward
+    python generate.py --checkpoint out/tiny --prompts prompts.txt --temperature 0   # a batch, one per line
+    python generate.py --checkpoint out/big --draft out/tiny --speculate-k 4 --prompt "def "  # speculative
 
 The checkpoint may be an OpenLLaMA / HF directory, a minillm checkpoint, a Meta consolidated directory or a
-GGUF file. Speeds (prefill and decode tokens/s) go to stderr at the end.
+GGUF file. Speeds (prefill and decode tokens/s) go to stderr at the end. With --prompts, the prompts are
+decoded together as one batch and each is printed under a `=== [i] ===` header as soon as it finishes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +25,40 @@ import torch
 from minillm.checkpoint import load_pretrained, load_tokenizer
 from minillm.cli import ArgumentParser, run_cli
 from minillm.device import DTYPES, pick_device, pick_dtype
-from minillm.generation import GenerationStats, SamplingConfig, decode_one_token, generate_text
+from minillm.generation import (
+    GenerationStats,
+    SamplingConfig,
+    decode_one_token,
+    generate_text,
+    generate_text_batch,
+)
+
+
+def unescape(text: str) -> str:
+    """The escapes a shell cannot type easily: \\n newline, \\t tab, \\\\ one backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """A .jsonl file: one object per line with a "prompt" string. Any other file: one prompt per line,
+    with the escapes of `unescape`. Blank lines are skipped."""
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(unescape(line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: expected an object with a \"prompt\" string, found {line[:60]!r}")
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (the file is empty)")
+    return prompts
 
 
 def main(argv=None):
@@ -33,7 +71,13 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9 (default off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty, e.g. 1.1 (1 = off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable); \\n and \\t mean newline, tab, as in --prompt")
+    p.add_argument("--prompts", default=None,
+                   help="file of prompts decoded as one batch: one per line, or .jsonl with a \"prompt\" field")
+    p.add_argument("--draft", default=None,
+                   help="a small checkpoint sharing the tokenizer: speculative decoding with it as the draft")
+    p.add_argument("--speculate-k", type=int, default=5, help="draft tokens proposed per target pass (with --draft)")
     p.add_argument("--template", choices=["none", "alpaca", "vicuna"], default="none",
                    help="wrap the prompt in an instruction template (alpaca: the prompt is the instruction)")
     p.add_argument("--input", default=None, help="the optional Alpaca 'input' field, with --template alpaca")
@@ -56,11 +100,14 @@ def main(argv=None):
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     model = load_pretrained(checkpoint, dtype=dtype, device=device,
                             quantize=None if args.quantize == "none" else args.quantize)
-    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    if args.prompts and args.draft:
+        p.error("--prompts (batched) and --draft (speculative) do not combine: speculative decoding is batch 1")
+    prompts = read_prompts(Path(args.prompts)) if args.prompts else [unescape(args.prompt)]
     if args.template != "none":
         from minillm.templates import format_prompt
 
-        prompt = format_prompt(args.template, prompt, args.input)
+        prompts = [format_prompt(args.template, text, args.input) for text in prompts]
+    prompt = prompts[0]
 
     if args.trace:
         from minillm.trace import trace_forward
@@ -73,7 +120,7 @@ def main(argv=None):
         decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         stop=args.stop, seed=args.seed)
+                         stop=[unescape(s) for s in args.stop], seed=args.seed)
     stats = GenerationStats()
     if args.chat:
         from minillm.chat import chat_loop
@@ -85,6 +132,18 @@ def main(argv=None):
                     f"{template or 'none'}; pass --template")
         chat_loop(model, tokenizer, template, cfg)
         return
+    tag = f"[{device.type} {str(dtype).removeprefix('torch.')}]"
+    if args.prompts:
+        def show(row, text):
+            sys.stdout.write(f"=== [{row}] ===\n{prompts[row]}{text}\n")
+            sys.stdout.flush()
+
+        generate_text_batch(model, tokenizer, prompts, cfg, on_done=show, stats=stats, decode_fn=decode_fn)
+        print(f"{tag} {len(prompts)} prompts as one batch | {stats.summary()}", file=sys.stderr)
+        return
+    draft = None
+    if args.draft:
+        draft = load_pretrained(Path(args.draft), dtype=dtype, device=device)
     sys.stdout.write(prompt)
     sys.stdout.flush()
 
@@ -92,9 +151,10 @@ def main(argv=None):
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    generate_text(model, tokenizer, prompt, cfg, stream=stream, stats=stats, decode_fn=decode_fn)
+    generate_text(model, tokenizer, prompt, cfg, stream=stream, stats=stats, decode_fn=decode_fn, draft=draft,
+                  speculate_k=args.speculate_k)
     sys.stdout.write("\n")
-    print(f"[{device.type} {str(dtype).removeprefix('torch.')}] {stats.summary()}", file=sys.stderr)
+    print(f"{tag} {stats.summary()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

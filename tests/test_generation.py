@@ -147,3 +147,89 @@ def test_generation_times_the_first_decode_step(model):
     stats = GenerationStats()
     list(generate_tokens(model, [1, 5, 9], SamplingConfig(max_new_tokens=6, temperature=0.0), stats=stats))
     assert stats.new_tokens == 6 and 0 < stats.first_step_seconds <= stats.decode_seconds
+
+
+# -----------------------------------------------------------------------------------------------------
+# batched generation
+
+
+def test_left_padded_prefill_matches_each_row_alone(model):
+    # the per-row mask and RoPE positions: every row's logits equal its batch-1 prefill (fp32)
+    from minillm.generation import left_pad_prompts
+
+    prompts = [[1, 5, 9, 42, 7, 3, 11], [1, 3], [1, 8, 8, 2, 4]]
+    ids, pad = left_pad_prompts(prompts)
+    assert pad.tolist() == [0, 5, 2] and ids[1].tolist() == [1, 1, 1, 1, 1, 1, 3]
+    with torch.no_grad():
+        model.setup_caches(batch_size=3, max_seq_len=16)
+        batch, _ = model(ids, input_pos=torch.arange(7), left_pad=pad)  # (3, 7, V)
+        for b, p in enumerate(prompts):
+            model.setup_caches(batch_size=1, max_seq_len=16)
+            alone, _ = model(torch.tensor([p]), input_pos=torch.arange(len(p)))
+            torch.testing.assert_close(batch[b, 7 - len(p):], alone[0], atol=1e-5, rtol=1e-5)
+    model.clear_caches()
+    assert not batch.isnan().any()  # padding queries see only themselves: no all-masked row
+
+
+def test_batched_greedy_equals_each_row_alone_with_eos_per_row(model):
+    from minillm.generation import generate_tokens_batch
+
+    prompts = [[1, 5, 9, 42, 7, 3, 11], [1, 3], [1, 8, 8, 2, 4, 17, 6, 30, 12, 1, 9], [1, 77]]
+    cfg = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    free = [list(generate_tokens(model, p, cfg)) for p in prompts]
+    eos = free[0][5]  # a token row 0 reaches at step 5: rows now end at different steps
+    alone = [list(generate_tokens(model, p, cfg, eos_id=eos)) for p in prompts]
+    assert len({len(a) for a in alone}) > 1 and any(len(a) == 16 for a in alone)
+    rows, ended = [[] for _ in prompts], []
+    for row, tok in generate_tokens_batch(model, prompts, cfg, eos_id=eos):
+        assert row not in ended  # nothing comes for a row after its end event
+        if tok is None:
+            ended.append(row)
+        else:
+            rows[row].append(tok)
+    assert rows == alone and sorted(ended) == [0, 1, 2, 3]
+    assert ended == sorted(range(4), key=lambda b: len(alone[b]))  # in the order they finish (ties: row order)
+
+
+def test_batched_text_stop_strings_and_on_done(model, tok):
+    from minillm.generation import generate_text_batch
+
+    prompts = ["import json", "def f(x):", "x"]
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    full = [generate_text(model, tok, p, cfg) for p in prompts]
+    stop = full[1][3:5]
+    cfg_stop = SamplingConfig(max_new_tokens=20, temperature=0.0, stop=[stop])
+    expected = [generate_text(model, tok, p, cfg_stop) for p in prompts]
+    done = []
+    outs = generate_text_batch(model, tok, prompts, cfg_stop, on_done=lambda r, t: done.append((r, t)))
+    assert outs == expected and sorted(done) == sorted(enumerate(expected))
+    assert done[0] == (1, full[1][:full[1].find(stop)])  # the stopped row is reported first
+
+
+def test_generate_cli_prompts_file(tmp_path, model, tok, capsys):
+    import generate
+
+    save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
+    (tmp_path / "p.txt").write_text("import json\ndef f(x):\\n\n\n")  # blank lines are skipped
+    (tmp_path / "p.jsonl").write_text('{"prompt": "import json"}\n{"prompt": "def f(x):\\n"}\n')
+    cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    expected = [generate_text(model, tok, p, cfg) for p in ("import json", "def f(x):\n")]
+    for name in ("p.txt", "p.jsonl"):
+        generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / name),
+                       "--temperature", "0", "--max-new-tokens", "6"])
+        out = capsys.readouterr()
+        for i, (p, e) in enumerate(zip(("import json", "def f(x):\n"), expected, strict=True)):
+            assert f"=== [{i}] ===\n{p}{e}\n" in out.out
+        assert "2 prompts" in out.err and "decode:" in out.err
+
+
+def test_generate_cli_unescapes_stop_strings_like_the_prompt(tmp_path, model, tok, monkeypatch):
+    # issue 12: `--stop "\n\n"` arrives as backslash-n characters; it must mean two newlines
+    import generate
+
+    seen = {}
+    monkeypatch.setattr(generate, "generate_text", lambda m, t, prompt, cfg, **kw: seen.update(cfg=cfg) or "")
+    save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x", "--stop", "\\n\\n", "--stop", "a\\tb"])
+    assert seen["cfg"].stop == ["\n\n", "a\tb"]
+    assert generate.unescape("a\\\\n") == "a\\n"  # an escaped backslash stays one backslash
