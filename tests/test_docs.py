@@ -1,5 +1,13 @@
 """The docs stay true: every ```bash runnable block in docs/*.md (and README.md) runs and exits 0, every
-relative link points at a file that exists, and every linked function or class name is defined there.
+relative link points at a file that exists, and every link to a name in the code lands on the line that
+defines it.
+
+Links to code are written [`name`](../minillm/file.py#L123), where `name` is a function, class, method
+(`Class.method`) or module-level constant, and L123 the line of its `def` / `class` / assignment, so a
+reader's click opens the definition. Code moves, so the anchors are generated, not typed:
+
+    python -m tests.test_docs --fix       # rewrite every anchor (and the file, if the name moved to one
+                                          # other file) in docs/*.md and README.md, and list what changed
 
 How a runnable block is run: as one bash script (`set -e`, so every line must succeed) from the repository
 root, with the venv's bin directory first on PATH (so `python` is the interpreter running these tests) and
@@ -13,6 +21,7 @@ slow down by 10x or more, and these models are too small to gain from threads.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -27,7 +36,8 @@ SOURCES = DOCS + [ROOT / "README.md"]
 DOCS_TMP = "/tmp/minillm-docs"
 RUNNABLE = re.compile(r"^```bash runnable\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
-CODE_NAME = re.compile(r"^`([A-Za-z_][\w.]*)`$")  # [`Llama.forward`](../minillm/model.py)
+CODE_NAME = re.compile(r"^`([A-Za-z_][\w.]*)`$")  # [`Llama.forward`](../minillm/model.py#L123)
+CODE_DIRS = ("minillm", "kernels", "bench", "tests", ".")  # where a name that left its file is looked for
 
 
 def runnable_blocks() -> list[tuple[str, int, str]]:
@@ -47,6 +57,8 @@ EXPECTED = {
     ("docs/04-instruction-data.md", 0): ["train |", "short-answer", "False), (", "True)]"],
     ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)", "adapter_config.json adapter_model.safetensors"],
     ("docs/07-shipping.md", 0): ["wrote", ".gguf", "39 tensors; 2 32"],
+    ("docs/09-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
+                                    "| dequantize | 64x130 | bfloat16 | 0 | ✅ |"],
     ("docs/08-scaling-up.md", 0): ["total 16.04 GiB (3.96 GiB with checkpointing)",
                                    "total 39.26 GiB (19.13 GiB with checkpointing)"],
 }
@@ -60,7 +72,7 @@ def docs_tmp(tmp_path_factory) -> Path:
 def test_docs_exist_and_have_runnable_commands():
     names = {p.name for p in DOCS}
     chapters = sorted(n for n in names if re.match(r"\d\d-", n))
-    assert len(chapters) == 8 and "README.md" in names, sorted(names)
+    assert len(chapters) == 9 and "README.md" in names, sorted(names)
     index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
     for chapter in chapters:
         assert f"({chapter})" in index, f"docs/README.md does not link {chapter}"
@@ -89,7 +101,7 @@ def test_runnable_block(source, index, script, docs_tmp):
 
 def _links() -> list[tuple[Path, str, str]]:
     out = []
-    for path in DOCS:
+    for path in SOURCES:
         text = path.read_text(encoding="utf-8")
         text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # links inside code blocks are not links
         for text_part, target in LINK.findall(text):
@@ -107,19 +119,109 @@ def test_relative_links_point_to_existing_files():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
-def test_linked_names_are_defined_in_the_linked_file():
-    """[`Llama.setup_caches`](../minillm/model.py) must name something model.py defines."""
-    missing = []
-    for path, text, target in _links():
-        m = CODE_NAME.match(text)
-        file = path.parent / target.split("#")[0]
-        if not m or file.suffix != ".py" or m.group(1).endswith(".py"):
+# ----------------------------------------------------------------------------------------------------------
+# Links land on the line
+
+
+def definitions(file: Path) -> dict[str, int]:
+    """{qualified name: line} for what a Python file defines: functions, classes, methods as
+    "Class.method", module-level constants, and (by their bare name) functions nested in functions."""
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    found: dict[str, int] = {}
+
+    def visit(body, prefix):
+        for node in body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                found.setdefault(prefix + node.name, node.lineno)
+                visit(node.body, prefix + node.name + "." if isinstance(node, ast.ClassDef) else "")
+            elif isinstance(node, ast.Assign | ast.AnnAssign) and not prefix:
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    if isinstance(target, ast.Name):
+                        found.setdefault(target.id, node.lineno)
+
+    visit(tree.body, "")
+    return found
+
+
+def code_links(text: str):
+    """(match, name, file part, anchor line or None) for each [`name`](file.py#Ln) link outside code blocks."""
+    fenced = [m.span() for m in re.finditer(r"^```.*?^```", text, flags=re.S | re.M)]
+    for m in LINK.finditer(text):
+        name, target = m.group(1), m.group(2)
+        if any(a <= m.start() < b for a, b in fenced) or not CODE_NAME.match(name):
             continue
-        name = m.group(1).split(".")[-1]
-        src = file.read_text(encoding="utf-8")
-        if not re.search(rf"^\s*(def|class)\s+{re.escape(name)}\b|^{re.escape(name)}\s*[:=]", src, re.M):
-            missing.append(f"{path.name}: `{m.group(1)}` not defined in {target}")
-    assert not missing, "\n".join(missing)
+        file_part, _, anchor = target.partition("#")
+        if file_part.endswith(".py") and not name.endswith(".py`"):
+            line = int(anchor[1:]) if re.fullmatch(r"L\d+", anchor) else None
+            yield m, name.strip("`"), file_part, line
+
+
+def _defining_files(name: str) -> list[Path]:
+    """Every Python file in the repository (outside the venv) that defines `name`."""
+    files = {f for d in CODE_DIRS for f in (ROOT / d).glob("*.py")}
+    return sorted(f for f in files if name in definitions(f))
+
+
+def fix_text(text: str, base: Path, doc_name: str) -> tuple[str, list[str]]:
+    """Markdown `text` (of a file in folder `base`) with its code links landing on their definitions, and
+    notes on what changed or could not be fixed (a name defined nowhere, or in several files)."""
+    notes, pieces, last = [], [], 0
+    for m, name, file_part, _ in code_links(text):
+        file = (base / file_part).resolve()
+        defs = definitions(file) if file.exists() else {}
+        if name not in defs:
+            homes = _defining_files(name)
+            if len(homes) != 1:
+                notes.append(f"{doc_name}: `{name}` is not in {file_part}; defined in {homes or 'no file'}")
+                continue
+            file = homes[0]
+            file_part = os.path.relpath(file, base)
+            defs = definitions(file)
+        new = f"[`{name}`]({file_part}#L{defs[name]})"
+        if new != m.group(0):
+            notes.append(f"{doc_name}: {m.group(0)} -> {new}")
+            pieces += [text[last : m.start()], new]
+            last = m.end()
+    return "".join(pieces) + text[last:], notes
+
+
+def fix_links(path: Path) -> list[str]:
+    """Rewrite the code links of one Markdown file in place (see fix_text); returns the notes."""
+    text = path.read_text(encoding="utf-8")
+    fixed, notes = fix_text(text, path.parent, path.name)
+    if fixed != text:
+        path.write_text(fixed, encoding="utf-8")
+    return notes
+
+
+def test_code_links_land_on_the_definition():
+    """[`Llama.setup_caches`](../minillm/model.py#L200) must point at the line that defines it."""
+    wrong = []
+    for path in SOURCES:
+        text = path.read_text(encoding="utf-8")
+        for m, name, file_part, line in code_links(text):
+            at = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+            file = path.parent / file_part
+            right = definitions(file).get(name) if file.exists() else None
+            if right is None:
+                wrong.append(f"{at}: `{name}` is not defined in {file_part}")
+            elif line != right:
+                wrong.append(f"{at}: should end #L{right}, where `{name}` is defined")
+    assert not wrong, "\n".join(wrong) + "\n(`python -m tests.test_docs --fix` rewrites the anchors)"
+
+
+def test_anchor_checker_and_fixer(tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "m.py").write_text("X = 1\n\n\nclass A:\n    def f(self):\n        def inner():\n            pass\n")
+    assert definitions(code / "m.py") == {"X": 1, "A": 4, "A.f": 5, "inner": 6}
+    doc = tmp_path / "doc.md"
+    doc.write_text("[`A.f`](code/m.py#L1) and [`X`](code/m.py), [`m.py`](code/m.py), ```\n[`A`](code/m.py)```")
+    assert [(n, f, line) for _, n, f, line in code_links(doc.read_text())] == [("A.f", "code/m.py", 1),
+                                                                                ("X", "code/m.py", None)]
+    assert len(fix_links(doc)) == 2
+    assert doc.read_text().startswith("[`A.f`](code/m.py#L5) and [`X`](code/m.py#L1), [`m.py`](code/m.py)")
+    assert fix_links(doc) == []  # already right
 
 
 def test_figures_are_pngs():
@@ -130,3 +232,11 @@ def test_figures_are_pngs():
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", p
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
         assert 200 <= width <= 2000 and 200 <= height <= 2000, (p, width, height)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--fix"]:
+        sys.exit("usage: python -m tests.test_docs --fix    (rewrites the #L anchors of code links in the docs)")
+    for source in SOURCES:
+        for note in fix_links(source):
+            print(note)
