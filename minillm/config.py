@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.strict import check_value, field_types
+
 
 def read_json_object(path: str | Path, what: str = "file") -> dict:
     """Parse a JSON file whose top level must be an object: one clear error naming the file for a missing
@@ -130,11 +132,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> ModelConfig:
-        """minillm's own JSON: exactly the dataclass fields, each of the right type."""
-        fields = {f.name for f in dataclasses.fields(cls)}
+        """minillm's own JSON: exactly the dataclass fields, each of its annotated type (strict.py)."""
+        fields = field_types(cls)
         for key in d:
             if key not in fields:
                 raise ValueError(f"{source}: unknown config key {key!r}; expected one of {sorted(fields)}")
+        d = {key: check_value(key, value, fields[key], source) for key, value in d.items()}
         values = {f.name: f.default for f in dataclasses.fields(cls)} | d
         if values["n_kv_heads"] is None:
             values["n_kv_heads"] = values["n_heads"]

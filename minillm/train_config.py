@@ -29,6 +29,7 @@ from minillm.config import ModelConfig, read_json_object
 from minillm.fileio import atomic_write_bytes
 from minillm.lora import DEFAULT_TARGETS
 from minillm.schedulers import ScheduleConfig
+from minillm.strict import check_value, field_types
 
 
 @dataclass
@@ -218,30 +219,6 @@ def _check(key: str, value, ok: bool, expected: str):
 # strict overrides: a flat {"section.key": value} applied to a config, each key and type checked
 
 
-def _hints(cls) -> dict[str, Any]:
-    # resolves the "int | None" strings that `from __future__ import annotations` leaves in the fields
-    return typing.get_type_hints(cls)
-
-
-def _check_type(key: str, value: Any, tp: Any, source: str) -> Any:
-    """Return value (an int widened to float where a float is expected) or raise naming key and source."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-        return _check_type(key, value, tp, source)
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
-            raise TypeError(f"{source}: {key} must be a list of {args[0].__name__}, found {value!r}")
-        return list(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not tp:  # exact: True is not an int here, 3 is not a str
-        raise TypeError(f"{source}: {key} must be {tp.__name__}, found {type(value).__name__} {value!r}")
-    return value
-
-
 def apply_overrides(cfg, flat: dict[str, Any], source: str):
     """A new config with each dotted key set; unknown keys, sections set to scalars and wrong types raise."""
     nested: dict[str, Any] = {}
@@ -254,12 +231,12 @@ def apply_overrides(cfg, flat: dict[str, Any], source: str):
                 known = sorted(f.name for f in dataclasses.fields(obj)) if is_section else []
                 raise KeyError(f"{source}: unknown config key {key!r} ({part!r} is not a field of {where}; "
                                f"expected one of {known})")
-            tp = _hints(type(obj))[part]
+            tp = field_types(type(obj))[part]
             obj = getattr(obj, part)
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(obj):
                     raise TypeError(f"{source}: {key} is a section ([{key}] in TOML), found value {value!r}")
-                node[part] = _check_type(key, value, tp, source)
+                node[part] = check_value(key, value, tp, source)
             else:
                 node = node.setdefault(part, {})
     return _replace(cfg, nested, source)
@@ -366,7 +343,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: TrainConfig | None = 
 
     def walk(obj, prefix):
         for f in dataclasses.fields(obj):
-            value, tp, key = getattr(obj, f.name), _hints(type(obj))[f.name], prefix + f.name
+            value, tp, key = getattr(obj, f.name), field_types(type(obj))[f.name], prefix + f.name
             if dataclasses.is_dataclass(value):
                 walk(value, key + ".")
                 continue
