@@ -415,11 +415,13 @@ class TextStream:
     Mirrors SentencePiece's decoding piece by piece: `▁` becomes a space, byte pieces `<0xNN>` are raw
     bytes fed through an incremental UTF-8 decoder (so a character split over tokens appears only when
     complete), control pieces (<s>, </s>) print nothing. `leading_space=False` drops the space of the
-    very first piece, as `decode` does at the start of a text.
+    very first piece, as `decode` does at the start of a text; so does the piece after an added piece
+    (Tokenizer.add_pieces), as `decode` decodes each stretch between them on its own.
     """
 
     def __init__(self, tokenizer, leading_space: bool = True):
         self.sp = tokenizer.sp
+        self.added = getattr(tokenizer, "added_ids", frozenset())
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.first = not leading_space
 
@@ -433,7 +435,7 @@ class TextStream:
         piece = " \u2047 " if sp.IsUnknown(token_id) else sp.IdToPiece(token_id).replace("\u2581", " ")
         if self.first and piece.startswith(" "):
             piece = piece[1:]
-        self.first = False
+        self.first = token_id in self.added
         return text + piece
 
     def flush(self) -> str:

@@ -50,6 +50,15 @@ def test_add_pieces_encodes_each_as_one_id_and_text_between_on_its_own(tok, tmp_
             tok.add_pieces(bad, tmp_path / "bad.model")
 
 
+def test_streamed_text_equals_decode_around_added_pieces(tok, tmp_path):
+    from minillm.generation import TextStream
+
+    new = tok.add_pieces(NEW, tmp_path / "tokenizer.model")
+    ids = new.encode(CHAT + " é", bos=False)
+    stream = TextStream(new, leading_space=False)
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == new.decode(ids) == CHAT + " é"
+
+
 def test_resize_vocab_appends_the_mean_of_the_old_rows():
     torch.manual_seed(0)
     model = Llama(ModelConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32, vocab_size=50, max_seq_len=16))
