@@ -108,9 +108,12 @@ def load_meta(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     if w1 is not None and w1.shape[0] != hidden:
         raise ValueError(f"{params_path}: dim/multiple_of/ffn_dim_multiplier give hidden {hidden}, but "
                          f"layers.0.feed_forward.w1.weight has {w1.shape[0]} rows")
-    cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads"),
-                      hidden_dim=hidden, vocab_size=vocab, norm_eps=float(p.get("norm_eps", 1e-6)),
-                      rope_theta=float(p.get("rope_theta", 10000.0)), max_seq_len=p.get("max_seq_len", 2048))
+    values = dict(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                  n_kv_heads=p.get("n_kv_heads") or p["n_heads"], hidden_dim=hidden, vocab_size=vocab,
+                  norm_eps=p.get("norm_eps", 1e-6), rope_theta=p.get("rope_theta", 10000.0),
+                  max_seq_len=p.get("max_seq_len", 2048), tie_embeddings=False)
+    # untrusted values: checked (and named by their params.json key) in config.check_model_values
+    cfg = ModelConfig.from_metadata(values, {k: k for k in values}, str(params_path))
 
     def tensors():
         for name, t in state.items():

@@ -247,6 +247,17 @@ def test_huge_context_length_allocates_no_huge_rope_table(tmp_path):
     assert model.rope_cos.shape == (16, cfg.head_dim)
 
 
+def test_meta_params_json_bad_values_named(tmp_path):
+    from minillm.meta_format import save_meta
+
+    torch.manual_seed(0)
+    save_meta(Llama(ModelConfig(**TINY_T5)), tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps(params | {"norm_eps": math.nan}))
+    with pytest.raises(ValueError, match=r"params.json: norm_eps must be a finite number > 0, found nan$"):
+        Llama.from_pretrained(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
     from minillm.gguf_format import expected_shapes
