@@ -1,5 +1,6 @@
-"""Throwaway peer check: minillm's DoRA adapters (with rsLoRA, and embed_tokens / lm_head trained in full
-over a vocabulary with two new tokens) against peft's, both ways, on a tiny random Llama.
+"""Throwaway peer check: minillm's DoRA adapters against peft's, both ways, on a tiny random Llama, in two
+configurations: plain DoRA, and DoRA + rsLoRA + embed_tokens / lm_head trained in full over a vocabulary
+with two new tokens.
 
     /path/to/peer-venv/bin/python bench/peer_dora_check.py      # needs torch, transformers, peft
 

@@ -186,3 +186,18 @@ def test_qdora_adapter_records_the_nf4_settings(tmp_path):
     save_adapter(model, tmp_path)
     assert read_base_quantization(tmp_path) == {"blocksize": 32, "double_quant": True}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_finetune_config_switches():
+    from minillm.train_config import load_config
+
+    assert load_config(overrides={"finetune.method": "dora"}).finetune.dora
+    qdora = load_config(overrides={"finetune.method": "qlora", "finetune.use_dora": True}).finetune
+    assert qdora.dora and qdora.method == "qlora"
+    assert not load_config(overrides={"finetune.method": "lora"}).finetune.dora
+    with pytest.raises(ValueError, match="finetune.use_dora must be false with method 'full'"):
+        load_config(overrides={"finetune.use_dora": True})
+    with pytest.raises(ValueError, match=r"finetune.modules_to_save must be \['embed_tokens', 'lm_head'\] when"):
+        load_config(overrides={"finetune.method": "lora", "finetune.new_tokens": ["<x>"]})
+    with pytest.raises(ValueError, match="finetune.modules_to_save must be a subset"):
+        load_config(overrides={"finetune.method": "lora", "finetune.modules_to_save": ["norm"]})
