@@ -144,3 +144,9 @@ def write_report(path: str | Path, rows: list[dict], title: str = "Base vs fine-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
+
+
+if __name__ == "__main__":  # python -m minillm.evaluate: the fidelity ledger of a base + adapter (ledger.py)
+    from minillm.ledger import main
+
+    main()

@@ -1,0 +1,73 @@
+"""The fidelity ledger: the reference row is exact (KL 0, top-1 100%), the merged row is the reference up to
+float rounding, quantized rows drift in order of their bits, and new writer types join by themselves."""
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_tokenizer, write_hf_checkpoint
+
+from minillm import Llama
+from minillm.config import ModelConfig
+from minillm.instruct import read_examples, tokenize_example
+from minillm.ledger import fidelity_ledger, format_ledger, ledger_outtypes, loss_and_kl, main
+from minillm.lora import apply_lora
+from minillm.peft_io import save_adapter
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ledger")
+    tok = tiny_tokenizer(d / "base" / "tokenizer.model")
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
+                      max_seq_len=128)
+    write_hf_checkpoint(d / "base", cfg, seed=11, fmt="safetensors", tokenizer=tok)
+    model = Llama.from_pretrained(d / "base")
+    apply_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    save_adapter(model, d / "adapter")
+    records = [{"instruction": f"Which module defines `{name}`?", "input": "", "output": mod}
+               for name, mod in [("dumps", "json"), ("dedent", "textwrap"), ("Template", "string"),
+                                 ("loads", "json"), ("wrap", "textwrap"), ("capwords", "string")]]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    examples = [tokenize_example(ex, tok, "alpaca", 128) for ex in read_examples(d / "test.jsonl")]
+    return d, tok, examples
+
+
+def test_ledger_rows(setup):
+    d, tok, examples = setup
+    rows = fidelity_ledger(d / "base", d / "adapter", examples, tok.pad_id, d)
+    assert [r.stage for r in rows] == ["adapter", "merged"] + ledger_outtypes()
+    ref, merged = rows[0], rows[1]
+    assert ref.kl == 0.0 and ref.top1 == 1.0
+    assert merged.kl < 1e-6 and abs(merged.loss - ref.loss) < 1e-5  # float32 rounding only
+    by = {r.stage: r for r in rows}
+    assert by["f16"].kl < by["q8_0"].kl < by["q4_0"].kl  # fewer bits, further from the trained model
+    assert by["q4_0"].bits_per_weight < by["q8_0"].bits_per_weight < by["f16"].bits_per_weight
+    # the loss column is evaluate_loss's: recompute one row by hand
+    gguf = Llama.from_pretrained(d / "ledger-q8_0.gguf")
+    assert loss_and_kl(gguf, gguf, examples, tok.pad_id)[0] == pytest.approx(by["q8_0"].loss, abs=1e-6)
+    table = format_ledger(rows).splitlines()
+    assert table[0].startswith("| stage | held-out loss") and table[2].startswith("| adapter | ")
+    assert len(table) == 2 + len(rows)
+
+
+def test_new_writer_types_join_the_chain(monkeypatch):
+    import minillm.ledger as ledger
+
+    only_old = {t: ledger.OUTTYPES[t] for t in ("f32", "f16", "bf16", "q8_0", "q4_0")}
+    monkeypatch.setattr(ledger, "OUTTYPES", only_old)
+    assert ledger.ledger_outtypes() == ["f16", "q8_0", "q4_0"]
+    monkeypatch.setattr(ledger, "OUTTYPES", {**only_old, "q6_k": None, "q4_k_m": None, "q2_k": None})
+    assert ledger.ledger_outtypes() == ["f16", "q8_0", "q6_k", "q4_k_m", "q4_0"]
+
+
+def test_cli(setup, capsys):
+    d, _, _ = setup
+    rows = main(["--base", str(d / "base"), "--adapter", str(d / "adapter"), "--data", str(d / "test.jsonl"),
+                 "--template", "alpaca", "--out", str(d), "--max-seq-len", "128", "--outtypes", "q8_0"])
+    out = capsys.readouterr().out
+    assert "| adapter | " in out and f"| {rows[-1].stage} | " in out
