@@ -289,6 +289,20 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
     return wrapped
 
 
+def _train_in_float32(module: nn.Module) -> None:
+    """Hold a bf16 / fp16 module's weight in float32 (AdamW steps smaller than bf16's resolution would be
+    lost) while the model around it keeps its dtype: an embedding casts its output back, a linear layer
+    casts its input up (so the forward also runs outside autocast, e.g. when sampling)."""
+    dtype = module.weight.dtype
+    if dtype == torch.float32:
+        return
+    module.float()
+    if isinstance(module, nn.Embedding):
+        module.register_forward_hook(lambda m, args, out: out.to(dtype))
+    else:
+        module.register_forward_pre_hook(lambda m, args: (args[0].float(), *args[1:]))
+
+
 def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> None:
     """requires_grad = True for lora_A / lora_B weights, DoRA magnitudes and every parameter of the
     `modules_to_save` (PEFT's name for modules trained in full, e.g. ["embed_tokens", "lm_head"], which
@@ -298,7 +312,7 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> None:
         if not isinstance(module, (nn.Embedding, nn.Linear)):
             raise ValueError(f"modules_to_save: {name!r} is not an embedding or dense linear module of "
                              f"{type(model).__name__}; expected names like ['embed_tokens', 'lm_head']")
-        module.float()
+        _train_in_float32(module)
     for name, p in model.named_parameters():
         in_saved = name.partition(".")[0] in modules_to_save
         p.requires_grad_(in_saved or ".lora_A." in name or ".lora_B." in name

@@ -106,6 +106,19 @@ def test_modules_to_save_train_in_full_and_round_trip_in_peft_layout(tmp_path):
         mark_only_lora_trainable(fresh, ["layers"])
 
 
+def test_modules_to_save_of_a_bf16_model_train_in_float32_and_run_without_autocast():
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=50, max_seq_len=16)
+    model = Llama(cfg).to(torch.bfloat16)
+    apply_lora(model, ["q", "v"], r=2, alpha=4)
+    mark_only_lora_trainable(model, ["embed_tokens", "lm_head"])
+    assert model.embed_tokens.weight.dtype == model.lm_head.weight.dtype == torch.float32
+    assert model.layers[0].self_attn.q_proj.base.weight.dtype == torch.bfloat16
+    logits, loss = model(torch.tensor([[1, 7, 3]]), torch.tensor([[7, 3, 9]]))  # no autocast: dtypes must meet
+    loss.backward()
+    assert logits.dtype == torch.float32 and model.embed_tokens.weight.grad.abs().sum() > 0
+
+
 def finetune_cfg(tmp_path: Path, base: Path, tok: Tokenizer, method: str, **over) -> TrainConfig:
     rows = [{"text": f"<|im_start|>user\nname {i}<|im_end|>\n<|im_start|>assistant\nitem {i % 5}<|im_end|>"}
             for i in range(24)]
