@@ -1,11 +1,15 @@
-"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it.
+"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it. A runnable tutorial:
+
+    python -m minillm.kernels.nf4                        # GPU: check against the reference, then GB/s
+    TRITON_INTERPRET=1 python -m minillm.kernels.nf4     # CPU: the check only, through Triton's interpreter
 
 NF4 is the weight format of QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3).
 
 What you will learn here:
   * how a weight becomes 4.5 bits per parameter: 16 fixed code values + one float32 scale per block of 64;
   * how to pack two 4-bit codes in a byte and unpack them with shifts and masks inside a Triton kernel;
-  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a format.
+  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a format;
+  * why dequantization is a pure stream whose speed is set by bytes in flight, measured against a copy.
 
 The format (bit for bit the layout of bitsandbytes' `quantize_4bit(..., quant_type="nf4")`):
 
@@ -37,8 +41,14 @@ Blocked algorithm of the quantize kernel (one program = BLOCKS_PER_PROG quantiza
         q       = sum_j (s > mid_j)                               # 15 compares, no table search
         packed[pairs] = q_even << 4 | q_odd
 
-The dequantize kernel walks the packed bytes: each byte gives two codes, looks both up in the 16-entry
-codebook and multiplies by the absmax of the block the element's flat index falls in.
+Blocked algorithm of the dequantize kernel (one program = BLOCK_BYTES packed bytes = 2 * BLOCK_BYTES weights):
+
+    for each program p:
+        k       = p*BLOCK_BYTES ... p*BLOCK_BYTES + BLOCK_BYTES - 1    # contiguous byte indices
+        byte    = packed[k]                                           # one vector load per thread
+        scale   = absmax[2k // blocksize]                             # both nibbles share a block
+        w[2k], w[2k + 1] = code[byte >> 4] * scale, code[byte & 15] * scale
+        out[2k, 2k + 1]  = interleave(w_even, w_odd), rounded to the output dtype   # vector stores
 """
 
 import os
@@ -46,6 +56,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .tutorial import FAIL, OK, copy_gbs, main, print_table, time_s
 
 # Codebook of NF4, index 0..15: the float32 values bitsandbytes ships (quantiles of N(0, 1), scaled to
 # [-1, 1], with an exact 0 and an extra positive value so that both -1 and 1 are representable).
@@ -367,3 +379,76 @@ def dequantize_nf4_ref(packed, absmax, shape, blocksize: int = 64, dtype: torch.
     q = torch.nn.functional.pad(q, (0, n_blocks * blocksize - n), value=ZERO_CODE)  # whole blocks
     w = nf4_code(packed.device)[q].view(n_blocks, blocksize) * absmax[:, None]  # float32
     return w.view(-1)[:n].to(dtype).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Check: the kernels against the references, bit for bit, on awkward shapes
+
+
+def awkward_weight(shape, dtype, seed=0, device="cpu") -> torch.Tensor:
+    """Gaussian weights whose scale grows from 1e-3 to 1e3 along the flat index, with the second block all
+    zeros (absmax 0 -> code 7): every code, tiny and huge blocks, and the zero guard get exercised."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0] * shape[1]
+    w = torch.randn(n, generator=g) * 10.0 ** torch.linspace(-3, 3, n)
+    w[64:128] = 0.0
+    return w.view(shape).to(dtype).to(device)
+
+
+def check(device, shapes=None, quantize_ref=quantize_nf4_ref, dequantize_ref=dequantize_nf4_ref) -> bool:
+    """Print a ✅/❌ row per (op, shape, dtype): the Triton kernel's bytes, scales and weights must equal the
+    reference's exactly. The references run on the CPU. Returns whether every row passed."""
+    # (37, 129): blocks straddle rows, odd count (a pad nibble); (3, 5): one partial block; (1, 1): one
+    # element; (64, 130): whole blocks. A GPU also runs a large awkward shape.
+    if shapes is None:
+        shapes = [(37, 129), (3, 5), (1, 1), (64, 130)] + ([(1823, 781)] if device.type == "cuda" else [])
+    rows = []
+    for shape in shapes:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            w = awkward_weight(shape, dtype)
+            packed, absmax = quantize_nf4(w.to(device), backend="triton")
+            ref_packed, ref_absmax = quantize_ref(w, 64)
+            bad = int((packed.cpu() != ref_packed).sum()) + int((absmax.cpu() != ref_absmax).sum())
+            rows.append({"op": "quantize", "shape": "x".join(map(str, shape)), "dtype": str(dtype)[6:],
+                         "mismatches": bad, "ok": OK if bad == 0 else FAIL})
+            w_hat = dequantize_nf4(packed, absmax, shape, dtype=dtype, backend="triton")
+            ref = dequantize_ref(ref_packed, ref_absmax, shape, 64, dtype)
+            bad = int((w_hat.cpu() != ref).sum())
+            rows.append({**rows[-1], "op": "dequantize", "mismatches": bad, "ok": OK if bad == 0 else FAIL})
+    print_table(rows)
+    return all(r["ok"] == OK for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmark (GPU only): both kernels stream, so GB/s against a device copy is the figure of merit
+
+
+def benchmark(device, shape=(11008, 4096), timer=time_s, copy_bytes=2**30) -> None:
+    """GB/s of quantize and dequantize on a bf16 Llama-7B MLP weight, Triton vs the reference, beside the
+    copy roofline. Bytes moved: quantize reads 2n and writes n/2 + 4n/64; dequantize the reverse.
+    (`timer` and `copy_bytes` let a test run this on the interpreter with a fake clock.)"""
+    w = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    n = w.numel()
+    nf4_bytes = n // 2 + 4 * triton.cdiv(n, 64)
+    packed, absmax = quantize_nf4(w)
+    cases = {
+        "quantize_nf4 (Triton)": lambda: quantize_nf4(w, backend="triton"),
+        "quantize_nf4_ref (PyTorch)": lambda: quantize_nf4_ref(w),
+        "dequantize_nf4 (Triton)": lambda: dequantize_nf4(packed, absmax, shape, backend="triton"),
+        "dequantize_nf4_ref (PyTorch)": lambda: dequantize_nf4_ref(packed, absmax, shape),
+    }
+    roofline = copy_gbs(device, copy_bytes, timer)
+    rows = [{"what": "device copy (the roofline)", "us": "", "GB/s": f"{roofline:.0f}", "of roofline": "100%"}]
+    for name, fn in cases.items():
+        fn()  # the autotuner times its tiles on the first call
+        seconds = timer(fn)
+        gbs = (2 * n + nf4_bytes) / seconds / 1e9
+        rows.append({"what": name, "us": f"{seconds * 1e6:.0f}", "GB/s": f"{gbs:.0f}",
+                     "of roofline": f"{gbs / roofline:.0%}"})
+    print(f"\n{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, "
+          f"{shape[0]}x{shape[1]} bf16 weight")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main(check, benchmark, "minillm.kernels.nf4")

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from minillm.kernels.nf4 import dequantize_nf4, quantize_nf4
-from minillm.nf4_double_quant import DQ_BLOCKSIZE, double_dequantize, double_quantize
 from minillm.kernels.nf4_matmul import nf4_matmul, nf4_matmul_backward_input
+from minillm.nf4_double_quant import DQ_BLOCKSIZE, double_dequantize, double_quantize
 
 
 class NF4MatmulFn(torch.autograd.Function):

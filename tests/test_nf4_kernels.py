@@ -1,13 +1,21 @@
 """NF4 kernels: Triton vs plain-PyTorch reference (bit for bit), the reference vs a slow per-element loop,
-hand-computed golden bytes, double quantization, and the matmul paths with their input gradient.
+hand-computed golden bytes, the matmul paths with their input gradient (every GEMV tile of both loops),
+and the two runnable tutorials (`python -m minillm.kernels.nf4` / `.nf4_matmul`): all ✅, and ❌ when the
+reference they check against is wrong.
 
 On a CPU-only machine conftest.py turns on TRITON_INTERPRET=1, so the Triton kernels run here too.
 """
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import minillm.kernels.nf4 as nf4_tutorial
+import minillm.kernels.nf4_matmul as matmul_tutorial
 from minillm.kernels.nf4 import (
     NF4_CODE,
     dequantize_nf4,
@@ -17,15 +25,10 @@ from minillm.kernels.nf4 import (
     quantize_nf4_ref,
     use_triton,
 )
-from minillm.nf4_double_quant import (
-    create_dynamic_map,
-    double_dequantize,
-    double_quantize,
-    quantize_dynamic,
-)
 from minillm.kernels.nf4_matmul import (
     GEMV_MAX_ROWS,
     GEMV_TILES,
+    TOLERANCE,
     _gemv,
     choose_path,
     nf4_matmul,
@@ -244,66 +247,10 @@ def test_backend_choice_and_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Double quantization
-
-
-def test_dynamic_map_known_entries():
-    code = create_dynamic_map()
-    assert code.dtype == torch.float32 and code.numel() == 256
-    assert (code[1:] > code[:-1]).all()  # sorted, no duplicates
-    assert code[127].item() == 0.0 and code[255].item() == 1.0
-    assert torch.equal(code[:127], -code[128:255].flip(0))  # symmetric apart from 0 and 1.0
-    # decade 1e-6 holds one value, the middle of [0.1, 1]; decade 1e-5 two: middles of [0.1, 0.55, 1]
-    assert code[128].item() == pytest.approx(0.55e-6, rel=1e-6)
-    assert code[129].item() == pytest.approx(3.25e-6, rel=1e-6)
-    assert code[130].item() == pytest.approx(7.75e-6, rel=1e-6)
-    # the top decade holds 64 values, the middles of linspace(0.1, 1, 65): the last is (0.9859375 + 1) / 2
-    assert code[254].item() == pytest.approx(0.99296875, rel=1e-6)
-    assert code[253].item() == pytest.approx(0.97890625, rel=1e-6)
-    assert code[0].item() == pytest.approx(-0.99296875, rel=1e-6)
-
-
-def test_dynamic_quantize_is_nearest():
-    code = create_dynamic_map()
-    x = torch.rand(20000, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    x[:6] = torch.tensor([0.0, 1.0, -1.0, 0.55e-6, -1e-9, 0.996])
-    q = quantize_dynamic(x, code).long()
-    dist = (x[:, None] - code[None, :]).abs()
-    assert torch.equal(dist.gather(1, q[:, None])[:, 0], dist.min(dim=1).values)
-    assert q[:4].tolist() == [127, 255, 0, 128]
-
-
-def test_double_quant_roundtrip():
-    g = torch.Generator().manual_seed(6)
-    absmax = torch.rand(1000, generator=g) * 0.2 + 0.01  # 4 blocks of 256, the last partial
-    qabsmax, scales, offset = double_quantize(absmax)
-    assert qabsmax.dtype == torch.uint8 and qabsmax.shape == (1000,)
-    assert scales.dtype == torch.float32 and scales.shape == (4,)
-    assert offset.dtype == torch.float32 and offset.item() == pytest.approx(absmax.mean().item(), rel=1e-6)
-    back = double_dequantize(qabsmax, scales, offset)
-    # the widest gap of the dynamic map is 0.9930 - 0.9789 = 0.01406: error <= half of it times the scale
-    bound = 0.00704 * scales.repeat_interleave(256)[:1000] + 1e-7
-    assert ((back - absmax).abs() <= bound).all()
-    # one multiply then one add, in float32
-    code = create_dynamic_map()
-    assert back[300].item() == (code[qabsmax[300].long()] * scales[1] + offset).item()
-
-
-def test_double_quant_constant_block_is_exact():
-    absmax = torch.full((300,), 0.125)  # centred values all 0: scale 0, NaN -> code 0, back to offset
-    back = double_dequantize(*double_quantize(absmax))
-    assert torch.equal(back, absmax)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Matmul: fused GEMV (few rows) and dequantize + matmul (many rows), forward and input gradient
 
 # y differs from the reference only by summation order (and rounding y to x.dtype): explicit tolerances
-TOL = {
-    torch.float32: dict(atol=1e-4, rtol=1e-5),
-    torch.float16: dict(atol=2e-2, rtol=2e-3),  # 2 fp16 ulps of outputs around 10
-    torch.bfloat16: dict(atol=1.3e-1, rtol=1.6e-2),  # 2 bf16 ulps
-}
+TOL = TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -377,11 +324,67 @@ def test_matmul_shape_errors(nf4_weight):
         nf4_matmul(torch.randn(2, n_in), packed, absmax[:-1], n_out, n_in)
 
 
-def test_codebooks_are_made_once_per_device():
+def test_codebook_is_made_once_per_device():
     # a fresh host-to-device copy per matmul would stall the GPU and break CUDA graph capture
     from minillm.kernels.nf4 import nf4_code
-    from minillm.nf4_double_quant import dynamic_code
 
     assert nf4_code() is nf4_code("cpu") is nf4_code(torch.device("cpu"))
-    assert dynamic_code() is dynamic_code("cpu")
-    assert nf4_code().tolist() == list(NF4_CODE) and dynamic_code()[127].item() == 0.0
+    assert nf4_code().tolist() == list(NF4_CODE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runnable tutorials
+
+
+@pytest.mark.parametrize("module,rows", [("minillm.kernels.nf4", 24), ("minillm.kernels.nf4_matmul", 30)])
+def test_tutorial_runs_and_every_row_passes(module, rows):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("✅") == rows and "❌" not in out.stdout, out.stdout
+
+
+def test_tutorial_without_gpu_or_interpreter_says_how_to_run():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the tutorial runs the compiled kernels")
+    out = subprocess.run([sys.executable, "-m", "minillm.kernels.nf4"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "TRITON_INTERPRET=1 python -m minillm.kernels.nf4" in out.stderr
+
+
+def test_a_wrong_reference_shows_a_cross(capsys):
+    def off_by_one_code(w, blocksize):  # a reference with one nibble wrong
+        packed, absmax = quantize_nf4_ref(w, blocksize)
+        packed[0] ^= 1
+        return packed, absmax
+
+    def transposed(x, packed, absmax, n_out, n_in, blocksize=64):  # a wrong matmul: the other W layout
+        w = dequantize_nf4_ref(packed, absmax, (n_in, n_out), blocksize, x.dtype)
+        return x @ w
+
+    device = torch.device(DEVICE)
+    assert nf4_tutorial.check(device, shapes=[(3, 5)])
+    table = capsys.readouterr().out
+    assert table.count("✅") == 6 and "❌" not in table
+    assert not nf4_tutorial.check(device, shapes=[(3, 5)], quantize_ref=off_by_one_code)
+    table = capsys.readouterr().out
+    # the wrong code fails quantize (one byte differs) and dequantize (its weight differs), each dtype
+    assert table.count("❌") == 6 and table.count("✅") == 0
+    assert not matmul_tutorial.check(device, shapes=[(6, 6)], matmul_ref=transposed)
+    table = capsys.readouterr().out
+    # y = x @ W^T fails through all three paths and dtypes; grad_x (right reference) passes
+    assert table.count("❌") == 9 and table.count("✅") == 9
+
+
+def test_benchmarks_report_gbs_against_the_copy_roofline(capsys):
+    fake_clock = lambda fn: (fn(), 1e-9)[1]  # runs fn once, "takes" 1 ns
+    device = torch.device(DEVICE)
+    nf4_tutorial.benchmark(device, shape=(4, 64), timer=fake_clock, copy_bytes=1024)
+    matmul_tutorial.benchmark(device, shapes=((4, 64),), timer=fake_clock, copy_bytes=1024)
+    out = " ".join(capsys.readouterr().out.split())
+    # copy: 2 * 1024 bytes / 1 ns = 2048 GB/s. Quantize and dequantize of 256 weights move 2*256 bytes of
+    # bf16 + 128 of codes + 4*4 of scales = 656 GB/s, 32% of the copy; a decode step moves the 144 bytes of
+    # NF4 + 2*(64 + 4) of x and y = 280 GB/s (14%), and dense bf16 reads 2*256 + 136 = 648 GB/s (32%).
+    assert "device copy (the roofline) | | 2048 | 100%" in out and "(the roofline): 2048 GB/s" in out
+    assert out.count("| 656 | 32% |") == 4, out
+    assert out.count("| 280 | 14% |") == 4 and out.count("| 648 | 32% |") == 1, out

@@ -1,5 +1,6 @@
 """NF4Linear against nn.Linear on the dequantized weight (the QLoRA check), the model-wide swap,
-state_dict round trips and the double-quantized variant."""
+state_dict round trips, the double-quantized variant, and double quantization itself
+(minillm/nf4_double_quant.py)."""
 
 import pytest
 import torch
@@ -7,6 +8,13 @@ from torch import nn
 
 from minillm.kernels.nf4 import quantize_nf4
 from minillm.nf4 import NF4Linear, quantize_model_
+from minillm.nf4_double_quant import (
+    create_dynamic_map,
+    double_dequantize,
+    double_quantize,
+    dynamic_code,
+    quantize_dynamic,
+)
 
 # y = x @ W^T on identical weights: fp32 differs only by summation order, bf16 by 2 ulps of the output
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=1.3e-1, rtol=1.6e-2)}
@@ -215,3 +223,61 @@ def test_compiled_qlora_training_step_matches_eager():
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
     assert eager and all(torch.allclose(p.grad, eager[n], atol=1e-6) for n, p in model.named_parameters()
                          if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Double quantization
+
+
+def test_dynamic_map_known_entries():
+    code = create_dynamic_map()
+    assert code.dtype == torch.float32 and code.numel() == 256
+    assert (code[1:] > code[:-1]).all()  # sorted, no duplicates
+    assert code[127].item() == 0.0 and code[255].item() == 1.0
+    assert torch.equal(code[:127], -code[128:255].flip(0))  # symmetric apart from 0 and 1.0
+    # decade 1e-6 holds one value, the middle of [0.1, 1]; decade 1e-5 two: middles of [0.1, 0.55, 1]
+    assert code[128].item() == pytest.approx(0.55e-6, rel=1e-6)
+    assert code[129].item() == pytest.approx(3.25e-6, rel=1e-6)
+    assert code[130].item() == pytest.approx(7.75e-6, rel=1e-6)
+    # the top decade holds 64 values, the middles of linspace(0.1, 1, 65): the last is (0.9859375 + 1) / 2
+    assert code[254].item() == pytest.approx(0.99296875, rel=1e-6)
+    assert code[253].item() == pytest.approx(0.97890625, rel=1e-6)
+    assert code[0].item() == pytest.approx(-0.99296875, rel=1e-6)
+
+
+def test_dynamic_quantize_is_nearest():
+    code = create_dynamic_map()
+    x = torch.rand(20000, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    x[:6] = torch.tensor([0.0, 1.0, -1.0, 0.55e-6, -1e-9, 0.996])
+    q = quantize_dynamic(x, code).long()
+    dist = (x[:, None] - code[None, :]).abs()
+    assert torch.equal(dist.gather(1, q[:, None])[:, 0], dist.min(dim=1).values)
+    assert q[:4].tolist() == [127, 255, 0, 128]
+
+
+def test_double_quant_roundtrip():
+    g = torch.Generator().manual_seed(6)
+    absmax = torch.rand(1000, generator=g) * 0.2 + 0.01  # 4 blocks of 256, the last partial
+    qabsmax, scales, offset = double_quantize(absmax)
+    assert qabsmax.dtype == torch.uint8 and qabsmax.shape == (1000,)
+    assert scales.dtype == torch.float32 and scales.shape == (4,)
+    assert offset.dtype == torch.float32 and offset.item() == pytest.approx(absmax.mean().item(), rel=1e-6)
+    back = double_dequantize(qabsmax, scales, offset)
+    # the widest gap of the dynamic map is 0.9930 - 0.9789 = 0.01406: error <= half of it times the scale
+    bound = 0.00704 * scales.repeat_interleave(256)[:1000] + 1e-7
+    assert ((back - absmax).abs() <= bound).all()
+    # one multiply then one add, in float32
+    code = create_dynamic_map()
+    assert back[300].item() == (code[qabsmax[300].long()] * scales[1] + offset).item()
+
+
+def test_double_quant_constant_block_is_exact():
+    absmax = torch.full((300,), 0.125)  # centred values all 0: scale 0, NaN -> code 0, back to offset
+    back = double_dequantize(*double_quantize(absmax))
+    assert torch.equal(back, absmax)
+
+
+def test_dynamic_map_is_made_once_per_device():
+    # NF4Linear dequantizes its scales on every forward: a host-to-device copy per call would stall the GPU
+    assert dynamic_code() is dynamic_code("cpu") is dynamic_code(torch.device("cpu"))
+    assert torch.equal(dynamic_code(), create_dynamic_map()) and dynamic_code()[127].item() == 0.0
