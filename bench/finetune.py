@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
+from minillm.device import pick_device  # noqa: E402
 from minillm.lora import apply_lora, mark_only_lora_trainable  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 from minillm.nf4 import quantize_model_  # noqa: E402
@@ -82,10 +83,10 @@ def main():
     p.add_argument("--seq", default="512,1024", help="comma list of sequence lengths")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--steps", type=int, default=6, help="steps per row (median of all but the first)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU), cuda or cpu")
     p.add_argument("--peer", action="store_true", help="also time transformers + peft (+ bitsandbytes)")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = ModelConfig.from_name(args.preset)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
+from minillm.device import pick_device  # noqa: E402
 from minillm.generation import decode_one_token, prefill  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 
@@ -81,7 +82,7 @@ def measure(model, device, prompt_len, new_tokens, compiled):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="openllama-7b", help="model shape (see minillm/config.py)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU), cuda or cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype")
     p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: NF4 projections")
     p.add_argument("--prompt-len", type=int, default=512, help="prefill length")
@@ -89,7 +90,7 @@ def main():
     p.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
     p.add_argument("--peer", action="store_true", help="also time transformers (+ bitsandbytes for nf4)")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     cfg = ModelConfig.from_name(args.preset)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from minillm.device import pick_dtype
+from minillm.device import pick_device, pick_dtype
 from minillm.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
 from minillm.model import Llama
 from minillm.train_config import TrainConfig, apply_overrides, load_config
@@ -77,7 +77,7 @@ def main():
                         help="untimed steps first (compilation happens here)")
     parser.add_argument("--no-compile", action="store_true", help="measure without torch.compile")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     if args.config:
         runs = [(path, load_config(path)) for path in args.config]
     elif device.type == "cuda":  # micro-batches that fit an 80 GB GPU

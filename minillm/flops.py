@@ -214,7 +214,8 @@ def main(argv=None) -> str:
                      help="a train TOML (configs/*.toml): model, batch_size, block_size, finetune.* from it")
     parser.add_argument("--method", choices=("full", "lora", "qlora"), default=None,
                         help="what trains (default: full, or finetune.method from --config)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 1024 or block_size)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="sequence length (default: block_size, or 1024 capped at the preset's max_seq_len)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch size (default 1 or batch_size)")
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8 or finetune.lora_r)")
     parser.add_argument("--lora-targets", default=None,
@@ -237,7 +238,7 @@ def main(argv=None) -> str:
         name = args.preset or "openllama-7b"
         cfg = ModelConfig.from_name(name)
     method = args.method or method
-    seq, batch = args.seq or seq, args.batch or batch
+    seq, batch = args.seq or min(seq, cfg.max_seq_len), args.batch or batch
     r = args.lora_r or r
     targets = args.lora_targets.split(",") if args.lora_targets else targets
     report = format_report(cfg, name, method, batch, seq,

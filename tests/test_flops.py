@@ -40,7 +40,9 @@ def test_tiny_preset_is_the_model_the_main_job_trains():
     assert tiny == ModelConfig() == TrainConfig().model == load_config(ROOT / "configs" / "tiny.toml").model
     assert (tiny.dim, tiny.n_layers, tiny.n_heads, tiny.hidden_dim, tiny.vocab_size) == (128, 4, 4, 352, 4096)
     # 2 · 4096 · 128 (embedding, untied lm_head) + 4 · (4 · 128² + 3 · 128 · 352 + 2 · 128) + 128
-    assert "parameters                   1,852,544" in flops.main(["--preset", "tiny"])
+    report = flops.main(["--preset", "tiny"])
+    assert "parameters                   1,852,544" in report
+    assert "method full, batch 1, seq 256" in report  # the default 1024 capped at the model's context
 
 
 def test_openllama_7b_numbers():
