@@ -252,6 +252,15 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
                    norm_eps=_short_float(_require(g, keys["norm_eps"], FLOAT32)),
                    rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)))
     config = ModelConfig.from_metadata(values, keys, str(g.path))
+    # llama.cpp's RoPE scaling keys (convert_hf_to_gguf writes them for a scaled config.json): refused, as
+    # config.json's rope_scaling is, rather than loaded into a model that computes something else
+    scaling = g.metadata.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ValueError(f"{g.path}: llama.rope.scaling.type = {scaling!r}: RoPE scaling is not supported "
+                         f"(minillm implements plain RoPE)")
+    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+        if g.metadata.get(key, 1.0) not in (0.0, 1.0):  # llama.cpp reads 0 as "not set"
+            raise ValueError(f"{g.path}: {key} = {g.metadata[key]!r}: RoPE scaling is not supported")
     rope_dims = _require(g, "llama.rope.dimension_count", UINT32)
     if rope_dims != config.head_dim:
         raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, but minillm rotates the whole "

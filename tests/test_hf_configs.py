@@ -306,6 +306,21 @@ def test_gguf_bad_metadata_named_by_key(gguf_file, tmp_path, key, fmt, value, sh
         Llama.from_pretrained(bad)
 
 
+def test_gguf_rope_scaling_is_refused(tmp_path):
+    from minillm.gguf_format import expected_shapes
+    from minillm.gguf_writer import write_gguf
+
+    tok = tiny_tokenizer(tmp_path / "tokenizer.model", vocab_size=384)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=tok.vocab_size, max_seq_len=64)
+    state = {k: torch.zeros(s) for k, s in expected_shapes(cfg).items()}
+    write_gguf(tmp_path / "m.gguf", cfg, iter(state.items()), tok, "f32", progress=False, chat_template="yarn")
+    # the one extra STRING key the writer can add has a name exactly as long as llama.cpp's scaling key
+    data = (tmp_path / "m.gguf").read_bytes().replace(b"tokenizer.chat_template", b"llama.rope.scaling.type")
+    (tmp_path / "scaled.gguf").write_bytes(data)
+    with pytest.raises(ValueError, match=r"scaled.gguf: llama.rope.scaling.type = 'yarn': RoPE scaling is not "):
+        Llama.from_pretrained(tmp_path / "scaled.gguf")
+
+
 # ---------------------------------------------------------------------------------------------------
 # broken files: one line naming the file
 
