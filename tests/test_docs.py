@@ -216,7 +216,7 @@ def test_anchor_checker_and_fixer(tmp_path):
     (code / "m.py").write_text("X = 1\n\n\nclass A:\n    def f(self):\n        def inner():\n            pass\n")
     assert definitions(code / "m.py") == {"X": 1, "A": 4, "A.f": 5, "inner": 6}
     doc = tmp_path / "doc.md"
-    doc.write_text("[`A.f`](code/m.py#L1) and [`X`](code/m.py), [`m.py`](code/m.py), ```\n[`A`](code/m.py)```")
+    doc.write_text("[`A.f`](code/m.py#L1) and [`X`](code/m.py), [`m.py`](code/m.py)\n```\n[`A`](code/m.py)\n```\n")
     assert [(n, f, line) for _, n, f, line in code_links(doc.read_text())] == [("A.f", "code/m.py", 1),
                                                                                 ("X", "code/m.py", None)]
     assert len(fix_links(doc)) == 2
