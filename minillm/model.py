@@ -192,7 +192,7 @@ class Llama(nn.Module):
         """(Re)build the RoPE tables for positions [0, seq_len); called again after a model built on the
         meta device is loaded. The tables grow to the length actually run (grow_rope, from forward and
         setup_caches), never to config.max_seq_len up front: that is only a limit, and a checkpoint's
-        metadata may claim 2^31 positions (a 32 GiB table for head_dim 128)."""
+        metadata may claim 2^31 positions (a table of 2^31 × head_dim floats: a terabyte for head_dim 128)."""
         if device is None:
             device = self.embed_tokens.weight.device
         # on "meta" this records shapes only; inference_mode(False): a table grown while decoding under
