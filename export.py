@@ -25,7 +25,8 @@ def main(argv=None):
     p.add_argument("--format", choices=["gguf", "hf", "meta", "gguf-lora"], default="gguf",
                    help="output format; gguf-lora: the --adapter alone, unmerged, for llama.cpp's --lora")
     p.add_argument("--outtype", default=None,
-                   help="gguf: f32, f16 (default), bf16, q8_0, q4_0; gguf-lora: f32 (default), f16; "
+                   help="gguf: f32, f16 (default), bf16, q8_0, q4_0, or llama-quantize's mixes q4_k_m, q5_k_m, "
+                        "q6_k, q4_k_s, q5_k_s, q4_k, q5_k, q4_1, q5_0, q5_1; gguf-lora: f32 (default), f16; "
                         "hf/meta: auto (as stored), f32, f16, bf16")
     p.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory to merge before writing")
     p.add_argument("--qlora", action="store_true",

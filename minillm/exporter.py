@@ -32,7 +32,8 @@ from minillm.meta_format import save_meta
 from minillm.model import Llama
 from minillm.templates import JINJA, TEMPLATES, read_template_record
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q4_k", "q5_k",
+              "q4_1", "q5_0", "q5_1")  # from q4_k_m on: llama-quantize's file types (quant_mix.py)
 TORCH_TYPES = ("auto", "f32", "f16", "bf16")  # hf/meta outtypes: auto keeps the stored dtype
 
 
@@ -41,7 +42,7 @@ class ExportConfig:
     checkpoint: str  # HF/OpenLLaMA directory, minillm checkpoint, Meta directory or .gguf
     out: str  # .gguf file (format gguf) or a directory (hf, meta)
     format: str = "gguf"  # gguf | hf | meta | gguf-lora (the adapter alone, for llama.cpp's --lora)
-    outtype: str | None = None  # gguf: f32 f16 (default) bf16 q8_0 q4_0; hf/meta: auto (as stored) f32 f16 bf16
+    outtype: str | None = None  # gguf: one of GGUF_TYPES, f16 by default; hf/meta: auto (as stored) f32 f16 bf16
     adapter: str | None = None  # a PEFT-format LoRA adapter directory to merge first
     qlora: bool = False  # the adapter was trained on an NF4 base: merge into the NF4-rounded weights
     tokenizer: str | None = None  # tokenizer.model (default: the one beside the checkpoint)

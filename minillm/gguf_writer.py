@@ -11,9 +11,11 @@ Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` fo
   to F16 with a printed notice.
 - q/k rows are permuted from HF's rotate-half layout to llama.cpp's interleaved RoPE pairs (k with the
   number of KV heads); the reader permutes them back.
-- q4_0: `llama-quantize` gives the output matrix (or the tied embedding) Q6_K, which minillm does not
-  implement; we write it as Q8_0, the closer in quality of the two types we have. Everything else 2-D
-  is Q4_0; general.file_type is MOSTLY_Q4_0 as in llama.cpp's own mixed files.
+- q4_0: `llama-quantize` gives the output matrix (or the tied embedding) Q6_K; minillm's q4_0 predates
+  its Q6_K and writes Q8_0 there. Everything else 2-D is Q4_0; general.file_type is MOSTLY_Q4_0.
+- llama-quantize's file types (q4_k_m, q5_k_m, q6_k, q4_k_s, q5_k_s, q4_1, q5_0, q5_1; quant_mix.py)
+  give each tensor the type llama-quantize gives it, fallbacks included, and record its file type. Every
+  quantized export prints a per-tensor table: type, bits per weight, RMS error against the f32 weights.
 - Tokenizer piece types come from the SentencePiece API as the converter does: UNKNOWN, CONTROL, UNUSED,
   BYTE, else NORMAL. Whitespace user-defined pieces (our "\\n", "\\t") are written NORMAL, like the
   converter: llama.cpp splits USER_DEFINED tokens out of the text first and then re-adds a "▁" prefix
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minillm import quant_mix
 from minillm.config import ModelConfig
 from minillm.fileio import atomic_write
 from minillm.ggml_quants import (
@@ -47,6 +50,7 @@ from minillm.ggml_quants import (
     GGML_Q4_0,
     GGML_Q8_0,
     GGML_TYPES,
+    dequantize,
     quantize,
     row_bytes,
     type_name,
@@ -86,6 +90,8 @@ OUTTYPES = {
     "q8_0": (GGML_Q8_0, 7),
     "q4_0": (GGML_Q4_0, 2),
 }
+MIXES = (*quant_mix.FILE_TYPES, *quant_mix.ALIASES)  # llama-quantize's file types: per-tensor types
+OUTTYPES.update({m: (quant_mix.file_type(m).default, quant_mix.file_type(m).ftype) for m in MIXES})
 
 _CHUNK_VALUES = 1 << 22  # values converted at once while streaming (bounds the quantizers' temporaries)
 
@@ -113,6 +119,9 @@ def plan_tensors(config: ModelConfig, outtype: str, alignment: int = GGUF_DEFAUL
     for key, shape in expected_shapes(config).items():
         if len(shape) == 1:
             ggml_type = GGML_F32  # norms stay F32 in every llama.cpp file type
+        elif outtype in MIXES:
+            ggml_type = quant_mix.tensor_type(ours_to_gguf(key), shape, outtype, config.n_layers, config.n_heads,
+                                              config.n_kv_heads, tied=config.tie_embeddings)
         else:
             ggml_type = target
             # the matrix that produces the logits: llama-quantize uses Q6_K there; we use Q8_0 (see top)
@@ -274,6 +283,7 @@ def write_gguf(
     with atomic_write(path) as f:  # on any error below, the old file stays and no temp file is left
         f.write(header)
         seen: set[str] = set()
+        errors = {}  # GGUF name -> RMS error of the written tensor against the f32 weights
         for key, tensor in tqdm(stream, total=len(plans), desc=f"gguf {outtype}", unit="tensor",
                                 disable=not progress):
             if key == "lm_head.weight" and config.tie_embeddings:
@@ -288,28 +298,35 @@ def write_gguf(
                                  f"{p.shape} for this config")
             seen.add(key)
             f.seek(len(header) + p.offset)
-            _write_tensor(f, key, tensor, p, config)
+            errors[p.name] = _write_tensor(f, key, tensor, p, config)
         missing = [p.key for p in plans if p.key not in seen]
         if missing:
             raise ValueError(f"{path}: {len(missing)} tensors never arrived, e.g. {missing[:3]}")
         f.truncate(len(header) + total)  # zero padding after the last tensor
+    if outtype not in ("f32", "f16", "bf16"):
+        print(quant_mix.summary([(p.name, p.ggml_type, int(np.prod(p.shape)), errors[p.name]) for p in plans]))
     return plans
 
 
-def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: ModelConfig) -> None:
+def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: ModelConfig) -> float:
+    """Convert and write one tensor at the file position; returns its RMS error against the f32 values."""
     w = tensor.detach().cpu()
     if is_rope_rotated(key):
         heads = config.n_heads if key.endswith("q_proj.weight") else config.n_kv_heads
         w = hf_to_interleaved(w, heads)  # rotate-half rows -> interleaved pairs, as llama.cpp's RoPE wants
     w = w.reshape(-1, p.shape[-1])  # (rows, K); 1-D tensors become one row
     step = max(1, _CHUNK_VALUES // p.shape[-1])
-    written = 0
+    written, sq_err = 0, 0.0
     for r in range(0, w.shape[0], step):
-        data = quantize(w[r : r + step].float(), p.ggml_type)  # (chunk rows, row bytes) uint8
+        chunk = w[r : r + step].float()
+        data = quantize(chunk, p.ggml_type)  # (chunk rows, row bytes) uint8
         f.write(data.numpy().tobytes())
         written += data.numel()
+        if p.ggml_type != GGML_F32:
+            sq_err += (dequantize(data, p.ggml_type, p.shape[-1]) - chunk).double().pow(2).sum().item()
     assert written == p.nbytes, f"{key}: wrote {written} bytes, planned {p.nbytes}"
     f.write(b"\0" * (align(p.nbytes, GGUF_DEFAULT_ALIGNMENT) - p.nbytes))
+    return (sq_err / w.numel()) ** 0.5
 
 
 def write_tensors(path: str | os.PathLike, kvs: list[tuple],

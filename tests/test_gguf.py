@@ -310,8 +310,8 @@ def test_rebuilt_tokenizer_encodes_like_original(files, tok):
 def test_bad_outtype_and_mismatches(tok, model, tmp_path):
     cfg, sd = model
     path = tmp_path / "x.gguf"
-    with pytest.raises(ValueError, match="unknown GGUF outtype 'q4_k'"):
-        write_gguf(path, cfg, sd.items(), tok, "q4_k", progress=False)
+    with pytest.raises(ValueError, match="unknown GGUF outtype 'q3_k'"):
+        write_gguf(path, cfg, sd.items(), tok, "q3_k", progress=False)
     with pytest.raises(ValueError, match="384 pieces but the model's embedding has 400 rows"):
         write_gguf(path, make_config(tok, vocab_size=400), sd.items(), tok, "f32", progress=False)
     bad = dict(sd, **{"layers.0.mlp.up_proj.weight": torch.zeros(96, 65)})
