@@ -6,6 +6,8 @@
     4. evaluate   held-out loss, short-answer exact/contains, side-by-side Markdown reports → OUT/report_*.md
     5. export     merge the LoRA adapter and write GGUF q8_0 and q4_0 (llama.cpp's format)  → OUT/*.gguf
     6. generate   greedy answers from each GGUF, loaded back by minillm
+    7. ledger     held-out loss and KL vs the unquantized model along adapter → merged → f16 → q8_0 → …
+                  → q4_0 (minillm/ledger.py)
 
 Every stage calls the library, as the scripts do: minillm.train_config.load_config builds each TrainConfig
 from a dict of dotted overrides (the same keys as `python train.py --section.key value`), then
@@ -21,6 +23,7 @@ small corpus, tens of steps) to check the path end to end in about a minute: its
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -33,6 +36,7 @@ from minillm.evaluate import evaluate_loss, short_answer_accuracy, write_report
 from minillm.exporter import ExportConfig, export
 from minillm.generation import SamplingConfig, generate_text
 from minillm.instruct import read_examples, tokenize_example
+from minillm.ledger import fidelity_ledger, format_ledger
 from minillm.lora import DEFAULT_TARGETS
 from minillm.model import Llama
 from minillm.stdlib_dataset import build_stdlib_dataset, short_answer_subset, stdlib_root
@@ -197,11 +201,20 @@ def main(argv=None) -> dict:
               f"--prompt {question.instruction!r}\n  → {answer!r}   (reference: {question.output!r})", flush=True)
     print(f"in llama.cpp: llama-cli -m {ggufs['q8_0']} -p {prompt!r} -n 64", flush=True)
     times["generate"] = time.perf_counter() - t0
+
+    # ---- 7. the fidelity ledger -------------------------------------------------------------------------
+    banner(7, "the fidelity ledger: what each step from adapter to GGUF costs (docs/07-shipping.md)")
+    t0 = time.perf_counter()
+    ledger = fidelity_ledger(base, out / "lora" / "adapter", tokenized, tokenizer.pad_id, out)
+    print(f"python -m minillm.evaluate --base {base} --adapter {out / 'lora' / 'adapter'} --data {data.test_path}"
+          f"\n{format_ledger(ledger)}", flush=True)
+    times["ledger"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
 
     # ---- summary ----------------------------------------------------------------------------------------
     summary = dict(
         quick=args.quick, pretrain_val_loss=pretrain_val, seconds=times, n_eval_examples=len(tokenized),
+        ledger=[dataclasses.asdict(r) for r in ledger],
         models={k: {m: v for m, v in r.items() if m != "answers"} for k, r in results.items()},
         artifacts=dict(base=str(base), lora=str(out / "lora"), lora_adapter=str(out / "lora" / "adapter"),
                        qlora=str(out / "qlora"), qlora_adapter=str(out / "qlora" / "adapter"),

@@ -56,7 +56,7 @@ from tqdm import tqdm
 from minillm.checkpoint import load_pretrained, save_model
 from minillm.data import get_batch, prepare_dataset, read_corpus, train_corpus_tokenizer, unigram_entropy
 from minillm.device import pick_device, pick_dtype
-from minillm.fileio import atomic_write, remove_stale_temp_files
+from minillm.fileio import atomic_write, atomic_write_bytes, remove_stale_temp_files
 from minillm.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
@@ -65,7 +65,7 @@ from minillm.model import Llama
 from minillm.new_tokens import resize_vocab
 from minillm.peft_io import save_adapter
 from minillm.schedulers import get_lr
-from minillm.templates import format_prompt
+from minillm.templates import TEMPLATE_RECORD, format_prompt, trained_template, write_template_record
 from minillm.tokenizer import Tokenizer
 from minillm.train_config import TrainConfig, resume_mismatches, save_config, to_dict
 
@@ -385,6 +385,10 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
                                   cfg.data.val_frac, test_paths=test_paths, seed=cfg.data.seed)
         if verbose:
             print(data.summary())
+            template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
+            if template is not None:  # export ships it as a chat template; generate.py --chat uses it
+                Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+                write_template_record(cfg.out_dir, template)
         return InstructExamples(cfg, tokenizer, data.train, data.test)
     corpus = read_corpus(cfg.data.corpus)
     cache_dir = Path(cfg.data.cache_dir)
@@ -451,6 +455,8 @@ def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, dat
     save_model(plain_llama(model), out_dir, tokenizer.path)
     save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
                  tokenizer.path if cfg.finetune.new_tokens else None)
+    if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template to export
+        atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD, (out_dir / TEMPLATE_RECORD).read_bytes())
 
 
 def peak_memory_bytes(device: torch.device) -> int:

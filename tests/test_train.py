@@ -21,6 +21,7 @@ from minillm import training
 from minillm.checkpoint import load_pretrained
 from minillm.config import ModelConfig
 from minillm.model import Llama
+from minillm.templates import read_template_record
 from minillm.train_config import TrainConfig, apply_overrides, load_config
 from minillm.training import configure_optimizer, forward_backward, save_checkpoint, train
 
@@ -358,6 +359,8 @@ def test_lora_instruct_finetune_resumes_exactly_and_exports(assets, base_checkpo
 
     # exports: the PEFT adapter, and a plain model with the adapters folded in for generate.py
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
+    # the template it trained with (alpaca data, data.template unset → alpaca), for export and --chat
+    assert read_template_record(tmp_path / "a") == read_template_record(tmp_path / "a" / "adapter") == "alpaca"
     merged = load_pretrained(tmp_path / "a")
     x = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
