@@ -77,7 +77,8 @@ def main(argv=None):
                    help="file of prompts decoded as one batch: one per line, or .jsonl with a \"prompt\" field")
     p.add_argument("--draft", default=None,
                    help="a small checkpoint sharing the tokenizer: speculative decoding with it as the draft")
-    p.add_argument("--speculate-k", type=int, default=5, help="draft tokens proposed per target pass (with --draft)")
+    p.add_argument("--speculate-k", "--speculate_k", type=int, default=5,
+                   help="draft tokens proposed per target pass (with --draft; gpt-fast spells it --speculate_k)")
     p.add_argument("--template", choices=["none", "alpaca", "vicuna"], default="none",
                    help="wrap the prompt in an instruction template (alpaca: the prompt is the instruction)")
     p.add_argument("--input", default=None, help="the optional Alpaca 'input' field, with --template alpaca")

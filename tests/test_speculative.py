@@ -33,7 +33,7 @@ def target():
 def perturbed(model, scale, seed=1):
     """A copy of `model` with Gaussian noise of relative size `scale` on every weight: a draft that agrees
     with the target on some tokens and not on others."""
-    other = tiny(0)
+    other = Llama(model.config).eval()
     other.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -159,3 +159,26 @@ def test_rejection_rule_exact_cases():
     assert speculative_accept(p, one_hot[[2, 5]], torch.tensor([2, 5]), g) == [2, 4]
     assert speculative_accept(p, one_hot[[2, 4]], torch.tensor([2, 4]), g) == [2, 4, 1]  # all kept + bonus
     assert speculative_accept(p, one_hot[[3, 4]], torch.tensor([3, 4]), g) == [2]
+
+
+def test_generate_cli_with_a_draft_prints_the_targets_greedy_text(tmp_path, capsys):
+    from tiny import tiny_tokenizer
+
+    import generate
+    from minillm.checkpoint import save_model
+
+    tok = tiny_tokenizer(tmp_path / "tokenizer.model")
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=tok.vocab_size,
+                      max_seq_len=64)
+    big = Llama(cfg).eval()
+    save_model(big, tmp_path / "target", tokenizer_path=tok.path)
+    save_model(perturbed(big, 0.5), tmp_path / "draft", tokenizer_path=tok.path)
+    common = ["--checkpoint", str(tmp_path / "target"), "--prompt", "import json", "--temperature", "0",
+              "--max-new-tokens", "20"]
+    generate.main(common)
+    alone = capsys.readouterr()
+    generate.main(common + ["--draft", str(tmp_path / "draft"), "--speculate_k", "3"])
+    spec = capsys.readouterr()
+    assert spec.out == alone.out and "draft tokens accepted" in spec.err
+
