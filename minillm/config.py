@@ -241,7 +241,7 @@ HF_DEFAULTS = {"n_kv_heads": None, "vocab_size": 32000, "max_seq_len": 2048, "no
 # keys whose value changes the computation: only these values are implemented here
 HF_REQUIRED_VALUES = {
     "model_type": ("llama",),
-    "architectures": (["LlamaForCausalLM"], None, []),
+    "architectures": (["LlamaForCausalLM"], ["LLaMAForCausalLM"], None, []),  # LLaMA…: early 2023 conversions
     "hidden_act": ("silu", "swish"),  # transformers maps both names to SiLU
     "attention_bias": (False,),  # biases on q/k/v/o (InternLM-style Llamas)
     "mlp_bias": (False,),

@@ -183,6 +183,31 @@ def test_llama32_config_is_refused_for_its_rope_scaling():
         ModelConfig.from_hf_config(FIXTURES / "llama3.2_1b.json")
 
 
+def test_transformers_445_key_set_loads_without_its_scaling(tmp_path):
+    # Llama-3.2-1B's file minus rope_scaling: every key transformers 4.45 writes (head_dim, mlp_bias, …)
+    d = json.loads((FIXTURES / "llama3.2_1b.json").read_text()) | {"rope_scaling": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_dict(d, tmp_path)
+    assert cfg == ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
+                              max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True)
+
+
+def test_early_2023_conversion_loads(tmp_path):
+    # the first LLaMA conversions (transformers 4.27.0.dev0) spelled the class LLaMAForCausalLM and wrote
+    # max_sequence_length, which transformers ignores (max_position_embeddings then defaults to 2048)
+    d = {"architectures": ["LLaMAForCausalLM"], "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
+         "hidden_size": 64, "intermediate_size": 160, "initializer_range": 0.02, "max_sequence_length": 2048,
+         "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": -1,
+         "rms_norm_eps": 1e-06, "torch_dtype": "float16", "transformers_version": "4.27.0.dev0",
+         "use_cache": True, "vocab_size": 32000}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_dict(d, tmp_path)
+    assert cfg == ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=32000, max_seq_len=2048,
+                              norm_eps=1e-6, rope_theta=10000.0)
+
+
 def test_partial_rotary_is_refused(tmp_path):
     d = t5_config()
     d["rope_parameters"]["partial_rotary_factor"] = 0.5
