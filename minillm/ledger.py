@@ -64,8 +64,8 @@ def loss_and_kl(reference: Llama, model: Llama, examples: list[TokenizedExample]
     n = 0
     for x, y in iter_batches(examples, batch_size, pad_id):
         mask = y != IGNORE  # (B, T)
-        lp_ref = F.log_softmax(reference(x)[0].float()[mask], dim=-1)  # (N, V)
-        lp = F.log_softmax(model(x)[0].float()[mask], dim=-1)  # (N, V)
+        lp_ref = F.log_softmax(reference(x)[0][mask].double(), dim=-1)  # (N, V), float64: a KL near 0
+        lp = F.log_softmax(model(x)[0][mask].double(), dim=-1)  # (N, V)    stays ≥ 0 after rounding
         ce += float(F.nll_loss(lp, y[mask], reduction="sum"))
         kl += float((lp_ref.exp() * (lp_ref - lp)).sum())
         agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
