@@ -4,6 +4,7 @@
     2. LoRA       instruction-tune it on the embedded stdlib Q&A dataset (Alpaca format)    → OUT/lora
     3. QLoRA      the same, over an NF4-quantized frozen base                                 → OUT/qlora
     4. evaluate   held-out loss, short-answer exact/contains, side-by-side Markdown reports → OUT/report_*.md
+                  and the benchmark-style "which module defines X?" multiple choice (minillm.benchmark)
     5. export     merge the LoRA adapter and write GGUF q8_0 and q4_0 (llama.cpp's format)  → OUT/*.gguf
     6. generate   greedy answers from each GGUF, loaded back by minillm
     7. ledger     held-out loss and KL vs the unquantized model along adapter → merged → f16 → q8_0 → …
@@ -30,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+from minillm.benchmark import score_multiple_choice, stdlib_module_task
 from minillm.checkpoint import load_tokenizer
 from minillm.device import pick_device
 from minillm.evaluate import evaluate_loss, short_answer_accuracy, write_report
@@ -151,16 +153,20 @@ def main(argv=None) -> dict:
     scored = test if n_eval is None else test[:n_eval]
     tokenized = [tokenize_example(ex, tokenizer, TEMPLATE, 256) for ex in scored]
     short = short_answer_subset(test)[:n_short]
+    mc_task = stdlib_module_task(out / "stdlib_instruct")[:16 if args.quick else None]  # `run.py eval`'s task
     models = {"base": base, "lora": out / "lora", "qlora": out / "qlora"}
     results: dict[str, dict] = {}
     for name, path in models.items():
         model = Llama.from_pretrained(path, device=device)
         loss = evaluate_loss(model, tokenized, batch_size=16, pad_id=tokenizer.pad_id)
         acc = short_answer_accuracy(model, tokenizer, short, TEMPLATE, max_new_tokens=24)
+        mc = score_multiple_choice(model, tokenizer, mc_task)
         results[name] = dict(loss=loss["loss"], ppl=loss["ppl"], tokens=loss["tokens"], exact=acc["exact"],
-                             contains=acc["contains"], n_short=acc["n"], answers=acc["rows"])
+                             contains=acc["contains"], n_short=acc["n"], answers=acc["rows"],
+                             mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
         print(f"{name:6s} held-out loss {loss['loss']:.4f} (ppl {loss['ppl']:.1f}, {loss['tokens']:,d} tokens) | "
-              f"short answers: exact {acc['exact']:.0%}, contains {acc['contains']:.0%} of {acc['n']}", flush=True)
+              f"short answers: exact {acc['exact']:.0%}, contains {acc['contains']:.0%} of {acc['n']} | "
+              f"module multiple choice: acc {mc['acc']:.0%}, acc_norm {mc['acc_norm']:.0%} of {mc['n']}", flush=True)
     reports = {}
     for tuned in ("lora", "qlora"):
         rows = [dict(instruction=b["instruction"], reference=b["reference"], base=b["prediction"],
@@ -194,7 +200,9 @@ def main(argv=None) -> dict:
     for outtype, path in ggufs.items():
         model = Llama.from_pretrained(path, device=device)
         tok = load_tokenizer(path)  # rebuilt from the GGUF's tokenizer.ggml.* metadata
-        results[f"gguf_{outtype}"] = dict(loss=evaluate_loss(model, tokenized, 16, tok.pad_id)["loss"])
+        mc = score_multiple_choice(model, tok, mc_task)
+        results[f"gguf_{outtype}"] = dict(loss=evaluate_loss(model, tokenized, 16, tok.pad_id)["loss"],
+                                          mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
         answer = generate_text(model, tok, prompt, SamplingConfig(max_new_tokens=24, temperature=0.0, top_k=None))
         results[f"gguf_{outtype}"]["answer"] = answer
         print(f"python generate.py --checkpoint {path} --template {TEMPLATE} --temperature 0 --max-new-tokens 24 "
@@ -229,13 +237,16 @@ def main(argv=None) -> dict:
     rows = [("base (pretrained on code)", "base"), ("LoRA r=16", "lora"), ("QLoRA r=16 (NF4 base)", "qlora"),
             ("LoRA merged → GGUF q8_0", "gguf_q8_0"), ("LoRA merged → GGUF q4_0", "gguf_q4_0")]
     print(f"held-out loss on {len(tokenized):,d} examples about unseen stdlib symbols "
-          f"(response tokens only); short answers: {n_short} greedy answers per model\n")
-    print("| model | held-out loss | perplexity | exact | contains |\n|---|---|---|---|---|")
+          f"(response tokens only); short answers: {n_short} greedy answers per model; module MC: "
+          f"{len(mc_task)} held-out \"which module defines X?\" questions, 4 choices (chance 25%)\n")
+    print("| model | held-out loss | perplexity | exact | contains | module MC acc | acc_norm |\n"
+          "|---|---|---|---|---|---|---|")
     for label, key in rows:
         r = results[key]
         exact = f"{r['exact']:.0%}" if "exact" in r else "–"
         has = f"{r['contains']:.0%}" if "contains" in r else "–"
-        print(f"| {label} | {r['loss']:.4f} | {math.exp(r['loss']):.1f} | {exact} | {has} |")
+        print(f"| {label} | {r['loss']:.4f} | {math.exp(r['loss']):.1f} | {exact} | {has} | {r['mc_acc']:.0%} | "
+              f"{r['mc_acc_norm']:.0%} |")
     print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     return summary
 

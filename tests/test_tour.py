@@ -62,6 +62,9 @@ def test_summary_numbers(tour):
         m = s["models"][name]
         assert 0 <= m["exact"] <= m["contains"] <= 1 and m["n_short"] == 4
         assert math.isclose(m["ppl"], math.exp(m["loss"]), rel_tol=1e-9)
+    for name in ("base", "lora", "qlora", "gguf_q8_0", "gguf_q4_0"):  # 16 module questions under --quick
+        m = s["models"][name]
+        assert all(0 <= m[k] <= 1 and float(16 * m[k]).is_integer() for k in ("mc_acc", "mc_acc_norm")), m
     # quantizing the merged LoRA model changes its loss a little: q8_0 less than q4_0
     lora = s["models"]["lora"]["loss"]
     assert abs(s["models"]["gguf_q8_0"]["loss"] - lora) < 0.05
