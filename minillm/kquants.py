@@ -59,11 +59,11 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 
 
 def sum_in_order(t: torch.Tensor) -> torch.Tensor:
-    """(n, ...) -> (...): ((t[0] + t[1]) + t[2]) + ..., float32, as the C loop `s += t[i]`."""
-    acc = t[0].clone()
-    for row in t[1:]:
-        acc += row
-    return acc
+    """(n, ...) -> (...): ((t[0] + t[1]) + t[2]) + ..., float32, as the C loop `s += t[i]`.
+
+    numpy reduces an axis that is not the fastest in memory one row at a time, in float32 (its pairwise
+    summation applies only along the fast axis, see numpy.sum's notes): one call instead of n - 1 adds."""
+    return torch.from_numpy(np.add.reduce(t.contiguous().numpy(), axis=0))
 
 
 def round_codes_(v: torch.Tensor, bound: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
