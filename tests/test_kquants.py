@@ -1,7 +1,7 @@
 """Q4_K / Q5_K / Q6_K: the vectorized encoders of minillm/kquants.py against the block-at-a-time transcription of
 ggml's C in tests/kquant_reference.py, byte for byte, on random and awkward super-blocks; decoding against the
-grid each block defines; and golden blocks that llama.cpp itself produced (tests/data/llama_cpp_kquant_golden.json,
-written by bench/peer_quant_check.py through llama-cpp-python's `llama_model_quantize`)."""
+grid each block defines; and golden rows that llama.cpp's own quantizer produced (tests/data/
+llama_cpp_kquant_golden.json, from the libggml-base of a llama-cpp-python build; see the README's peer checks)."""
 
 import json
 from pathlib import Path
@@ -125,11 +125,16 @@ def test_dequantize_dispatch_shapes():
         assert y.shape == (2, 512) and y.dtype == torch.float32
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="golden fixture not generated")
 def test_llama_cpp_golden_blocks():
-    """Super-blocks quantized by llama.cpp itself (through llama-cpp-python): our bytes must be identical."""
+    """Rows of 256 values quantized by llama.cpp's own code (ggml_quantize_chunk, as llama_model_quantize calls
+    it): our bytes must be identical for every type, the awkward rows included."""
     golden = json.loads(GOLDEN.read_text())
-    for case in golden["cases"]:
-        x = torch.tensor(np.frombuffer(bytes.fromhex(case["f32_hex"]), dtype=np.float32).copy()).reshape(1, -1)
-        got = quantize(x, case["ggml_type"]).numpy().tobytes().hex()
-        assert got == case["llama_cpp_hex"], f"{case['name']} differs from llama.cpp"
+    x = torch.tensor(np.frombuffer(bytes.fromhex("".join(golden["f32_hex"])), dtype=np.float32).copy())
+    x = x.reshape(len(golden["f32_hex"]), 256)
+    assert torch.equal(x[:12], awkward_blocks())  # the fixture's inputs are this file's awkward blocks
+    types = {"Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": GGML_Q4_K, "Q5_K": GGML_Q5_K, "Q6_K": GGML_Q6_K}
+    assert sorted(golden["llama_cpp_hex"]) == sorted(types)
+    for name, expected in golden["llama_cpp_hex"].items():
+        got = quantize(x, types[name])
+        for i, row in enumerate(expected):
+            assert got[i].numpy().tobytes().hex() == row, f"{name} row {i} differs from llama.cpp"
