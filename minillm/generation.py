@@ -493,6 +493,7 @@ def generate_text_batch(model: Llama, tokenizer, prompts: list[str], cfg: Sampli
     detoks = [TextStream(tokenizer, leading_space=bool(p)) for p in prompts]
     outs = [""] * len(prompts)
     stopped = [False] * len(prompts)
+    done = []
     for row, tok in generate_tokens_batch(model, ids, cfg, tokenizer.eos_id, stats, stopped, decode_fn):
         if tok is None:  # EOS or the token limit
             outs[row] += detoks[row].flush()
@@ -503,6 +504,10 @@ def generate_text_batch(model: Llama, tokenizer, prompts: list[str], cfg: Sampli
                 continue
             outs[row] = outs[row][:cut]
             stopped[row] = True
+        done.append(row)
         if on_done is not None:
+            on_done(row, outs[row])
+    for row in range(len(prompts)):
+        if row not in done and on_done is not None:  # max_new_tokens = 0: no step ran
             on_done(row, outs[row])
     return outs

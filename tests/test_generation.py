@@ -204,6 +204,10 @@ def test_batched_text_stop_strings_and_on_done(model, tok):
     outs = generate_text_batch(model, tok, prompts, cfg_stop, on_done=lambda r, t: done.append((r, t)))
     assert outs == expected and sorted(done) == sorted(enumerate(expected))
     assert done[0] == (1, full[1][:full[1].find(stop)])  # the stopped row is reported first
+    done = []
+    assert generate_text_batch(model, tok, ["a", "bc"], SamplingConfig(max_new_tokens=0),
+                               on_done=lambda r, t: done.append((r, t))) == ["", ""]
+    assert done == [(0, ""), (1, "")]  # every row is reported, even when no step runs
 
 
 def test_generate_cli_prompts_file(tmp_path, model, tok, capsys):
