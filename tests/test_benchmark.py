@@ -134,7 +134,7 @@ def test_eval_cli_one_table_for_a_checkpoint_and_its_gguf(tmp_path, capsys):
     assert table[0] == "| checkpoint | task | n | acc | acc_norm | ppl | bits/byte |" and len(table) == 6
     want_mc = score_multiple_choice(model, tok, read_mc_task(mc))
     want_ppl = perplexity(model, tok, txt.read_text())
-    for ckpt, task, m in rows:  # the GGUF (f32) scores what the checkpoint scores
+    for _ckpt, task, m in rows:  # the GGUF (f32) scores what the checkpoint scores
         if task == str(mc):
             assert (m["acc"], m["acc_norm"]) == (want_mc["acc"], want_mc["acc_norm"])
             for got, want in zip(m["lls"], want_mc["lls"], strict=True):
