@@ -253,6 +253,9 @@ def main(argv=None) -> list[tuple[str, str, dict]]:
                    help=f"where the embedded dataset behind {STDLIB_TASK} is built (once)")
     p.add_argument("--device", default=None, help="cuda, cpu, … (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
+    for task in args.task:  # fail before loading any model
+        if task != STDLIB_TASK and not Path(task).is_file():
+            p.error(f"--task {task}: no such file (or use the embedded task {STDLIB_TASK!r})")
     device = pick_device(args.device or "auto")
     rows = []
     for ckpt in args.checkpoint:
