@@ -7,7 +7,7 @@ Spec: ggml's reference quantizers `quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref` 
 into blocks of 32 values; d and m are computed in float32 and stored as fp16:
 
     Q8_0 (34 B): d = amax / 127               q[j] = roundf(x[j] * id)     id = 1/d, or 0 when d == 0
-    Q4_0 (18 B): d = m / -8                   q[j] = min(15, (int8)(x[j] * id + 8.5f))   (a fused multiply-add)
+    Q4_0 (18 B): d = m / -8                   q[j] = min(15, (int8)(x[j] * id + 8.5f))
     Q5_0 (22 B): d = m / -16                  q[j] = min(31, (int8)(x[j] * id + 16.5f))
                  (m = the value of largest |x| *with its sign*)
     Q4_1 (20 B): d = (max - min) / 15, m = min        q[j] = min(15, (int8)((x[j] - min) * id + 0.5f))
@@ -20,11 +20,10 @@ Three details decide bit-exactness, and each is emulated here:
 1. `roundf` rounds halves away from zero (torch.round rounds them to even);
 2. the C loop for Q4_0 keeps the *first* element of largest magnitude (strict `<`), and an all-zero
    block keeps m = +0.0, so d = 0 / -8 = -0.0 and its fp16 bytes are 00 80;
-3. compilers contract `x0*id + 8.5f` into one FMA (single rounding). x*id of two float32s is exact in
-   float64 and so is the sum once |x*id| >= 0.25, so float64 arithmetic rounded once to float32
-   reproduces the FMA; plain float32 arithmetic (two roundings) differs in about 1 value per million.
-   Q4_1 / Q5_0 / Q5_1 (and the K-quants) round twice instead, as llama.cpp's x86-64 builds do (ggml-base,
-   where these quantizers live, is compiled without FMA there); see the README for both measurements.
+3. `x0 = x*id; x0 + 8.5f` rounds twice in float32 (no fused multiply-add), as llama.cpp's x86-64 builds
+   do: ggml-base, where the quantizers live, is compiled without -mfma. A compiler that contracts it into
+   one FMA (gcc on aarch64, or -march=native) picks another code in about 1 block of Q4_0 in 500,000
+   (measured against llama-cpp-python's libggml-base: 0 of 524,288 blocks differ here, 1 with the FMA).
 4. Q4_1 / Q5_1 keep the *first* minimum and maximum (strict `<` / `>`), so a zero min keeps its sign in m.
 
 Everything is vectorized in torch; callers pass rows of any length divisible by 32 (the writer chunks
@@ -132,8 +131,7 @@ def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     m = torch.where(m != 0, m, 0.0)  # an all-zero block keeps the C initial value +0.0 (also for -0.0)
     d = m / -8.0  # exact (power of two) except in the subnormal range, as in C
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
-    # the FMA: exact product + 8.5 in float64, then one rounding to float32, then (int8) truncation
-    v = (xb.double() * inv.double() + 8.5).float()
+    v = xb * inv + 8.5  # two float32 roundings (see 3. above), then the (int8) cast truncates
     q = v.trunc().clamp(max=15).to(torch.uint8)  # (N, 32), values 0..15
     packed = q[:, :16] | (q[:, 16:] << 4)  # element j low nibble, j+16 high nibble
     out = torch.cat([_fp16_bytes(d), packed], dim=1)  # (N, 18)

@@ -2,8 +2,8 @@
 
 The references below follow `quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref`, the dequantizers and
 `ggml_compute_fp32_to_bf16` line by line, in Python floats with explicit float32 roundings (`f32`).
-The golden Q4_0 blocks were produced by compiling that C with `gcc -O2 -march=native` (which contracts
-`x0 + 8.5f` into an FMA, as llama.cpp's builds do).
+The golden Q4_0 blocks are llama.cpp's own bytes (`ggml_quantize_chunk` of llama-cpp-python's libggml-base,
+x86-64, no FMA); the same C compiled with `gcc -O2 -march=native` fuses `x0 + 8.5f` and differs there.
 """
 
 import math
@@ -64,8 +64,8 @@ def ref_q4_0_block(xs: list[float]) -> bytes:
     inv = f32(1.0 / d) if d else 0.0
     q = []
     for v in xs:
-        # fmaf(v, inv, 8.5f): the product of two float32 is exact in a double, one rounding to float32
-        q.append(min(15, int(f32(v * inv + 8.5))))  # int() truncates like the (int8_t) cast
+        x0 = f32(v * inv)  # const float x0 = x*id; then x0 + 8.5f, each rounded to float32 (no FMA)
+        q.append(min(15, int(f32(x0 + 8.5))))  # int() truncates like the (int8_t) cast
     return fp16_bytes(d) + bytes(q[j] | (q[j + 16] << 4) for j in range(16))
 
 
@@ -198,17 +198,17 @@ def test_q4_0_edge_cases_exact_bytes():
     assert ties[:2] == fp16_bytes(1.0) and lo == [0, 15, 1, 9, 8, 14, 15, 15]
 
 
-def test_q4_0_golden_fma_blocks():
-    """Two blocks from gcc-compiled quantize_row_q4_0_ref (FMA contraction, as llama.cpp builds)."""
+def test_q4_0_golden_llama_cpp_blocks():
+    """Two blocks where rounding twice and a fused multiply-add disagree: llama.cpp's bytes (x86-64 build)."""
     x = torch.zeros(2, 32)
     bits = [(0xC04816BE, 0x3F16110B), (0xBFFDA677, 0xBF5DF1A8)]
     for i, (m, v) in enumerate(bits):
         x[i, 0] = struct.unpack("<f", struct.pack("<I", m))[0]
         x[i, 1] = x[i, 17] = struct.unpack("<f", struct.pack("<I", v))[0]
     got = quantize_q4_0(x).numpy().tobytes().hex()
-    # block 0: without FMA (two float32 roundings) byte 1 would be 0xaa
+    # block 0: with an FMA (gcc -march=native) byte 3 would be 0x99
     # block 1: float64 truncated without the final float32 rounding would give 0x44
-    assert got == "413680998888888888888888888888888888" "ed3380558888888888888888888888888888"
+    assert got == "413680aa8888888888888888888888888888" "ed3380558888888888888888888888888888"
 
 
 def type1_blocks() -> torch.Tensor:
