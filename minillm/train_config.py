@@ -59,6 +59,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/muon.py)
     weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -66,6 +67,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 disables clipping
 
     def __post_init__(self):
+        _check("optim.name", self.name, self.name in ("adamw", "muon"), '"adamw" or "muon"')
         _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0 (0: no decay)")
         for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
             _check(key, beta, 0 <= beta < 1, "in [0, 1) (an Adam moment's decay rate)")

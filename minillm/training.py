@@ -62,6 +62,7 @@ from minillm.generation import SamplingConfig, generate_tokens
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable
 from minillm.model import Llama
+from minillm.muon import muon_adamw
 from minillm.new_tokens import resize_vocab
 from minillm.peft_io import save_adapter
 from minillm.schedulers import get_lr
@@ -74,9 +75,12 @@ from minillm.train_config import TrainConfig, resume_mismatches, save_config, to
 
 
 def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
-                        eps: float, fused: bool) -> torch.optim.AdamW:
+                        eps: float, fused: bool, name: str = "adamw") -> torch.optim.Optimizer:
     """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm gains):
-    decaying a norm gain pulls it toward 0, which only fights the normalisation."""
+    decaying a norm gain pulls it toward 0, which only fights the normalisation. name "muon": the same
+    groups, with Muon's orthogonalized updates for the blocks' matrices (minillm/muon.py)."""
+    if name == "muon":
+        return muon_adamw(model, weight_decay, lr, betas, eps)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -609,7 +613,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
                                     (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
-                                    fused=device.type == "cuda")
+                                    fused=device.type in ("cuda", "cpu"),  # one kernel: 5x the for-loop on CPU
+                                    name=cfg.optim.name)
     start_step = 0
     if resume:
         start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler, data_generator)
