@@ -12,7 +12,7 @@ Not part of the test suite (llama-cpp-python is never a minillm dependency). Ste
 3. the two files are compared: general.file_type, each tensor's ggml type, and its bytes (differing
    blocks are counted per tensor); then llama.cpp loads and runs minillm's file and minillm runs
    llama.cpp's file, and their last-position logits are compared.
-Also: the awkward rows of tests/test_kquants.py go through `ggml_quantize_chunk` of the libggml-base that
+Also: the awkward rows of tests/kquant_reference.py go through `ggml_quantize_chunk` of the libggml-base that
 llama-cpp-python bundles (the call llama_model_quantize makes per tensor) for every new type.
 With --fixtures it writes tests/data/llama_cpp_mix_types.json (the types llama.cpp chose) and
 tests/data/llama_cpp_kquant_golden.json (those rows and llama.cpp's bytes for them).
@@ -62,7 +62,7 @@ def ggml_quantize_chunk(x: np.ndarray, ggml_type: int) -> np.ndarray:
 
 
 def golden_rows() -> dict:
-    from test_kquants import awkward_blocks
+    from kquant_reference import awkward_blocks
 
     from minillm.ggml_quants import quantize
 
@@ -74,7 +74,7 @@ def golden_rows() -> dict:
         print(f"ggml_quantize_chunk {type_name(t)}: {int(same.sum())}/{len(same)} rows identical to minillm's")
     return {"source": f"ggml_quantize_chunk (as llama_model_quantize calls it) from the libggml-base of "
                       f"llama-cpp-python {llama_cpp.__version__}, built from source on x86-64",
-            "inputs": "rows 0-11: tests/test_kquants.py awkward_blocks(); rows 12-13: 0.02 * randn",
+            "inputs": "rows 0-11: tests/kquant_reference.py awkward_blocks(); rows 12-13: 0.02 * randn",
             "f32_hex": [r.tobytes().hex() for r in x],
             "llama_cpp_hex": {k: [r.tobytes().hex() for r in v] for k, v in out.items()}}
 

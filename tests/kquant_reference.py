@@ -9,6 +9,7 @@ ints, and `u8` / `i8` are the C casts to uint8_t / int8_t. `x` is a list of 256 
 import struct
 
 import numpy as np
+import torch
 
 F = np.float32
 GROUP_MAX_EPS = F(1e-15)
@@ -246,3 +247,27 @@ def q6_k_block(x) -> bytes:
             ql[64 * h + l + 32] = q2 | (q4 << 4)
             qh[32 * h + l] = sum((L[j + l + 32 * k] >> 4) << (2 * k) for k in range(4))
     return bytes(ql) + bytes(qh) + bytes(s & 0xFF for s in sc) + d16
+
+
+def awkward_blocks() -> torch.Tensor:
+    """(12, 256) super-blocks where a plausible-but-wrong implementation differs from ggml."""
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randn(256, generator=g) * s for s in (1e-3, 1.0, 50.0)]
+    rows.append(torch.zeros(256))  # every scale 0: d = dmin = 0, Q6_K all-zero bytes
+    rows.append(torch.full((256,), 0.37))  # constant: flat sub-blocks with a positive min clipped to 0
+    rows.append(-torch.rand(256, generator=g))  # negative only: min < 0, max < 0
+    rows.append(torch.rand(256, generator=g) * 1e-20)  # tiny: fp16 d and dmin underflow to 0
+    r = torch.randn(256, generator=g)
+    r[5] = 40.0  # one outlier dominates its super-block's scales
+    rows.append(r)
+    r = torch.randn(256, generator=g)
+    r[:32] = 0.0  # a zero sub-block beside others
+    r[64:80] = 1.5  # a constant 16-value sub-block (Q6_K)
+    rows.append(r)
+    r = torch.randn(256, generator=g) * 1e-6  # fp16 subnormal d
+    rows.append(r)
+    r = torch.randn(256, generator=g)
+    r[::2] = 0.0  # half zeros: ties in max |x| and many exact zero codes
+    rows.append(r)
+    rows.append(torch.round(torch.randn(256, generator=g) * 4) / 4)  # coarse grid: exact halves on the fit
+    return torch.stack(rows)

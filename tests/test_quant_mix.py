@@ -1,6 +1,11 @@
 """llama-quantize's per-tensor type rules (minillm/quant_mix.py) and the GGUF export that follows them.
 
-The expected types are spelled out from `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp."""
+The expected types are spelled out from `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp; the
+fixture tests/data/llama_cpp_mix_types.json holds the types llama.cpp itself chose for a tiny model
+(bench/peer_quant_check.py, through llama-cpp-python's `llama_model_quantize`)."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,8 @@ from minillm.gguf_format import expected_shapes
 from minillm.gguf_reader import read_gguf
 from minillm.gguf_writer import plan_tensors
 from minillm.model import Llama
+
+FIXTURE = Path(__file__).parent / "data" / "llama_cpp_mix_types.json"
 
 
 def test_use_more_bits_layers():
@@ -83,6 +90,16 @@ def test_other_mixes_and_aliases():
     assert quant_mix.file_type("q4_k").ftype == 15 and quant_mix.file_type("q6_k").ftype == 18
     with pytest.raises(ValueError, match="unknown llama-quantize file type 'q3_k_m'"):
         quant_mix.file_type("q3_k_m")
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q4_1", "q5_0", "q5_1"])
+def test_types_match_llama_cpp(mix):
+    """The types llama.cpp's llama_model_quantize chose for the peer-check model (8 layers; rows of 256, 320
+    and 512 values), tensor for tensor."""
+    fixture = json.loads(FIXTURE.read_text())
+    cfg = ModelConfig(**fixture["config"])
+    assert types_of(cfg, mix) == fixture["types"][mix]
+    assert quant_mix.file_type(mix).ftype == fixture["file_type"][mix]
 
 
 @pytest.fixture(scope="module")
