@@ -14,7 +14,9 @@ export.py as an HF directory and as a GGUF, each with the alpaca and then the vi
 2. llama-cpp-python: the Jinja2ChatFormatter its Llama object builds from the GGUF's
    tokenizer.chat_template (with the vocabulary's <s> / </s> as bos_token / eos_token) renders the same
    string; and llama.cpp's tokenizer (special tokens parsed, no extra BOS) turns it into exactly
-   templates.chat_token_ids, the ids training saw.
+   templates.chat_token_ids, the ids training saw. End to end: the Llama object picks the GGUF's
+   template (chat_format "chat_template.default", no built-in format guessed), and the prompt ids that
+   `create_chat_completion` hands to the model are the training ids.
 3. For information: llama.cpp's built-in, non-Jinja template detection (llama_chat_apply_template, used
    by llama-cli / llama-server without --jinja) is printed beside ours.
 Exit status 1 if any equality fails. Not a test: neither peer is a dependency of minillm.
@@ -78,6 +80,8 @@ def main():
             tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text())
             special = {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token")}
             llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False) if llama_cpp else None
+            if llm is not None:  # no built-in format guessed from the template: the GGUF's Jinja is used
+                check("llama-cpp-python's chat_format", llm.chat_format, "chat_template.default")
             for conv, messages in CONVERSATIONS.items():
                 if name == "alpaca" and conv == "system":
                     continue  # alpaca has no system message (both renderers raise)
@@ -90,32 +94,58 @@ def main():
                         continue
                     fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"],
                                               bos_token=llm._model.token_get_text(llm.token_bos()),
-                                              eos_token=llm._model.token_get_text(llm.token_eos()))
-                    check(f"llama-cpp-python {conv}, add_generation_prompt={gen}",
-                          fmt(messages=messages, add_generation_prompt=gen).prompt, want)
+                                              eos_token=llm._model.token_get_text(llm.token_eos()),
+                                              add_generation_prompt=gen)
+                    check(f"llama-cpp-python Jinja2ChatFormatter {conv}, add_generation_prompt={gen}",
+                          fmt(messages=messages).prompt, want)
                 if llm is not None:
                     ids = llm.tokenize(render_chat(name, messages).encode(), add_bos=False, special=True)
                     check(f"llama.cpp tokens of the {conv} string == training ids", ids,
                           chat_token_ids(tok, name, messages))
+                    check(f"Llama.create_chat_completion's prompt tokens ({conv}) == training ids",
+                          chat_completion_prompt_ids(llm, messages), chat_token_ids(tok, name, messages))
             if llm is not None:
                 builtin_llama_cpp_template(llm, name)
     print(f"\n{'all equal' if not failures else f'{failures} FAILED'}")
     return 1 if failures else 0
 
 
+def chat_completion_prompt_ids(llm, messages) -> list[int]:
+    """The token ids `llm.create_chat_completion(messages)` evaluates: its chat handler renders the GGUF's
+    template (add_generation_prompt=True) and tokenizes it (special tokens parsed, no extra BOS), then calls
+    llm.create_completion(prompt=ids), which is intercepted here before any decoding."""
+    class Captured(Exception):
+        pass
+
+    def capture(prompt, **_):
+        raise Captured(prompt)
+
+    llm.create_completion = capture
+    try:
+        llm.create_chat_completion(messages=messages, max_tokens=1)
+    except Captured as c:
+        return list(c.args[0])
+    finally:
+        del llm.create_completion
+    raise AssertionError("create_chat_completion never called create_completion")
+
+
 def builtin_llama_cpp_template(llm, name: str):
-    """llama.cpp's C llama_chat_apply_template on our Jinja: it detects a built-in template by substrings."""
+    """llama.cpp's C llama_chat_apply_template on our Jinja: it detects a built-in template by substrings
+    (our vicuna Jinja contains "USER: " and "ASSISTANT: ", so it is taken for llama.cpp's own "vicuna",
+    which is not FastChat's vicuna_v1.1: newlines instead of spaces, no default system message, no BOS)."""
     import llama_cpp
 
-    messages = CONVERSATIONS["multi-turn"]
-    arr = (llama_cpp.llama_chat_message * len(messages))(
-        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
-    buf = ctypes.create_string_buffer(4096)
-    n = llama_cpp.llama_chat_apply_template(llm.metadata["tokenizer.chat_template"].encode(), arr, len(messages),
-                                            True, buf, len(buf))
-    got = buf.raw[:n].decode() if n >= 0 else f"(not a built-in template: returned {n})"
-    print(f"  info llama.cpp built-in (non-Jinja) rendering: {got!r}\n       ours: {render_chat(name, messages)!r}")
-
+    for conv in ("multi-turn", "system") if name == "vicuna" else ("multi-turn",):
+        messages = CONVERSATIONS[conv]
+        arr = (llama_cpp.llama_chat_message * len(messages))(
+            *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_chat_apply_template(llm.metadata["tokenizer.chat_template"].encode(), arr,
+                                                len(messages), True, buf, len(buf))
+        got = buf.raw[:n].decode() if n >= 0 else f"(not a built-in template: returned {n})"
+        print(f"  info llama.cpp built-in (non-Jinja) rendering, {conv}: {got!r}\n"
+              f"       ours: {render_chat(name, messages)!r}")
 
 if __name__ == "__main__":
     sys.exit(main())
