@@ -2,6 +2,7 @@
 logits.
 
     /path/to/peer-venv/bin/python bench/peer_lora_gguf_check.py     # needs llama-cpp-python
+    PYTHONPATH=/tmp/d1/llpy /work/peers/venv/bin/python bench/peer_lora_gguf_check.py  # as run
 
 A tiny random Llama (GQA: 4 query heads, 2 KV heads, so the k permutation uses the KV head count) gets a
 random LoRA adapter on all seven projections (plain, then rsLoRA), then on q_proj and k_proj alone (the

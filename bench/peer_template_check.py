@@ -2,6 +2,7 @@
 the strings minillm's own renderer (templates.render_chat) produces, and tokenize to the training ids.
 
     /path/to/peer-venv/bin/python bench/peer_template_check.py     # needs transformers, llama-cpp-python
+    PYTHONPATH=/tmp/d1/llpy /work/peers/venv/bin/python bench/peer_template_check.py  # as run
 
 A tiny random Llama with a SentencePiece tokenizer trained on a few stdlib files is exported by
 export.py as an HF directory and as a GGUF, each with the alpaca and then the vicuna template. Then:
@@ -16,7 +17,9 @@ export.py as an HF directory and as a GGUF, each with the alpaca and then the vi
    string; and llama.cpp's tokenizer (special tokens parsed, no extra BOS) turns it into exactly
    templates.chat_token_ids, the ids training saw. End to end: the Llama object picks the GGUF's
    template (chat_format "chat_template.default", no built-in format guessed), and the prompt ids that
-   `create_chat_completion` hands to the model are the training ids.
+   `create_chat_completion` hands to the model are the training ids. Also the ids llama-cli / llama-server
+   `--jinja` would use (emulated: their C++ common/chat.cpp, not in llama-cpp-python, cuts the rendered
+   leading "<s>" when tokenizer.ggml.add_bos_token is true, then tokenizes with BOS added).
 3. For information: llama.cpp's built-in, non-Jinja template detection (llama_chat_apply_template, used
    by llama-cli / llama-server without --jinja) is printed beside ours.
 Exit status 1 if any equality fails. Not a test: neither peer is a dependency of minillm.
@@ -104,6 +107,13 @@ def main():
                           chat_token_ids(tok, name, messages))
                     check(f"Llama.create_chat_completion's prompt tokens ({conv}) == training ids",
                           chat_completion_prompt_ids(llm, messages), chat_token_ids(tok, name, messages))
+                    # llama-cli / llama-server --jinja (common/chat.cpp): the rendered leading "<s>" is cut
+                    # because tokenizer.ggml.add_bos_token is true, then tokenized with BOS added
+                    bos = llm._model.token_get_text(llm.token_bos())
+                    jinja_ids = llm.tokenize(render_chat(name, messages).removeprefix(bos).encode(), add_bos=True,
+                                             special=True)
+                    check(f"--jinja's tokens (BOS text cut, BOS added) ({conv}) == training ids", jinja_ids,
+                          chat_token_ids(tok, name, messages))
             if llm is not None:
                 builtin_llama_cpp_template(llm, name)
     print(f"\n{'all equal' if not failures else f'{failures} FAILED'}")
