@@ -113,7 +113,7 @@ class Minillm:
         self.opt.zero_grad(set_to_none=True)
         return self.B * self.T / (time.perf_counter() - t0)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as generation.py decodes
     def generate(self, prompt: torch.Tensor) -> tuple[float, float]:
         """(prefill tok/s, decode tok/s); the KV cache is allocated once, stale slots are masked."""
         self.model.eval()
