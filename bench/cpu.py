@@ -4,6 +4,7 @@ memory-bandwidth roofline of decode. One Markdown table.
     python bench/cpu.py                                   # minillm only, the three shapes below
     python bench/cpu.py --peer                            # + transformers and llama.cpp, same weights
     python bench/cpu.py --peer transformers --shapes tiny,97M --iters 3 --compile
+    python bench/cpu.py --peer --threads 1 --cpu-time     # on a machine shared with other jobs
 
 Every implementation holds the same random weights and is timed in the same process, interleaved: each
 trial runs every implementation once, in turn, so that the load of a shared CPU falls on all of them alike.
@@ -50,6 +51,7 @@ SHAPES = {
     "97M": (ModelConfig(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=8000, max_seq_len=512), 4, 256),
 }
 PROMPT, NEW_TOKENS = 128, 32
+clock = time.perf_counter  # --cpu-time: time.process_time
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 10) -> float:
@@ -106,12 +108,12 @@ class Minillm:
 
     def train(self) -> float:
         self.model.train()
-        t0 = time.perf_counter()
+        t0 = clock()
         forward_backward(self.model, self.batch, self.B * self.T)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return self.B * self.T / (time.perf_counter() - t0)
+        return self.B * self.T / (clock() - t0)
 
     @torch.inference_mode()  # as generation.py decodes
     def generate(self, prompt: torch.Tensor) -> tuple[float, float]:
@@ -119,12 +121,12 @@ class Minillm:
         self.model.eval()
         if self.model.layers[0].self_attn.kv_cache is None:
             self.model.setup_caches(1, PROMPT + NEW_TOKENS)
-        t0 = time.perf_counter()
+        t0 = clock()
         tok = prefill(self.model, prompt, torch.arange(PROMPT)).argmax(-1, keepdim=True)  # (1, 1)
-        t1 = time.perf_counter()
+        t1 = clock()
         for pos in range(PROMPT, PROMPT + NEW_TOKENS):
             tok = self.decode_fn(self.model, tok, torch.tensor([pos])).argmax(-1, keepdim=True)
-        t2 = time.perf_counter()
+        t2 = clock()
         return PROMPT / (t1 - t0), NEW_TOKENS / (t2 - t1)
 
 
@@ -142,23 +144,23 @@ class Transformers:
 
     def train(self) -> float:
         self.hf.train()
-        t0 = time.perf_counter()
+        t0 = clock()
         self.hf(input_ids=self.x, labels=self.x).loss.backward()  # labels are shifted inside
         torch.nn.utils.clip_grad_norm_(self.hf.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return self.x.numel() / (time.perf_counter() - t0)
+        return self.x.numel() / (clock() - t0)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor) -> tuple[float, float]:
         self.hf.eval()
         mask = torch.ones_like(prompt)
-        t0 = time.perf_counter()
+        t0 = clock()
         self.hf(prompt, attention_mask=mask)
-        t1 = time.perf_counter()
+        t1 = clock()
         self.hf.generate(prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS + 1, min_new_tokens=NEW_TOKENS + 1,
                          do_sample=False, pad_token_id=0)
-        t2 = time.perf_counter()
+        t2 = clock()
         return PROMPT / (t1 - t0), NEW_TOKENS / max(t2 - t1 - (t1 - t0), 1e-9)
 
 
@@ -182,14 +184,14 @@ class LlamaCpp:
 
     def generate(self, prompt: torch.Tensor) -> tuple[float, float]:
         self.llm.reset()
-        t0 = time.perf_counter()
+        t0 = clock()
         self.llm.eval(prompt[0].tolist())
         tok = int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        t1 = time.perf_counter()
+        t1 = clock()
         for _ in range(NEW_TOKENS):
             self.llm.eval([tok])
             tok = int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        t2 = time.perf_counter()
+        t2 = clock()
         return PROMPT / (t1 - t0), NEW_TOKENS / (t2 - t1)
 
 
@@ -239,6 +241,9 @@ def main():
     p.add_argument("--iters", type=int, default=3, help="timed trials per implementation (after a warm-up)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="threads for torch and llama.cpp (default: torch's, all cores)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by this process's CPU time (with --threads 1): robust to the preemption of a "
+                        "shared machine, which wall time is not")
     args = p.parse_args()
     unknown = [s for s in args.shapes.split(",") if s not in SHAPES]
     if unknown:
@@ -246,10 +251,15 @@ def main():
     bad_peers = [s for s in args.peer.split(",") if s and s not in ("transformers", "llama.cpp")]
     if bad_peers:
         p.error(f"unknown peer(s) {bad_peers}; expected transformers and/or llama.cpp")
+    if args.cpu_time and args.threads != 1:
+        p.error(f"--cpu-time needs --threads 1 (CPU time sums over threads), found --threads {args.threads}")
+    global clock
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.set_num_threads(args.threads)
     args.bandwidth = copy_bandwidth()
     print(f"CPU, {args.threads} threads, torch {torch.__version__}; copy bandwidth "
-          f"{args.bandwidth / 1e9:.1f} GB/s; fp32; best of {args.iters} interleaved trials", flush=True)
+          f"{args.bandwidth / 1e9:.1f} GB/s; fp32; best of {args.iters} interleaved trials"
+          f"{' (CPU time)' if args.cpu_time else ''}", flush=True)
     header = None
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):

@@ -49,8 +49,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    """The projections inside the blocks (attention and MLP weights): what Muon updates."""
-    return p.dim() == 2 and name.startswith("layers.")
+    """The projections inside the blocks (attention and MLP weights): what Muon updates. LoRA's small
+    lora_A / lora_B factors are not among them and keep AdamW."""
+    return p.dim() == 2 and name.startswith("layers.") and name.endswith("_proj.weight")
 
 
 class MuonAdamW(torch.optim.Optimizer):
