@@ -417,8 +417,10 @@ class TextStream:
     Mirrors SentencePiece's decoding piece by piece: `▁` becomes a space, byte pieces `<0xNN>` are raw
     bytes fed through an incremental UTF-8 decoder (so a character split over tokens appears only when
     complete), control pieces (<s>, </s>) print nothing. `leading_space=False` drops the space of the
-    very first piece, as `decode` does at the start of a text; so does the piece after an added piece
-    (Tokenizer.add_pieces), as `decode` decodes each stretch between them on its own.
+    very first piece that has text, as `decode` does at the start of a text; so does the piece after an
+    added piece (Tokenizer.add_pieces), as `decode` decodes each stretch between them on its own. On
+    invalid UTF-8 it writes one U+FFFD per maximal invalid run (Python's rule) where SentencePiece writes
+    one per byte.
     """
 
     def __init__(self, tokenizer, leading_space: bool = True):
@@ -432,6 +434,7 @@ class TextStream:
         if sp.IsControl(token_id):
             return ""
         if sp.IsByte(token_id):
+            self.first = False  # a byte piece is text: a later piece's space is no longer the leading one
             return self.utf8.decode(bytes([int(sp.IdToPiece(token_id)[3:5], 16)]))
         text = self.utf8.decode(b"", final=True)  # flush a dangling partial sequence, if any
         piece = " \u2047 " if sp.IsUnknown(token_id) else sp.IdToPiece(token_id).replace("\u2581", " ")

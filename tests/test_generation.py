@@ -64,6 +64,23 @@ def test_text_stream_matches_decode(tok):
     assert byte_ids and all("\ufffd" not in p for p in pieces)
 
 
+def test_text_stream_matches_decode_on_any_ids(tok):
+    # Only the first piece that has text loses its dummy-prefix space: a byte piece first (as a random
+    # model emits) keeps the space of the word piece after it. 200 random sequences over every piece but
+    # the non-ASCII bytes (on invalid UTF-8 the stream writes one U+FFFD per maximal invalid run, as
+    # Python's decoder does, where SentencePiece writes one per byte).
+    g = torch.Generator().manual_seed(0)
+    sp = tok.sp
+    space_piece = next(i for i in range(tok.vocab_size) if sp.IdToPiece(i).startswith("\u2581"))
+    byte_piece = next(i for i in range(tok.vocab_size) if sp.IsByte(i) and sp.IdToPiece(i) == "<0x41>")
+    valid = torch.tensor([i for i in range(tok.vocab_size) if not sp.IsByte(i) or sp.IdToPiece(i) < "<0x80>"])
+    cases = [[byte_piece, space_piece]] + [valid[torch.randint(0, len(valid), (12,), generator=g)].tolist()
+                                          for _ in range(200)]
+    for ids in cases:
+        stream = TextStream(tok, leading_space=False)
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids), ids
+
+
 def test_greedy_is_deterministic_and_matches_argmax_loop(model):
     prompt = [1, 5, 9, 42]
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
