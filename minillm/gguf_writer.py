@@ -15,7 +15,8 @@ Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` fo
   its Q6_K and writes Q8_0 there. Everything else 2-D is Q4_0; general.file_type is MOSTLY_Q4_0.
 - llama-quantize's file types (q4_k_m, q5_k_m, q6_k, q4_k_s, q5_k_s, q4_1, q5_0, q5_1; quant_mix.py)
   give each tensor the type llama-quantize gives it, fallbacks included, and record its file type. Every
-  quantized export prints a per-tensor table: type, bits per weight, RMS error against the f32 weights.
+  quantized export prints a per-tensor table to stderr: type, bits per weight, RMS error against the f32
+  weights.
 - Tokenizer piece types come from the SentencePiece API as the converter does: UNKNOWN, CONTROL, UNUSED,
   BYTE, else NORMAL. Whitespace user-defined pieces (our "\\n", "\\t") are written NORMAL, like the
   converter: llama.cpp splits USER_DEFINED tokens out of the text first and then re-adds a "▁" prefix
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +133,7 @@ def plan_tensors(config: ModelConfig, outtype: str, alignment: int = GGUF_DEFAUL
             block = GGML_TYPES[ggml_type][1]
             if shape[-1] % block != 0:
                 print(f"gguf: {ours_to_gguf(key)} rows have {shape[-1]} values, not a multiple of "
-                      f"{type_name(ggml_type)}'s block of {block}; writing it as F16")
+                      f"{type_name(ggml_type)}'s block of {block}; writing it as F16", file=sys.stderr)
                 ggml_type = GGML_F16
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         nbytes = rows * row_bytes(ggml_type, shape[-1])
@@ -303,8 +305,9 @@ def write_gguf(
         if missing:
             raise ValueError(f"{path}: {len(missing)} tensors never arrived, e.g. {missing[:3]}")
         f.truncate(len(header) + total)  # zero padding after the last tensor
-    if outtype not in ("f32", "f16", "bf16"):
-        print(quant_mix.summary([(p.name, p.ggml_type, int(np.prod(p.shape)), errors[p.name]) for p in plans]))
+    if progress and outtype not in ("f32", "f16", "bf16"):  # a report, like the progress bar: on stderr
+        rows = [(p.name, p.ggml_type, int(np.prod(p.shape)), errors[p.name]) for p in plans]
+        print(quant_mix.summary(rows), file=sys.stderr)
     return plans
 
 

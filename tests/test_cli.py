@@ -44,7 +44,7 @@ def test_each_script_runs_its_main_through_run_cli(capsys, monkeypatch, name):
     # as a user runs it (`python train.py ...`: the script's __main__ block), without paying for a new
     # interpreter; train.py gets the negative learning rate of the issue
     argv = {"train": ["--schedule.max_lr", "-1e-3"], "generate": ["--checkpoint", "nowhere", "--device", "cpu"],
-            "export": ["--checkpoint", "nowhere", "--out", "x.gguf", "--outtype", "q5_k"]}[name]
+            "export": ["--checkpoint", "nowhere", "--out", "x.gguf", "--outtype", "q3_k"]}[name]
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / f"{name}.py"), run_name="__main__")
@@ -53,7 +53,7 @@ def test_each_script_runs_its_main_through_run_cli(capsys, monkeypatch, name):
     expected = {  # one line; the loader's own wording for a missing checkpoint is not pinned here
         "train": r"error: command line: ScheduleConfig\.max_lr must be > 0, found -0\.001",
         "generate": r"error: nowhere: [^\n]+",
-        "export": r"error: outtype 'q5_k' is not supported for gguf; expected one of \('f32', [^\n]+\)",
+        "export": r"error: outtype 'q3_k' is not supported for gguf; expected one of \('f32', [^\n]+\)",
     }[name]
     assert re.fullmatch(expected + "\n", captured.err)
 

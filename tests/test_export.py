@@ -118,8 +118,8 @@ def test_qlora_merge_uses_nf4_weights(base, adapter, tmp_path):
 
 
 def test_bad_inputs(base, tmp_path):
-    with pytest.raises(ValueError, match="outtype 'q5_k' is not supported for gguf"):
-        export_cli.main(["--checkpoint", str(base), "--out", str(tmp_path / "x.gguf"), "--outtype", "q5_k"])
+    with pytest.raises(ValueError, match="outtype 'q3_k' is not supported for gguf"):
+        export_cli.main(["--checkpoint", str(base), "--out", str(tmp_path / "x.gguf"), "--outtype", "q3_k"])
     with pytest.raises(FileNotFoundError, match="output directory .* does not exist"):
         export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "nodir" / "x.gguf")))
     notok = tmp_path / "notok"
