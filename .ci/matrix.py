@@ -14,8 +14,12 @@ cells here add what a new user might have instead:
 
 In every cell the suite runs the Triton kernels through the interpreter against their references and
 compiles every kernel variant ahead of time for sm_80 and sm_90 (tests/test_kernels_compile.py), so
-"works with this Triton" is tested without a GPU. pip's own cache (~/.cache/pip) is shared by all the
-venvs, so a wheel is downloaded once. Venvs live in .ci-venvs/ (ignored by git) and are made anew each run.
+"works with this Triton" is tested without a GPU.
+
+Wheels are downloaded once: each cell first `pip download`s its requirements into one shared wheelhouse
+(~/.cache/minillm-ci/wheels, kept between runs; pip skips a file that is already there), then installs
+from it with --no-index. pip's own HTTP cache is not relied on (on these machines it stores nothing).
+Venvs live in .ci-venvs/ (ignored by git), are made anew each run and removed after their cell.
 Standard library only; exits non-zero if any cell fails, after a summary table.
 """
 
@@ -28,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".ci-venvs"
+WHEELS = Path.home() / ".cache" / "minillm-ci" / "wheels"
 PYENV = Path.home() / ".pyenv" / "versions"
 
 
@@ -40,6 +45,13 @@ def find_python(version: str) -> str:
     if exe is None:
         sys.exit(f"error: no Python {version} found (looked in {PYENV} and on PATH)")
     return exe
+
+
+def requirements() -> list[str]:
+    """What `pip install -e .[dev]` needs from an index: the build backend, dependencies and dev extras."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    build = project["build-system"]["requires"]
+    return [*build, *project["project"]["dependencies"], *project["project"]["optional-dependencies"]["dev"]]
 
 
 def floor_pins() -> list[str]:
@@ -79,8 +91,12 @@ def run_cell(name: str, pytest_args: list[str]) -> tuple[str, str, float]:
     shutil.rmtree(venv, ignore_errors=True)
     t0 = time.time()
     py = str(venv / "bin" / "python")
-    if run([find_python(version), "-m", "venv", str(venv)]) or run(
-        [py, "-m", "pip", "install", "-q", "-e", ".[dev]", *extra]
+    pip = [py, "-m", "pip", "-q"]
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    if (
+        run([find_python(version), "-m", "venv", str(venv)])
+        or run([*pip, "download", "-d", str(WHEELS), *requirements(), *extra])
+        or run([*pip, "install", "--no-index", "--find-links", str(WHEELS), "-e", ".[dev]", *extra])
     ):
         return name, "install failed", time.time() - t0
     versions = subprocess.run([py, "-c", VERSIONS], capture_output=True, text=True).stdout.strip()
