@@ -120,13 +120,16 @@ class LoRALinear(nn.Module):
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
         return y + (self.lora_B(h) * self.scaling).to(y.dtype)  # (..., out)
 
+    def _require_dense_base(self):
+        if not isinstance(self.base, nn.Linear):
+            raise TypeError(f"cannot merge into a {type(self.base).__name__} in place (re-quantizing "
+                            "would lose ΔW); use merge_lora(model), which returns a dense nn.Linear")
+
     def merge(self):
         """W0 += ΔW in place (nn.Linear base only), so forward is one matmul; `unmerge` undoes it."""
         if self.merged:
             return
-        if not isinstance(self.base, nn.Linear):
-            raise TypeError(f"cannot merge into a {type(self.base).__name__} in place (re-quantizing "
-                            "would lose ΔW); use merge_lora(model), which returns a dense nn.Linear")
+        self._require_dense_base()
         w = self.base.weight
         w.data = (w.data.float() + self.delta_weight().to(w.device)).to(w.dtype)
         self.merged = True
@@ -209,9 +212,7 @@ class DoRALinear(LoRALinear):
         """W0 ← s ⊙ (W0 + ΔW) in place (nn.Linear base only); s is kept for `unmerge`."""
         if self.merged:
             return
-        if not isinstance(self.base, nn.Linear):
-            raise TypeError(f"cannot merge into a {type(self.base).__name__} in place (re-quantizing "
-                            "would lose ΔW); use merge_lora(model), which returns a dense nn.Linear")
+        self._require_dense_base()
         with torch.no_grad():
             s = self.row_scale().float()  # (out,)
         w = self.base.weight
