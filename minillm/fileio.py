@@ -34,9 +34,10 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 # .{target name}.tmp.{pid}; also matches the older .{name}.tmp{pid} and .{name}.tmp (pid = "")
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp\.?(?P<pid>\d*)$")

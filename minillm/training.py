@@ -6,8 +6,9 @@
                         ; Logger.step ; eval + Logger.eval (sample) ; write_outputs (checkpoint, export)
 
 The pieces it needs sit above it, each small enough to test directly: the optimizer, the token-normalised
-gradient accumulation, the eval loop, checkpoints with every RNG state, the two data sources behind one
-interface, the model builder, the writer of a checkpoint step's outputs and the logger.
+gradient accumulation, the eval loop, the two data sources behind one interface, the model builder and the
+writer of a checkpoint step's outputs. Checkpoints with every RNG state are in train_state.py, the logger
+(bar, tensorboard, MFU, samples) in train_log.py.
 
 Gradient accumulation is normalised by target tokens, not by micro-batches: the loss of a step is
     L = (sum over all micro-batches and ranks of the token cross-entropies) / (number of non-ignored targets)
@@ -37,10 +38,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import pickle
-import random
-import resource
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,16 +48,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from minillm.checkpoint import load_pretrained, save_model
 from minillm.data import get_batch, prepare_dataset, read_corpus, train_corpus_tokenizer, unigram_entropy
 from minillm.device import pick_device, pick_dtype
-from minillm.fileio import atomic_write, atomic_write_bytes, remove_stale_temp_files
-from minillm.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
-from minillm.generation import SamplingConfig, generate_tokens
+from minillm.fileio import atomic_write_bytes, remove_stale_temp_files
 from minillm.instruct import get_instruct_batch, iter_batches, load_instruct_data
-from minillm.lora import LoRALinear, apply_lora, mark_only_lora_trainable
+from minillm.lora import apply_lora, mark_only_lora_trainable
 from minillm.model import Llama
 from minillm.muon import muon_adamw
 from minillm.new_tokens import resize_vocab
@@ -68,7 +62,15 @@ from minillm.peft_io import save_adapter
 from minillm.schedulers import get_lr
 from minillm.templates import TEMPLATE_RECORD, format_prompt, trained_template, write_template_record
 from minillm.tokenizer import Tokenizer
-from minillm.train_config import TrainConfig, resume_mismatches, save_config, to_dict
+from minillm.train_config import TrainConfig, resume_mismatches, save_config
+from minillm.train_log import Logger
+from minillm.train_state import (
+    load_checkpoint,
+    load_trainable_state,
+    plain_llama,
+    save_checkpoint,
+    set_rng_states,
+)
 
 # -----------------------------------------------------------------------------------------------------
 # optimizer
@@ -161,118 +163,6 @@ def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id:
     first = itertools.islice(iter_batches(examples, batch_size, pad_id), iters)
     batches = (b for i, b in enumerate(first) if i % world_size == rank)
     return mean_token_loss(model, batches, device, autocast, world_size)
-
-
-def sample(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-           top_k: int, seed: int, device) -> str:
-    """The prompt and a short sampled continuation (generation.py's KV-cache decoding). A prompt too long
-    for the context keeps its last tokens, leaving room for at least half the context of new ones."""
-    was_training = model.training
-    model.eval()
-    ids = tokenizer.encode(prompt, bos=True)
-    keep = model.config.max_seq_len - min(max_new_tokens, model.config.max_seq_len // 2)
-    ids = ids[-keep:]
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
-    new = list(generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id))
-    model.train(was_training)
-    return tokenizer.decode(ids + new)
-
-
-# -----------------------------------------------------------------------------------------------------
-# checkpoints: atomic, with every RNG state
-
-
-def rng_states(data_generator: torch.Generator) -> dict:
-    np_state = np.random.get_state()
-    return dict(
-        torch_cpu=torch.get_rng_state(),
-        torch_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=np_state[2],
-                   has_gauss=np_state[3], cached_gaussian=np_state[4]),
-        python=random.getstate(),
-        data=data_generator.get_state(),
-    )
-
-
-def set_rng_states(states: dict, data_generator: torch.Generator):
-    torch.set_rng_state(states["torch_cpu"])
-    if states["torch_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch_cuda"])
-    n = states["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    data_generator.set_state(states["data"])
-
-
-def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
-                    val_loss: float | None = None):
-    """torch.save through fileio.atomic_write (temp file, fsync, rename): a kill mid-write keeps the old file,
-    a full disk raises DiskFullError naming `path`."""
-    ckpt = dict(
-        model=trainable_state(model),
-        model_config=model.config.to_dict(),
-        optimizer=optimizer.state_dict(),
-        scaler=scaler.state_dict(),
-        step=step,  # the number of completed optimizer steps = the step to run next
-        rng=rng_states(data_generator),
-        config=to_dict(cfg),
-        val_loss=val_loss,
-    )
-    with atomic_write(path) as f:
-        torch.save(ckpt, f)
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state for full training; only the trained tensors when the base is frozen (LoRA/QLoRA):
-    the base is rebuilt from init_from on resume, so a 7B QLoRA checkpoint holds megabytes, not gigabytes."""
-    frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
-    if not frozen:
-        return model.state_dict()
-    trained = {k for k, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in trained}
-
-
-def load_trainable_state(model: torch.nn.Module, state: dict, source: str):
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    trained = {k for k, p in model.named_parameters() if p.requires_grad}
-    if unexpected or trained & set(missing):
-        bad = unexpected[:3] if unexpected else sorted(trained & set(missing))[:3]
-        what = f"unexpected {bad}" if unexpected else f"missing {bad}"
-        raise ValueError(f"{source}: checkpoint does not match the model: {what}")
-
-
-def plain_llama(model: Llama) -> Llama:
-    """A plain float32 Llama with every LoRA adapter folded in (W0 + (α/r)·BA) and NF4 weights dequantized:
-    what save_model writes for generate.py. `model` itself is not changed."""
-    with torch.device("meta"):
-        plain = Llama(model.config)
-    state = {}
-    for key, _ in plain.named_parameters():
-        owner_name, _, leaf = key.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if isinstance(owner, LoRALinear):
-            state[key] = owner.to_dense_linear().weight.detach().float().cpu()
-        elif hasattr(owner, "dequantize"):  # an NF4Linear that carries no adapter
-            state[key] = owner.dequantize(torch.float32).cpu()
-        else:
-            state[key] = getattr(owner, leaf).detach().float().cpu()
-    plain.load_state_dict(state, assign=True)
-    if model.config.tie_embeddings:
-        plain.lm_head.weight = plain.embed_tokens.weight
-    plain.init_rope(torch.device("cpu"))
-    return plain
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's own text advises weights_only=False
-        raise ValueError(f"{path}: not a readable minillm training checkpoint (truncated or another format: "
-                         f"{type(e).__name__})") from None
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -463,98 +353,11 @@ def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, dat
         atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD, (out_dir / TEMPLATE_RECORD).read_bytes())
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
 def stopping(ckpt_path: Path) -> str:
     if ckpt_path.is_file():
         step = load_checkpoint(ckpt_path)["step"]
         return f"stopping; the last good checkpoint {ckpt_path} (step {step}) is kept"
     return "stopping before any checkpoint was written"
-
-
-# -----------------------------------------------------------------------------------------------------
-# logging
-
-
-class Logger:
-    """What a run reports, from rank 0: the model summary, the tqdm bar (loss, tokens/s), tensorboard
-    scalars in out_dir/tb (train every log.interval steps: loss, lr, grad norm, tokens/s, peak memory, MFU;
-    val at each eval) and, after each eval, the val loss with a short sample. On other ranks it is silent.
-
-    MFU = tokens/s × FLOPs/token / peak, FLOPs/token from flops.py (6N for full training, 4N + 6N_adapter
-    under LoRA/QLoRA, + attention); peak is log.peak_flops, or an H100's bf16 peak on CUDA (none on CPU)."""
-
-    def __init__(self, cfg: TrainConfig, data, model: Llama, device: torch.device, dtype: torch.dtype,
-                 world_size: int, start_step: int, master: bool):
-        self.cfg, self.data, self.device, self.master = cfg, data, device, master
-        self.flops_per_token = model_flops_per_token(model, cfg.block_size)
-        self.peak_flops = cfg.log.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
-        self.train_time, self.tokens, self.samples = 0.0, 0, []
-        self.writer = None
-        if master and cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(Path(cfg.out_dir) / "tb"))
-        self.bar = tqdm(initial=start_step, total=cfg.num_steps, desc="train", dynamic_ncols=True,
-                        disable=not (master and cfg.log.progress_bar))
-        if master:
-            n, n_train = model_params(model)  # NF4 projections count their in·out weights
-            print(f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
-                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | {data.describe()} | device {device}, "
-                  f"{dtype}, {world_size} rank(s)")
-
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, n_tokens: int, seconds: float):
-        self.train_time += seconds
-        self.tokens += n_tokens
-        tokens_per_s = n_tokens / seconds
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        if self.writer is None or step % self.cfg.log.interval != 0:
-            return
-        self.writer.add_scalar("train/loss", loss, step)
-        self.writer.add_scalar("train/lr", lr, step)
-        self.writer.add_scalar("train/grad_norm", grad_norm, step)
-        self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
-        self.writer.add_scalar("perf/peak_memory_gib", peak_memory_bytes(self.device) / 2**30, step)
-        if self.peak_flops:
-            self.writer.add_scalar("perf/mfu", tokens_per_s * self.flops_per_token / self.peak_flops, step)
-
-    def eval(self, step: int, val_loss: float, model: Llama):
-        """Print the val loss after `step` steps and, if eval.sample_tokens > 0, a sample from the model."""
-        if not self.master:
-            return
-        e = self.cfg.eval
-        msg = f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
-        if not math.isnan(self.data.baseline):
-            msg += f" | unigram baseline {self.data.baseline:.4f}"
-        if e.sample_tokens > 0:
-            text = sample(model, self.data.tokenizer, self.data.prompt(e.sample_prompt), e.sample_tokens,
-                          e.temperature, e.top_k, self.cfg.seed, self.device)
-            self.samples.append(text)
-            msg += f"\n----- sample -----\n{text}\n------------------"
-        tqdm.write(msg)
-        if self.writer is not None:
-            self.writer.add_scalar("val/loss", val_loss, step)
-            self.writer.add_scalar("val/perplexity", math.exp(min(val_loss, 50)), step)
-
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.train_time if self.train_time > 0 else 0.0  # eval time left out
-
-    def close(self, val_loss: float | None = None):
-        """Close the bar and the tensorboard file; after a finished run, print its last line."""
-        self.bar.close()
-        if self.master and val_loss is not None:
-            vs = "" if math.isnan(self.data.baseline) else f" vs unigram baseline {self.data.baseline:.4f} nats/token"
-            print(f"done: {self.cfg.num_steps} steps, val loss {val_loss:.4f}{vs}, {self.tokens_per_s():,.0f} "
-                  f"tokens/s, peak memory {peak_memory_bytes(self.device) / 2**30:.2f} GiB; checkpoint in "
-                  f"{self.cfg.out_dir}")
-        if self.writer is not None:
-            self.writer.close()
 
 
 @dataclass

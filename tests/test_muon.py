@@ -92,7 +92,7 @@ def test_state_dict_round_trip_continues_identically():
     for opt, model in ((a, a_model), (b, b_model)):
         set_grads(model, 1)
         opt.step()
-    for (n, p), q in zip(a_model.named_parameters(), b_model.parameters()):
+    for (n, p), q in zip(a_model.named_parameters(), b_model.parameters(), strict=True):
         assert torch.equal(p, q), n
 
 

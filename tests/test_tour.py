@@ -21,8 +21,8 @@ import torch
 
 from minillm.generation import SamplingConfig, generate_tokens
 from minillm.gguf_reader import read_gguf, sentencepiece_model_from_gguf
-from minillm.peft_io import load_adapter
 from minillm.model import Llama
+from minillm.peft_io import load_adapter
 from minillm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
