@@ -216,7 +216,7 @@ def test_f16_fallback_for_rows_not_multiple_of_block(tok, tmp_path, capsys):
     sd = random_state(cfg, seed=1)
     path = tmp_path / "m.gguf"
     write_gguf(path, cfg, sd.items(), tok, "q4_0", progress=False)
-    assert "blk.0.ffn_down.weight rows have 80 values" in capsys.readouterr().out
+    assert "blk.0.ffn_down.weight rows have 80 values" in capsys.readouterr().err
     g = read_gguf(path)
     assert g.tensors["blk.0.ffn_down.weight"].ggml_type == GGML_F16
     assert g.tensors["blk.0.ffn_up.weight"].ggml_type == GGML_Q4_0  # rows of dim=64 quantize normally
