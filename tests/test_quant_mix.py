@@ -115,7 +115,7 @@ def base(tmp_path_factory):
 
 def test_export_q4_k_m_reads_back(base, tmp_path, capsys):
     out = export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "m.gguf"), outtype="q4_k_m"))
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the per-tensor table is a report, on stderr
     g = read_gguf(out)
     assert g.metadata["general.file_type"] == 15
     types = {name: t.ggml_type for name, t in g.tensors.items()}
