@@ -275,6 +275,10 @@ def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64):
     scaled = x * torch.reciprocal(safe)[:, None]  # (n_blocks, blocksize)
     if n % blocksize:
         scaled[-1] = x[-1] / safe[-1]  # bitsandbytes' last-partial-block division
+    # An all-zero block is code 7. The floor alone does not ensure it: 1e-38 is subnormal, and a process
+    # that runs with denormals flushed to zero (a library built with -ffast-math, loaded by torch.compile's
+    # C++ kernels on older torch, sets that for the whole process) turns 0 * (1 / 1e-38) into NaN.
+    scaled = torch.where(absmax[:, None] > 0, scaled, 0.0)
     scaled = scaled.clamp(-1.0, 1.0).view(-1)[:n]
     # bucketize(right=False) returns #{j : mid_j < s}: the nearest code, ties to the lower one.
     q = torch.bucketize(scaled, nf4_midpoints(w.device)).to(torch.uint8)  # (n,)

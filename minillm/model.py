@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint  # activation checkpointing; torch 2.5 does not import it with torch
 
 from minillm.config import ModelConfig
 

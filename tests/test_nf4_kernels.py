@@ -86,7 +86,7 @@ def slow_quantize(w, blocksize):
         recip = np.float32(1) / safe
         for v in block:
             s = v / safe if len(block) < blocksize else v * recip  # last partial block divides
-            s = min(max(s, np.float32(-1)), np.float32(1))
+            s = min(max(s, np.float32(-1)), np.float32(1)) if amax > 0 else np.float32(0)  # 0 blocks: code 7
             code_index = 0
             for j in range(15):
                 if s > mids[j]:  # strictly above the midpoint: ties stay on the lower code
@@ -174,6 +174,21 @@ def test_midpoint_ties_take_lower_code():
         assert q[1:16] == list(range(15))  # exactly on mid_j -> code j, the lower one
         # NF4 is not symmetric: -mid_j falls between midpoints; its code is #{midpoints strictly below}
         assert q[32:47] == [int((mids < -m).sum()) for m in mids]
+
+
+def test_all_zero_block_is_code_7_with_denormals_flushed():
+    # The 1e-38 absmax floor is subnormal: with flush-to-zero on (as a -ffast-math library loaded by
+    # torch.compile's C++ kernels leaves it on older torch), 0 * (1 / floor) would be NaN -> code 15.
+    w = torch.zeros(2, 64)
+    w[1, 3] = -0.25
+    was = torch.set_flush_denormal(True)
+    try:
+        for quant in (tri_quantize, quantize_nf4_ref):
+            packed, absmax = quant(w)
+            assert packed[:32].tolist() == [0x77] * 32 and absmax.tolist() == [0.0, 0.25]
+    finally:
+        torch.set_flush_denormal(False)
+    assert was  # this CPU supports flushing, so the case above really ran with it on
 
 
 def test_all_zero_block_is_code_7():
