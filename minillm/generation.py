@@ -98,6 +98,11 @@ def decode_one_token(model: Llama, token: torch.Tensor, input_pos: torch.Tensor,
     return logits[:, -1]
 
 
+def sampling_generator(cfg: SamplingConfig, device) -> torch.Generator | None:
+    """The random generator a generation draws from: seeded by cfg.seed (reproducible), or None (torch's)."""
+    return None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -151,9 +156,7 @@ def generate_tokens(
     total = min(T + cfg.max_new_tokens, model.config.max_seq_len)
     if T >= model.config.max_seq_len:
         raise ValueError(f"prompt of {T} tokens leaves no room in max_seq_len={model.config.max_seq_len}")
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = sampling_generator(cfg, device)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = T
     model.setup_caches(batch_size=1, max_seq_len=total)
@@ -240,9 +243,7 @@ def generate_tokens_batch(
     if len(stopped) != B:
         raise ValueError(f"stopped has {len(stopped)} flags for {B} prompts")
     total = min(T + cfg.max_new_tokens, model.config.max_seq_len)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = sampling_generator(cfg, device)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = sum(len(p) for p in prompts)
     model.setup_caches(batch_size=B, max_seq_len=total)
@@ -357,9 +358,7 @@ def speculative_generate_tokens(
     if T == 0 or T >= max_len:
         raise ValueError(f"prompt of {T} tokens: need 1 … {max_len - 1} (the models' max_seq_len)")
     total = min(T + cfg.max_new_tokens, max_len)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = sampling_generator(cfg, device)
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = T
     target.setup_caches(batch_size=1, max_seq_len=total)
