@@ -182,15 +182,20 @@ class LlamaCpp:
     def train(self) -> None:
         return None  # llama.cpp does not train
 
+    def last_logits(self):
+        """The last evaluated token's logits (V,), read in place: without logits_all, llama-cpp-python
+        keeps no copy of them in `scores`."""
+        return self.np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
     def generate(self, prompt: torch.Tensor) -> tuple[float, float]:
         self.llm.reset()
         t0 = clock()
         self.llm.eval(prompt[0].tolist())
-        tok = int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        tok = int(self.np.argmax(self.last_logits()))
         t1 = clock()
         for _ in range(NEW_TOKENS):
             self.llm.eval([tok])
-            tok = int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = int(self.np.argmax(self.last_logits()))
         t2 = clock()
         return PROMPT / (t1 - t0), NEW_TOKENS / (t2 - t1)
 

@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minillm.model import Linear
+
 # all seven projections of a block, as QLoRA recommends: the one default of train configs and the estimator
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -67,8 +69,9 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
 
 
 def _frozen_linear(w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
-    """A requires_grad=False nn.Linear holding the (out, in) weight w (and bias) in dtype."""
-    out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
+    """A requires_grad=False model.Linear (an nn.Linear with the batch-1 decode path) holding the (out, in)
+    weight w (and bias) in dtype."""
+    out = Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
     with torch.no_grad():
         out.weight.copy_(w.to(dtype))
         if bias is not None:

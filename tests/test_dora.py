@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from minillm.config import ModelConfig
 from minillm.lora import DoRALinear, apply_lora, lora_disabled, lora_modules, mark_only_lora_trainable, merge_lora
-from minillm.model import Llama
+from minillm.model import Linear, Llama
 from minillm.nf4 import NF4Linear
 from minillm.peft_io import load_adapter, read_base_quantization, save_adapter
 
@@ -137,7 +137,7 @@ def test_nf4_base_uses_the_norm_of_the_dequantized_weight(double_quant):
         with pytest.raises(TypeError, match="use merge_lora"):
             dora.merge()
         dense_merged = dora.to_dense_linear()
-        assert type(dense_merged) is nn.Linear
+        assert type(dense_merged) is Linear
         torch.testing.assert_close(dense_merged(x), ref, atol=1e-5, rtol=1e-5)
 
 

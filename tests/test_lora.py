@@ -19,7 +19,7 @@ from minillm.lora import (
     merge_lora,
     parameter_summary,
 )
-from minillm.model import Llama
+from minillm.model import Linear, Llama
 from minillm.peft_io import load_adapter, save_adapter
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
@@ -167,7 +167,7 @@ def test_merge_unmerge_and_merge_lora_fp32():
         assert not torch.allclose(base_logits, ref, atol=1e-3)
         names = merge_lora(model)
         assert len(names) == 14 and not lora_modules(model)
-        assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+        assert all(type(model.get_submodule(n)) is Linear for n in names)  # model.Linear: a plain layer
         assert set(model.state_dict()) == set(tiny_llama().state_dict())
         plain, _ = model(x)
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
@@ -289,5 +289,5 @@ def test_qlora_merge_over_nf4_base_matches_lora_on_dequantized_weight():
         with pytest.raises(TypeError, match="use merge_lora"):
             qlora.merge()
         merged = qlora.to_dense_linear()
-        assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
+        assert type(merged) is Linear and merged.weight.dtype == torch.float32
         torch.testing.assert_close(merged(x), ref, atol=1e-5, rtol=1e-5)
