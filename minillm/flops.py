@@ -81,7 +81,8 @@ def lora_params(cfg: ModelConfig, r: int, targets: list[str]) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapter_params: int = 0) -> float:
-    """Training FLOPs per token, N the non-embedding parameters:
+    """Training FLOPs per token, N the parameters that multiply: the blocks, the norms and lm_head's
+    vocab·C (also when it is tied to the embedding, whose lookup costs nothing):
 
       full:        6N + 12·L·C·T   (per weight: 2 forward, 2 for the input gradient, 2 for its own gradient)
       lora/qlora:  4N + 6·N_adapter + 12·L·C·T   (a frozen weight skips its own gradient; the input
@@ -89,7 +90,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapte
     The attention term (scores and weighted sum, forward + backward) is the same in all three."""
     n = count_params(cfg)
     per_weight = 6 if method == "full" else 4
-    return per_weight * (n["total"] - n["embedding"]) + 6 * adapter_params + 12 * cfg.n_layers * cfg.dim * seq_len
+    matmul_params = n["block_linear"] + n["norms"] + cfg.vocab_size * cfg.dim
+    return per_weight * matmul_params + 6 * adapter_params + 12 * cfg.n_layers * cfg.dim * seq_len
 
 
 def model_params(model: nn.Module) -> tuple[int, int]:

@@ -281,6 +281,8 @@ def write_gguf(
     by_key = {p.key: p for p in plans}
     total = align(plans[-1].offset + plans[-1].nbytes, GGUF_DEFAULT_ALIGNMENT)
     stream = tensors() if callable(tensors) else tensors
+    if config.tie_embeddings:  # tied: llama.cpp reuses token_embd.weight for the logits (no output.weight)
+        stream = ((key, tensor) for key, tensor in stream if key != "lm_head.weight")
 
     with atomic_write(path) as f:  # on any error below, the old file stays and no temp file is left
         f.write(header)
@@ -288,8 +290,6 @@ def write_gguf(
         errors = {}  # GGUF name -> RMS error of the written tensor against the f32 weights
         for key, tensor in tqdm(stream, total=len(plans), desc=f"gguf {outtype}", unit="tensor",
                                 disable=not progress):
-            if key == "lm_head.weight" and config.tie_embeddings:
-                continue  # tied: llama.cpp reuses token_embd.weight for the logits
             if key not in by_key:
                 raise ValueError(f"{path}: tensor {key!r} is not a weight of this Llama config")
             if key in seen:

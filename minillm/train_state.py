@@ -90,7 +90,7 @@ def plain_llama(model: Llama) -> Llama:
     with torch.device("meta"):
         plain = Llama(model.config)
     state = {}
-    for key, _ in plain.named_parameters():
+    for key in plain.state_dict():  # a tied lm_head is listed too (named_parameters yields it once)
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name)
         if isinstance(owner, LoRALinear):

@@ -8,6 +8,7 @@ the allocator's caching; the saved tensors are the exact quantity the estimate m
 between the end of the forward pass and the start of the backward pass.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,24 @@ def test_params_and_flops_match_the_model(name):
 
 
 def test_tiny_preset_is_the_model_the_main_job_trains():
-    """One "tiny": the preset, the ModelConfig defaults, the default TrainConfig and configs/tiny.toml
-    (what `python3 run.py train` trains) are the same 1.85M-parameter model."""
+    """One "tiny": the preset, the default TrainConfig and configs/tiny.toml (what `python3 run.py train`
+    trains) are the same 1.33M-parameter model; ModelConfig's defaults are its shape, untied."""
     tiny = ModelConfig.from_name("tiny")
-    assert tiny == ModelConfig() == TrainConfig().model == load_config(ROOT / "configs" / "tiny.toml").model
+    assert tiny == TrainConfig().model == load_config(ROOT / "configs" / "tiny.toml").model
+    assert tiny == dataclasses.replace(ModelConfig(), tie_embeddings=True)
     assert (tiny.dim, tiny.n_layers, tiny.n_heads, tiny.hidden_dim, tiny.vocab_size) == (128, 4, 4, 352, 4096)
-    # 2 · 4096 · 128 (embedding, untied lm_head) + 4 · (4 · 128² + 3 · 128 · 352 + 2 · 128) + 128
+    # 4096 · 128 (the embedding, which is also lm_head) + 4 · (4 · 128² + 3 · 128 · 352 + 2 · 128) + 128
     report = flops.main(["--preset", "tiny"])
-    assert "parameters                   1,852,544" in report
+    assert "parameters                   1,328,256" in report
     assert "method full, batch 1, seq 256" in report  # the default 1024 capped at the model's context
+
+
+def test_tied_lm_head_still_costs_its_matmul():
+    # tying shares the weight, not the work: lm_head's (C -> V) matmul runs either way
+    untied = ModelConfig(tie_embeddings=False)
+    tied = ModelConfig(tie_embeddings=True)
+    assert flops.count_params(untied)["total"] - flops.count_params(tied)["total"] == 4096 * 128
+    assert flops.flops_per_token(tied, 128) == flops.flops_per_token(untied, 128)
 
 
 def test_openllama_7b_numbers():

@@ -99,3 +99,30 @@ def test_state_dict_round_trip_continues_identically():
 def test_unknown_optimizer_name_is_refused():
     with pytest.raises(ValueError, match=r"optim.name must be \"adamw\" or \"muon\", found 'sgd'"):
         OptimConfig(name="sgd")
+
+
+@pytest.mark.parametrize("shape", [(5, 37, 91), (3, 91, 37)])
+def test_newton_schulz_of_a_stack_is_each_matrix_alone(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    got = newton_schulz(G)
+    for i in range(shape[0]):
+        torch.testing.assert_close(got[i], newton_schulz(G[i]), atol=1e-6, rtol=0)
+
+
+def test_stack_size_cap_gives_the_same_step(monkeypatch):
+    # same-shape matrices go through Newton–Schulz together; a cap of one matrix per stack is the
+    # per-matrix loop, and must give the same parameters
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=32, n_layers=3, n_heads=2, hidden_dim=64, vocab_size=50, max_seq_len=16)
+    a_model = Llama(cfg)
+    b_model = copy.deepcopy(a_model)
+    x = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    for model, cap in ((a_model, 1 << 26), (b_model, 1)):
+        monkeypatch.setattr("minillm.muon.MuonAdamW.STACK_ELEMENTS", cap)
+        opt = muon_adamw(model, 0.1, 3e-3, (0.9, 0.95), 1e-8)
+        for _ in range(2):
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, pa), pb in zip(a_model.named_parameters(), b_model.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=0, msg=name)
