@@ -99,7 +99,8 @@ def check_model_values(values: dict, keys: dict[str, str] | None = None):
 
 @dataclass
 class ModelConfig:
-    # the defaults are the "tiny" preset: the 1.85M-parameter model `python train.py` trains (configs/tiny.toml)
+    # the default shape is the "tiny" preset's, the model `python train.py` trains (configs/tiny.toml); the
+    # preset also ties lm_head to the embedding, which checkpoints' configs otherwise leave untied
     dim: int = 128  # width of the residual stream (HF: hidden_size)
     n_layers: int = 4  # number of transformer blocks
     n_heads: int = 4  # query heads
@@ -327,7 +328,9 @@ def hf_rope_theta(hf: dict, source: str) -> tuple[str, float]:
 # presets: v1 and v2 of OpenLLaMA share shapes (they differ in training data and tokenizer)
 PRESETS: dict[str, dict] = {
     # from-scratch sizes
-    "tiny": dict(),  # the ModelConfig defaults above: what `python train.py` trains
+    # what `python train.py` trains: the defaults above, lm_head tied to the embedding (1.33M parameters;
+    # untied: 1.85M and whole-val loss 3.504, tied 3.443 after the same 1000 Muon steps)
+    "tiny": dict(tie_embeddings=True),
     "small-125m": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=32000, max_seq_len=1024),
     "1b": dict(dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, hidden_dim=5632, vocab_size=32000,
                max_seq_len=2048),

@@ -65,7 +65,7 @@ def finetune_overrides(out: Path, base: Path, method: str, train_file: Path, qui
     """LoRA/QLoRA on the stdlib instruction data: rank 16 on every projection of the frozen base."""
     o = {
         "out_dir": str(out / method), "init_from": str(base), "device": device,
-        "finetune.method": method, "finetune.lora_r": 16, "finetune.lora_alpha": 32.0,
+        "finetune.method": method, "optim.name": "adamw", "finetune.lora_r": 16, "finetune.lora_alpha": 32.0,
         "finetune.lora_targets": list(DEFAULT_TARGETS),
         "data.format": "instruct", "data.corpus": str(train_file), "data.template": TEMPLATE,
         "data.val_frac": 0.02,

@@ -59,7 +59,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/muon.py)
+    name: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/muon.py);
+    # TrainConfig's default (the main job) is "muon"
     weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -165,14 +166,18 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-steps per optimizer step; tokens/step = batch*block*accum
     max_steps: int = 0  # stop after this step count (0: schedule.total_steps); the schedule is unchanged
     # the architecture when init_from = "scratch" (a pretrained init_from brings its own). The default is
-    # the "tiny" preset, 1.85M parameters (0.5M of them the untied 4096-row lm_head): about 5 minutes for
-    # 1000 steps on 2 cores
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the "tiny" preset, 1.33M parameters (0.5M of them the 4096-row embedding, tied to lm_head): about 5
+    # minutes for 1000 steps on 2 cores
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    # the main job trains with Muon (0.21 nats lower whole-val loss than AdamW in the same 1000 steps);
+    # the fine-tuning and GPU configs set "adamw", the OptimConfig default
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="muon"))
     schedule: ScheduleConfig = field(
+        # warmup-stable-decay: 30 steps up, flat at 6e-3, then down to 0 over the last 40% (whole-val
+        # loss 3.381; cosine from 6e-3 to 6e-4: 3.443)
         default_factory=lambda: ScheduleConfig(
-            name="cosine", max_lr=3e-3, min_lr=3e-4, warmup_steps=30, total_steps=1000
+            name="wsd", max_lr=6e-3, min_lr=0.0, warmup_steps=30, total_steps=1000, decay_frac=0.4
         )
     )
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -44,6 +44,7 @@ def test_both_loaders_give_the_same_error_and_widening():
         ModelConfig.from_dict({"dim": "128"}, source="x.json")
     with pytest.raises(TypeError, match=r"^run\.toml: model\.dim must be int, found str '128'$"):
         apply_overrides(TrainConfig(), {"model.dim": "128"}, "run.toml")
-    from_json = ModelConfig.from_dict({"norm_eps": 1, "rope_theta": 500000}, source="x.json")
+    # tie_embeddings spelled out: a TrainConfig starts from the tied tiny preset, a model file from untied
+    from_json = ModelConfig.from_dict({"norm_eps": 1, "rope_theta": 500000, "tie_embeddings": True}, source="x.json")
     from_toml = apply_overrides(TrainConfig(), {"model.norm_eps": 1, "model.rope_theta": 500000}, "t").model
     assert from_json == from_toml and type(from_json.rope_theta) is float
