@@ -58,8 +58,8 @@ class Linear(nn.Linear):
     one-row matmul on one thread, which streams about 9 GB/s on the 2-core CI machine while two cores
     pull 15. So W's rows are cut into `chunks` slices and x is multiplied by all of them as one batched
     matmul, which torch spreads over the threads, one slice each: every output is still x · (a row of W).
-    1.4x the decode tokens/s of the 33M and 97M models of bench/cpu.py. Small weights (they sit in cache, and the
-    split only adds overhead), several rows and a single thread keep F.linear.
+    1.4x the decode tokens/s of the 33M and 97M models of bench/cpu.py. Small weights (they sit in cache,
+    and the split only adds overhead), several rows, a bias and a single thread keep F.linear.
     """
 
     MIN_SPLIT = 1 << 18  # weights under 1 MiB (fp32) stay whole
