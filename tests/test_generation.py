@@ -136,16 +136,14 @@ def test_trace_prints_shapes(tmp_path, model, tok, capsys):
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["gemv", "split-gemv"])
-def test_compiled_decode_step_matches_eager(model, split, monkeypatch):
+def test_compiled_decode_step_matches_eager(model, split, request):
     # the GPU decode goal relies on torch.compile capturing decode_one_token whole (static KV cache):
     # fullgraph=True fails on any graph break, and the tokens must equal the eager ones exactly.
     # split: model.Linear's CPU batch-1 path (bmm over 2 threads' row chunks) taken for every weight
     from minillm.generation import decode_one_token
-    from minillm.model import Linear
 
     if split:
-        monkeypatch.setattr(Linear, "MIN_SPLIT", 0)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on the 2-core CI machine
+        request.getfixturevalue("split_every_gemv")  # tests/conftest.py
 
     compiled = torch.compile(decode_one_token, fullgraph=True)
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)

@@ -85,16 +85,6 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def split_every_gemv(monkeypatch):
-    """Linear's batch-1 CPU path for every weight size, on 2 threads (the CI machine's cores)."""
-    monkeypatch.setattr(Linear, "MIN_SPLIT", 0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (64,)])
 def test_linear_one_row_splits_over_threads(split_every_gemv, shape):
     torch.manual_seed(0)
