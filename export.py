@@ -14,8 +14,8 @@ Then run the GGUF in llama.cpp (`llama-cli -m tiny-q8_0.gguf -p "def " -n 64`) o
 import argparse
 import sys
 
-from minillm.cli import ArgumentParser, run_cli
-from minillm.exporter import ExportConfig, export
+from minillm.ship.convert import ExportConfig, export
+from minillm.util.cli import ArgumentParser, run_cli
 
 
 def main(argv=None):
@@ -42,7 +42,7 @@ def main(argv=None):
     if args.check is not None:
         if args.against is None:
             p.error("--check needs --against HF_DIR")
-        from minillm.gguf_doctor import check_gguf
+        from minillm.ship.doctor import check_gguf
 
         if check_gguf(args.check, args.against).faults:
             sys.exit(1)  # scripts can test the verdict

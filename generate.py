@@ -22,16 +22,17 @@ from pathlib import Path
 
 import torch
 
-from minillm.checkpoint import load_pretrained, load_tokenizer
-from minillm.cli import ArgumentParser, run_cli
-from minillm.device import DTYPES, pick_device, pick_dtype
-from minillm.generation import (
+from minillm.finetune.nf4_linear import nf4_hook
+from minillm.formats.load import load_pretrained, load_tokenizer
+from minillm.generate.decode import (
     GenerationStats,
     SamplingConfig,
     decode_one_token,
     generate_text,
     generate_text_batch,
 )
+from minillm.util.cli import ArgumentParser, run_cli
+from minillm.util.device import DTYPES, pick_device, pick_dtype
 
 
 def unescape(text: str) -> str:
@@ -100,18 +101,18 @@ def main(argv=None):
     checkpoint = Path(args.checkpoint)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     model = load_pretrained(checkpoint, dtype=dtype, device=device,
-                            quantize=None if args.quantize == "none" else args.quantize)
+                            linear_hook=nf4_hook(compute_dtype=dtype, device=device) if args.quantize == "nf4" else None)
     if args.prompts and args.draft:
         p.error("--prompts (batched) and --draft (speculative) do not combine: speculative decoding is batch 1")
     prompts = read_prompts(Path(args.prompts)) if args.prompts else [unescape(args.prompt)]
     if args.template != "none":
-        from minillm.templates import format_prompt
+        from minillm.data.templates import format_prompt
 
         prompts = [format_prompt(args.template, text, args.input) for text in prompts]
     prompt = prompts[0]
 
     if args.trace:
-        from minillm.trace import trace_forward
+        from minillm.generate.trace import trace_forward
 
         trace_forward(model, torch.tensor([tokenizer.encode(prompt)], device=device), out=sys.stdout)
         return
@@ -124,8 +125,8 @@ def main(argv=None):
                          stop=[unescape(s) for s in args.stop], seed=args.seed)
     stats = GenerationStats()
     if args.chat:
-        from minillm.chat import chat_loop
-        from minillm.templates import CHAT_TEMPLATES, read_template_record
+        from minillm.data.templates import CHAT_TEMPLATES, read_template_record
+        from minillm.generate.chat import chat_loop
 
         template = args.template if args.template != "none" else read_template_record(checkpoint)
         if template not in CHAT_TEMPLATES:

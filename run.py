@@ -3,7 +3,7 @@
     python3 run.py train              # the main job: train the tiny model on the stdlib corpus (CPU ok)
     python3 run.py test               # the whole test suite
     python3 run.py generate --checkpoint out/tiny --prompt "def "
-    python3 run.py export ...  |  python3 run.py tour  |  python3 run.py python -m minillm.flops ...
+    python3 run.py export ...  |  python3 run.py tour  |  python3 run.py python -m minillm.train.flops ...
     python3 run.py eval --checkpoint out/tiny --task stdlib-modules --task notes.txt   # benchmark table
 
 On first use (and whenever pyproject.toml changes) it creates a virtual environment in .venv and installs
@@ -27,7 +27,7 @@ JOBS = {
     "generate": ["generate.py"],
     "export": ["export.py"],
     "tour": ["-m", "minillm.tour"],
-    "eval": ["-m", "minillm.benchmark"],
+    "eval": ["-m", "minillm.eval.harness"],
     "test": ["-m", "pytest"],
     "python": [],
 }

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.generation import decode_one_token, prefill  # noqa: E402
+from minillm.generate.decode import decode_one_token, prefill  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.training import configure_optimizer, forward_backward  # noqa: E402
+from minillm.train.loop import configure_optimizer, forward_backward  # noqa: E402
 
 # name → (model, training batch B, training length T). "97M" is the issue's reference shape.
 SHAPES = {
@@ -77,8 +77,8 @@ def decode_bytes(model: Llama) -> int:
 def synthetic_tokenizer(vocab_size: int):
     """A SentencePiece model with exactly vocab_size pieces (<unk>, <s>, </s>, 256 bytes, then filler
     pieces): llama.cpp needs a vocabulary as large as the embedding, and its content does not change speed."""
-    from minillm.spm_proto import BYTE_PIECE, NORMAL_PIECE, bpe_model_proto
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer.sentencepiece import Tokenizer
+    from minillm.tokenizer.spm_proto import BYTE_PIECE, NORMAL_PIECE, bpe_model_proto
 
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     types = [2, 3, 3] + [BYTE_PIECE] * 256
@@ -169,7 +169,7 @@ class LlamaCpp:
         import numpy as np
         import peers
 
-        from minillm.gguf_writer import write_gguf
+        from minillm.ship.gguf_writer import write_gguf
 
         (llama_cpp,) = peers._require("llama_cpp")
         self.name, self.np = f"llama.cpp f32 (llama-cpp-python {llama_cpp.__version__})", np

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.device import pick_device  # noqa: E402
-from minillm.lora import apply_lora, mark_only_lora_trainable  # noqa: E402
+from minillm.finetune.lora import apply_lora, mark_only_lora_trainable  # noqa: E402
+from minillm.finetune.nf4_linear import quantize_model_  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.nf4 import quantize_model_  # noqa: E402
-from minillm.training import configure_optimizer  # noqa: E402
+from minillm.train.loop import configure_optimizer  # noqa: E402
+from minillm.util.device import pick_device  # noqa: E402
 
 
 def build(cfg: ModelConfig, method: str, device, dtype, r: int):

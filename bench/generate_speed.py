@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.device import pick_device  # noqa: E402
-from minillm.generation import decode_one_token, prefill  # noqa: E402
+from minillm.generate.decode import decode_one_token, prefill  # noqa: E402
 from minillm.model import Llama  # noqa: E402
+from minillm.util.device import pick_device  # noqa: E402
 
 
 def sync(device):
@@ -97,7 +97,7 @@ def main():
     with torch.device(device):
         model = Llama(cfg).to(dtype).eval()
     if args.quantize == "nf4":
-        from minillm.nf4 import quantize_model_
+        from minillm.finetune.nf4_linear import quantize_model_
 
         quantize_model_(model, skip=("lm_head",), compute_dtype=dtype)
     wb = weight_bytes(model)

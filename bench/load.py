@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minillm.checkpoint import shard_groups  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
+from minillm.formats.hf import shard_groups  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 from minillm.names import ours_to_hf  # noqa: E402
 

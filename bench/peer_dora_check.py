@@ -25,12 +25,12 @@ import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from minillm.checkpoint import save_hf  # noqa: E402
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.lora import apply_lora, lora_modules, mark_only_lora_trainable, merge_lora  # noqa: E402
+from minillm.finetune.lora import apply_lora, lora_modules, mark_only_lora_trainable, merge_lora  # noqa: E402
+from minillm.finetune.new_tokens import resize_vocab  # noqa: E402
+from minillm.finetune.peft_io import load_adapter, save_adapter  # noqa: E402
+from minillm.formats.hf import save_hf  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.new_tokens import resize_vocab  # noqa: E402
-from minillm.peft_io import load_adapter, save_adapter  # noqa: E402
 
 CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=101, max_seq_len=64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

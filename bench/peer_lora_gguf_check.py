@@ -35,10 +35,10 @@ import torch  # noqa: E402
 from tiny import tiny_tokenizer, write_hf_checkpoint  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.exporter import ExportConfig, export, load_merged  # noqa: E402
-from minillm.lora import apply_lora  # noqa: E402
+from minillm.finetune.lora import apply_lora  # noqa: E402
+from minillm.finetune.peft_io import save_adapter  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.peft_io import save_adapter  # noqa: E402
+from minillm.ship.convert import ExportConfig, export, load_merged  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (label, target modules, rsLoRA, std of lora_B): q/k alone move the logits little unless B is large
@@ -67,7 +67,7 @@ def minillm_logits(model) -> np.ndarray:
 
 
 def main() -> int:
-    import minillm.gguf_lora as gguf_lora
+    import minillm.ship.gguf_lora as gguf_lora
 
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:

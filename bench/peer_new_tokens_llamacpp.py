@@ -28,9 +28,9 @@ from llama_cpp import Llama as LlamaCpp  # noqa: E402
 from tiny import tiny_tokenizer  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.gguf_writer import write_gguf  # noqa: E402
+from minillm.finetune.new_tokens import resize_vocab  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.new_tokens import resize_vocab  # noqa: E402
+from minillm.ship.gguf_writer import write_gguf  # noqa: E402
 
 NEW = ["<|im_start|>", "<|im_end|>"]
 TEXTS = [

@@ -39,11 +39,11 @@ import llama_cpp  # noqa: E402
 from tiny import tiny_tokenizer  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.ggml_quants import GGML_TYPES, type_name  # noqa: E402
-from minillm.gguf_reader import read_gguf  # noqa: E402
-from minillm.gguf_writer import write_gguf  # noqa: E402
+from minillm.formats.ggml_quants import GGML_TYPES, type_name  # noqa: E402
+from minillm.formats.gguf_reader import read_gguf  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.quant_mix import FILE_TYPES  # noqa: E402
+from minillm.ship.gguf_writer import write_gguf  # noqa: E402
+from minillm.ship.quant_mix import FILE_TYPES  # noqa: E402
 
 MIXES = ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q4_1", "q5_0", "q5_1"]
 GOLDEN_TYPES = (3, 6, 7, 12, 13, 14)  # Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K
@@ -64,7 +64,7 @@ def ggml_quantize_chunk(x: np.ndarray, ggml_type: int) -> np.ndarray:
 def golden_rows() -> dict:
     from kquant_reference import awkward_blocks
 
-    from minillm.ggml_quants import quantize
+    from minillm.formats.ggml_quants import quantize
 
     g = torch.Generator().manual_seed(12)
     x = torch.cat([awkward_blocks(), torch.randn(2, 256, generator=g) * 0.02]).numpy()

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny import tiny_tokenizer, write_hf_checkpoint  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.exporter import ExportConfig, export  # noqa: E402
-from minillm.templates import chat_token_ids, render_chat  # noqa: E402
+from minillm.data.templates import chat_token_ids, render_chat  # noqa: E402
+from minillm.ship.convert import ExportConfig, export  # noqa: E402
 
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "Which module defines `dumps`?"}],

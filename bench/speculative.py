@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minillm.checkpoint import load_pretrained, load_tokenizer  # noqa: E402
-from minillm.generation import (  # noqa: E402
+from minillm.formats.load import load_pretrained, load_tokenizer  # noqa: E402
+from minillm.generate.decode import (  # noqa: E402
     GenerationStats,
     SamplingConfig,
     generate_tokens,

@@ -21,30 +21,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from minillm.strict import check_value, field_types
-
-
-def read_json_object(path: str | Path, what: str = "file") -> dict:
-    """Parse a JSON file whose top level must be an object: one clear error naming the file for a missing
-    or unreadable file, bytes that are not UTF-8, invalid or absurdly nested JSON, or a top level that is
-    not an object."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))  # JSON is UTF-8 (a BOM is allowed)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not a {what}: JSON nested too deeply to parse") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
-
+from minillm.util.fileio import read_json_object
+from minillm.util.strict import check_value, field_types
 
 # -----------------------------------------------------------------------------------------------------
 # checking values

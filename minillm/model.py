@@ -319,6 +319,6 @@ class Llama(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> Llama:
         """Load an OpenLLaMA / HF directory, a minillm checkpoint, a Meta consolidated directory or a
         GGUF file. The format code lives in checkpoint.py (this file stays format-free)."""
-        from minillm.checkpoint import load_pretrained
+        from minillm.formats.load import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device, **kwargs)

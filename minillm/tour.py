@@ -4,16 +4,16 @@
     2. LoRA       instruction-tune it on the embedded stdlib Q&A dataset (Alpaca format)    → OUT/lora
     3. QLoRA      the same, over an NF4-quantized frozen base                                 → OUT/qlora
     4. evaluate   held-out loss, short-answer exact/contains, side-by-side Markdown reports → OUT/report_*.md
-                  and the benchmark-style "which module defines X?" multiple choice (minillm.benchmark)
+                  and the benchmark-style "which module defines X?" multiple choice (minillm.eval.harness)
     5. export     merge the LoRA adapter and write GGUF q8_0 and q4_0 (llama.cpp's format)  → OUT/*.gguf
     6. generate   greedy answers from each GGUF, loaded back by minillm
     7. ledger     held-out loss and KL vs the unquantized model along adapter → merged → f16 → q8_0 → …
-                  → q4_0 (minillm/ledger.py)
+                  → q4_0 (minillm/eval/ledger.py)
 
-Every stage calls the library, as the scripts do: minillm.train_config.load_config builds each TrainConfig
+Every stage calls the library, as the scripts do: minillm.train.config.load_config builds each TrainConfig
 from a dict of dotted overrides (the same keys as `python train.py --section.key value`), then
-minillm.training.train runs it; minillm.evaluate scores; minillm.exporter.export writes the GGUF;
-minillm.generation decodes. The numbers land in OUT/summary.json and in the table printed at the end.
+minillm.train.loop.train runs it; minillm.eval.metrics scores; minillm.ship.convert.export writes the GGUF;
+minillm.generate.decode decodes. The numbers land in OUT/summary.json and in the table printed at the end.
 The chapters in docs/ explain each stage; the command lines each stage corresponds to are printed as it runs.
 
 About 15 minutes on a 2-core CPU, most of it the 1000-step pretraining (`--base out/tiny` reuses the model
@@ -31,20 +31,20 @@ import sys
 import time
 from pathlib import Path
 
-from minillm.benchmark import score_multiple_choice, stdlib_module_task
-from minillm.checkpoint import load_tokenizer
-from minillm.device import pick_device
-from minillm.evaluate import evaluate_loss, short_answer_accuracy, write_report
-from minillm.exporter import ExportConfig, export
-from minillm.generation import SamplingConfig, generate_text
-from minillm.instruct import read_examples, tokenize_example
-from minillm.ledger import fidelity_ledger, format_ledger
-from minillm.lora import DEFAULT_TARGETS
+from minillm.data.instruct import read_examples, tokenize_example
+from minillm.data.stdlib_qa import build_stdlib_dataset, short_answer_subset, stdlib_root
+from minillm.data.templates import format_prompt
+from minillm.eval.harness import score_multiple_choice, stdlib_module_task
+from minillm.eval.ledger import fidelity_ledger, format_ledger
+from minillm.eval.metrics import evaluate_loss, short_answer_accuracy, write_report
+from minillm.finetune.lora import DEFAULT_TARGETS
+from minillm.formats.load import load_tokenizer
+from minillm.generate.decode import SamplingConfig, generate_text
 from minillm.model import Llama
-from minillm.stdlib_dataset import build_stdlib_dataset, short_answer_subset, stdlib_root
-from minillm.templates import format_prompt
-from minillm.train_config import load_config
-from minillm.training import train
+from minillm.ship.convert import ExportConfig, export
+from minillm.train.config import load_config
+from minillm.train.loop import train
+from minillm.util.device import pick_device
 
 TEMPLATE = "alpaca"  # the stdlib dataset is Alpaca-format; generation must use the same template
 
@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
     banner(7, "the fidelity ledger: what each step from adapter to GGUF costs (docs/07-shipping.md)")
     t0 = time.perf_counter()
     ledger = fidelity_ledger(base, out / "lora" / "adapter", tokenized, tokenizer.pad_id, out)
-    print(f"python -m minillm.evaluate --base {base} --adapter {out / 'lora' / 'adapter'} --data {data.test_path}"
+    print(f"python -m minillm.eval.metrics --base {base} --adapter {out / 'lora' / 'adapter'} --data {data.test_path}"
           f"\n{format_ledger(ledger)}", flush=True)
     times["ledger"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start

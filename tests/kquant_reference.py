@@ -1,5 +1,5 @@
 """Slow, obvious transcriptions of ggml's K-quant reference quantizers (ggml/src/ggml-quants.c), one block at a
-time, for the tests to hold minillm/kquants.py against.
+time, for the tests to hold minillm/formats/kquants.py against.
 
 Each function follows the C line by line. Every float is a numpy float32 scalar, so each operation rounds
 to float32 as the C code does (no fused multiply-add, like an x86-64 build of ggml-base); integers are Python

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tiny import CharTokenizer, tiny_tokenizer
 
-from minillm.benchmark import (
+from minillm.config import ModelConfig
+from minillm.eval.harness import (
     MCExample,
     encode_pair,
     main,
@@ -18,7 +19,6 @@ from minillm.benchmark import (
     read_mc_task,
     score_multiple_choice,
 )
-from minillm.config import ModelConfig
 from minillm.model import Llama
 
 TOK = CharTokenizer()
@@ -116,8 +116,8 @@ def test_read_mc_task_errors_name_the_line(tmp_path):
 
 
 def test_eval_cli_one_table_for_a_checkpoint_and_its_gguf(tmp_path, capsys):
-    from minillm.checkpoint import save_model
-    from minillm.exporter import ExportConfig, export
+    from minillm.formats.native import save_model
+    from minillm.ship.convert import ExportConfig, export
 
     tok = tiny_tokenizer(tmp_path / "tokenizer.model")
     model = tiny_model(vocab=tok.vocab_size, max_seq_len=32)

@@ -9,10 +9,10 @@ from tiny import tiny_tokenizer, write_hf_checkpoint
 
 import generate as generate_cli
 from minillm import Llama
-from minillm.chat import chat_loop, reply
 from minillm.config import ModelConfig
-from minillm.generation import SamplingConfig, generate_tokens
-from minillm.templates import chat_token_ids, write_template_record
+from minillm.data.templates import chat_token_ids, write_template_record
+from minillm.generate.chat import chat_loop, reply
+from minillm.generate.decode import SamplingConfig, generate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_chat_loop_carries_the_conversation(tiny, monkeypatch):
         seen_ids.append(ids)
         return ids
 
-    monkeypatch.setattr("minillm.chat.chat_token_ids", spy)
+    monkeypatch.setattr("minillm.generate.chat.chat_token_ids", spy)
     out = []
     messages = chat_loop(model, tok, "vicuna", GREEDY, read=lambda _: next(lines), write=out.append)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]

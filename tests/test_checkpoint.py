@@ -8,8 +8,10 @@ from reference_llama import reference_forward
 from tiny import tiny_tokenizer, write_hf_checkpoint
 
 from minillm import Llama
-from minillm.checkpoint import load_pretrained, save_model
 from minillm.config import ModelConfig
+from minillm.finetune.nf4_linear import nf4_hook
+from minillm.formats.load import load_pretrained
+from minillm.formats.native import save_model
 
 MHA = ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=97, max_seq_len=64)
 GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=3, hidden_dim=200, vocab_size=113, max_seq_len=64)
@@ -65,7 +67,7 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 
 def test_missing_directory(tmp_path):
-    from minillm.checkpoint import load_tokenizer
+    from minillm.formats.load import load_tokenizer
 
     with pytest.raises(FileNotFoundError, match="nope: checkpoint path does not exist"):
         Llama.from_pretrained(tmp_path / "nope")
@@ -179,14 +181,14 @@ def test_minillm_config_unknown_key(tmp_path):
 
 
 def test_quantize_on_load_nf4_matches_rounded_dense_model(tmp_path, monkeypatch):
+    from minillm.finetune.nf4_linear import NF4Linear
     from minillm.kernels.nf4 import dequantize_nf4_ref, quantize_nf4_ref
-    from minillm.nf4 import NF4Linear
 
     # the kernels are checked against their references in test_nf4_kernels.py; here the loader is under
     # test, so run the references (what a CPU-only machine runs) instead of the slow Triton interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     write_hf_checkpoint(tmp_path, GQA, seed=4, fmt="bin-sharded")
-    q = load_pretrained(tmp_path, quantize="nf4")
+    q = load_pretrained(tmp_path, linear_hook=nf4_hook(compute_dtype=torch.float32))
     dense = load_pretrained(tmp_path)
     swapped = [n for n, m in q.named_modules() if isinstance(m, NF4Linear)]
     assert len(swapped) == 7 * GQA.n_layers  # every block projection; embeddings, norms, lm_head stay dense
@@ -201,13 +203,13 @@ def test_quantize_on_load_nf4_matches_rounded_dense_model(tmp_path, monkeypatch)
 
 
 def test_shard_groups_exact():
-    from minillm.checkpoint import shard_groups
+    from minillm.formats.hf import shard_groups
 
     assert shard_groups([("a", 3), ("b", 3), ("c", 10), ("d", 1)], 6) == [["a", "b"], ["c"], ["d"]]
 
 
 def test_save_hf_multi_shard_round_trip(tmp_path):
-    from minillm.checkpoint import save_hf
+    from minillm.formats.hf import save_hf
 
     torch.manual_seed(0)
     model = Llama(GQA)
@@ -221,7 +223,7 @@ def test_save_hf_multi_shard_round_trip(tmp_path):
 
 def test_json_files_get_one_clear_error(tmp_path):
     # one reader for config.json, minillm_config.json, params.json and adapter_config.json
-    from minillm.config import read_json_object
+    from minillm.util.fileio import read_json_object
 
     with pytest.raises(FileNotFoundError, match=r"missing.json: adapter config not found"):
         read_json_object(tmp_path / "missing.json", "adapter config")

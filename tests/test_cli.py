@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from minillm.cli import ArgumentParser, run_cli
-from minillm.train_config import add_config_flags
+from minillm.train.config import add_config_flags
+from minillm.util.cli import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from minillm.config import ModelConfig
-from minillm.train_config import (
+from minillm.train.config import (
     TrainConfig,
     add_config_flags,
     apply_overrides,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-import minillm.data as data
-from minillm.data import (
+import minillm.data.pretrain as data
+from minillm.data.pretrain import (
     get_batch,
     load_split,
     prepare_dataset,
@@ -27,7 +27,7 @@ from minillm.data import (
     train_corpus_tokenizer,
     unigram_entropy,
 )
-from minillm.tokenizer import train_tokenizer
+from minillm.tokenizer.sentencepiece import train_tokenizer
 
 DOCS = {
     "a.py": "def add(a, b):\n    return a + b\n",

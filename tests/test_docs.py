@@ -158,7 +158,7 @@ def code_links(text: str):
 
 def _defining_files(name: str) -> list[Path]:
     """Every Python file in the repository (outside the venv) that defines `name`."""
-    files = {f for d in CODE_DIRS for f in (ROOT / d).glob("*.py")}
+    files = {f for d in CODE_DIRS for f in (ROOT / d).glob("*.py" if d == "." else "**/*.py")}
     return sorted(f for f in files if name in definitions(f))
 
 

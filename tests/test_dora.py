@@ -9,10 +9,17 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from minillm.config import ModelConfig
-from minillm.lora import DoRALinear, apply_lora, lora_disabled, lora_modules, mark_only_lora_trainable, merge_lora
+from minillm.finetune.lora import (
+    DoRALinear,
+    apply_lora,
+    lora_disabled,
+    lora_modules,
+    mark_only_lora_trainable,
+    merge_lora,
+)
+from minillm.finetune.nf4_linear import NF4Linear
+from minillm.finetune.peft_io import load_adapter, read_base_quantization, save_adapter
 from minillm.model import Linear, Llama
-from minillm.nf4 import NF4Linear
-from minillm.peft_io import load_adapter, read_base_quantization, save_adapter
 
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
 
@@ -178,7 +185,7 @@ def test_save_load_peft_keys_config_and_logits(tmp_path):
 
 
 def test_qdora_adapter_records_the_nf4_settings(tmp_path):
-    from minillm.nf4 import quantize_model_
+    from minillm.finetune.nf4_linear import quantize_model_
 
     model = tiny_llama()
     quantize_model_(model, blocksize=32, double_quant=True, compute_dtype=torch.float32)
@@ -189,7 +196,7 @@ def test_qdora_adapter_records_the_nf4_settings(tmp_path):
 
 
 def test_finetune_config_switches():
-    from minillm.train_config import load_config
+    from minillm.train.config import load_config
 
     assert load_config(overrides={"finetune.method": "dora"}).finetune.dora
     qdora = load_config(overrides={"finetune.method": "qlora", "finetune.use_dora": True}).finetune

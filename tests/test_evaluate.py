@@ -8,7 +8,8 @@ import torch
 from tiny import CharTokenizer
 
 from minillm.config import ModelConfig
-from minillm.evaluate import (
+from minillm.data.instruct import load_instruct_data, read_examples
+from minillm.eval.metrics import (
     contains,
     evaluate_loss,
     exact_match,
@@ -18,8 +19,7 @@ from minillm.evaluate import (
     side_by_side_rows,
     write_report,
 )
-from minillm.instruct import load_instruct_data, read_examples
-from minillm.lora import apply_lora, lora_modules
+from minillm.finetune.lora import apply_lora, lora_modules
 from minillm.model import Llama
 
 TOK = CharTokenizer()

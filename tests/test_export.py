@@ -9,13 +9,13 @@ from tiny import tiny_tokenizer, write_hf_checkpoint
 
 import export as export_cli
 from minillm import Llama
-from minillm.checkpoint import load_tokenizer
 from minillm.config import ModelConfig
-from minillm.exporter import ExportConfig, export
-from minillm.gguf_reader import read_gguf
-from minillm.lora import apply_lora
-from minillm.peft_io import save_adapter
-from minillm.tokenizer import Tokenizer
+from minillm.finetune.lora import apply_lora
+from minillm.finetune.peft_io import save_adapter
+from minillm.formats.gguf_reader import read_gguf
+from minillm.formats.load import load_tokenizer
+from minillm.ship.convert import ExportConfig, export
+from minillm.tokenizer.sentencepiece import Tokenizer
 
 
 @pytest.fixture(scope="module")

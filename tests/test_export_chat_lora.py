@@ -9,14 +9,14 @@ from tiny import tiny_tokenizer, write_hf_checkpoint
 
 from minillm import Llama
 from minillm.config import ModelConfig
-from minillm.exporter import ExportConfig, export, load_merged
-from minillm.gguf_format import FLOAT32, STRING
-from minillm.gguf_lora import merge_lora_gguf, read_lora_gguf
-from minillm.gguf_reader import load_gguf_model, read_gguf
-from minillm.lora import apply_lora
+from minillm.data.templates import JINJA, write_template_record
+from minillm.finetune.lora import apply_lora
+from minillm.finetune.peft_io import save_adapter
+from minillm.formats.gguf_layout import FLOAT32, STRING
+from minillm.formats.gguf_reader import load_gguf_model, read_gguf
 from minillm.names import hf_to_interleaved
-from minillm.peft_io import save_adapter
-from minillm.templates import JINJA, write_template_record
+from minillm.ship.convert import ExportConfig, export, load_merged
+from minillm.ship.gguf_lora import merge_lora_gguf, read_lora_gguf
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_lora_gguf_layout_and_merge_back_exact(base, tmp_path, use_rslora):
 
     # q/k: lora_b rows are permuted like the base's rows, lora_a is as stored
     model = Llama.from_pretrained(base)
-    from minillm.peft_io import load_adapter
+    from minillm.finetune.peft_io import load_adapter
 
     load_adapter(model, adapter)
     q = model.layers[0].self_attn.q_proj

@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from minillm.fileio import (
+from minillm.util.fileio import (
     DiskFullError,
     atomic_directory,
     atomic_write,

@@ -1,4 +1,4 @@
-"""minillm.flops: parameter, FLOP and memory estimates against the real model.
+"""minillm.train.flops: parameter, FLOP and memory estimates against the real model.
 
 The activation estimate is checked against what autograd actually keeps: a saved_tensors_hooks pack hook
 sees every tensor saved for backward during the forward pass; we sum the bytes of their distinct storages
@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm import flops
 from minillm.config import PRESETS, ModelConfig
-from minillm.lora import apply_lora, mark_only_lora_trainable
+from minillm.finetune.lora import apply_lora, mark_only_lora_trainable
+from minillm.finetune.nf4_linear import NF4Linear, quantize_model_
 from minillm.model import Llama
-from minillm.nf4 import NF4Linear, quantize_model_
-from minillm.train_config import TrainConfig, load_config
+from minillm.train import flops
+from minillm.train.config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from tiny import tiny_tokenizer
 
-from minillm.checkpoint import save_model
 from minillm.config import ModelConfig
-from minillm.generation import (
+from minillm.formats.native import save_model
+from minillm.generate.decode import (
     SamplingConfig,
     TextStream,
     apply_repetition_penalty,
@@ -140,7 +140,7 @@ def test_compiled_decode_step_matches_eager(model, split, request):
     # the GPU decode goal relies on torch.compile capturing decode_one_token whole (static KV cache):
     # fullgraph=True fails on any graph break, and the tokens must equal the eager ones exactly.
     # split: model.Linear's CPU batch-1 path (bmm over 2 threads' row chunks) taken for every weight
-    from minillm.generation import decode_one_token
+    from minillm.generate.decode import decode_one_token
 
     if split:
         request.getfixturevalue("split_every_gemv")  # tests/conftest.py
@@ -153,7 +153,7 @@ def test_compiled_decode_step_matches_eager(model, split, request):
 
 def test_decode_rate_leaves_out_the_first_step():
     # with --compile the first decode step compiles (seconds): it is reported apart from tokens/s
-    from minillm.generation import GenerationStats
+    from minillm.generate.decode import GenerationStats
 
     stats = GenerationStats(prompt_tokens=4, new_tokens=5, prefill_seconds=0.5, decode_seconds=4.0,
                             first_step_seconds=3.0)
@@ -164,7 +164,7 @@ def test_decode_rate_leaves_out_the_first_step():
 
 
 def test_generation_times_the_first_decode_step(model):
-    from minillm.generation import GenerationStats
+    from minillm.generate.decode import GenerationStats
 
     stats = GenerationStats()
     list(generate_tokens(model, [1, 5, 9], SamplingConfig(max_new_tokens=6, temperature=0.0), stats=stats))
@@ -177,7 +177,7 @@ def test_generation_times_the_first_decode_step(model):
 
 def test_left_padded_prefill_matches_each_row_alone(model):
     # the per-row mask and RoPE positions: every row's logits equal its batch-1 prefill (fp32)
-    from minillm.generation import left_pad_prompts
+    from minillm.generate.decode import left_pad_prompts
 
     prompts = [[1, 5, 9, 42, 7, 3, 11], [1, 3], [1, 8, 8, 2, 4]]
     ids, pad = left_pad_prompts(prompts)
@@ -194,7 +194,7 @@ def test_left_padded_prefill_matches_each_row_alone(model):
 
 
 def test_batched_greedy_equals_each_row_alone_with_eos_per_row(model):
-    from minillm.generation import generate_tokens_batch
+    from minillm.generate.decode import generate_tokens_batch
 
     prompts = [[1, 5, 9, 42, 7, 3, 11], [1, 3], [1, 8, 8, 2, 4, 17, 6, 30, 12, 1, 9], [1, 77]]
     cfg = SamplingConfig(max_new_tokens=16, temperature=0.0)
@@ -214,7 +214,7 @@ def test_batched_greedy_equals_each_row_alone_with_eos_per_row(model):
 
 
 def test_batched_text_stop_strings_and_on_done(model, tok):
-    from minillm.generation import generate_text_batch
+    from minillm.generate.decode import generate_text_batch
 
     prompts = ["import json", "def f(x):", "x"]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)

@@ -12,7 +12,7 @@ import struct
 import pytest
 import torch
 
-from minillm.ggml_quants import (
+from minillm.formats.ggml_quants import (
     GGML_BF16,
     GGML_F16,
     GGML_F32,

@@ -13,11 +13,19 @@ import torch
 from tiny import tiny_tokenizer
 
 from minillm.config import ModelConfig
-from minillm.ggml_quants import GGML_BF16, GGML_F16, GGML_F32, GGML_Q4_0, GGML_Q8_0, dequantize, quantize
-from minillm.gguf_format import ARRAY, BOOL, FLOAT32, INT32, STRING, UINT32, expected_shapes
-from minillm.gguf_reader import load_gguf_model, read_gguf, sentencepiece_model_from_gguf
-from minillm.gguf_writer import write_gguf
+from minillm.formats.ggml_quants import (
+    GGML_BF16,
+    GGML_F16,
+    GGML_F32,
+    GGML_Q4_0,
+    GGML_Q8_0,
+    dequantize,
+    quantize,
+)
+from minillm.formats.gguf_layout import ARRAY, BOOL, FLOAT32, INT32, STRING, UINT32, expected_shapes
+from minillm.formats.gguf_reader import load_gguf_model, read_gguf, sentencepiece_model_from_gguf
 from minillm.names import gguf_to_ours, hf_to_interleaved, interleaved_to_hf
+from minillm.ship.gguf_writer import write_gguf
 
 TEXTS = ["def f(x):\n\treturn x  +  1\n", "héllo → 世界", "  two  spaces\n\n\nand\ttabs\t\t", "a\nb", "\nabc", ""]
 
@@ -400,9 +408,9 @@ def test_truncated_and_corrupted_files_fail_cleanly(tok, tmp_path):
 def test_added_tokens_are_user_defined_and_chat_template_is_written(tok, tmp_path):
     """A non-whitespace USER_DEFINED piece (an added token) is written USER_DEFINED (4), whitespace ones
     NORMAL (1); the Jinja chat template is stored verbatim; the rebuilt tokenizer keeps the added token whole."""
-    from minillm.spm_proto import bpe_model_proto, piece_types
-    from minillm.templates import JINJA
-    from minillm.tokenizer import Tokenizer
+    from minillm.data.templates import JINJA
+    from minillm.tokenizer.sentencepiece import Tokenizer
+    from minillm.tokenizer.spm_proto import bpe_model_proto, piece_types
 
     sp = tok.sp
     n = sp.GetPieceSize()

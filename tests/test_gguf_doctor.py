@@ -7,12 +7,12 @@ import torch
 from tiny import stdlib_texts, tiny_tokenizer, write_hf_checkpoint
 
 import export as export_cli
-from minillm.checkpoint import load_pretrained
 from minillm.config import ModelConfig
-from minillm.gguf_doctor import check_gguf, qk_layout
-from minillm.gguf_writer import write_gguf
+from minillm.formats.load import load_pretrained
 from minillm.names import hf_to_interleaved, interleaved_to_hf
-from minillm.tokenizer import train_tokenizer
+from minillm.ship.doctor import check_gguf, qk_layout
+from minillm.ship.gguf_writer import write_gguf
+from minillm.tokenizer.sentencepiece import train_tokenizer
 
 
 @pytest.fixture(scope="module")

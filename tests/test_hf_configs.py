@@ -17,7 +17,8 @@ from reference_llama import reference_forward
 from tiny import random_hf_state, tiny_tokenizer, write_hf_checkpoint
 
 from minillm import Llama
-from minillm.config import ModelConfig, read_json_object
+from minillm.config import ModelConfig
+from minillm.util.fileio import read_json_object
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
 TINY_T5 = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=96, max_seq_len=128,
@@ -273,7 +274,7 @@ def test_huge_context_length_allocates_no_huge_rope_table(tmp_path):
 
 
 def test_meta_params_json_bad_values_named(tmp_path):
-    from minillm.meta_format import save_meta
+    from minillm.formats.meta import save_meta
 
     torch.manual_seed(0)
     save_meta(Llama(ModelConfig(**TINY_T5)), tmp_path)
@@ -285,8 +286,8 @@ def test_meta_params_json_bad_values_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    from minillm.gguf_format import expected_shapes
-    from minillm.gguf_writer import write_gguf
+    from minillm.formats.gguf_layout import expected_shapes
+    from minillm.ship.gguf_writer import write_gguf
 
     d = tmp_path_factory.mktemp("gguf")
     tok = tiny_tokenizer(d / "tokenizer.model", vocab_size=384)
@@ -332,8 +333,8 @@ def test_gguf_bad_metadata_named_by_key(gguf_file, tmp_path, key, fmt, value, sh
 
 
 def test_gguf_rope_scaling_is_refused(tmp_path):
-    from minillm.gguf_format import expected_shapes
-    from minillm.gguf_writer import write_gguf
+    from minillm.formats.gguf_layout import expected_shapes
+    from minillm.ship.gguf_writer import write_gguf
 
     tok = tiny_tokenizer(tmp_path / "tokenizer.model", vocab_size=384)
     cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=tok.vocab_size, max_seq_len=64)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import STDLIB, tiny_tokenizer  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.instruct import (  # noqa: E402
+from minillm.data.instruct import (  # noqa: E402
     collate,
     collate_packed,
     get_instruct_batch,
@@ -25,9 +25,14 @@ from minillm.instruct import (  # noqa: E402
     split_examples,
     tokenize_example,
 )
+from minillm.data.stdlib_qa import (  # noqa: E402
+    build_stdlib_dataset,
+    first_sentence,
+    short_answer_subset,
+    stdlib_records,
+)
+from minillm.data.templates import format_prompt  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.stdlib_dataset import build_stdlib_dataset, first_sentence, short_answer_subset, stdlib_records  # noqa: E402
-from minillm.templates import format_prompt  # noqa: E402
 
 TOK = CharTokenizer()
 CFG = ModelConfig(

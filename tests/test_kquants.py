@@ -1,4 +1,4 @@
-"""Q4_K / Q5_K / Q6_K: the vectorized encoders of minillm/kquants.py against the block-at-a-time transcription of
+"""Q4_K / Q5_K / Q6_K: the vectorized encoders of minillm/formats/kquants.py against the block-at-a-time transcription of
 ggml's C in tests/kquant_reference.py, byte for byte, on random and awkward super-blocks; decoding against the
 grid each block defines; and golden rows that llama.cpp's own quantizer produced (tests/data/
 llama_cpp_kquant_golden.json, from the libggml-base of a llama-cpp-python build; see the README's peer checks)."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 from kquant_reference import awkward_blocks
 
-from minillm import kquants
-from minillm.ggml_quants import GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, dequantize, quantize
+from minillm.formats import kquants
+from minillm.formats.ggml_quants import GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, dequantize, quantize
 
 CODECS = {
     "q4_k": (kquants.quantize_q4_k, kquants.dequantize_q4_k, ref.q4_k_block, 144),

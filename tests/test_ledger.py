@@ -9,10 +9,10 @@ from tiny import tiny_tokenizer, write_hf_checkpoint
 
 from minillm import Llama
 from minillm.config import ModelConfig
-from minillm.instruct import read_examples, tokenize_example
-from minillm.ledger import fidelity_ledger, format_ledger, ledger_outtypes, loss_and_kl, main
-from minillm.lora import apply_lora
-from minillm.peft_io import save_adapter
+from minillm.data.instruct import read_examples, tokenize_example
+from minillm.eval.ledger import fidelity_ledger, format_ledger, ledger_outtypes, loss_and_kl, main
+from minillm.finetune.lora import apply_lora
+from minillm.finetune.peft_io import save_adapter
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_ledger_rows(setup):
 
 
 def test_new_writer_types_join_the_chain(monkeypatch):
-    import minillm.ledger as ledger
+    import minillm.eval.ledger as ledger
 
     only_old = {t: ledger.OUTTYPES[t] for t in ("f32", "f16", "bf16", "q8_0", "q4_0")}
     monkeypatch.setattr(ledger, "OUTTYPES", only_old)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from minillm.config import ModelConfig
-from minillm.lora import (
+from minillm.finetune.lora import (
     LoRALinear,
     apply_lora,
     lora_disabled,
@@ -19,8 +19,8 @@ from minillm.lora import (
     merge_lora,
     parameter_summary,
 )
+from minillm.finetune.peft_io import load_adapter, save_adapter
 from minillm.model import Linear, Llama
-from minillm.peft_io import load_adapter, save_adapter
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
@@ -275,7 +275,7 @@ def test_load_adapter_errors_name_file_and_key(tmp_path):
 
 
 def test_qlora_merge_over_nf4_base_matches_lora_on_dequantized_weight():
-    nf4 = pytest.importorskip("minillm.nf4")  # written alongside; present in this repository
+    nf4 = pytest.importorskip("minillm.finetune.nf4_linear")  # written alongside; present in this repository
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=False)
     q = nf4.NF4Linear.from_linear(dense, compute_dtype=torch.float32)

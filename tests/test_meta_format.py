@@ -8,7 +8,7 @@ from tiny import write_hf_checkpoint
 
 from minillm import Llama
 from minillm.config import ModelConfig
-from minillm.meta_format import meta_hidden_dim, meta_params, save_meta
+from minillm.formats.meta import meta_hidden_dim, meta_params, save_meta
 
 GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=200, vocab_size=113, max_seq_len=64)
 

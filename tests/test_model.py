@@ -9,11 +9,11 @@ from reference_llama import reference_forward
 from tiny import random_hf_state
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minillm import flops
-from minillm.checkpoint import fill_model
 from minillm.config import ModelConfig
+from minillm.formats.weights import fill_model
 from minillm.model import Linear, Llama, apply_rope, precompute_rope
 from minillm.names import hf_to_ours
+from minillm.train import flops
 
 CONFIGS = {
     "mha": ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=97, max_seq_len=64),

@@ -11,16 +11,17 @@ from safetensors.torch import load_file
 from tiny import tiny_tokenizer, write_hf_checkpoint
 
 from minillm.config import ModelConfig
-from minillm.exporter import ExportConfig, export
-from minillm.gguf_format import TOKEN_NORMAL, TOKEN_USER_DEFINED
-from minillm.gguf_reader import read_gguf
-from minillm.lora import apply_lora, lora_modules, mark_only_lora_trainable
+from minillm.finetune.lora import apply_lora, lora_modules, mark_only_lora_trainable
+from minillm.finetune.new_tokens import resize_vocab
+from minillm.finetune.peft_io import load_adapter, read_base_quantization, save_adapter
+from minillm.formats.gguf_layout import TOKEN_NORMAL, TOKEN_USER_DEFINED
+from minillm.formats.gguf_reader import read_gguf
 from minillm.model import Llama
-from minillm.new_tokens import resize_vocab
-from minillm.peft_io import load_adapter, read_base_quantization, save_adapter
-from minillm.tokenizer import Tokenizer
-from minillm.train_config import TrainConfig, apply_overrides
-from minillm.training import plain_llama, train
+from minillm.ship.convert import ExportConfig, export
+from minillm.tokenizer.sentencepiece import Tokenizer
+from minillm.train.checkpoint import plain_llama
+from minillm.train.config import TrainConfig, apply_overrides
+from minillm.train.loop import train
 
 NEW = ["<|im_start|>", "<|im_end|>"]
 CHAT = "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n  x = 1<|im_end|>"
@@ -51,7 +52,7 @@ def test_add_pieces_encodes_each_as_one_id_and_text_between_on_its_own(tok, tmp_
 
 
 def test_streamed_text_equals_decode_around_added_pieces(tok, tmp_path):
-    from minillm.generation import TextStream
+    from minillm.generate.decode import TextStream
 
     new = tok.add_pieces(NEW, tmp_path / "tokenizer.model")
     ids = new.encode(CHAT + " é", bos=False)

@@ -1,20 +1,20 @@
 """NF4Linear against nn.Linear on the dequantized weight (the QLoRA check), the model-wide swap,
 state_dict round trips, the double-quantized variant, and double quantization itself
-(minillm/nf4_double_quant.py)."""
+(minillm/finetune/double_quant.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from minillm.kernels.nf4 import quantize_nf4
-from minillm.nf4 import NF4Linear, quantize_model_
-from minillm.nf4_double_quant import (
+from minillm.finetune.double_quant import (
     create_dynamic_map,
     double_dequantize,
     double_quantize,
     dynamic_code,
     quantize_dynamic,
 )
+from minillm.finetune.nf4_linear import NF4Linear, quantize_model_
+from minillm.kernels.nf4 import quantize_nf4
 
 # y = x @ W^T on identical weights: fp32 differs only by summation order, bf16 by 2 ulps of the output
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=1.3e-1, rtol=1.6e-2)}
@@ -170,7 +170,7 @@ def test_double_quant_variant():
 def test_custom_ops_pass_opcheck(dtype, rows):
     # torch.library.opcheck checks the schema, the fake (shape-only) functions torch.compile uses, and
     # that the registered backward agrees with what autograd sees
-    from minillm.nf4 import nf4_grad_x_op, nf4_linear_op
+    from minillm.finetune.nf4_linear import nf4_grad_x_op, nf4_linear_op
 
     layer = NF4Linear.from_linear(make_linear(129, 37, bias=False), compute_dtype=dtype)
     g = torch.Generator().manual_seed(2)
@@ -182,7 +182,7 @@ def test_custom_ops_pass_opcheck(dtype, rows):
 
 def tiny_qlora_model():
     from minillm.config import ModelConfig
-    from minillm.lora import apply_lora, mark_only_lora_trainable
+    from minillm.finetune.lora import apply_lora, mark_only_lora_trainable
     from minillm.model import Llama
 
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def tiny_qlora_model():
 
 def test_compiled_nf4_decode_step_has_no_graph_break():
     # generate.py --quantize nf4 --compile: the NF4 matmul must not break torch.compile's graph
-    from minillm.generation import decode_one_token, prefill
+    from minillm.generate.decode import decode_one_token, prefill
 
     model = tiny_qlora_model().eval()
     model.setup_caches(1, 8)

@@ -1,4 +1,4 @@
-"""llama-quantize's per-tensor type rules (minillm/quant_mix.py) and the GGUF export that follows them.
+"""llama-quantize's per-tensor type rules (minillm/ship/quant_mix.py) and the GGUF export that follows them.
 
 The expected types are spelled out from `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp; the
 fixture tests/data/llama_cpp_mix_types.json holds the types llama.cpp itself chose for a tiny model
@@ -11,10 +11,8 @@ import pytest
 import torch
 from tiny import tiny_tokenizer, write_hf_checkpoint
 
-from minillm import quant_mix
 from minillm.config import ModelConfig
-from minillm.exporter import ExportConfig, export
-from minillm.ggml_quants import (
+from minillm.formats.ggml_quants import (
     GGML_F16,
     GGML_F32,
     GGML_Q4_K,
@@ -25,10 +23,12 @@ from minillm.ggml_quants import (
     GGML_Q8_0,
     type_name,
 )
-from minillm.gguf_format import expected_shapes
-from minillm.gguf_reader import read_gguf
-from minillm.gguf_writer import plan_tensors
+from minillm.formats.gguf_layout import expected_shapes
+from minillm.formats.gguf_reader import read_gguf
 from minillm.model import Llama
+from minillm.ship import quant_mix
+from minillm.ship.convert import ExportConfig, export
+from minillm.ship.gguf_writer import plan_tensors
 
 FIXTURE = Path(__file__).parent / "data" / "llama_cpp_mix_types.json"
 

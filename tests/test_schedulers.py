@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from minillm.schedulers import (
+from minillm.train.schedulers import (
     SCHEDULE_NAMES,
     ScheduleConfig,
     constant_lr,

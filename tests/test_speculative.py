@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minillm.config import ModelConfig
-from minillm.generation import (
+from minillm.generate.decode import (
     GenerationStats,
     SamplingConfig,
     generate_tokens,
@@ -165,7 +165,7 @@ def test_generate_cli_with_a_draft_prints_the_targets_greedy_text(tmp_path, caps
     from tiny import tiny_tokenizer
 
     import generate
-    from minillm.checkpoint import save_model
+    from minillm.formats.native import save_model
 
     tok = tiny_tokenizer(tmp_path / "tokenizer.model")
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
-"""minillm.strict: the one type check behind both config loaders (ModelConfig.from_dict for
+"""minillm.util.strict: the one type check behind both config loaders (ModelConfig.from_dict for
 minillm_config.json, and TrainConfig's TOML / JSON / flag overrides)."""
 
 import pytest
 
 from minillm.config import ModelConfig
-from minillm.strict import check_value, field_types
-from minillm.train_config import FinetuneConfig, TrainConfig, apply_overrides
+from minillm.train.config import FinetuneConfig, TrainConfig, apply_overrides
+from minillm.util.strict import check_value, field_types
 
 
 def test_field_types_resolve_the_annotation_strings():

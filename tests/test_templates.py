@@ -6,7 +6,7 @@ import jinja2.sandbox
 import pytest
 from tiny import tiny_tokenizer
 
-from minillm.templates import (
+from minillm.data.templates import (
     JINJA,
     chat_segments,
     chat_token_ids,

@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.generation import SamplingConfig, generate_tokens
-from minillm.gguf_reader import read_gguf, sentencepiece_model_from_gguf
+from minillm.finetune.nf4_linear import nf4_hook
+from minillm.finetune.peft_io import load_adapter
+from minillm.formats.gguf_reader import read_gguf, sentencepiece_model_from_gguf
+from minillm.formats.load import load_pretrained
+from minillm.generate.decode import SamplingConfig, generate_tokens
 from minillm.model import Llama
-from minillm.peft_io import load_adapter
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer.sentencepiece import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +84,8 @@ def test_checkpoints_and_adapters_load(tour):
         cfg = json.loads((Path(a[f"{method}_adapter"]) / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["r"] == 16
         # base + adapter (unmerged, LoRALinear) computes what the exported merged model computes
-        quantize = "nf4" if method == "qlora" else None
-        base = Llama.from_pretrained(a["base"], quantize=quantize)
+        hook = nf4_hook(compute_dtype=torch.float32) if method == "qlora" else None
+        base = load_pretrained(a["base"], linear_hook=hook)
         names = load_adapter(base, a[f"{method}_adapter"])
         assert len(names) == 4 * 7  # every projection of the 4 layers
         with torch.no_grad():

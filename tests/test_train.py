@@ -17,13 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny import stdlib_texts, tiny_tokenizer
 
-from minillm import training
-from minillm.checkpoint import load_pretrained
 from minillm.config import ModelConfig
+from minillm.data.templates import read_template_record
+from minillm.formats.load import load_pretrained
 from minillm.model import Llama
-from minillm.templates import read_template_record
-from minillm.train_config import TrainConfig, apply_overrides, load_config
-from minillm.training import configure_optimizer, forward_backward, save_checkpoint, train
+from minillm.train import loop as training
+from minillm.train.checkpoint import save_checkpoint
+from minillm.train.config import TrainConfig, apply_overrides, load_config
+from minillm.train.loop import configure_optimizer, forward_backward, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -323,7 +324,7 @@ def alpaca_file(path: Path, n: int = 24) -> Path:
 def base_checkpoint(assets, tmp_path_factory):
     from tiny import write_hf_checkpoint
 
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer.sentencepiece import Tokenizer
 
     d = tmp_path_factory.mktemp("hf_base")
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=384, max_seq_len=64)
@@ -370,8 +371,8 @@ def test_lora_instruct_finetune_resumes_exactly_and_exports(assets, base_checkpo
 def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from minillm import flops
-    from minillm.nf4 import NF4Linear
+    from minillm.finetune.nf4_linear import NF4Linear
+    from minillm.train import flops
 
     cfg = finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3, eval__interval=0,
                        eval__sample_tokens=0, finetune__double_quant=True, log__tensorboard=True,

@@ -17,7 +17,7 @@ import torch
 from minillm.config import ModelConfig
 from minillm.model import Llama
 from minillm.names import ours_to_hf
-from minillm.tokenizer import Tokenizer, train_tokenizer
+from minillm.tokenizer.sentencepiece import Tokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 

@@ -1,0 +1,64 @@
+"""Multi-turn chat with a fine-tuned model (`generate.py --chat`), in the template it was trained with.
+
+Each turn re-tokenizes the whole conversation the way training did (templates.chat_token_ids: BOS, then
+every segment on its own, EOS after each answer), so the model sees exactly the token ids of its training
+conversations, not a re-tokenized string. The answer is decoded until the model emits EOS (or the token
+budget runs out), then appended to the conversation:
+
+    messages = [user q1]                → ids(<s> … USER: q1 ASSISTANT:)            → a1 </s>
+    messages = [user q1, asst a1, user q2] → ids(… a1 </s> USER: q2 ASSISTANT:)     → a2 </s>
+
+The same conversation rendered as one string (templates.render_chat) is what llama.cpp and transformers
+produce from the Jinja shipped in the GGUF / tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from minillm.data.templates import chat_token_ids
+from minillm.generate.decode import GenerationStats, SamplingConfig, TextStream, generate_tokens
+from minillm.model import Llama
+
+
+def reply(model: Llama, tokenizer, template: str, messages: list[dict], cfg: SamplingConfig,
+          stream: Callable[[str], None] | None = None, stats: GenerationStats | None = None) -> str:
+    """The assistant's answer to `messages` (ending with a user message), streamed piece by piece.
+    Raises ValueError when the conversation no longer fits in the model's context."""
+    ids = chat_token_ids(tokenizer, template, messages)
+    detok = TextStream(tokenizer, leading_space=False)  # the answer's dummy-prefix space is not shown
+    out = ""
+    for tok in generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id, stats=stats):
+        piece = detok.push(tok)
+        out += piece
+        if stream is not None and piece:
+            stream(piece)
+    tail = detok.flush()
+    if stream is not None and tail:
+        stream(tail)
+    return out + tail
+
+
+def _write_stdout(text: str):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_loop(model: Llama, tokenizer, template: str, cfg: SamplingConfig, read: Callable[[str], str] = input,
+              write: Callable[[str], None] = _write_stdout, system: str | None = None) -> list[dict]:
+    """Read user turns with `read` (prompt "> ") until EOF or an empty line, stream each answer to `write`;
+    returns the conversation."""
+    messages = [] if system is None else [{"role": "system", "content": system}]
+    while True:
+        try:
+            text = read("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        messages.append({"role": "user", "content": text})
+        answer = reply(model, tokenizer, template, messages, cfg, stream=write)
+        write("\n")
+        messages.append({"role": "assistant", "content": answer})
+    return messages

@@ -1,0 +1,11 @@
+"""Training (docs chapters 3 and 8): the loop and what it needs.
+
+    config.py       TrainConfig: every number a run depends on, with strict TOML / flag overrides
+    schedulers.py   the LR schedules, as pure functions of the step
+    muon.py         Muon for the hidden matrices, AdamW for the rest
+    flops.py        the one count of parameters and FLOPs, and the memory estimator
+    checkpoint.py   ckpt.pt: atomic, with every RNG state, for exact resume
+    log.py          the summary line, progress bar, tensorboard, MFU, samples
+    loop.py         `train(cfg)`: the loop itself, top to bottom
+    plot.py         a dependency-free PNG line chart for the curves in docs/
+"""

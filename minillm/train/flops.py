@@ -1,0 +1,254 @@
+"""How much compute and memory a training run needs, before running it.
+
+    python -m minillm.train.flops --preset openllama-7b --method qlora --seq 1024 --batch 4
+    python -m minillm.train.flops --config configs/1b.toml
+
+This file is the one place parameters and FLOPs are counted: the estimator below, the trainer's printed
+summary and its MFU (training.py) all call it.
+
+Compute (PaLM appendix B): each weight does one multiply-add per token forward (2 FLOPs) and two in
+backward (4 FLOPs), so training costs 6N FLOPs/token for the N non-embedding weights (lm_head included),
+plus the attention scores and weighted sum, 12·L·C·T (T the sequence length). LoRA/QLoRA still run the
+full forward and the backward through every layer, but skip the weight gradients of the frozen base:
+4N + 6·N_adapter. MFU divides the FLOPs of the method that ran by the accelerator's peak.
+
+Parameters are logical weights: an NF4 projection (QLoRA's base) holds its in·out weights as packed 4-bit
+codes in buffers, not as parameters, and still counts in·out (model_params counts a built model this way,
+count_params a config; tests/test_flops.py checks that the two agree).
+
+Memory, per component:
+
+    weights      full: fp32 master copy (4 B/param, autocast runs the matmuls in bf16)
+                 lora: frozen base in bf16 (2 B) + fp32 adapters
+                 qlora: block projections in NF4, 4.5 bits/param (4-bit code + one fp32 absmax per 64;
+                        4.127 with double quantization), embeddings / lm_head / norms bf16, fp32 adapters
+    gradients    fp32, only for what trains (full: every weight; lora/qlora: the adapters)
+    optimizer    AdamW: two fp32 moments per trained parameter (8 B)
+    activations  what autograd keeps for backward, counted from model.py (elements per layer, C = dim,
+                 Ckv = kv width, F = hidden_dim, H = heads):
+                   RMSNorm × 2        3·BTC each (its input, the normalised x, the scaled output) + BT
+                   attention          q (BTC) and k, v (2·BT·Ckv) for SDPA, its output (BTC), logsumexp (BHT)
+                   SwiGLU             gate, up, silu(gate), their product: 4·BTF
+                 plus the final norm (3·BTC), the logits and their log-softmax (2·BTV).
+                 With activation checkpointing only each block's input (BTC) is kept, plus one block's
+                 activations while it is recomputed in backward.
+                 Bytes per element: 2 under bf16 autocast (an approximation: RMSNorm keeps fp32), 4 in fp32.
+    KV cache     inference: 2 (k and v) · L · B · T · Ckv · 2 bytes (bf16)
+
+tests/test_flops.py checks these counts against the bytes of the tensors autograd actually saves in a
+small CPU model (within 15%).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from minillm.config import ModelConfig
+from minillm.finetune.lora import DEFAULT_TARGETS
+
+H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
+NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
+NF4_DQ_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)  # double quantization: 8-bit absmax + fp32 per 256 blocks
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection in one block."""
+    C, Ckv, F = cfg.dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    return dict(q_proj=(C, C), k_proj=(C, Ckv), v_proj=(C, Ckv), o_proj=(C, C),
+                gate_proj=(C, F), up_proj=(C, F), down_proj=(F, C))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by kind; the total equals model_params(Llama(cfg))[0]."""
+    block_linear = cfg.n_layers * sum(i * o for i, o in linear_shapes(cfg).values())
+    norms = (2 * cfg.n_layers + 1) * cfg.dim
+    embedding = cfg.vocab_size * cfg.dim
+    lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    return dict(block_linear=block_linear, norms=norms, embedding=embedding, lm_head=lm_head,
+                total=block_linear + norms + embedding + lm_head)
+
+
+def lora_params(cfg: ModelConfig, r: int, targets: list[str]) -> int:
+    """A (r, in) + B (out, r) per targeted projection per block."""
+    shapes = linear_shapes(cfg)
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {unknown}; expected names from {list(shapes)}")
+    return cfg.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapter_params: int = 0) -> float:
+    """Training FLOPs per token, N the parameters that multiply: the blocks, the norms and lm_head's
+    vocab·C (also when it is tied to the embedding, whose lookup costs nothing):
+
+      full:        6N + 12·L·C·T   (per weight: 2 forward, 2 for the input gradient, 2 for its own gradient)
+      lora/qlora:  4N + 6·N_adapter + 12·L·C·T   (a frozen weight skips its own gradient; the input
+                   gradient still flows through it to the adapters below)
+    The attention term (scores and weighted sum, forward + backward) is the same in all three."""
+    n = count_params(cfg)
+    per_weight = 6 if method == "full" else 4
+    matmul_params = n["block_linear"] + n["norms"] + cfg.vocab_size * cfg.dim
+    return per_weight * matmul_params + 6 * adapter_params + 12 * cfg.n_layers * cfg.dim * seq_len
+
+
+def model_params(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameters of a built model, as logical weights: a module that computes with
+    `dequantize()` instead of an nn.Linear weight (an NF4Linear) counts its in·out weights. For a model
+    built for `method`, these are estimate(cfg, method, ...).params and .trainable."""
+    total = sum(p.numel() for p in model.parameters())  # a tied lm_head is yielded once
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for m in model.modules():
+        if hasattr(m, "dequantize") and not isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+    return total, trainable
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """flops_per_token for a built Llama: "full" when every parameter trains, else a frozen base with the
+    trainable parameters as adapters (4N + 6·N_adapter)."""
+    total, trainable = model_params(model)
+    if trainable == total:
+        return flops_per_token(model.config, seq_len, "full")
+    return flops_per_token(model.config, seq_len, "lora", adapter_params=trainable)
+
+
+def layer_activation_elements(cfg: ModelConfig, batch: int, seq: int, lora_r: int = 0,
+                              lora_targets: tuple[str, ...] = ()) -> int:
+    """Elements one block saves for backward (see the module docstring for the list)."""
+    B, T, C, F = batch, seq, cfg.dim, cfg.hidden_dim
+    Ckv = cfg.n_kv_heads * cfg.head_dim
+    return (
+        2 * (3 * B * T * C + B * T)  # input_layernorm, post_attention_layernorm: x, x·rsqrt, ·weight; rsqrt
+        + 2 * B * T * C + 2 * B * T * Ckv + cfg.n_heads * B * T  # attention: q, out; k, v; logsumexp
+        + 4 * B * T * F  # SwiGLU: gate, up, silu(gate), product
+        + len(lora_targets) * B * T * lora_r  # each adapter's (B, T, r) intermediate A·x
+    )
+
+
+def activation_elements(cfg: ModelConfig, batch: int, seq: int, checkpointing: bool = False,
+                        lora_r: int = 0, lora_targets: tuple[str, ...] = ()) -> int:
+    """Elements autograd holds for backward: the blocks, the final norm (3·BTC + BT) and the logits with
+    their log-softmax (2·BTV). With checkpointing: each block's input, plus one block being recomputed."""
+    B, T = batch, seq
+    per_layer = layer_activation_elements(cfg, B, T, lora_r, lora_targets)
+    top = 3 * B * T * cfg.dim + B * T + 2 * B * T * cfg.vocab_size
+    if checkpointing:
+        return cfg.n_layers * B * T * cfg.dim + per_layer + top
+    return cfg.n_layers * per_layer + top
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, seq: int, bytes_per_elem: int = 2) -> int:
+    return 2 * cfg.n_layers * batch * seq * cfg.n_kv_heads * cfg.head_dim * bytes_per_elem
+
+
+@dataclass
+class Estimate:
+    params: int  # all parameters of the model
+    trainable: int  # those with a gradient and optimizer state
+    flops_per_token: float
+    weights: int  # bytes
+    gradients: int
+    optimizer: int
+    activations: int  # without activation checkpointing
+    activations_checkpointed: int
+    kv_cache: int
+
+    def total(self, checkpointing: bool) -> int:
+        act = self.activations_checkpointed if checkpointing else self.activations
+        return self.weights + self.gradients + self.optimizer + act
+
+
+def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 8,
+             lora_targets: tuple[str, ...] = DEFAULT_TARGETS, act_bytes: int = 2,
+             double_quant: bool = False) -> Estimate:
+    """Bytes of each memory component for one training micro-batch (batch, seq) under `method`."""
+    if method not in ("full", "lora", "qlora"):
+        raise ValueError(f"method must be full, lora or qlora, found {method!r}")
+    n = count_params(cfg)
+    r, targets = (lora_r, tuple(lora_targets)) if method != "full" else (0, ())
+    adapters = lora_params(cfg, r, list(targets)) if method != "full" else 0
+    if method == "full":
+        trainable, weights = n["total"], 4 * n["total"]
+    elif method == "lora":
+        trainable, weights = adapters, 2 * n["total"] + 4 * adapters
+    else:
+        dense = n["total"] - n["block_linear"]
+        trainable = adapters
+        bits = NF4_DQ_BITS_PER_PARAM if double_quant else NF4_BITS_PER_PARAM
+        weights = round(n["block_linear"] * bits / 8) + 2 * dense + 4 * adapters
+    act = lambda ckpt: act_bytes * activation_elements(cfg, batch, seq, ckpt, r, targets)
+    return Estimate(
+        params=n["total"] + adapters, trainable=trainable, flops_per_token=flops_per_token(cfg, seq, method, adapters),
+        weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
+        activations=act(False), activations_checkpointed=act(True), kv_cache=kv_cache_bytes(cfg, batch, seq),
+    )
+
+
+def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int, est: Estimate) -> str:
+    gib = lambda b: f"{b / 2**30:9.2f} GiB"
+    lines = [
+        f"{name}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
+        f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | method {method}, batch {batch}, seq {seq}",
+        f"parameters             {est.params:>15,d}   (trainable {est.trainable:,d})",
+        f"training FLOPs/token   {est.flops_per_token:>15.4g}   "
+        f"({'6N' if method == 'full' else '4N + 6N_adapter'} + 12·L·C·T)",
+        f"FLOPs per micro-batch  {est.flops_per_token * batch * seq:>15.4g}",
+        f"weights                {gib(est.weights)}",
+        f"gradients              {gib(est.gradients)}",
+        f"optimizer (AdamW)      {gib(est.optimizer)}",
+        f"activations            {gib(est.activations)}   ({gib(est.activations_checkpointed).strip()} "
+        "with activation checkpointing)",
+        f"total                  {gib(est.total(False))}   "
+        f"({gib(est.total(True)).strip()} with checkpointing)",
+        f"KV cache (inference)   {gib(est.kv_cache)}   (bf16, batch {batch} × {seq} tokens)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description="Parameters, training FLOPs and memory of a Llama config.")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="a ModelConfig preset name, e.g. openllama-7b, 1b, tiny")
+    src.add_argument("--config", default=None,
+                     help="a train TOML (configs/*.toml): model, batch_size, block_size, finetune.* from it")
+    parser.add_argument("--method", choices=("full", "lora", "qlora"), default=None,
+                        help="what trains (default: full, or finetune.method from --config)")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="sequence length (default: block_size, or 1024 capped at the preset's max_seq_len)")
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch size (default 1 or batch_size)")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8 or finetune.lora_r)")
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated projections to adapt (default: all seven, q_proj … down_proj)")
+    parser.add_argument("--act-bytes", type=int, default=2,
+                        help="bytes per activation element (2 bf16, 4 fp32)")
+    parser.add_argument("--double-quant", action="store_true",
+                        help="qlora: NF4 scales double-quantized (default: finetune.double_quant from --config)")
+    args = parser.parse_args(argv)
+    method, seq, batch, r, double_quant = "full", 1024, 1, 8, False
+    targets = list(DEFAULT_TARGETS)
+    if args.config is not None:
+        from minillm.train.config import load_config
+
+        tc = load_config(args.config)
+        cfg, name = tc.model, args.config
+        method, seq, batch = tc.finetune.method, tc.block_size, tc.batch_size
+        r, targets, double_quant = tc.finetune.lora_r, tc.finetune.lora_targets, tc.finetune.double_quant
+    else:
+        name = args.preset or "openllama-7b"
+        cfg = ModelConfig.from_name(name)
+    method = args.method or method
+    seq, batch = args.seq or min(seq, cfg.max_seq_len), args.batch or batch
+    r = args.lora_r or r
+    targets = args.lora_targets.split(",") if args.lora_targets else targets
+    report = format_report(cfg, name, method, batch, seq,
+                           estimate(cfg, method, batch, seq, r, tuple(targets), args.act_bytes,
+                                    double_quant or args.double_quant))
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

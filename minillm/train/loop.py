@@ -1,0 +1,513 @@
+"""The training loop: `train(cfg)` reads top to bottom, nanoGPT style, between `# ----` banners.
+
+    prepare_data (TokenStream | InstructExamples) -> build_model (full / LoRA / QLoRA) -> AdamW
+      -> [resume_state] -> compile / DDP
+      -> for each step: lr = get_lr(step) ; k micro-batches ; forward/backward ; clip ; step
+                        ; Logger.step ; eval + Logger.eval (sample) ; write_outputs (checkpoint, export)
+
+The pieces it needs sit above it, each small enough to test directly: the optimizer, the token-normalised
+gradient accumulation, the eval loop, the two data sources behind one interface, the model builder and the
+writer of a checkpoint step's outputs. Checkpoints with every RNG state are in train_state.py, the logger
+(bar, tensorboard, MFU, samples) in train_log.py.
+
+Gradient accumulation is normalised by target tokens, not by micro-batches: the loss of a step is
+    L = (sum over all micro-batches and ranks of the token cross-entropies) / (number of non-ignored targets)
+so k micro-batches give exactly the gradient of one batch k times larger, even when micro-batches hold
+different numbers of -100 targets (padded instruction data). Averaging per-micro-batch means would weight
+a token in a short micro-batch more than one in a long one.
+
+Exact resume: the batch of a step is a pure function of the data generator's state (data.get_batch), the
+lr is a pure function of the step (schedulers.py), eval and sampling draw from their own generators, and
+the checkpoint holds model, optimizer, GradScaler, step and every RNG state. So on CPU a run stopped at
+step k and resumed logs bit-identical losses to the uninterrupted run.
+
+Fine-tuning uses the same loop: `init_from` names a checkpoint directory (HF/OpenLLaMA or minillm),
+`finetune.method` = full | lora | qlora (lora.py wraps the target projections of a frozen base, held in
+NF4 for qlora), and `data.format = "instruct"` draws padded or packed prompt/response batches whose
+prompt targets are -100 (instruct.py). With adapters the checkpoint holds only the trained tensors (the
+base is reloaded from init_from on resume), and the export is both the PEFT adapter (out_dir/adapter) and
+a plain model with the adapters folded in, so generate.py needs no LoRA support.
+
+Multi-GPU: launched by `torchrun --nproc_per_node W train.py ...`, each rank draws the same global batch
+offsets and keeps its 1/W slice, DDP averages gradients (we pre-multiply by W so the average is the
+token-normalised sum above). gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
+from minillm.data.pretrain import (
+    get_batch,
+    prepare_dataset,
+    read_corpus,
+    train_corpus_tokenizer,
+    unigram_entropy,
+)
+from minillm.data.templates import (
+    TEMPLATE_RECORD,
+    format_prompt,
+    trained_template,
+    write_template_record,
+)
+from minillm.finetune.lora import apply_lora, mark_only_lora_trainable
+from minillm.finetune.new_tokens import resize_vocab
+from minillm.finetune.nf4_linear import nf4_hook
+from minillm.finetune.peft_io import save_adapter
+from minillm.formats.load import load_pretrained
+from minillm.formats.native import save_model
+from minillm.model import Llama
+from minillm.tokenizer.sentencepiece import Tokenizer
+from minillm.train.checkpoint import (
+    load_checkpoint,
+    load_trainable_state,
+    plain_llama,
+    save_checkpoint,
+    set_rng_states,
+)
+from minillm.train.config import TrainConfig, resume_mismatches, save_config
+from minillm.train.log import Logger
+from minillm.train.muon import muon_adamw
+from minillm.train.schedulers import get_lr
+from minillm.util.device import pick_device, pick_dtype
+from minillm.util.fileio import atomic_write_bytes, remove_stale_temp_files
+
+# -----------------------------------------------------------------------------------------------------
+# optimizer
+
+
+def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
+                        eps: float, fused: bool, name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm gains):
+    decaying a norm gain pulls it toward 0, which only fights the normalisation. name "muon": the same
+    groups, with Muon's orthogonalized updates for the blocks' matrices (minillm/train/muon.py)."""
+    if name == "muon":
+        return muon_adamw(model, weight_decay, lr, betas, eps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+# -----------------------------------------------------------------------------------------------------
+# loss and gradient accumulation
+
+
+def micro_batch_loss(model, x: torch.Tensor, y: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """Sum (not mean) of the cross-entropies of the targets in y (B, T) that are not -100, in float32."""
+    logits, _ = model(x) if attn_mask is None else model(x, attn_mask=attn_mask)  # (B, T, V)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def count_targets(batches) -> int:
+    return sum(int((b[1] != -100).sum()) for b in batches)
+
+
+def forward_backward(model, batches, n_targets: int, world_size: int = 1, autocast=nullcontext,
+                     scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Accumulate into .grad the gradient of  sum(token losses of all ranks' batches) / n_targets.
+
+    batches: this rank's micro-batches [(x, y) or (x, y, attn_mask)]; n_targets: the non-ignored targets
+    of every micro-batch on every rank. Each rank scales by world_size because DDP averages over ranks.
+    Returns this rank's summed token loss (detached), for logging.
+    """
+    total = torch.zeros((), device=batches[0][0].device)
+    for i, batch in enumerate(batches):
+        # DDP all-reduces in backward; only the last micro-batch needs to (the grads keep summing locally)
+        sync = nullcontext() if not isinstance(model, DDP) or i == len(batches) - 1 else model.no_sync()
+        with sync:
+            with autocast():
+                loss_sum = micro_batch_loss(model, *batch)
+            loss = loss_sum * (world_size / n_targets)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss_sum.detach()
+    return total
+
+
+# -----------------------------------------------------------------------------------------------------
+# evaluation and sampling
+
+
+@torch.no_grad()
+def mean_token_loss(model, batches, device, autocast=nullcontext, world_size: int = 1) -> float:
+    """Token-weighted mean cross-entropy over (x, y) batches (y = -100 where no loss), summed over ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            total[0] += micro_batch_loss(model, x, y).double()
+        total[1] += (y != -100).sum()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, seed: int, device,
+                  autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+    """Mean token cross-entropy over `iters` random windows of `data`, drawn from a generator seeded
+    with `seed` (the same windows at every evaluation, so val losses are comparable)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = (get_batch(data, batch_size, block_size, g, rank, world_size) for _ in range(iters))
+    return mean_token_loss(model, batches, device, autocast, world_size)
+
+
+def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int, device,
+                           autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+    """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file order
+    (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
+    first = itertools.islice(iter_batches(examples, batch_size, pad_id), iters)
+    batches = (b for i, b in enumerate(first) if i % world_size == rank)
+    return mean_token_loss(model, batches, device, autocast, world_size)
+
+
+# -----------------------------------------------------------------------------------------------------
+# data: pretraining and instruction tuning reach the loop through one small interface
+#
+#   data.tokenizer                                  what both splits were encoded with
+#   data.draw(generator, rank, world_size)          this rank's slice of one global micro-batch, (x, y) or
+#                                                   (x, y, attn_mask): a pure function of the generator
+#   data.val_loss(model, device, autocast, rank, world_size)
+#                                                   token-mean val loss, over the same batches every time
+#   data.prompt(text)                               a sample prompt, asked the way the examples were
+#   data.baseline, data.describe()                  for the printed summary
+
+
+@dataclass
+class TokenStream:
+    """Pretraining: random (x, y) windows of the train / val token streams (np.memmap, data.py)."""
+
+    cfg: TrainConfig
+    tokenizer: Tokenizer
+    train: np.ndarray
+    val: np.ndarray
+    baseline: float = field(init=False)  # nats/token of a context-free model: the bar to beat
+
+    def __post_init__(self):
+        self.baseline = unigram_entropy(self.train)
+
+    def draw(self, generator: torch.Generator, rank: int, world_size: int):
+        c = self.cfg
+        return get_batch(self.train, c.batch_size, c.block_size, generator, rank, world_size)  # (B/W, T) x2
+
+    def val_loss(self, model, device, autocast, rank: int, world_size: int) -> float:
+        c = self.cfg
+        return estimate_loss(model, self.val, c.batch_size, c.block_size, c.eval.iters, c.seed, device,
+                             autocast, rank, world_size)
+
+    def prompt(self, text: str) -> str:
+        return text
+
+    def describe(self) -> str:
+        return (f"{len(self.train):,} train / {len(self.val):,} val tokens | "
+                f"unigram baseline {self.baseline:.3f} nats/token")
+
+
+@dataclass
+class InstructExamples:
+    """Instruction tuning: tokenized prompt/response examples (instruct.py) whose prompt targets are -100,
+    padded per batch, or packed several to a row with a block-diagonal attention mask."""
+
+    cfg: TrainConfig
+    tokenizer: Tokenizer
+    train: list
+    val: list
+    baseline: float = float("nan")  # no token stream to count a unigram baseline on
+
+    def draw(self, generator: torch.Generator, rank: int, world_size: int):
+        c = self.cfg
+        x, y, mask = get_instruct_batch(self.train, c.batch_size, generator, self.tokenizer.pad_id,
+                                        c.data.packing, c.block_size, pad_to_max=c.compile, rank=rank,
+                                        world_size=world_size)  # (B/W, T) x2, mask (B/W, 1, T, T) or None
+        return (x, y) if mask is None else (x, y, mask)
+
+    def val_loss(self, model, device, autocast, rank: int, world_size: int) -> float:
+        c = self.cfg
+        return estimate_instruct_loss(model, self.val, c.batch_size, c.eval.iters, self.tokenizer.pad_id,
+                                      device, autocast, rank, world_size)
+
+    def prompt(self, text: str) -> str:
+        return format_prompt(self.cfg.data.template or "alpaca", text)  # wrapped in the training template
+
+    def describe(self) -> str:
+        return f"{len(self.train):,} train / {len(self.val):,} val examples"
+
+
+# -----------------------------------------------------------------------------------------------------
+# set-up pieces
+
+
+def setup_distributed(device_setting: str) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; joins the process group if W > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        cuda = device_setting != "cpu" and torch.cuda.is_available()
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return rank, local_rank, world_size
+
+
+def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamples:
+    """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
+    tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init checkpoint's,
+    else one trained on the corpus (pretraining from scratch)."""
+    if cfg.data.tokenizer:
+        tokenizer = Tokenizer(cfg.data.tokenizer)
+    elif cfg.init_from != "scratch":
+        tokenizer = Tokenizer(cfg.init_from)  # a checkpoint directory holds its tokenizer.model
+    else:
+        tokenizer = None
+    if cfg.finetune.new_tokens:  # appended as USER_DEFINED pieces; build_model grows the model to match
+        if tokenizer is None:
+            raise ValueError("finetune.new_tokens extends a pretrained model's tokenizer: set init_from")
+        tokenizer = tokenizer.add_pieces(cfg.finetune.new_tokens, Path(cfg.out_dir) / "tokenizer.model")
+    if cfg.data.format == "instruct":
+        if tokenizer is None:
+            raise ValueError("data.format='instruct' needs a tokenizer: set init_from or data.tokenizer")
+        paths, test_paths = cfg.data.corpus, None
+        if cfg.data.corpus == "stdlib":  # the embedded instruction set, with its held-out split
+            from minillm.data.stdlib_qa import build_stdlib_dataset
+
+            ds = build_stdlib_dataset(Path(cfg.data.cache_dir))
+            paths, test_paths = ds.train_path, ds.test_path
+        data = load_instruct_data(paths, tokenizer, cfg.data.template or None,
+                                  cfg.data.instruct_format, cfg.block_size, cfg.data.train_on_inputs,
+                                  cfg.data.val_frac, test_paths=test_paths, seed=cfg.data.seed)
+        if verbose:
+            print(data.summary())
+            template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
+            if template is not None:  # export ships it as a chat template; generate.py --chat uses it
+                Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+                write_template_record(cfg.out_dir, template)
+        return InstructExamples(cfg, tokenizer, data.train, data.test)
+    corpus = read_corpus(cfg.data.corpus)
+    cache_dir = Path(cfg.data.cache_dir)
+    if tokenizer is None:
+        tokenizer = train_corpus_tokenizer(corpus, cache_dir / "tokenizer.model", cfg.model.vocab_size,
+                                           cfg.data.tokenizer_max_chars, cfg.data.seed)
+    data = prepare_dataset(corpus, tokenizer, cache_dir, cfg.data.val_frac, cfg.data.seed,
+                           cfg.data.num_workers, verbose=verbose)
+    return TokenStream(cfg, tokenizer, data.train, data.val)
+
+
+def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Llama:
+    """scratch: a fresh Llama(cfg.model); otherwise the init_from checkpoint. Full training keeps float32
+    weights (autocast runs the matmuls in `dtype`); LoRA freezes a base held in `dtype`, QLoRA one in NF4,
+    and wraps the finetune.lora_targets projections in trainable float32 adapters."""
+    method = cfg.finetune.method
+    if cfg.init_from == "scratch":
+        if method != "full":
+            raise ValueError(f"finetune.method={method!r} adapts a pretrained model: set init_from to its "
+                             "checkpoint directory")
+        return Llama(cfg.model).to(device)
+    new_rows = len(cfg.finetune.new_tokens)  # pieces prepare_data appended to the tokenizer
+    if method == "full":
+        model = load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
+        resize_vocab(model, model.config.vocab_size + new_rows)
+        return model
+    if method == "qlora":
+        hook = nf4_hook(double_quant=cfg.finetune.double_quant, compute_dtype=dtype, device=device)
+        model = load_pretrained(cfg.init_from, dtype=dtype, device=device, linear_hook=hook)
+    else:
+        model = load_pretrained(cfg.init_from, dtype=dtype, device=device)
+    resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
+    apply_lora(model, cfg.finetune.lora_targets, cfg.finetune.lora_r, cfg.finetune.lora_alpha,
+               cfg.finetune.lora_dropout, cfg.finetune.use_rslora, cfg.finetune.dora)
+    mark_only_lora_trainable(model, cfg.finetune.modules_to_save)
+    return model.train()
+
+
+def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler, data_generator) -> int:
+    """Load ckpt.pt into a freshly built run (model, AdamW, GradScaler, every RNG); returns the step to run
+    next. The config must match the checkpoint's except for RESUMABLE_CHANGES (train_config.py)."""
+    ckpt = load_checkpoint(path)
+    bad = resume_mismatches(ckpt["config"], cfg)
+    if bad:
+        raise ValueError(f"{path}: --resume with a different config:\n  " + "\n  ".join(bad))
+    load_trainable_state(model, ckpt["model"], str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"], data_generator)
+    return ckpt["step"]
+
+
+def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
+                  val_loss: float | None, tokenizer: Tokenizer):
+    """Everything a checkpoint step writes (rank 0): ckpt.pt to resume from, and unless checkpoint.export is
+    off, what generate.py loads from out_dir: the model (adapters folded in) with its tokenizer, plus for
+    LoRA / QLoRA the adapter alone in PEFT's layout (out_dir/adapter)."""
+    save_checkpoint(out_dir / "ckpt.pt", model, optimizer, scaler, step, data_generator, cfg, val_loss)
+    if not cfg.checkpoint.export:
+        return
+    if cfg.finetune.method == "full":
+        save_model(model, out_dir, tokenizer.path)
+        return
+    save_model(plain_llama(model), out_dir, tokenizer.path)
+    save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
+                 tokenizer.path if cfg.finetune.new_tokens else None)
+    if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template to export
+        atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD, (out_dir / TEMPLATE_RECORD).read_bytes())
+
+
+def stopping(ckpt_path: Path) -> str:
+    if ckpt_path.is_file():
+        step = load_checkpoint(ckpt_path)["step"]
+        return f"stopping; the last good checkpoint {ckpt_path} (step {step}) is kept"
+    return "stopping before any checkpoint was written"
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (token mean, all ranks)
+    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global grad norm before clipping
+    val_losses: dict[int, float] = field(default_factory=dict)  # completed steps -> val loss
+    unigram_entropy: float = float("nan")  # nats/token of the train split: the context-free baseline
+    tokens_per_s: float = 0.0  # over the whole run (excluding eval)
+    samples: list[str] = field(default_factory=list)  # the text sampled after each eval
+    model: Llama | None = None  # the trained model (unwrapped from DDP / compile)
+
+
+# -----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
+    # ---- processes, device, precision ---------------------------------------------------------------
+    rank, local_rank, world_size = setup_distributed(cfg.device)
+    master = rank == 0
+    device = pick_device(cfg.device, local_rank, world_size)
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    if cfg.batch_size % world_size != 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
+    # mixed precision: trained weights and AdamW state stay float32, the matmuls run in `dtype`
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    out_dir = Path(cfg.out_dir)
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out_dir)  # what a killed earlier run left (fileio.py says which are stale)
+    torch.manual_seed(cfg.seed)  # model init (and LoRA dropout)
+
+    # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it ----------------
+    if master:
+        data = prepare_data(cfg, verbose=True)
+    if world_size > 1:
+        dist.barrier()
+    if not master:
+        data = prepare_data(cfg, verbose=False)
+    data_generator = torch.Generator().manual_seed(cfg.seed)  # every rank alike: same global offsets
+
+    # ---- model (full, LoRA or QLoRA), optimizer, resume, compile / DDP -------------------------------
+    model = build_model(cfg, device, dtype)
+    if model.config.vocab_size != data.tokenizer.vocab_size:
+        raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer {data.tokenizer.path} "
+                         f"has {data.tokenizer.vocab_size} pieces")
+    if cfg.block_size > model.config.max_seq_len:
+        raise ValueError(f"block_size={cfg.block_size} exceeds the model's "
+                         f"max_seq_len={model.config.max_seq_len}")
+    model.activation_checkpointing = cfg.activation_checkpointing
+    raw_model = model  # the Llama itself: what is saved, sampled from and counted
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
+                                    (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
+                                    fused=device.type in ("cuda", "cpu"),  # one kernel: 5x the for-loop on CPU
+                                    name=cfg.optim.name)
+    start_step = 0
+    if resume:
+        start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler, data_generator)
+        if master:
+            print(f"resumed from {out_dir / 'ckpt.pt'} at step {start_step}")
+    if cfg.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # ---- logging ------------------------------------------------------------------------------------
+    if master:
+        save_config(cfg, out_dir / "train_config.json")
+    log = Logger(cfg, data, raw_model, device, dtype, world_size, start_step, master)
+    result = TrainResult(unigram_entropy=data.baseline, model=raw_model)
+    last_val = None
+    if cfg.init_from != "scratch" and start_step == 0 and cfg.eval.interval > 0:
+        # the starting model's numbers: what fine-tuning has to beat
+        last_val = result.val_losses[0] = data.val_loss(model, device, autocast, rank, world_size)
+        log.eval(0, last_val, raw_model)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    model.train()
+    for step in range(start_step, cfg.num_steps):
+        t0 = time.perf_counter()
+        # 1) the learning rate of this step, a pure function of the step
+        lr = get_lr(step, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 2) the step's micro-batches (this rank's slices) and the target count over every rank
+        batches = [tuple(t.to(device, non_blocking=True) for t in data.draw(data_generator, rank, world_size))
+                   for _ in range(cfg.grad_accum_steps)]  # each x, y (B/W, T)[, mask]
+        counts = torch.tensor([count_targets(batches), sum(b[0].numel() for b in batches)],
+                              dtype=torch.float64, device=device)
+        if world_size > 1:
+            dist.all_reduce(counts)
+        n_targets, n_tokens = int(counts[0].item()), int(counts[1].item())
+
+        # 3) forward + backward, token-normalised over all micro-batches and ranks
+        loss_sum = forward_backward(model, batches, n_targets, world_size, autocast, scaler)
+        if world_size > 1:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum.item() / n_targets
+        if not math.isfinite(loss):
+            log.close()
+            raise FloatingPointError(f"step {step}: training loss is {loss} (lr {lr:.3g}); "
+                                     f"{stopping(out_dir / 'ckpt.pt')}")
+
+        # 4) clip the global grad norm, then step (GradScaler skips steps whose fp16 grads overflowed)
+        scaler.unscale_(optimizer)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            log.close()
+            raise FloatingPointError(f"step {step}: gradient norm is {grad_norm} (lr {lr:.3g}); "
+                                     f"{stopping(out_dir / 'ckpt.pt')}")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # 5) log
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.losses[step], result.grad_norms[step] = loss, grad_norm
+        log.step(step, loss, lr, grad_norm, n_tokens, time.perf_counter() - t0)
+
+        # 6) eval + sample, checkpoint (both also after the last step)
+        done, last = step + 1, step + 1 == cfg.num_steps
+        if last or (cfg.eval.interval > 0 and done % cfg.eval.interval == 0):
+            last_val = result.val_losses[done] = data.val_loss(model, device, autocast, rank, world_size)
+            log.eval(done, last_val, raw_model)
+        if master and (last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0)):
+            write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg, last_val,
+                          data.tokenizer)
+
+    # ---- wrap up ------------------------------------------------------------------------------------
+    log.close(last_val)
+    result.tokens_per_s, result.samples = log.tokens_per_s(), log.samples
+    return result
