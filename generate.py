@@ -15,8 +15,6 @@ decoded together as one batch and each is printed under a `=== [i] ===` header a
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
@@ -24,42 +22,14 @@ import torch
 
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.formats.load import load_pretrained, load_tokenizer
-from minillm.generate.decode import (
-    GenerationStats,
-    SamplingConfig,
-    decode_one_token,
-    generate_text,
-    generate_text_batch,
-)
+from minillm.generate.batched import decode_batch_step
+from minillm.generate.decode import GenerationStats, decode_one_token
+from minillm.generate.fast_linear import use_row_split_linears
+from minillm.generate.prompts import read_prompts, unescape
+from minillm.generate.sampling import SamplingConfig
+from minillm.generate.text import generate_text, generate_text_batch
 from minillm.util.cli import ArgumentParser, run_cli
 from minillm.util.device import DTYPES, pick_device, pick_dtype
-
-
-def unescape(text: str) -> str:
-    """The escapes a shell cannot type easily: \\n newline, \\t tab, \\\\ one backslash."""
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
-
-
-def read_prompts(path: Path) -> list[str]:
-    """A .jsonl file: one object per line with a "prompt" string. Any other file: one prompt per line,
-    with the escapes of `unescape`. Blank lines are skipped."""
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(unescape(line))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: expected an object with a \"prompt\" string, found {line[:60]!r}")
-        prompts.append(record["prompt"])
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (the file is empty)")
-    return prompts
 
 
 def main(argv=None):
@@ -100,8 +70,8 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype or "auto", device)
     checkpoint = Path(args.checkpoint)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
-    model = load_pretrained(checkpoint, dtype=dtype, device=device,
-                            linear_hook=nf4_hook(compute_dtype=dtype, device=device) if args.quantize == "nf4" else None)
+    nf4 = nf4_hook(compute_dtype=dtype, device=device) if args.quantize == "nf4" else None
+    model = load_pretrained(checkpoint, dtype=dtype, device=device, linear_hook=nf4)
     if args.prompts and args.draft:
         p.error("--prompts (batched) and --draft (speculative) do not combine: speculative decoding is batch 1")
     prompts = read_prompts(Path(args.prompts)) if args.prompts else [unescape(args.prompt)]
@@ -117,9 +87,11 @@ def main(argv=None):
         trace_forward(model, torch.tensor([tokenizer.encode(prompt)], device=device), out=sys.stdout)
         return
 
-    decode_fn = decode_one_token
+    if device.type == "cpu":
+        use_row_split_linears(model)  # batch-1 decode spreads each GEMV over the threads (fast_linear.py)
+    decode_fn = decode_batch_step if args.prompts else decode_one_token
     if args.compile:
-        decode_fn = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+        decode_fn = torch.compile(decode_fn, mode="reduce-overhead", fullgraph=True)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                          stop=[unescape(s) for s in args.stop], seed=args.seed)
@@ -146,6 +118,8 @@ def main(argv=None):
     draft = None
     if args.draft:
         draft = load_pretrained(Path(args.draft), dtype=dtype, device=device)
+        if device.type == "cpu":
+            use_row_split_linears(draft)
     sys.stdout.write(prompt)
     sys.stdout.flush()
 

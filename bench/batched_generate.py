@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.generate.decode import SamplingConfig, generate_tokens_batch  # noqa: E402
+from minillm.generate.batched import generate_tokens_batch  # noqa: E402
+from minillm.generate.sampling import SamplingConfig  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 from minillm.util.device import pick_device  # noqa: E402
 

@@ -26,7 +26,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.finetune.lora import apply_lora, lora_modules, mark_only_lora_trainable, merge_lora  # noqa: E402
+from minillm.finetune.adapters import apply_lora, lora_modules, mark_only_lora_trainable, merge_lora  # noqa: E402
 from minillm.finetune.new_tokens import resize_vocab  # noqa: E402
 from minillm.finetune.peft_io import load_adapter, save_adapter  # noqa: E402
 from minillm.formats.hf import save_hf  # noqa: E402

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from tiny import tiny_tokenizer, write_hf_checkpoint  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.finetune.lora import apply_lora  # noqa: E402
+from minillm.finetune.adapters import apply_lora  # noqa: E402
 from minillm.finetune.peft_io import save_adapter  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 from minillm.ship.convert import ExportConfig, export, load_merged  # noqa: E402

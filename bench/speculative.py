@@ -23,12 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minillm.formats.load import load_pretrained, load_tokenizer  # noqa: E402
-from minillm.generate.decode import (  # noqa: E402
-    GenerationStats,
-    SamplingConfig,
-    generate_tokens,
-    speculative_generate_tokens,
-)
+from minillm.generate.decode import GenerationStats, generate_tokens  # noqa: E402
+from minillm.generate.sampling import SamplingConfig  # noqa: E402
+from minillm.generate.speculative import speculative_generate_tokens  # noqa: E402
 
 PROMPTS = ["def __init__(self", "import os\nimport sys\n\n\ndef main(", "class Parser:\n    def parse(self, text",
            "    for i in range(len(", "        if not isinstance(value, str):\n            raise"]

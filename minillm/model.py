@@ -8,9 +8,12 @@ https://arxiv.org/abs/1910.07467), RoPE (Su et al. 2021, https://arxiv.org/abs/2
 (Shazeer 2020, https://arxiv.org/abs/2002.05202), GQA (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245).
 
 Module names follow HF's LlamaForCausalLM (minus its `model.` prefix) so checkpoints and PEFT adapter keys
-map one to one (see names.py). This file knows nothing of checkpoints, LoRA or quantization: those are
-module swaps and loaders that live in their own files. Shape letters: B batch, T time, H query heads,
-Hkv key/value heads, D head dim, C model width, V vocabulary.
+map one to one (see names.py). This file is the paper: it imports only config.py, and knows nothing of
+LoRA, quantization or fast CPU paths, which are module swaps over its nn.Linear layers (finetune/,
+generate/), nor of batching plumbing, which the batched decoder passes in as positions and a mask. One
+edge is lazy on purpose: `Llama.from_pretrained`, which users expect from nanoGPT and transformers,
+calls formats/load.py. Shape letters: B batch, T time, H query heads, Hkv key/value heads, D head dim,
+C model width, V vocabulary, S KV-cache slots.
 """
 
 from __future__ import annotations
@@ -39,43 +42,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-# -----------------------------------------------------------------------------------------------------
-# Linear: nn.Linear, plus a CPU fast path for one input row (batch-1 decoding)
-
-
-@torch.compiler.assume_constant_result  # torch.compile reads it once, at capture: no graph break
-def cpu_threads() -> int:
-    return torch.get_num_threads()
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same arguments, same state dict), with one CPU fast path for a single input row.
-
-    Decoding one token multiplies one row x (1, K) by every weight W (N, K): a matrix-vector product that
-    reads each weight once and does 2 FLOPs per 4-byte read, so its speed is memory bandwidth. MKL runs a
-    one-row matmul on one thread, which streams about 9 GB/s on the 2-core CI machine while two cores
-    pull 15. So W's rows are cut into `chunks` slices and x is multiplied by all of them as one batched
-    matmul, which torch spreads over the threads, one slice each: every output is still x · (a row of W).
-    1.4x the decode tokens/s of the 33M and 97M models of bench/cpu.py. Small weights (they sit in cache,
-    and the split only adds overhead), several rows, a bias and a single thread keep F.linear.
-    """
-
-    MIN_SPLIT = 1 << 18  # weights under 1 MiB (fp32) stay whole
-    CHUNKS_PER_THREAD = 2  # 10% more GB/s than 1 per thread on the CI machine; 4 and 8 are no better
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the cheap tests first: this runs for every projection of every step, training included
-        if x.numel() != self.in_features or self.weight.numel() < self.MIN_SPLIT or self.bias is not None:
-            return F.linear(x, self.weight, self.bias)
-        N, K = self.weight.shape
-        chunks = self.CHUNKS_PER_THREAD * cpu_threads()
-        if chunks < 4 or N % chunks or x.device.type != "cpu":
-            return F.linear(x, self.weight)
-        w = self.weight.view(chunks, N // chunks, K)  # (c, N/c, K): a view, no copy
-        y = torch.bmm(x.reshape(1, 1, K).expand(chunks, 1, K), w.transpose(1, 2))  # (c, 1, N/c)
-        return y.view(*x.shape[:-1], N)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -141,10 +107,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
@@ -176,9 +142,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=False)
-        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -199,6 +165,16 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def cache_mask(input_pos: torch.Tensor, S: int) -> torch.Tensor:
+    """The attention mask of queries at cache slots input_pos (T,) over a cache of S slots → (1, 1, T, S).
+
+    Slot s is visible to the query at position p iff s <= p: this single rule hides both the future and
+    the slots not yet written, so prefill (T > 1) and decode (T = 1) use the same mask, and a rejected
+    speculative token's stale slot is hidden until it is written again."""
+    slots = torch.arange(S, device=input_pos.device)  # (S,)
+    return (input_pos[:, None] >= slots[None, :])[None, None]  # (1, 1, T, S)
+
+
 # -----------------------------------------------------------------------------------------------------
 # The model
 
@@ -210,7 +186,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing = False  # the trainer switches this on to trade compute for memory
@@ -245,41 +221,32 @@ class Llama(nn.Module):
         if self.rope_cos.shape[0] < seq_len:
             self.init_rope(self.rope_cos.device, seq_len)
 
-    def forward(self, idx, targets=None, *, input_pos=None, attn_mask=None, left_pad=None):
+    def forward(self, idx, targets=None, *, input_pos=None, mask=None, positions=None):
         """idx (B, T) token ids → (logits (B, T, V), loss or None).
 
         targets (B, T): next-token ids, -100 where no loss is wanted; loss = mean cross-entropy over the
-        others. input_pos (T,): positions of idx when decoding with a KV cache (see setup_caches).
-        attn_mask: optional bool (B, 1, T, T) "may attend" mask, e.g. block-diagonal for packed examples;
-        it must include the causal constraint itself. left_pad (B,): with input_pos, how many cache slots
-        of each row are padding before its prompt (batched prompts of different lengths, generation.py).
+        others. Without input_pos the sequence is run whole: positions 0 … T-1 and causal attention, or
+        `mask` (B, 1, T, T), True = "may attend", e.g. block-diagonal for packed examples (it must hold
+        the causal rule itself). With input_pos (T,), the slots these tokens take in the KV cache
+        (setup_caches first), each query sees the slots up to its own (cache_mask). `positions` (B, T)
+        and `mask` (B, 1, T, S) replace both per row: what the batched decoder passes for left-padded
+        prompts (generate/batched.py).
         """
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
             self.grow_rope(T)
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
-            mask = attn_mask
+            pos = torch.arange(T, device=idx.device) if positions is None else positions
         else:
-            # With a cache, queries at positions input_pos attend over the whole buffer (S slots). Slot s
-            # is visible to the query at position p iff s <= p: this single rule hides both the future
-            # and the slots not yet written, so prefill (T > 1) and decode (T = 1) use the same mask.
+            assert self.layers[0].self_attn.kv_cache is not None, "Caches must be initialized first"
             S = self.layers[0].self_attn.kv_cache.k.shape[2]
-            self.grow_rope(S)  # positions are < S (setup_caches already grew the tables)
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # (T, D)
-            slots = torch.arange(S, device=idx.device)  # (S,)
-            mask = input_pos[:, None] >= slots[None, :]  # (T, S)
-            mask = mask[None, None]  # (1, 1, T, S)
-            if left_pad is not None:
-                # Left padding: row b's prompt starts at slot left_pad[b]. Its RoPE positions count from
-                # there and its queries never see the padding slots, so the row computes what it would
-                # alone. A padding query sees only itself (an all-masked row would give NaN, which the
-                # next layer would write into the cache).
-                pos = (input_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
-                cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # (B, 1, T, D)
-                first = torch.minimum(left_pad[:, None], input_pos[None, :])  # (B, T) first visible slot
-                mask = mask & (slots[None, None, :] >= first[:, :, None])[:, None]  # (B, 1, T, S)
+            self.grow_rope(S)  # a no-op: setup_caches grew the tables to the cache length
+            mask = cache_mask(input_pos, S) if mask is None else mask
+            pos = input_pos if positions is None else positions
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D), or (B, T, D) for per-row positions
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over the heads
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:

@@ -31,19 +31,21 @@ import sys
 import time
 from pathlib import Path
 
-from minillm.data.instruct import read_examples, tokenize_example
+from minillm.data.instruct import iter_batches, read_examples, tokenize_example
 from minillm.data.stdlib_qa import build_stdlib_dataset, short_answer_subset, stdlib_root
 from minillm.data.templates import format_prompt
 from minillm.eval.harness import score_multiple_choice, stdlib_module_task
 from minillm.eval.ledger import fidelity_ledger, format_ledger
-from minillm.eval.metrics import evaluate_loss, short_answer_accuracy, write_report
-from minillm.finetune.lora import DEFAULT_TARGETS
+from minillm.eval.metrics import short_answer_accuracy, side_by_side, write_report
+from minillm.finetune.adapters import DEFAULT_TARGETS
 from minillm.formats.load import load_tokenizer
-from minillm.generate.decode import SamplingConfig, generate_text
+from minillm.generate.sampling import SamplingConfig
+from minillm.generate.text import generate_text
 from minillm.model import Llama
 from minillm.ship.convert import ExportConfig, export
 from minillm.train.config import load_config
 from minillm.train.loop import train
+from minillm.train.loss import held_out_loss
 from minillm.util.device import pick_device
 
 TEMPLATE = "alpaca"  # the stdlib dataset is Alpaca-format; generation must use the same template
@@ -158,20 +160,18 @@ def main(argv=None) -> dict:
     results: dict[str, dict] = {}
     for name, path in models.items():
         model = Llama.from_pretrained(path, device=device)
-        loss = evaluate_loss(model, tokenized, batch_size=16, pad_id=tokenizer.pad_id)
+        loss = held_out_loss(model, iter_batches(tokenized, 16, tokenizer.pad_id))
         acc = short_answer_accuracy(model, tokenizer, short, TEMPLATE, max_new_tokens=24)
         mc = score_multiple_choice(model, tokenizer, mc_task)
         results[name] = dict(loss=loss["loss"], ppl=loss["ppl"], tokens=loss["tokens"], exact=acc["exact"],
-                             contains=acc["contains"], n_short=acc["n"], answers=acc["rows"],
+                             contains=acc["contains"], n_short=acc["n"], answers=acc,
                              mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
         print(f"{name:6s} held-out loss {loss['loss']:.4f} (ppl {loss['ppl']:.1f}, {loss['tokens']:,d} tokens) | "
               f"short answers: exact {acc['exact']:.0%}, contains {acc['contains']:.0%} of {acc['n']} | "
               f"module multiple choice: acc {mc['acc']:.0%}, acc_norm {mc['acc_norm']:.0%} of {mc['n']}", flush=True)
     reports = {}
     for tuned in ("lora", "qlora"):
-        rows = [dict(instruction=b["instruction"], reference=b["reference"], base=b["prediction"],
-                     tuned=t["prediction"])
-                for b, t in zip(results["base"]["answers"], results[tuned]["answers"], strict=True)]
+        rows = side_by_side(results["base"]["answers"], results[tuned]["answers"])
         metrics = {"held-out loss": (results["base"]["loss"], results[tuned]["loss"]),
                    "exact match": (results["base"]["exact"], results[tuned]["exact"]),
                    "contains": (results["base"]["contains"], results[tuned]["contains"])}
@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
         model = Llama.from_pretrained(path, device=device)
         tok = load_tokenizer(path)  # rebuilt from the GGUF's tokenizer.ggml.* metadata
         mc = score_multiple_choice(model, tok, mc_task)
-        results[f"gguf_{outtype}"] = dict(loss=evaluate_loss(model, tokenized, 16, tok.pad_id)["loss"],
+        results[f"gguf_{outtype}"] = dict(loss=held_out_loss(model, iter_batches(tokenized, 16, tok.pad_id))["loss"],
                                           mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
         answer = generate_text(model, tok, prompt, SamplingConfig(max_new_tokens=24, temperature=0.0, top_k=None))
         results[f"gguf_{outtype}"]["answer"] = answer
@@ -214,7 +214,7 @@ def main(argv=None) -> dict:
     banner(7, "the fidelity ledger: what each step from adapter to GGUF costs (docs/07-shipping.md)")
     t0 = time.perf_counter()
     ledger = fidelity_ledger(base, out / "lora" / "adapter", tokenized, tokenizer.pad_id, out)
-    print(f"python -m minillm.eval.metrics --base {base} --adapter {out / 'lora' / 'adapter'} --data {data.test_path}"
+    print(f"python3 run.py ledger --base {base} --adapter {out / 'lora' / 'adapter'} --data {data.test_path}"
           f"\n{format_ledger(ledger)}", flush=True)
     times["ledger"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start

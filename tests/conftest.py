@@ -17,11 +17,11 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 @pytest.fixture
 def split_every_gemv(monkeypatch):
-    """model.Linear's batch-1 CPU path (row slices over the threads, one bmm) for every weight size, on 2
-    threads as on the 2-core CI machine."""
-    from minillm.model import Linear
+    """RowSplitLinear's batch-1 CPU path (row slices over the threads, one bmm) for every weight size, on 2
+    threads as on the 2-core CI machine (generate/fast_linear.py)."""
+    from minillm.generate.fast_linear import RowSplitLinear
 
-    monkeypatch.setattr(Linear, "MIN_SPLIT", 0)
+    monkeypatch.setattr(RowSplitLinear, "MIN_SPLIT", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield

@@ -5,14 +5,16 @@ import io
 import sys
 
 import pytest
-from tiny import tiny_tokenizer, write_hf_checkpoint
+from tiny import script, tiny_tokenizer, write_hf_checkpoint
 
-import generate as generate_cli
 from minillm import Llama
 from minillm.config import ModelConfig
 from minillm.data.templates import chat_token_ids, write_template_record
 from minillm.generate.chat import chat_loop, reply
-from minillm.generate.decode import SamplingConfig, generate_tokens
+from minillm.generate.decode import generate_tokens
+from minillm.generate.sampling import SamplingConfig
+
+generate_cli = script("generate")
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,17 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from minillm.config import ModelConfig
-from minillm.finetune.lora import (
-    DoRALinear,
+from minillm.finetune.adapters import (
     apply_lora,
     lora_disabled,
     lora_modules,
     mark_only_lora_trainable,
     merge_lora,
 )
+from minillm.finetune.dora import DoRALinear
 from minillm.finetune.nf4_linear import NF4Linear
 from minillm.finetune.peft_io import load_adapter, read_base_quantization, save_adapter
-from minillm.model import Linear, Llama
+from minillm.model import Llama
 
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
 
@@ -144,7 +144,7 @@ def test_nf4_base_uses_the_norm_of_the_dequantized_weight(double_quant):
         with pytest.raises(TypeError, match="use merge_lora"):
             dora.merge()
         dense_merged = dora.to_dense_linear()
-        assert type(dense_merged) is Linear
+        assert type(dense_merged) is torch.nn.Linear
         torch.testing.assert_close(dense_merged(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -198,10 +198,12 @@ def test_qdora_adapter_records_the_nf4_settings(tmp_path):
 def test_finetune_config_switches():
     from minillm.train.config import load_config
 
-    assert load_config(overrides={"finetune.method": "dora"}).finetune.dora
+    # one switch: use_dora with lora or qlora (PEFT's name); there is no method "dora"
     qdora = load_config(overrides={"finetune.method": "qlora", "finetune.use_dora": True}).finetune
-    assert qdora.dora and qdora.method == "qlora"
-    assert not load_config(overrides={"finetune.method": "lora"}).finetune.dora
+    assert qdora.use_dora and qdora.method == "qlora"
+    assert not load_config(overrides={"finetune.method": "lora"}).finetune.use_dora
+    with pytest.raises(ValueError, match=r"finetune.method must be one of \('full', 'lora', 'qlora'\)"):
+        load_config(overrides={"finetune.method": "dora"})
     with pytest.raises(ValueError, match="finetune.use_dora must be false with method 'full'"):
         load_config(overrides={"finetune.use_dora": True})
     with pytest.raises(ValueError, match=r"finetune.modules_to_save must be \['embed_tokens', 'lm_head'\] when"):

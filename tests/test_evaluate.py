@@ -1,26 +1,19 @@
-"""evaluate.py: token-weighted loss / perplexity by hand, greedy answers against a plain argmax loop,
-exact-match / contains on fixed strings, and the Markdown report's rows."""
+"""eval/metrics.py and train/loss.py: token-weighted held-out loss / perplexity by hand, greedy answers
+against a plain argmax loop, exact-match / contains on fixed strings, and the Markdown report's rows."""
 
 import json
 import math
 
+import pytest
 import torch
 from tiny import CharTokenizer
 
 from minillm.config import ModelConfig
-from minillm.data.instruct import load_instruct_data, read_examples
-from minillm.eval.metrics import (
-    contains,
-    evaluate_loss,
-    exact_match,
-    greedy_answer,
-    normalize,
-    short_answer_accuracy,
-    side_by_side_rows,
-    write_report,
-)
-from minillm.finetune.lora import apply_lora, lora_modules
+from minillm.data.instruct import iter_batches, load_instruct_data, read_examples
+from minillm.eval.metrics import contains, exact_match, normalize, short_answer_accuracy, side_by_side, write_report
+from minillm.finetune.adapters import apply_lora, lora_disabled, lora_modules
 from minillm.model import Llama
+from minillm.train.loss import held_out_loss, token_loss_sum
 
 TOK = CharTokenizer()
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=TOK.vocab_size, max_seq_len=96)
@@ -50,10 +43,24 @@ def test_perplexity_is_exp_of_token_weighted_mean_loss(tmp_path):
                     nll, n = nll - logp[t, target].item(), n + 1
     assert n == 2 + 7  # "c"+EOS and "efghij"+EOS
     for batch_size in (1, 2):  # batching must not change a token-weighted mean
-        out = evaluate_loss(model, exs, batch_size=batch_size, pad_id=TOK.pad_id)
+        out = held_out_loss(model, iter_batches(exs, batch_size, TOK.pad_id))
         assert out["tokens"] == n
         assert math.isclose(out["loss"], nll / n, rel_tol=1e-5)
         assert math.isclose(out["ppl"], math.exp(nll / n), rel_tol=1e-5)
+
+
+def test_token_loss_sum_is_the_models_mean_times_the_count_and_no_targets_is_an_error():
+    model = tiny_model()
+    x = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    y = torch.roll(x, -1, 1)
+    y[0, :4] = -100
+    with torch.no_grad():
+        mean = model(x, y)[1]
+        torch.testing.assert_close(token_loss_sum(model, x, y), mean * int((y != -100).sum()))
+    with pytest.raises(ValueError, match="no target tokens"):
+        held_out_loss(model, [(x, torch.full_like(y, -100))])
+    with pytest.raises(ValueError, match="no target tokens"):
+        held_out_loss(model, [])  # an empty split: an error, not a NaN
 
 
 def test_exact_match_and_contains_fixed_strings():
@@ -80,7 +87,6 @@ def greedy_by_hand(model, prompt, n):
 def test_greedy_answers_and_accuracy(tmp_path):
     model = tiny_model(1)
     expected = greedy_by_hand(model, "What?", 8)
-    assert greedy_answer(model, TOK, "What?", max_new_tokens=8) == expected
     path = tmp_path / "q.jsonl"
     path.write_text(
         json.dumps({"instruction": "What?", "output": expected or "x"})
@@ -91,6 +97,7 @@ def test_greedy_answers_and_accuracy(tmp_path):
     acc = short_answer_accuracy(model, TOK, read_examples(path), template="none", max_new_tokens=8)
     assert (acc["n"], acc["exact"], acc["contains"]) == (2, 0.5, 0.5)
     assert [r["exact"] for r in acc["rows"]] == [True, False]
+    assert acc["rows"][0]["prediction"] == expected
 
 
 def test_side_by_side_with_lora_disabled_and_report_rows(tmp_path):
@@ -102,10 +109,15 @@ def test_side_by_side_with_lora_disabled_and_report_rows(tmp_path):
             m.lora_B.weight.copy_(0.5 * torch.randn(m.lora_B.weight.shape, generator=g))
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"instruction": "Hi", "output": "ok"}) + "\n")
-    rows = side_by_side_rows(None, model, TOK, read_examples(path), template="none", max_new_tokens=6)
+    examples = read_examples(path)
+    with lora_disabled(model):
+        base = short_answer_accuracy(model, TOK, examples, template="none", max_new_tokens=6)
+    tuned = short_answer_accuracy(model, TOK, examples, template="none", max_new_tokens=6)
+    rows = side_by_side(base, tuned)
     plain = tiny_model(2)  # the same base weights, no adapters
     assert rows[0]["base"] == greedy_by_hand(plain, "Hi", 6)
-    assert rows[0]["tuned"] == greedy_answer(model, TOK, "Hi", 6)
+    assert rows[0]["tuned"] == greedy_by_hand(model, "Hi", 6) != rows[0]["base"]
+    assert rows[0]["reference"] == "ok" and rows[0]["instruction"] == "Hi"
 
     fixed = [
         dict(instruction="Which module defines `dumps`?", reference="json", base="pickle", tuned="json"),

@@ -5,17 +5,18 @@ import stat
 
 import pytest
 import torch
-from tiny import tiny_tokenizer, write_hf_checkpoint
+from tiny import script, tiny_tokenizer, write_hf_checkpoint
 
-import export as export_cli
 from minillm import Llama
 from minillm.config import ModelConfig
-from minillm.finetune.lora import apply_lora
+from minillm.finetune.adapters import apply_lora
 from minillm.finetune.peft_io import save_adapter
 from minillm.formats.gguf_reader import read_gguf
 from minillm.formats.load import load_tokenizer
 from minillm.ship.convert import ExportConfig, export
 from minillm.tokenizer.sentencepiece import Tokenizer
+
+export_cli = script("export")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_meta_export_round_trip(base, tmp_path):
 
 
 def test_gguf_to_generate_uses_rebuilt_tokenizer(base, tmp_path, capsys):
-    import generate
+    generate = script("generate")
 
     out = export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "m.gguf"), outtype="q8_0"))
     generate.main(["--checkpoint", str(out), "--prompt", "import json", "--temperature", "0",

@@ -5,18 +5,18 @@ import json
 
 import pytest
 import torch
+from lora_gguf_reference import merge_lora_gguf, read_lora_gguf
 from tiny import tiny_tokenizer, write_hf_checkpoint
 
 from minillm import Llama
 from minillm.config import ModelConfig
 from minillm.data.templates import JINJA, write_template_record
-from minillm.finetune.lora import apply_lora
+from minillm.finetune.adapters import apply_lora
 from minillm.finetune.peft_io import save_adapter
 from minillm.formats.gguf_layout import FLOAT32, STRING
 from minillm.formats.gguf_reader import load_gguf_model, read_gguf
 from minillm.names import hf_to_interleaved
 from minillm.ship.convert import ExportConfig, export, load_merged
-from minillm.ship.gguf_lora import merge_lora_gguf, read_lora_gguf
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.config import PRESETS, ModelConfig
-from minillm.finetune.lora import apply_lora, mark_only_lora_trainable
+from minillm.finetune.adapters import apply_lora, mark_only_lora_trainable
 from minillm.finetune.nf4_linear import NF4Linear, quantize_model_
 from minillm.model import Llama
 from minillm.train import flops

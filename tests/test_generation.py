@@ -1,21 +1,17 @@
 """Sampling maths on exact values, the streaming detokenizer, greedy determinism and the CLI."""
 
+import copy
 import math
 
 import pytest
 import torch
-from tiny import tiny_tokenizer
+from tiny import script, tiny_tokenizer
 
 from minillm.config import ModelConfig
 from minillm.formats.native import save_model
-from minillm.generate.decode import (
-    SamplingConfig,
-    TextStream,
-    apply_repetition_penalty,
-    generate_text,
-    generate_tokens,
-    logits_to_probs,
-)
+from minillm.generate.decode import generate_tokens
+from minillm.generate.sampling import SamplingConfig, apply_repetition_penalty, logits_to_probs
+from minillm.generate.text import TextStream, generate_text
 from minillm.model import Llama
 
 
@@ -56,7 +52,7 @@ def test_repetition_penalty_hf_convention():
 def test_text_stream_matches_decode(tok):
     text = "def f(x):\n\treturn  'héllo → 世界'  # 🙂\n"
     ids = tok.encode(text, bos=False)
-    stream = TextStream(tok, leading_space=False)
+    stream = TextStream(tok)
     pieces = [stream.push(i) for i in ids]
     assert "".join(pieces) + stream.flush() == tok.decode(ids) == text
     # a multi-byte character split over byte pieces only appears once it is complete
@@ -65,20 +61,23 @@ def test_text_stream_matches_decode(tok):
 
 
 def test_text_stream_matches_decode_on_any_ids(tok):
-    # Only the first piece that has text loses its dummy-prefix space: a byte piece first (as a random
-    # model emits) keeps the space of the word piece after it. 200 random sequences over every piece but
-    # the non-ASCII bytes (on invalid UTF-8 the stream writes one U+FFFD per maximal invalid run, as
-    # Python's decoder does, where SentencePiece writes one per byte).
+    # The stream is decode, piece by piece: only the first piece that has text loses its dummy-prefix
+    # space (a byte piece first, as a random model emits, keeps the space of the word piece after it),
+    # and invalid UTF-8 comes out exactly as SentencePiece decodes it. 200 random sequences over every
+    # piece, plus one that continues a prompt (its last token as the prefix).
     g = torch.Generator().manual_seed(0)
     sp = tok.sp
     space_piece = next(i for i in range(tok.vocab_size) if sp.IdToPiece(i).startswith("\u2581"))
     byte_piece = next(i for i in range(tok.vocab_size) if sp.IsByte(i) and sp.IdToPiece(i) == "<0x41>")
-    valid = torch.tensor([i for i in range(tok.vocab_size) if not sp.IsByte(i) or sp.IdToPiece(i) < "<0x80>"])
-    cases = [[byte_piece, space_piece]] + [valid[torch.randint(0, len(valid), (12,), generator=g)].tolist()
+    cases = [[byte_piece, space_piece]] + [torch.randint(0, tok.vocab_size, (12,), generator=g).tolist()
                                           for _ in range(200)]
     for ids in cases:
-        stream = TextStream(tok, leading_space=False)
+        stream = TextStream(tok)
         assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids), ids
+    prompt = tok.encode("x =", bos=True)
+    stream = TextStream(tok, prefix=prompt[-1:])
+    cont = tok.encode(" 1 + 2", bos=False)
+    assert "".join(stream.push(i) for i in cont) + stream.flush() == tok.decode(prompt + cont)[len("x ="):]
 
 
 def test_greedy_is_deterministic_and_matches_argmax_loop(model):
@@ -113,7 +112,7 @@ def test_stop_string_cuts_output_and_stream(model, tok):
 
 
 def test_generate_cli_end_to_end(tmp_path, model, tok, capsys):
-    import generate
+    generate = script("generate")
 
     save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
     generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def f(x):\\n", "--temperature", "0",
@@ -125,7 +124,7 @@ def test_generate_cli_end_to_end(tmp_path, model, tok, capsys):
 
 
 def test_trace_prints_shapes(tmp_path, model, tok, capsys):
-    import generate
+    generate = script("generate")
 
     save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
     generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x = 1", "--trace"])
@@ -139,11 +138,14 @@ def test_trace_prints_shapes(tmp_path, model, tok, capsys):
 def test_compiled_decode_step_matches_eager(model, split, request):
     # the GPU decode goal relies on torch.compile capturing decode_one_token whole (static KV cache):
     # fullgraph=True fails on any graph break, and the tokens must equal the eager ones exactly.
-    # split: model.Linear's CPU batch-1 path (bmm over 2 threads' row chunks) taken for every weight
+    # split: RowSplitLinear's CPU batch-1 path (bmm over 2 threads' row chunks) taken for every weight
     from minillm.generate.decode import decode_one_token
+    from minillm.generate.fast_linear import use_row_split_linears
 
     if split:
         request.getfixturevalue("split_every_gemv")  # tests/conftest.py
+        model = copy.deepcopy(model)
+        use_row_split_linears(model)
 
     compiled = torch.compile(decode_one_token, fullgraph=True)
     cfg = SamplingConfig(max_new_tokens=10, temperature=0.0)
@@ -177,14 +179,15 @@ def test_generation_times_the_first_decode_step(model):
 
 def test_left_padded_prefill_matches_each_row_alone(model):
     # the per-row mask and RoPE positions: every row's logits equal its batch-1 prefill (fp32)
-    from minillm.generate.decode import left_pad_prompts
+    from minillm.generate.batched import left_pad_prompts, row_args
 
     prompts = [[1, 5, 9, 42, 7, 3, 11], [1, 3], [1, 8, 8, 2, 4]]
     ids, pad = left_pad_prompts(prompts)
     assert pad.tolist() == [0, 5, 2] and ids[1].tolist() == [1, 1, 1, 1, 1, 1, 3]
     with torch.no_grad():
         model.setup_caches(batch_size=3, max_seq_len=16)
-        batch, _ = model(ids, input_pos=torch.arange(7), left_pad=pad)  # (3, 7, V)
+        pos = torch.arange(7)
+        batch, _ = model(ids, input_pos=pos, **row_args(pos, pad, 16))  # (3, 7, V)
         for b, p in enumerate(prompts):
             model.setup_caches(batch_size=1, max_seq_len=16)
             alone, _ = model(torch.tensor([p]), input_pos=torch.arange(len(p)))
@@ -194,7 +197,7 @@ def test_left_padded_prefill_matches_each_row_alone(model):
 
 
 def test_batched_greedy_equals_each_row_alone_with_eos_per_row(model):
-    from minillm.generate.decode import generate_tokens_batch
+    from minillm.generate.batched import generate_tokens_batch
 
     prompts = [[1, 5, 9, 42, 7, 3, 11], [1, 3], [1, 8, 8, 2, 4, 17, 6, 30, 12, 1, 9], [1, 77]]
     cfg = SamplingConfig(max_new_tokens=16, temperature=0.0)
@@ -214,7 +217,7 @@ def test_batched_greedy_equals_each_row_alone_with_eos_per_row(model):
 
 
 def test_batched_text_stop_strings_and_on_done(model, tok):
-    from minillm.generate.decode import generate_text_batch
+    from minillm.generate.text import generate_text_batch
 
     prompts = ["import json", "def f(x):", "x"]
     cfg = SamplingConfig(max_new_tokens=20, temperature=0.0)
@@ -233,7 +236,7 @@ def test_batched_text_stop_strings_and_on_done(model, tok):
 
 
 def test_generate_cli_prompts_file(tmp_path, model, tok, capsys):
-    import generate
+    generate = script("generate")
 
     save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
     (tmp_path / "p.txt").write_text("import json\ndef f(x):\\n\n\n")  # blank lines are skipped
@@ -251,7 +254,7 @@ def test_generate_cli_prompts_file(tmp_path, model, tok, capsys):
 
 def test_generate_cli_unescapes_stop_strings_like_the_prompt(tmp_path, model, tok, monkeypatch):
     # issue 12: `--stop "\n\n"` arrives as backslash-n characters; it must mean two newlines
-    import generate
+    generate = script("generate")
 
     seen = {}
     monkeypatch.setattr(generate, "generate_text", lambda m, t, prompt, cfg, **kw: seen.update(cfg=cfg) or "")
@@ -259,3 +262,8 @@ def test_generate_cli_unescapes_stop_strings_like_the_prompt(tmp_path, model, to
     generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x", "--stop", "\\n\\n", "--stop", "a\\tb"])
     assert seen["cfg"].stop == ["\n\n", "a\tb"]
     assert generate.unescape("a\\\\n") == "a\\n"  # an escaped backslash stays one backslash
+
+
+def test_forward_with_input_pos_needs_the_caches(model):
+    with pytest.raises(AssertionError, match="Caches must be initialized first"):
+        model(torch.tensor([[1, 2]]), input_pos=torch.arange(2))

@@ -4,15 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import stdlib_texts, tiny_tokenizer, write_hf_checkpoint
+from tiny import script, stdlib_texts, tiny_tokenizer, write_hf_checkpoint
 
-import export as export_cli
 from minillm.config import ModelConfig
 from minillm.formats.load import load_pretrained
 from minillm.names import hf_to_interleaved, interleaved_to_hf
 from minillm.ship.doctor import check_gguf, qk_layout
 from minillm.ship.gguf_writer import write_gguf
 from minillm.tokenizer.sentencepiece import train_tokenizer
+
+export_cli = script("export")
 
 
 @pytest.fixture(scope="module")

@@ -312,7 +312,7 @@ def test_packing_matches_unpacked_logits_and_loss(tmp_path):
         used += len(e.ids) - 1
     assert len(row) >= 2
     with torch.no_grad():
-        logits, _ = model(x, y, attn_mask=mask)
+        logits, _ = model(x, y, mask=mask)
         t, unpacked_sum = 0, 0.0
         for e in row:
             n = len(e.ids) - 1

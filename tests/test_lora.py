@@ -10,17 +10,17 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from minillm.config import ModelConfig
-from minillm.finetune.lora import (
-    LoRALinear,
+from minillm.finetune.adapters import (
     apply_lora,
     lora_disabled,
     lora_modules,
     mark_only_lora_trainable,
     merge_lora,
-    parameter_summary,
 )
+from minillm.finetune.lora import LoRALinear
 from minillm.finetune.peft_io import load_adapter, save_adapter
-from minillm.model import Linear, Llama
+from minillm.model import Llama
+from minillm.train.flops import parameter_summary
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
@@ -167,7 +167,7 @@ def test_merge_unmerge_and_merge_lora_fp32():
         assert not torch.allclose(base_logits, ref, atol=1e-3)
         names = merge_lora(model)
         assert len(names) == 14 and not lora_modules(model)
-        assert all(type(model.get_submodule(n)) is Linear for n in names)  # model.Linear: a plain layer
+        assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in names)  # a plain layer again
         assert set(model.state_dict()) == set(tiny_llama().state_dict())
         plain, _ = model(x)
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
@@ -289,5 +289,5 @@ def test_qlora_merge_over_nf4_base_matches_lora_on_dequantized_weight():
         with pytest.raises(TypeError, match="use merge_lora"):
             qlora.merge()
         merged = qlora.to_dense_linear()
-        assert type(merged) is Linear and merged.weight.dtype == torch.float32
+        assert type(merged) is torch.nn.Linear and merged.weight.dtype == torch.float32
         torch.testing.assert_close(merged(x), ref, atol=1e-5, rtol=1e-5)

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from reference_llama import reference_forward
 from tiny import random_hf_state
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from minillm.config import ModelConfig
 from minillm.formats.weights import fill_model
-from minillm.model import Linear, Llama, apply_rope, precompute_rope
+from minillm.model import Llama, apply_rope, precompute_rope
 from minillm.names import hf_to_ours
 from minillm.train import flops
 
@@ -72,71 +71,6 @@ def test_kv_cache_decoding_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
-class CountOps(TorchDispatchMode):
-    """Counts the aten ops run inside the `with` block, by name (e.g. "bmm", "mm")."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 64), (64,)])
-def test_linear_one_row_splits_over_threads(split_every_gemv, shape):
-    torch.manual_seed(0)
-    layer = Linear(64, 96, bias=False)  # 96 rows = 4 chunks of 24 on 2 threads
-    x = torch.randn(shape)
-    with CountOps() as ops, torch.no_grad():
-        y = layer(x)
-    assert ops.counts.get("bmm") == 1 and "mm" not in ops.counts
-    assert y.shape == (*shape[:-1], 96)
-    torch.testing.assert_close(y, F.linear(x, layer.weight), atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("rows, n_in, n_out, bias", [(2, 64, 96, False), (1, 64, 90, False), (1, 64, 96, True)])
-def test_linear_keeps_f_linear_otherwise(split_every_gemv, rows, n_in, n_out, bias):
-    # several rows (prefill, training), rows not divisible into 4 chunks, or a bias: plain F.linear
-    torch.manual_seed(0)
-    layer = Linear(n_in, n_out, bias=bias)
-    x = torch.randn(rows, n_in)
-    with CountOps() as ops, torch.no_grad():
-        y = layer(x)
-    assert "bmm" not in ops.counts
-    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
-
-
-def test_linear_split_is_differentiable(split_every_gemv):
-    torch.manual_seed(0)
-    layer = Linear(64, 96, bias=False)
-    x = torch.randn(1, 64, requires_grad=True)
-    layer(x).square().sum().backward()
-    gx, gw = x.grad.clone(), layer.weight.grad.clone()
-    x.grad, layer.weight.grad = None, None
-    F.linear(x, layer.weight).square().sum().backward()
-    torch.testing.assert_close(gx, x.grad, atol=1e-5, rtol=0)
-    torch.testing.assert_close(gw, layer.weight.grad, atol=1e-5, rtol=0)
-
-
-def test_batch1_decoding_with_split_gemvs_equals_full_forward(split_every_gemv):
-    torch.manual_seed(0)
-    cfg = CONFIGS["gqa"]
-    model = Llama(cfg).eval()
-    idx = torch.randint(0, cfg.vocab_size, (1, 12))
-    with torch.inference_mode():
-        full, _ = model(idx)
-        model.setup_caches(batch_size=1, max_seq_len=16)
-        steps = [model(idx[:, :5], input_pos=torch.arange(5))[0]]
-        with CountOps() as ops:
-            for t in range(5, 12):
-                steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0])
-    # every projection of every layer at every step; lm_head's 131 rows do not split into 4 chunks
-    assert ops.counts["bmm"] == 7 * 7 * cfg.n_layers, ops.counts
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
-
 
 def test_loss_is_mean_ce_ignoring_minus_100():
     torch.manual_seed(0)
@@ -163,7 +97,7 @@ def test_attn_mask_block_diagonal_isolates_documents():
     doc = torch.tensor([0] * 5 + [1] * 7)
     mask = (doc[:, None] == doc[None, :]) & torch.tril(torch.ones(12, 12, dtype=torch.bool))
     with torch.no_grad():
-        out, _ = model(packed, attn_mask=mask[None, None])
+        out, _ = model(packed, mask=mask[None, None])
         alone_a, _ = model(a)
         alone_b, _ = model(b)
     torch.testing.assert_close(out[:, :5], alone_a, atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny import tiny_tokenizer, write_hf_checkpoint
 
 from minillm.config import ModelConfig
-from minillm.finetune.lora import apply_lora, lora_modules, mark_only_lora_trainable
+from minillm.finetune.adapters import apply_lora, lora_modules, mark_only_lora_trainable
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.peft_io import load_adapter, read_base_quantization, save_adapter
 from minillm.formats.gguf_layout import TOKEN_NORMAL, TOKEN_USER_DEFINED
@@ -52,7 +52,7 @@ def test_add_pieces_encodes_each_as_one_id_and_text_between_on_its_own(tok, tmp_
 
 
 def test_streamed_text_equals_decode_around_added_pieces(tok, tmp_path):
-    from minillm.generate.decode import TextStream
+    from minillm.generate.text import TextStream
 
     new = tok.add_pieces(NEW, tmp_path / "tokenizer.model")
     ids = new.encode(CHAT + " é", bos=False)

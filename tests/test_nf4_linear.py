@@ -182,7 +182,7 @@ def test_custom_ops_pass_opcheck(dtype, rows):
 
 def tiny_qlora_model():
     from minillm.config import ModelConfig
-    from minillm.finetune.lora import apply_lora, mark_only_lora_trainable
+    from minillm.finetune.adapters import apply_lora, mark_only_lora_trainable
     from minillm.model import Llama
 
     torch.manual_seed(0)

@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from minillm.config import ModelConfig
-from minillm.generate.decode import (
-    GenerationStats,
-    SamplingConfig,
-    generate_tokens,
-    speculative_accept,
-    speculative_generate_tokens,
-)
+from minillm.generate.decode import GenerationStats, generate_tokens
+from minillm.generate.sampling import SamplingConfig
+from minillm.generate.speculative import speculative_accept, speculative_generate_tokens
 from minillm.model import Llama
 
 V = 40
@@ -162,9 +158,9 @@ def test_rejection_rule_exact_cases():
 
 
 def test_generate_cli_with_a_draft_prints_the_targets_greedy_text(tmp_path, capsys):
-    from tiny import tiny_tokenizer
+    from tiny import script, tiny_tokenizer
 
-    import generate
+    generate = script("generate")
     from minillm.formats.native import save_model
 
     tok = tiny_tokenizer(tmp_path / "tokenizer.model")

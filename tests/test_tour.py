@@ -23,7 +23,8 @@ from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import load_adapter
 from minillm.formats.gguf_reader import read_gguf, sentencepiece_model_from_gguf
 from minillm.formats.load import load_pretrained
-from minillm.generate.decode import SamplingConfig, generate_tokens
+from minillm.generate.decode import generate_tokens
+from minillm.generate.sampling import SamplingConfig
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
 

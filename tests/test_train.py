@@ -169,18 +169,18 @@ def test_resume_rejects_a_changed_config(assets, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch):
-    real = training.micro_batch_loss
+    real = training.token_loss_sum
     calls = []
 
-    def poisoned(model, x, y, attn_mask=None):
-        loss = real(model, x, y, attn_mask)
+    def poisoned(model, x, y, mask=None):
+        loss = real(model, x, y, mask)
         if torch.is_grad_enabled():  # training micro-batches only (eval runs under no_grad)
             calls.append(1)
             if len(calls) == 5:  # step 4 (one micro-batch per step)
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(training, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(training, "token_loss_sum", poisoned)
     cfg = tiny_cfg(assets, tmp_path, checkpoint__interval=2, eval__interval=0)
     for stale in (".ckpt.pt.tmp12345678", ".events.bin.tmp.4194305"):  # an earlier run's, killed (-9)
         (tmp_path / stale).write_bytes(b"half a file")  # (pids above Linux's 2**22 limit: never alive)

@@ -7,6 +7,7 @@ side files. `tiny_tokenizer` trains a SentencePiece model on a few standard-libr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import string
 import sysconfig
@@ -20,6 +21,17 @@ from minillm.names import ours_to_hf
 from minillm.tokenizer.sentencepiece import Tokenizer, train_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    """One of the command-line scripts at the repository root (train, generate, export) as a module, so a
+    test can call its main(argv). Loaded from its file: the repository root is never put on sys.path
+    (kernels/README.md says why)."""
+    spec = importlib.util.spec_from_file_location(f"minillm_script_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def stdlib_texts(names=("json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "string.py")):

@@ -45,7 +45,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-ALPACA_RESPONSE_SPLIT = "### Response:"  # alpaca-lora cuts generated text after this marker
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

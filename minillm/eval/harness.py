@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from minillm.train.loss import held_out_loss
+
 STDLIB_TASK = "stdlib-modules"
 
 
@@ -151,24 +153,29 @@ def score_multiple_choice(model, tokenizer, examples: list[MCExample], batch_siz
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n, "lls": lls}
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, text: str, batch_size: int = 8) -> dict:
-    """{"nll", "ppl", "bits_per_byte", "tokens"} of the text (see the module docstring)."""
+    """{"nll", "ppl", "bits_per_byte", "tokens"} of the text (see the module docstring): the windows'
+    targets are scored by train/loss.py's held_out_loss, as every held-out loss in minillm is."""
     ids = tokenizer.encode(text, bos=True)
     if len(ids) < 2:
         raise ValueError("perplexity: the text encodes to no tokens")
     L = model.config.max_seq_len
     windows = [ids[s:s + L + 1] for s in range(0, len(ids) - 1, L)]  # overlap by one token
-    pairs = [(w[:1], w[1:]) for w in windows]
-    was_training = model.training
-    model.eval()
-    try:
-        total = -sum(continuation_logprobs(model, pairs, batch_size))
-    finally:
-        model.train(was_training)
+
+    def batches():
+        for i in range(0, len(windows), batch_size):
+            rows = windows[i:i + batch_size]
+            T = max(len(w) for w in rows) - 1
+            x = torch.zeros(len(rows), T, dtype=torch.long)  # (B, T), right-padded with 0
+            y = torch.full((len(rows), T), -100, dtype=torch.long)  # (B, T), -100 where not scored
+            for b, w in enumerate(rows):
+                x[b, :len(w) - 1], y[b, :len(w) - 1] = torch.tensor(w[:-1]), torch.tensor(w[1:])
+            yield x, y
+
+    nll = held_out_loss(model, batches())["loss"]
     n = len(ids) - 1
-    return {"nll": total / n, "ppl": math.exp(total / n), "tokens": n,
-            "bits_per_byte": total / (math.log(2) * len(text.encode("utf-8")))}
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": n,
+            "bits_per_byte": nll * n / (math.log(2) * len(text.encode("utf-8")))}
 
 
 # -----------------------------------------------------------------------------------------------------

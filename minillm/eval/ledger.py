@@ -15,7 +15,7 @@ K-quant names), each as soon as the writer knows the type (gguf_writer.OUTTYPES)
 
 Columns, over the response tokens of held-out examples (positions whose label is not -100):
 
-    loss    mean cross-entropy (evaluate.evaluate_loss's definition)
+    loss    mean cross-entropy (train/loss.py's held_out_loss)
     KL      mean KL(p_ref ‖ p_row) in nats/token: how far the row's next-token distribution moved from the
             reference's, 0 for the reference itself; unlike Δloss it cannot cancel out across tokens
     top-1   fraction of positions where the row's most likely token is the reference's
@@ -36,6 +36,7 @@ from minillm.data.instruct import IGNORE, TokenizedExample, iter_batches
 from minillm.model import Llama
 from minillm.ship.convert import ExportConfig, export, load_merged
 from minillm.ship.gguf_writer import OUTTYPES
+from minillm.train.loss import held_out_loss
 
 LEDGER_CHAIN = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # most bits first
 
@@ -57,22 +58,31 @@ class LedgerRow:
 
 
 @torch.no_grad()
-def loss_and_kl(reference: Llama, model: Llama, examples: list[TokenizedExample], pad_id: int,
-                batch_size: int = 16) -> tuple[float, float, float]:
-    """(mean CE of `model`, mean KL(p_reference ‖ p_model), top-1 agreement) over the target positions."""
-    ce = kl = agree = 0.0
+def kl_and_top1(reference: Llama, model: Llama, examples: list[TokenizedExample], pad_id: int,
+                batch_size: int = 16) -> tuple[float, float]:
+    """(mean KL(p_reference ‖ p_model), top-1 agreement) over the target positions of the examples."""
+    kl = agree = 0.0
     n = 0
     for x, y in iter_batches(examples, batch_size, pad_id):
         mask = y != IGNORE  # (B, T)
         lp_ref = F.log_softmax(reference(x)[0][mask].double(), dim=-1)  # (N, V), float64: a KL near 0
         lp = F.log_softmax(model(x)[0][mask].double(), dim=-1)  # (N, V)    stays ≥ 0 after rounding
-        ce += float(F.nll_loss(lp, y[mask], reduction="sum"))
         kl += float((lp_ref.exp() * (lp_ref - lp)).sum())
         agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
         n += int(mask.sum())
     if n == 0:
         raise ValueError("fidelity ledger: no target tokens in the examples")
-    return ce / n, kl / n, agree / n
+    return kl / n, agree / n
+
+
+def ledger_row(stage: str, reference: Llama, model: Llama, examples: list[TokenizedExample], pad_id: int,
+               path: Path | None = None, n_params: int = 0) -> LedgerRow:
+    """One row: the model's held-out loss (train/loss.py), its KL and top-1 against the reference, and
+    for a GGUF its size and bits per weight."""
+    loss = held_out_loss(model, iter_batches(examples, 16, pad_id))["loss"]
+    size = path.stat().st_size if path is not None else None
+    bpw = 8 * size / n_params if path is not None else None
+    return LedgerRow(stage, loss, *kl_and_top1(reference, model, examples, pad_id), size, bpw)
 
 
 def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[TokenizedExample], pad_id: int,
@@ -90,14 +100,12 @@ def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[Tokeni
     merged = load_merged(ExportConfig(checkpoint=str(base), out=str(out_dir / "unused"), adapter=str(adapter)))
     merged = merged.float().eval()
     n_params = sum(p.numel() for p in merged.parameters())
-    rows = [LedgerRow("adapter", *loss_and_kl(reference, reference, examples, pad_id)),
-            LedgerRow("merged", *loss_and_kl(reference, merged, examples, pad_id))]
+    rows = [ledger_row("adapter", reference, reference, examples, pad_id),
+            ledger_row("merged", reference, merged, examples, pad_id)]
     for outtype in outtypes or ledger_outtypes():
         path = export(ExportConfig(checkpoint=str(base), adapter=str(adapter), outtype=outtype,
                                    out=str(out_dir / f"ledger-{outtype}.gguf")))
-        model = Llama.from_pretrained(path).eval()
-        size = path.stat().st_size
-        rows.append(LedgerRow(outtype, *loss_and_kl(reference, model, examples, pad_id), size, 8 * size / n_params))
+        rows.append(ledger_row(outtype, reference, load_pretrained(path), examples, pad_id, path, n_params))
     return rows
 
 

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minillm.finetune.lora import DoRALinear, LoRALinear, _set_module, lora_modules
+from minillm.finetune.adapters import lora_modules
+from minillm.finetune.dora import DoRALinear
+from minillm.finetune.lora import LoRALinear
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.names import hf_to_ours, ours_to_hf
 from minillm.util.fileio import atomic_write_bytes, read_json_object
@@ -264,7 +266,7 @@ def load_adapter(model: nn.Module, dirpath) -> list[str]:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
             module = kind(module, r, alpha, dropout, rslora).train(module.training)
-            _set_module(model, name, module)
+            model.set_submodule(name, module)
         elif module.r != r or type(module) is not kind:
             raise ValueError(f"{path}: a rank-{r} {kind.__name__} adapter, but {name!r} already has a "
                              f"rank-{module.r} {type(module).__name__}")

@@ -80,11 +80,6 @@ def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
     return v.double().sqrt().float()
 
 
-def fp16_round(v: torch.Tensor) -> torch.Tensor:
-    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v)): round to nearest even fp16, back to float32."""
-    return v.half().float()
-
-
 def _chunked(encode, xb: torch.Tensor) -> torch.Tensor:
     return torch.cat([encode(xb[i : i + CHUNK]) for i in range(0, xb.shape[0], CHUNK)]) if xb.shape[0] else (
         encode(xb))

@@ -18,7 +18,9 @@ import sys
 from collections.abc import Callable
 
 from minillm.data.templates import chat_token_ids
-from minillm.generate.decode import GenerationStats, SamplingConfig, TextStream, generate_tokens
+from minillm.generate.decode import GenerationStats
+from minillm.generate.sampling import SamplingConfig
+from minillm.generate.text import generate_text
 from minillm.model import Llama
 
 
@@ -27,17 +29,7 @@ def reply(model: Llama, tokenizer, template: str, messages: list[dict], cfg: Sam
     """The assistant's answer to `messages` (ending with a user message), streamed piece by piece.
     Raises ValueError when the conversation no longer fits in the model's context."""
     ids = chat_token_ids(tokenizer, template, messages)
-    detok = TextStream(tokenizer, leading_space=False)  # the answer's dummy-prefix space is not shown
-    out = ""
-    for tok in generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id, stats=stats):
-        piece = detok.push(tok)
-        out += piece
-        if stream is not None and piece:
-            stream(piece)
-    tail = detok.flush()
-    if stream is not None and tail:
-        stream(tail)
-    return out + tail
+    return generate_text(model, tokenizer, ids, cfg, stream=stream, stats=stats)
 
 
 def _write_stdout(text: str):

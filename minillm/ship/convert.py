@@ -85,7 +85,7 @@ def load_merged(cfg: ExportConfig) -> Llama:
     hook = nf4_hook(**nf4, compute_dtype=torch.float32) if nf4 else None
     model = load_pretrained(cfg.checkpoint, dtype=None, linear_hook=hook)
     if cfg.adapter is not None:
-        from minillm.finetune.lora import merge_lora
+        from minillm.finetune.adapters import merge_lora
         from minillm.finetune.peft_io import load_adapter
 
         load_adapter(model, cfg.adapter)

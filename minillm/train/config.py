@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from minillm.config import ModelConfig
-from minillm.finetune.lora import DEFAULT_TARGETS
+from minillm.finetune.adapters import DEFAULT_TARGETS
 from minillm.train.schedulers import ScheduleConfig
 from minillm.util.fileio import atomic_write_bytes, read_json_object
 from minillm.util.strict import check_value, field_types
@@ -78,7 +78,7 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora | qlora | dora (adapters only; dora = lora + use_dora; minillm/finetune/lora.py)
+    method: str = "full"  # full | lora | qlora (adapters: minillm/finetune/adapters.py; an NF4 base for qlora)
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # scale alpha / r on the adapter output
     lora_dropout: float = 0.0
@@ -92,7 +92,7 @@ class FinetuneConfig:
     # "<|im_end|>"]; embed_tokens / lm_head grow by as many rows (the mean of the old rows; new_tokens.py)
 
     def __post_init__(self):
-        _choice("finetune.method", self.method, ("full", "lora", "qlora", "dora"))
+        _choice("finetune.method", self.method, ("full", "lora", "qlora"))
         adapters = self.method != "full"
         _check("finetune.use_dora", self.use_dora, adapters or not self.use_dora, "false with method 'full'")
         _check("finetune.modules_to_save", self.modules_to_save,
@@ -104,11 +104,6 @@ class FinetuneConfig:
         _check("finetune.lora_r", self.lora_r, self.lora_r >= 1, ">= 1")
         _check("finetune.lora_alpha", self.lora_alpha, self.lora_alpha > 0, "> 0 (the adapter scale is alpha / r)")
         _check("finetune.lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
-
-    @property
-    def dora(self) -> bool:
-        """DoRA adapters: method "dora", or use_dora with lora / qlora."""
-        return self.use_dora or self.method == "dora"
 
 
 @dataclass

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from minillm.config import ModelConfig
-from minillm.finetune.lora import DEFAULT_TARGETS
+from minillm.finetune.adapters import DEFAULT_TARGETS
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
 NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
@@ -104,6 +104,14 @@ def model_params(model: nn.Module) -> tuple[int, int]:
         if hasattr(m, "dequantize") and not isinstance(m, nn.Linear):
             total += m.in_features * m.out_features
     return total, trainable
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """One line, as PEFT's print_trainable_parameters prints it (the trainer prints it for adapter runs):
+    "trainable params: … || all params: … || trainable%: …" (an NF4 base counts its in·out weights)."""
+    total, trainable = model_params(model)
+    pct = 100 * trainable / total
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:

@@ -11,27 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minillm.generate.decode import SamplingConfig, generate_tokens
+from minillm.generate.sampling import SamplingConfig
+from minillm.generate.text import generate_text
 from minillm.model import Llama
-from minillm.tokenizer.sentencepiece import Tokenizer
 from minillm.train.config import TrainConfig
-from minillm.train.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
-
-
-def sample(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-           top_k: int, seed: int, device) -> str:
-    """The prompt and a short sampled continuation (generation.py's KV-cache decoding). A prompt too long
-    for the context keeps its last tokens, leaving room for at least half the context of new ones."""
-    was_training = model.training
-    model.eval()
-    ids = tokenizer.encode(prompt, bos=True)
-    keep = model.config.max_seq_len - min(max_new_tokens, model.config.max_seq_len // 2)
-    ids = ids[-keep:]
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
-    new = list(generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id))
-    model.train(was_training)
-    return tokenizer.decode(ids + new)
-
+from minillm.train.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params, parameter_summary
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -68,6 +52,8 @@ class Logger:
             print(f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
                   f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | {data.describe()} | device {device}, "
                   f"{dtype}, {world_size} rank(s)")
+            if cfg.finetune.method != "full":
+                print(parameter_summary(model))  # the line PEFT prints, to compare with a peft run
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, n_tokens: int, seconds: float):
         self.train_time += seconds
@@ -94,14 +80,23 @@ class Logger:
         if not math.isnan(self.data.baseline):
             msg += f" | unigram baseline {self.data.baseline:.4f}"
         if e.sample_tokens > 0:
-            text = sample(model, self.data.tokenizer, self.data.prompt(e.sample_prompt), e.sample_tokens,
-                          e.temperature, e.top_k, self.cfg.seed, self.device)
+            text = self.sample(model, self.data.prompt(e.sample_prompt))
             self.samples.append(text)
             msg += f"\n----- sample -----\n{text}\n------------------"
         tqdm.write(msg)
         if self.writer is not None:
             self.writer.add_scalar("val/loss", val_loss, step)
             self.writer.add_scalar("val/perplexity", math.exp(min(val_loss, 50)), step)
+
+    def sample(self, model: Llama, prompt: str) -> str:
+        """The prompt and a short sampled continuation (generate/text.py). A prompt too long for the
+        context keeps its last tokens, leaving room for at least half the context of new ones."""
+        e, tok = self.cfg.eval, self.data.tokenizer
+        keep = model.config.max_seq_len - min(e.sample_tokens, model.config.max_seq_len // 2)
+        ids = tok.encode(prompt, bos=True)[-keep:]
+        cfg = SamplingConfig(max_new_tokens=e.sample_tokens, temperature=e.temperature, top_k=e.top_k or None,
+                             seed=self.cfg.seed)
+        return tok.decode(ids) + generate_text(model, tok, ids, cfg, continues_prompt=True)
 
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_time if self.train_time > 0 else 0.0  # eval time left out

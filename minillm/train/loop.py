@@ -46,7 +46,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
@@ -63,7 +62,7 @@ from minillm.data.templates import (
     trained_template,
     write_template_record,
 )
-from minillm.finetune.lora import apply_lora, mark_only_lora_trainable
+from minillm.finetune.adapters import apply_lora, mark_only_lora_trainable
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
@@ -80,6 +79,7 @@ from minillm.train.checkpoint import (
 )
 from minillm.train.config import TrainConfig, resume_mismatches, save_config
 from minillm.train.log import Logger
+from minillm.train.loss import held_out_loss, token_loss_sum
 from minillm.train.muon import muon_adamw
 from minillm.train.schedulers import get_lr
 from minillm.util.device import pick_device, pick_dtype
@@ -107,13 +107,6 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, 
 # loss and gradient accumulation
 
 
-def micro_batch_loss(model, x: torch.Tensor, y: torch.Tensor, attn_mask=None) -> torch.Tensor:
-    """Sum (not mean) of the cross-entropies of the targets in y (B, T) that are not -100, in float32."""
-    logits, _ = model(x) if attn_mask is None else model(x, attn_mask=attn_mask)  # (B, T, V)
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100,
-                           reduction="sum")
-
-
 def count_targets(batches) -> int:
     return sum(int((b[1] != -100).sum()) for b in batches)
 
@@ -132,7 +125,7 @@ def forward_backward(model, batches, n_targets: int, world_size: int = 1, autoca
         sync = nullcontext() if not isinstance(model, DDP) or i == len(batches) - 1 else model.no_sync()
         with sync:
             with autocast():
-                loss_sum = micro_batch_loss(model, *batch)
+                loss_sum = token_loss_sum(model, *batch)
             loss = loss_sum * (world_size / n_targets)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss_sum.detach()
@@ -143,39 +136,22 @@ def forward_backward(model, batches, n_targets: int, world_size: int = 1, autoca
 # evaluation and sampling
 
 
-@torch.no_grad()
-def mean_token_loss(model, batches, device, autocast=nullcontext, world_size: int = 1) -> float:
-    """Token-weighted mean cross-entropy over (x, y) batches (y = -100 where no loss), summed over ranks."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, count]
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            total[0] += micro_batch_loss(model, x, y).double()
-        total[1] += (y != -100).sum()
-    if world_size > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
-
-
-def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, seed: int, device,
-                  autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, seed: int, autocast=nullcontext,
+                  rank: int = 0, world_size: int = 1) -> float:
     """Mean token cross-entropy over `iters` random windows of `data`, drawn from a generator seeded
     with `seed` (the same windows at every evaluation, so val losses are comparable)."""
     g = torch.Generator().manual_seed(seed)
     batches = (get_batch(data, batch_size, block_size, g, rank, world_size) for _ in range(iters))
-    return mean_token_loss(model, batches, device, autocast, world_size)
+    return held_out_loss(model, batches, autocast, world_size)["loss"]
 
 
-def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int, device,
-                           autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int, autocast=nullcontext,
+                           rank: int = 0, world_size: int = 1) -> float:
     """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file order
     (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
     first = itertools.islice(iter_batches(examples, batch_size, pad_id), iters)
     batches = (b for i, b in enumerate(first) if i % world_size == rank)
-    return mean_token_loss(model, batches, device, autocast, world_size)
+    return held_out_loss(model, batches, autocast, world_size)["loss"]
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -184,7 +160,7 @@ def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id:
 #   data.tokenizer                                  what both splits were encoded with
 #   data.draw(generator, rank, world_size)          this rank's slice of one global micro-batch, (x, y) or
 #                                                   (x, y, attn_mask): a pure function of the generator
-#   data.val_loss(model, device, autocast, rank, world_size)
+#   data.val_loss(model, autocast, rank, world_size)
 #                                                   token-mean val loss, over the same batches every time
 #   data.prompt(text)                               a sample prompt, asked the way the examples were
 #   data.baseline, data.describe()                  for the printed summary
@@ -207,10 +183,10 @@ class TokenStream:
         c = self.cfg
         return get_batch(self.train, c.batch_size, c.block_size, generator, rank, world_size)  # (B/W, T) x2
 
-    def val_loss(self, model, device, autocast, rank: int, world_size: int) -> float:
+    def val_loss(self, model, autocast, rank: int, world_size: int) -> float:
         c = self.cfg
-        return estimate_loss(model, self.val, c.batch_size, c.block_size, c.eval.iters, c.seed, device,
-                             autocast, rank, world_size)
+        return estimate_loss(model, self.val, c.batch_size, c.block_size, c.eval.iters, c.seed, autocast, rank,
+                             world_size)
 
     def prompt(self, text: str) -> str:
         return text
@@ -238,10 +214,10 @@ class InstructExamples:
                                         world_size=world_size)  # (B/W, T) x2, mask (B/W, 1, T, T) or None
         return (x, y) if mask is None else (x, y, mask)
 
-    def val_loss(self, model, device, autocast, rank: int, world_size: int) -> float:
+    def val_loss(self, model, autocast, rank: int, world_size: int) -> float:
         c = self.cfg
         return estimate_instruct_loss(model, self.val, c.batch_size, c.eval.iters, self.tokenizer.pad_id,
-                                      device, autocast, rank, world_size)
+                                      autocast, rank, world_size)
 
     def prompt(self, text: str) -> str:
         return format_prompt(self.cfg.data.template or "alpaca", text)  # wrapped in the training template
@@ -329,7 +305,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         model = load_pretrained(cfg.init_from, dtype=dtype, device=device)
     resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
     apply_lora(model, cfg.finetune.lora_targets, cfg.finetune.lora_r, cfg.finetune.lora_alpha,
-               cfg.finetune.lora_dropout, cfg.finetune.use_rslora, cfg.finetune.dora)
+               cfg.finetune.lora_dropout, cfg.finetune.use_rslora, cfg.finetune.use_dora)
     mark_only_lora_trainable(model, cfg.finetune.modules_to_save)
     return model.train()
 
@@ -449,7 +425,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     last_val = None
     if cfg.init_from != "scratch" and start_step == 0 and cfg.eval.interval > 0:
         # the starting model's numbers: what fine-tuning has to beat
-        last_val = result.val_losses[0] = data.val_loss(model, device, autocast, rank, world_size)
+        last_val = result.val_losses[0] = data.val_loss(model, autocast, rank, world_size)
         log.eval(0, last_val, raw_model)
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -501,7 +477,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         # 6) eval + sample, checkpoint (both also after the last step)
         done, last = step + 1, step + 1 == cfg.num_steps
         if last or (cfg.eval.interval > 0 and done % cfg.eval.interval == 0):
-            last_val = result.val_losses[done] = data.val_loss(model, device, autocast, rank, world_size)
+            last_val = result.val_losses[done] = data.val_loss(model, autocast, rank, world_size)
             log.eval(done, last_val, raw_model)
         if master and (last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0)):
             write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg, last_val,
