@@ -1,54 +1,23 @@
-"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it. A runnable tutorial:
+"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it.
 
-    python -m minillm.kernels.nf4                        # GPU: check against the reference, then GB/s
-    TRITON_INTERPRET=1 python -m minillm.kernels.nf4     # CPU: the check only, through Triton's interpreter
+A runnable tutorial:
 
-NF4 is the weight format of QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3).
+    python -m minillm.kernels.nf4                     # GPU: check against the reference, then GB/s
+    TRITON_INTERPRET=1 python -m minillm.kernels.nf4  # CPU: the check only, through the interpreter
+
+NF4 is the weight format of QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314,
+section 3).
 
 What you will learn here:
-  * how a weight becomes 4.5 bits per parameter: 16 fixed code values + one float32 scale per block of 64;
-  * how to pack two 4-bit codes in a byte and unpack them with shifts and masks inside a Triton kernel;
-  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a format;
+  * how a weight becomes 4.5 bits per parameter: 16 fixed code values + one float32 scale per block
+    of 64;
+  * how to pack two 4-bit codes in a byte and unpack them with shifts and masks inside a Triton
+    kernel;
+  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a
+    format;
   * why dequantization is a pure stream whose speed is set by bytes in flight, measured against a copy.
 
-The format (bit for bit the layout of bitsandbytes' `quantize_4bit(..., quant_type="nf4")`):
-
-    w (any shape) is flattened row-major and cut into blocks of `blocksize` (64) elements. A block may
-    straddle two rows of an (out, in) weight; the last block may be partial.
-    absmax[b]  = max |w_i| over block b                                          (float32)
-    s_i        = clamp(w_i * (1 / absmax[b]), -1, 1)                             (float32, reciprocal once)
-                 last partial block only: s_i = clamp(w_i / absmax[b], -1, 1)     (bitsandbytes' quirk)
-                 absmax is clamped to >= 1e-38 first, so an all-zero block gives s = 0 -> code 7
-    q_i        = #{ j : s_i > mid_j },  mid_j = (code[j] + code[j+1]) / 2 in float32
-                 i.e. the nearest code, and a value exactly on a midpoint takes the lower code
-    byte k     = q_{2k} << 4 | q_{2k+1}       (even element in the high nibble; odd count pads with 7)
-    w_hat_i    = code[q_i] * absmax[b]         (float32, rounded once to the output dtype)
-
-The 15 float32 midpoints are exactly the thresholds of bitsandbytes' `dQuantizeNF4` decision tree, which
-compares with a strict `>`; that is where the "ties go down" rule comes from.
-
-Failure modes: NaN or inf weights are not supported (they poison their block's absmax, and the kernel
-and the reference may then disagree on codes); blocks whose absmax is below 1e-38 (subnormal weights)
-follow the clamp. Element indices are int32 inside the kernels: up to 2**31 - 1 elements per tensor.
-
-Blocked algorithm of the quantize kernel (one program = BLOCKS_PER_PROG quantization blocks):
-
-    for each program p:
-        pairs   = the (NB, blocksize/2) byte slots of blocks p*NB ... p*NB + NB - 1
-        x_even, x_odd = w[2*pairs], w[2*pairs + 1]              # (NB, HALF) each, in float32
-        absmax  = max over the row of max(|x_even|, |x_odd|)      # (NB,)
-        s       = x * (1 / absmax)   (x / absmax in the last partial block), clamped to [-1, 1]
-        q       = sum_j (s > mid_j)                               # 15 compares, no table search
-        packed[pairs] = q_even << 4 | q_odd
-
-Blocked algorithm of the dequantize kernel (one program = BLOCK_BYTES packed bytes = 2 * BLOCK_BYTES weights):
-
-    for each program p:
-        k       = p*BLOCK_BYTES ... p*BLOCK_BYTES + BLOCK_BYTES - 1    # contiguous byte indices
-        byte    = packed[k]                                           # one vector load per thread
-        scale   = absmax[2k // blocksize]                             # both nibbles share a block
-        w[2k], w[2k + 1] = code[byte >> 4] * scale, code[byte & 15] * scale
-        out[2k, 2k + 1]  = interleave(w_even, w_odd), rounded to the output dtype   # vector stores
+Each part is explained in a `# %%` cell right above the code it describes, as in Triton's tutorials.
 """
 
 import os
@@ -59,8 +28,29 @@ import triton.language as tl
 
 from .tutorial import FAIL, OK, copy_gbs, main, print_table, time_s
 
-# Codebook of NF4, index 0..15: the float32 values bitsandbytes ships (quantiles of N(0, 1), scaled to
-# [-1, 1], with an exact 0 and an extra positive value so that both -1 and 1 are representable).
+# %%
+# The format
+# ----------
+#
+# Bit for bit the layout of bitsandbytes' `quantize_4bit(..., quant_type="nf4")`:
+#
+#   w (any shape) is flattened row-major and cut into blocks of `blocksize` (64) elements. A block
+#   may straddle two rows of an (out, in) weight; the last block may be partial.
+#   absmax[b] = max |w_i| over block b                                      (float32)
+#   s_i       = clamp(w_i * (1 / absmax[b]), -1, 1)                         (float32, reciprocal once)
+#               last partial block only: s_i = clamp(w_i / absmax[b], -1, 1)  (bitsandbytes' quirk)
+#               absmax is clamped to >= 1e-38 first, so an all-zero block gives s = 0 -> code 7
+#   q_i       = #{ j : s_i > mid_j },  mid_j = (code[j] + code[j+1]) / 2 in float32
+#               i.e. the nearest code, and a value exactly on a midpoint takes the lower code
+#   byte k    = q_{2k} << 4 | q_{2k+1}      (even element in the high nibble; odd count pads with 7)
+#   w_hat_i   = code[q_i] * absmax[b]        (float32, rounded once to the output dtype)
+#
+# The 15 float32 midpoints are exactly the thresholds of bitsandbytes' `dQuantizeNF4` decision
+# tree, which compares with a strict `>`; that is where the "ties go down" rule comes from.
+#
+# The codebook of NF4, index 0..15: the float32 values bitsandbytes ships (quantiles of N(0, 1),
+# scaled to [-1, 1], with an exact 0 and an extra positive value so that both -1 and 1 are
+# representable). ZERO_CODE and ABSMAX_FLOOR, below, are the code of 0.0 and the clamp above.
 NF4_CODE = (
     -1.0,
     -0.6961928009986877,
@@ -79,14 +69,19 @@ NF4_CODE = (
     0.7229568362236023,
     1.0,
 )
-# Whether @triton.jit made the kernels below interpreted (it decides once, at import, as we do here).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ZERO_CODE = 7  # index of 0.0: all-zero blocks and the pad nibble of an odd element count
 ABSMAX_FLOOR = 1e-38  # absmax is clamped to this before taking the reciprocal
 # The same two constants as compile-time values, for use inside the kernels.
 _ZERO_CODE = tl.constexpr(ZERO_CODE)
 _ABSMAX_FLOOR = tl.constexpr(ABSMAX_FLOOR)
 
+
+# %%
+# Helpers shared by the kernels and their wrappers
+# ------------------------------------------------
+#
+# The codebook and its midpoints on a device, the backend choice, the autotuner's list of tiles,
+# and the argument checks.
 
 _CODE_ON: dict[torch.device, torch.Tensor] = {}  # device -> the codebook there, made once
 
@@ -124,6 +119,17 @@ def use_triton(t: torch.Tensor, backend: str = "auto") -> bool:
     return backend == "triton"
 
 
+# Whether @triton.jit made the kernels below interpreted (it decides once, at import, as we do here).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The tile shapes the autotuner times on a kernel's first call for each problem size, keeping the
+    fastest. The first entry is the hand-picked default; it is the only one under the interpreter, where
+    timing means nothing (and the tests should not pay for it)."""
+    return configs[:1] if INTERPRET else configs
+
+
 def _check_blocksize(blocksize: int) -> None:
     if blocksize < 16 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two in [16, 4096], got {blocksize}")
@@ -146,10 +152,13 @@ def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize:
         raise ValueError(f"packed is on {packed.device} but absmax is on {absmax.device}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# bfloat16 rounding by hand. Triton's CPU interpreter truncates float32 -> bfloat16 instead of rounding to
-# nearest-even as GPUs (and PyTorch) do, so the kernels round with integer operations, which is exact
-# everywhere. (NaN payloads are not preserved; the weights have none.)
+# %%
+# bfloat16 rounding by hand
+# -------------------------
+#
+# Triton's CPU interpreter truncates float32 -> bfloat16 instead of rounding to nearest-even as GPUs
+# (and PyTorch) do, so the kernels round with integer operations, which is exact everywhere. (NaN
+# payloads are not preserved; the weights have none.)
 
 
 @triton.jit
@@ -167,8 +176,20 @@ def bf16_bits(x):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# %%
 # Quantize
+# --------
+#
+# The blocked algorithm of the quantize kernel (one program = BLOCKS_PER_PROG quantization blocks,
+# NB below):
+#
+#   for each program p:
+#       pairs   = the (NB, blocksize/2) byte slots of blocks p*NB ... p*NB + NB - 1
+#       x_even, x_odd = w[2*pairs], w[2*pairs + 1]              # (NB, HALF) each, in float32
+#       absmax  = max over the row of max(|x_even|, |x_odd|)      # (NB,)
+#       s       = x * (1 / absmax)   (x / absmax in the last partial block), clamped to [-1, 1]
+#       q       = sum_j (s > mid_j)                               # 15 compares, no table search
+#       packed[pairs] = q_even << 4 | q_odd
 
 
 @triton.jit
@@ -227,11 +248,20 @@ def _nf4_quantize_kernel(
     tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=ev < n)
 
 
+# %%
+# The wrapper (1) checks its arguments, (2) allocates the outputs and (3) launches the kernel.
+#
+# Failure modes: NaN or inf weights are not supported (they poison their block's absmax, and the
+# kernel and the reference may then disagree on codes); blocks whose absmax is below 1e-38
+# (subnormal weights) follow the clamp. Element indices are int32 inside the kernels: up to
+# 2**31 - 1 elements per tensor.
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, backend: str = "auto"):
     """Quantize `w` (any shape, fp32/fp16/bf16) to NF4.
 
-    Returns (packed uint8 (ceil(numel/2),), absmax float32 (ceil(numel/blocksize),)); see the module
-    docstring for the exact rules. `backend`: see `use_triton`.
+    Returns (packed uint8 (ceil(numel/2),), absmax float32 (ceil(numel/blocksize),)); see the format
+    cell above NF4_CODE for the exact rules. `backend`: see `use_triton`.
     """
     # 1) check
     _check_blocksize(blocksize)
@@ -288,19 +318,23 @@ def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64):
     return packed, absmax
 
 
-# ----------------------------------------------------------------------------------------------------------
+# %%
 # Dequantize
-
-
-def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The tile shapes the autotuner times on a kernel's first call for each problem size, keeping the
-    fastest. The first entry is the hand-picked default; it is the only one under the interpreter, where
-    timing means nothing (and the tests should not pay for it)."""
-    return configs[:1] if INTERPRET else configs
-
-
-# Dequantize is a pure stream (read n/2 + 4n/64 bytes, write 2n): the tile only sets how many bytes each
-# program keeps in flight. (BLOCK_BYTES, warps) from small to large; the GPU picks.
+# ----------
+#
+# The blocked algorithm of the dequantize kernel (one program = BLOCK_BYTES packed bytes
+# = 2 * BLOCK_BYTES weights):
+#
+#   for each program p:
+#       k       = p*BLOCK_BYTES ... p*BLOCK_BYTES + BLOCK_BYTES - 1    # contiguous byte indices
+#       byte    = packed[k]                                           # one vector load per thread
+#       scale   = absmax[2k // blocksize]                             # both nibbles share a block
+#       w[2k], w[2k + 1] = code[byte >> 4] * scale, code[byte & 15] * scale
+#       out[2k, 2k + 1]  = interleave(w_even, w_odd), rounded to the output dtype   # vector stores
+#
+# Dequantize is a pure stream (read n/2 + 4n/64 bytes, write 2n): the tile only sets how many bytes
+# each program keeps in flight. DEQUANT_CONFIGS: (BLOCK_BYTES, warps) from small to large; the GPU
+# picks (`autotune_configs`).
 DEQUANT_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_BYTES": b}, num_warps=w) for b, w in ((1024, 4), (512, 4), (2048, 4), (2048, 8), (4096, 8))
 ])  # fmt: skip
@@ -385,8 +419,11 @@ def dequantize_nf4_ref(packed, absmax, shape, blocksize: int = 64, dtype: torch.
     return w.view(-1)[:n].to(dtype).view(shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Check: the kernels against the references, bit for bit, on awkward shapes
+# %%
+# Check
+# -----
+#
+# The kernels against the references, bit for bit, on awkward shapes.
 
 
 def awkward_weight(shape, dtype, seed=0, device="cpu") -> torch.Tensor:
@@ -423,8 +460,11 @@ def check(device, shapes=None, quantize_ref=quantize_nf4_ref, dequantize_ref=deq
     return all(r["ok"] == OK for r in rows)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark (GPU only): both kernels stream, so GB/s against a device copy is the figure of merit
+# %%
+# Benchmark
+# ---------
+#
+# GPU only: both kernels stream, so GB/s against a device copy is the figure of merit.
 
 
 def benchmark(device, shape=(11008, 4096), timer=time_s, copy_bytes=2**30) -> None:

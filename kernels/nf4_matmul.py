@@ -1,60 +1,20 @@
-"""y = x @ W^T with W stored in NF4 (see nf4.py): the matmul of a QLoRA base layer, and its input gradient.
-
-What you will learn here:
-  * why decoding one token is memory bound: each weight is used once per generated token, so the time
-    is the time to read the weight, and reading 4.5 bits instead of 16 makes it up to 3.5x faster;
-  * how to dequantize inside a kernel: gather a byte, shift out a nibble, look it up, scale it;
-  * why a large batch is better served by "dequantize, then cuBLAS": at 2048 rows the matmul is compute
-    bound, and a one-off dequantization (n/2 bytes in, 2n out) is cheap next to 2*M*n FLOPs on tensor cores.
-
-Two paths, chosen by the number of input rows M (`choose_path`, threshold GEMV_MAX_ROWS):
-
-  (a) M <= GEMV_MAX_ROWS: a fused GEMV kernel, in two versions that this file builds one after the other.
-      Grid (ceil(N_out / BLOCK_O), M); each program owns BLOCK_O outputs of one row of x.
-
-      1. The plain GEMV (`_gemv_plain`), for any shape. Each weight finds its own byte and nibble:
-
-          acc[BLOCK_O] = 0                                    (float32)
-          for r0 in range(0, N_red, BLOCK_R):
-              f      = flat weight index of (o, r)             # (BLOCK_O, BLOCK_R): o*K + r, or r*K + o
-              byte   = packed[f // 2];  q = byte >> 4 if f is even else byte & 15
-              w      = code[q] * absmax[f // blocksize]        # blocks are cut on the FLAT index, so a
-                                                               # block may straddle two rows of W
-              w      = round(w to x.dtype)                     # the value the reference multiplies by
-              acc   += sum_r w * x[m, r]                       # broadcast-multiply + tl.sum (no tl.dot:
-                                                               # M is tiny and tl.dot needs >= 16 rows)
-          y[m, o] = acc
-
-      2. The paired GEMV (`_gemv_paired`, `_gemv_paired_t`), for rows of even length K (every real
-         model). Byte o*K/2 + j holds W[o, 2j] (high nibble) and W[o, 2j + 1]: two neighbours in one row
-         and one quantization block. Loading each byte once for its two weights makes addresses and masks
-         contiguous in j, so the compiler turns 16 one-byte loads per thread into two 8-byte vector loads
-         (seen in the PTX for sm_90), and the scale is loaded once per byte instead of once per weight:
-
-          for r0 in range(0, K, BLOCK_R):
-              j      = r0/2 ... r0/2 + BLOCK_R/2 - 1           # byte columns of the rows o
-              byte   = packed[o*K/2 + j]                        # (BLOCK_O, BLOCK_R/2), contiguous in j
-              scale  = absmax[(o*K + 2j) // blocksize]
-              acc   += sum_j code[byte >> 4]*scale * x[2j] + code[byte & 15]*scale * x[2j + 1]
-
-      With TRANS_W=True the same kernels compute grad_x = grad_y @ W (reduction over the output
-      features), so the backward pass also reads only the packed weight. For M > 1 the M programs of one
-      output tile read the same bytes; after the first they come from L2.
-
-      Which loop and which tile are fastest depends on the GPU and the shape, so the kernel the autotuner
-      launches (`_nf4_gemv_kernel`) is a switch on PAIRED over the two, and GEMV_TILES lists tiles of both.
-
-  (b) M > GEMV_MAX_ROWS: W = dequantize_nf4(..., dtype=x.dtype) (Triton), then torch.matmul (cuBLAS).
-      The dense W is a temporary of N_out * K elements that is freed after the call.
-
-Numerics: both paths multiply x by exactly the reference weights (dequantized in float32, rounded once
-to x.dtype) and accumulate in float32 (GEMV) or in cuBLAS's accumulator, so they differ from
-`nf4_matmul_ref` only by summation order and the final rounding of y to x.dtype.
+"""y = x @ W^T with W in NF4 (see nf4.py): the matmul of a QLoRA base layer, and its input gradient.
 
 The weight is frozen (QLoRA): there is no gradient for packed/absmax, only for x.
 
-Run it: `python -m minillm.kernels.nf4_matmul` (GPU: check, then GB/s next to the copy roofline), or with
-TRITON_INTERPRET=1 on a CPU (the check only).
+Run it: `python -m minillm.kernels.nf4_matmul` (GPU: check, then GB/s next to the copy roofline), or
+with TRITON_INTERPRET=1 on a CPU (the check only).
+
+What you will learn here:
+  * why decoding one token is memory bound: each weight is used once per generated token, so the
+    time is the time to read the weight, and reading 4.5 bits instead of 16 makes it up to 3.5x
+    faster;
+  * how to dequantize inside a kernel: gather a byte, shift out a nibble, look it up, scale it;
+  * why a large batch is better served by "dequantize, then cuBLAS": at 2048 rows the matmul is
+    compute bound, and a one-off dequantization (n/2 bytes in, 2n out) is cheap next to 2*M*n FLOPs
+    on tensor cores.
+
+Each part is explained in a `# %%` cell right above the code it describes, as in Triton's tutorials.
 """
 
 import torch
@@ -74,6 +34,16 @@ from .nf4 import (
 )
 from .tutorial import FAIL, OK, copy_gbs, main, print_table, time_s
 
+# %%
+# Two paths
+# ---------
+#
+# The path is chosen by the number of input rows M (`choose_path`, threshold GEMV_MAX_ROWS):
+#
+#   (a) M <= GEMV_MAX_ROWS: a fused GEMV kernel, in two versions that this file builds one after
+#       the other (the plain loop, then the paired loop, below).
+#   (b) M > GEMV_MAX_ROWS: W = dequantize_nf4(..., dtype=x.dtype) (Triton), then torch.matmul
+#       (cuBLAS). The dense W is a temporary of N_out * K elements that is freed after the call.
 GEMV_MAX_ROWS = 16  # input rows up to which the fused GEMV kernel beats dequantize + cuBLAS
 
 
@@ -85,6 +55,15 @@ def choose_path(m_rows: int) -> str:
     a dequantized copy wins.
     """
     return "gemv" if m_rows <= GEMV_MAX_ROWS else "dequant_matmul"
+
+
+# %%
+# The fused GEMV
+# --------------
+#
+# Each program owns BLOCK_O outputs of one row of x. With TRANS_W=True the same kernels compute
+# grad_x = grad_y @ W (reduction over the output features), so the backward pass also reads only
+# the packed weight. Both loops below make each weight with `_weight` and write y with `_store`.
 
 
 @triton.jit
@@ -107,8 +86,23 @@ def _store(y_ptr, offsets, acc, mask, X_BF16: tl.constexpr):
         tl.store(y_ptr + offsets, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. The plain GEMV: any shape, every weight finds its own byte, nibble and scale from its flat index
+# %%
+# 1. The plain GEMV
+# -----------------
+#
+# `_gemv_plain`, for any shape. Each weight finds its own byte, nibble and scale from its flat
+# index:
+#
+#   acc[BLOCK_O] = 0                                    (float32)
+#   for r0 in range(0, N_red, BLOCK_R):
+#       f      = flat weight index of (o, r)             # (BLOCK_O, BLOCK_R): o*K + r, or r*K + o
+#       byte   = packed[f // 2];  q = byte >> 4 if f is even else byte & 15
+#       w      = code[q] * absmax[f // blocksize]        # blocks are cut on the FLAT index, so a
+#                                                        # block may straddle two rows of W
+#       w      = round(w to x.dtype)                     # the value the reference multiplies by
+#       acc   += sum_r w * x[m, r]                       # broadcast-multiply + tl.sum (no tl.dot:
+#                                                        # M is tiny and tl.dot needs >= 16 rows)
+#   y[m, o] = acc
 
 
 @triton.jit
@@ -139,8 +133,21 @@ def _gemv_plain(
     _store(y_row, o, acc, o < N_OUT, X_BF16)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. The paired GEMV: K even, so each byte holds two neighbours of one row; load it (and its scale) once
+# %%
+# 2. The paired GEMV
+# ------------------
+#
+# `_gemv_paired` (and `_gemv_paired_t` for TRANS_W), for rows of even length K (every real model).
+# Byte o*K/2 + j holds W[o, 2j] (high nibble) and W[o, 2j + 1]: two neighbours in one row and one
+# quantization block. Loading each byte once for its two weights makes addresses and masks
+# contiguous in j, so the compiler turns 16 one-byte loads per thread into two 8-byte vector loads
+# (seen in the PTX for sm_90), and the scale is loaded once per byte instead of once per weight:
+#
+#   for r0 in range(0, K, BLOCK_R):
+#       j      = r0/2 ... r0/2 + BLOCK_R/2 - 1           # byte columns of the rows o
+#       byte   = packed[o*K/2 + j]                        # (BLOCK_O, BLOCK_R/2), contiguous in j
+#       scale  = absmax[(o*K + 2j) // blocksize]
+#       acc   += sum_j code[byte >> 4]*scale * x[2j] + code[byte & 15]*scale * x[2j + 1]
 
 
 @triton.jit
@@ -194,15 +201,20 @@ def _gemv_paired_t(
     _store(y_row, 2 * p + 1, acc_odd, p_ok, X_BF16)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The kernel the autotuner launches: a switch over the loops above, so plain and paired tiles race
-
-
-# GEMV tiles: BLOCK_O outputs x BLOCK_R reduction elements per loop step, the warps, and PAIRED (which loop).
-# Decode is memory bound: what matters is enough bytes in flight per SM (more programs, wider steps)
-# without spilling registers, and for TRANS_W (where outputs are the contiguous axis of W) a wide BLOCK_O
-# for coalescing. The best tile depends on the GPU and the shape, so the autotuner times these on the
-# first call per (shape, direction) and keeps the fastest; the first is the hand-picked default.
+# %%
+# The kernel the autotuner launches
+# ---------------------------------
+#
+# Which loop and which tile are fastest depends on the GPU and the shape, so the kernel the
+# autotuner launches (`_nf4_gemv_kernel`) is a switch on PAIRED over the two loops above, and
+# GEMV_TILES lists tiles of both: plain and paired tiles race.
+#
+# GEMV tiles: BLOCK_O outputs x BLOCK_R reduction elements per loop step, the warps, and PAIRED
+# (which loop). Decode is memory bound: what matters is enough bytes in flight per SM (more
+# programs, wider steps) without spilling registers, and for TRANS_W (where outputs are the
+# contiguous axis of W) a wide BLOCK_O for coalescing. The best tile depends on the GPU and the
+# shape, so the autotuner times these on the first call per (shape, direction) and keeps the
+# fastest; the first is the hand-picked default.
 GEMV_TILES = [
     triton.Config({"BLOCK_O": o, "BLOCK_R": r, "PAIRED": paired}, num_warps=w)
     for paired, tiles in (
@@ -220,6 +232,11 @@ def _drop_paired_tiles_for_odd_rows(configs, named_args, **kwargs):
     if named_args["K"] % 2 == 0:
         return configs
     return [c for c in configs if not c.kwargs["PAIRED"]]
+
+
+# %%
+# Grid (ceil(N_out / BLOCK_O), M): program (pid_o, m) runs one of the loops above on row m of x.
+# For M > 1 the M programs of one output tile read the same bytes; after the first they come from L2.
 
 
 @triton.autotune(configs=autotune_configs(GEMV_TILES), key=["N_OUT", "N_RED", "TRANS_W"],
@@ -262,8 +279,9 @@ def _nf4_gemv_kernel(
                        BLOCKSIZE, X_BF16, BLOCK_O, BLOCK_R)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------------------
+# %%
 # The wrappers: check shapes, allocate, launch
+# --------------------------------------------
 
 
 def _check(x, packed, absmax, out_features, in_features, blocksize, x_name, x_len):
@@ -342,8 +360,9 @@ def nf4_matmul_backward_input(
     return gx.view(*grad_y.shape[:-1], in_features)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# %%
 # The references: plain PyTorch
+# -----------------------------
 
 
 def nf4_matmul_ref(x, packed, absmax, out_features, in_features, blocksize=64):
@@ -363,10 +382,16 @@ def nf4_matmul_backward_input_ref(grad_y, packed, absmax, out_features, in_featu
     return grad_y @ w  # (..., N) @ (N, K) -> (..., K)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Check: every path and both loops against the references, on awkward shapes
-
-# y differs from the reference only by summation order (and rounding y to x.dtype): explicit tolerances
+# %%
+# Check
+# -----
+#
+# Every path and both loops against the references, on awkward shapes.
+#
+# Numerics: both paths multiply x by exactly the reference weights (dequantized in float32, rounded
+# once to x.dtype) and accumulate in float32 (GEMV) or in cuBLAS's accumulator, so they differ from
+# `nf4_matmul_ref` only by summation order and the final rounding of y to x.dtype: hence explicit
+# tolerances.
 TOLERANCE = {
     torch.float32: dict(atol=1e-4, rtol=1e-5),
     torch.float16: dict(atol=2e-2, rtol=2e-3),  # 2 fp16 ulps of outputs around 10
@@ -410,8 +435,11 @@ def check(device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_
     return all(r["ok"] == OK for r in rows)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark (GPU only): a decode step reads the weight once, so GB/s against a device copy is the measure
+# %%
+# Benchmark
+# ---------
+#
+# GPU only: a decode step reads the weight once, so GB/s against a device copy is the measure.
 
 
 def benchmark(device, shapes=((4096, 4096), (11008, 4096)), timer=time_s, copy_bytes=2**30) -> None:

@@ -5,10 +5,6 @@ reference on awkward shapes, prints one row per case, and on a GPU times the ker
 
     python -m minillm.kernels.nf4                         # on a machine with a CUDA GPU
     TRITON_INTERPRET=1 python -m minillm.kernels.nf4      # on a CPU: correctness only, through the interpreter
-
-The roofline of a memory-bound kernel is the time to move its bytes at the GPU's real bandwidth, which we
-measure rather than take from a datasheet: a device-to-device copy of a large buffer reads and writes every
-byte once, so (2 x its size) / its time is the most GB/s a streaming kernel can hope for.
 """
 
 import os
@@ -38,7 +34,13 @@ def time_s(fn: Callable[[], object]) -> float:
 
 
 def copy_gbs(device: torch.device, n_bytes: int = 2**30, timer: Callable = time_s) -> float:
-    """GB/s of a device-to-device copy of n_bytes: bytes read + bytes written, per second."""
+    """GB/s of a device-to-device copy of n_bytes: bytes read + bytes written, per second.
+
+    This is the roofline of a memory-bound kernel: the time to move its bytes at the GPU's real
+    bandwidth, which we measure rather than take from a datasheet. A device-to-device copy of a large
+    buffer reads and writes every byte once, so (2 x its size) / its time is the most GB/s a
+    streaming kernel can hope for.
+    """
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * n_bytes / timer(lambda: dst.copy_(src)) / 1e9
