@@ -302,9 +302,11 @@ def _check(x, packed, absmax, out_features, in_features, blocksize, x_name, x_le
         raise ValueError(f"{x_name} on {x.device}, packed on {packed.device}, absmax on {absmax.device}")
 
 
-def _gemv(x2, packed, absmax, n_out, n_red, in_features, blocksize, trans_w, tile: dict | None = None):
-    """Launch the fused kernel on x2 (M, n_red) -> (M, n_out). `tile`: one entry of GEMV_TILES' kwargs
-    to run that tile as is (the tests run every one); None lets the autotuner choose."""
+def _gemv(x2, packed, absmax, *, n_out, n_red, in_features, blocksize, trans_w,
+          tile: dict | None = None):
+    """Launch the fused kernel on x2 (M, n_red) -> (M, n_out): x2 @ W^T, or x2 @ W if trans_w, for
+    the NF4 weight W of row length in_features. `tile`: one entry of GEMV_TILES' kwargs to run that
+    tile as is (the tests run every one); None lets the autotuner choose."""
     m_rows = x2.shape[0]
     y = torch.empty(m_rows, n_out, dtype=x2.dtype, device=x2.device)
     if m_rows == 0:
@@ -334,7 +336,8 @@ def nf4_matmul(x, packed, absmax, out_features, in_features, blocksize=64, backe
     x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
     if choose_path(x2.shape[0]) == "gemv":
         # 2) allocate + 3) launch
-        y = _gemv(x2, packed, absmax, out_features, in_features, in_features, blocksize, trans_w=False)
+        y = _gemv(x2, packed, absmax, n_out=out_features, n_red=in_features,
+                  in_features=in_features, blocksize=blocksize, trans_w=False)
     else:
         w = dequantize_nf4(packed, absmax, (out_features, in_features), blocksize, x.dtype, backend="triton")
         y = x2 @ w.t()  # (M, K) @ (K, N) -> (M, N)
@@ -353,7 +356,8 @@ def nf4_matmul_backward_input(
     g2 = grad_y.reshape(-1, out_features).contiguous()  # (M, N)
     shape = (out_features, in_features)
     if choose_path(g2.shape[0]) == "gemv":
-        gx = _gemv(g2, packed, absmax, in_features, out_features, in_features, blocksize, trans_w=True)
+        gx = _gemv(g2, packed, absmax, n_out=in_features, n_red=out_features,
+                   in_features=in_features, blocksize=blocksize, trans_w=True)
     else:
         w = dequantize_nf4(packed, absmax, shape, blocksize, grad_y.dtype, backend="triton")
         gx = g2 @ w  # (M, N) @ (N, K) -> (M, K)
@@ -425,7 +429,8 @@ def check(device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_
                         fn = nf4_matmul_backward_input if trans_w else nf4_matmul
                         y = fn(x.to(device), *on_device, n_out, n_in, backend="triton")
                     else:
-                        y = _gemv(x.to(device), *on_device, n_res, n_red, n_in, 64, trans_w, tile=tile)
+                        y = _gemv(x.to(device), *on_device, n_out=n_res, n_red=n_red,
+                                  in_features=n_in, blocksize=64, trans_w=trans_w, tile=tile)
                     expect = ref_fn(x, packed, absmax, n_out, n_in)
                     err = (y.cpu().double() - expect.double()).abs().max().item()
                     ok = torch.allclose(y.cpu(), expect, **TOLERANCE[dtype])
@@ -459,9 +464,10 @@ def _benchmark_shape(device, n_out, n_in, roofline, timer) -> list[dict]:
     x = torch.randn(1, n_in, device=device, dtype=torch.bfloat16)
     xy_bytes = 2 * (n_in + n_out)
     nf4_bytes = packed.numel() + 4 * absmax.numel() + xy_bytes
+    forward = dict(n_out=n_out, n_red=n_in, in_features=n_in, blocksize=64, trans_w=False)
     cases = {
-        "plain loop": (nf4_bytes, lambda: _gemv(x, packed, absmax, n_out, n_in, n_in, 64, False, tile=PLAIN_TILE)),
-        "paired loop": (nf4_bytes, lambda: _gemv(x, packed, absmax, n_out, n_in, n_in, 64, False, tile=PAIRED_TILE)),
+        "plain loop": (nf4_bytes, lambda: _gemv(x, packed, absmax, **forward, tile=PLAIN_TILE)),
+        "paired loop": (nf4_bytes, lambda: _gemv(x, packed, absmax, **forward, tile=PAIRED_TILE)),
         "autotuned (nf4_matmul)": (nf4_bytes, lambda: nf4_matmul(x, packed, absmax, n_out, n_in, backend="triton")),
         "nf4_matmul_ref (PyTorch)": (nf4_bytes, lambda: nf4_matmul_ref(x, packed, absmax, n_out, n_in)),
         # dense bf16 reads 2 bytes per weight: the bar NF4 must beat
