@@ -50,9 +50,9 @@ GEMV_MAX_ROWS = 16  # input rows up to which the fused GEMV kernel beats dequant
 def choose_path(m_rows: int) -> str:
     """'gemv' (fused kernel, reads 4.5 bits per weight) for few rows, else 'dequant_matmul'.
 
-    Decode steps (M = batch size, usually 1..16) are bound by reading the weight, so the fused kernel
-    wins; prefill and training batches (M in the thousands) are bound by FLOPs, so tensor-core cuBLAS on
-    a dequantized copy wins.
+    Decode steps (M = batch size, usually 1..16) are bound by reading the weight, so the fused
+    kernel wins; prefill and training batches (M in the thousands) are bound by FLOPs, so
+    tensor-core cuBLAS on a dequantized copy wins.
     """
     return "gemv" if m_rows <= GEMV_MAX_ROWS else "dequant_matmul"
 
@@ -68,7 +68,8 @@ def choose_path(m_rows: int) -> str:
 
 @triton.jit
 def _weight(code_ptr, q, scale, x_ptr, X_BF16: tl.constexpr):
-    """code[q] * absmax in float32, rounded once to x's dtype: the weight the reference multiplies by."""
+    """The weight the reference multiplies by: code[q] * absmax in float32, rounded once to x's
+    dtype."""
     w = tl.load(code_ptr + q) * scale
     if X_BF16:
         w = round_to_bf16(w)
@@ -108,13 +109,14 @@ def _store(y_ptr, offsets, acc, mask, X_BF16: tl.constexpr):
 @triton.jit
 def _gemv_plain(
     x_row, y_row,  # *x.dtype: this program's input row (N_RED,) and output row (N_OUT,)
-    packed_ptr, absmax_ptr, code_ptr,  # the NF4 weight W (out_features, in_features) and the codebook
+    packed_ptr, absmax_ptr, code_ptr,  # the NF4 weight W (out_features, in_features), the codebook
     pid_o,  # this program computes outputs pid_o * BLOCK_O ... + BLOCK_O - 1
     N_OUT, N_RED, K,  # outputs, reduction length, row length of W
     BLOCKSIZE: tl.constexpr, TRANS_W: tl.constexpr, X_BF16: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """y[o] = sum_r W[o, r] x[r], or sum_r W[r, o] x[r] with TRANS_W, one gathered nibble per weight."""
+    """y[o] = sum_r W[o, r] x[r], or sum_r W[r, o] x[r] with TRANS_W, one gathered nibble per
+    weight."""
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
     acc = tl.zeros([BLOCK_O], dtype=tl.float32)
     for r0 in range(0, N_RED, BLOCK_R):
@@ -158,7 +160,8 @@ def _gemv_paired(
     N_OUT, K,  # outputs, row length of W (= the reduction length here; even)
     BLOCKSIZE: tl.constexpr, X_BF16: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """y[o] = sum_r W[o, r] x[r], reading byte j of row o once for W[o, 2j] (high nibble) and W[o, 2j + 1]."""
+    """y[o] = sum_r W[o, r] x[r], reading byte j of row o once for W[o, 2j] (high nibble) and
+    W[o, 2j + 1]."""
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
     acc = tl.zeros([BLOCK_O], dtype=tl.float32)
     for r0 in range(0, K, BLOCK_R):
@@ -167,8 +170,10 @@ def _gemv_paired(
         x_odd = tl.load(x_row + 2 * j + 1, mask=j < K // 2, other=0.0).to(tl.float32)
         mask = (o[:, None] < N_OUT) & (j[None, :] < K // 2)
         # contiguous bytes along a row (so the loads can be vectorized): byte o*K/2 + j
-        byte = tl.load(packed_ptr + o[:, None] * (K // 2) + j[None, :], mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (o[:, None] * K + 2 * j[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
+        byte = tl.load(packed_ptr + o[:, None] * (K // 2) + j[None, :],
+                       mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + (o[:, None] * K + 2 * j[None, :]) // BLOCKSIZE,
+                        mask=mask, other=0.0)
         w_even = _weight(code_ptr, byte >> 4, scale, x_row, X_BF16)  # (BLOCK_O, BLOCK_R/2)
         w_odd = _weight(code_ptr, byte & 15, scale, x_row, X_BF16)
         acc += tl.sum(w_even * x_even[None, :] + w_odd * x_odd[None, :], axis=1)
@@ -193,8 +198,10 @@ def _gemv_paired_t(
         xr = tl.load(x_row + r, mask=r < N_RED, other=0.0).to(tl.float32)
         mask = p_ok[:, None] & (r[None, :] < N_RED)
         # byte r*K/2 + p holds W[r, 2p] and W[r, 2p + 1]: contiguous along the outputs
-        byte = tl.load(packed_ptr + r[None, :] * (K // 2) + p[:, None], mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (r[None, :] * K + 2 * p[:, None]) // BLOCKSIZE, mask=mask, other=0.0)
+        byte = tl.load(packed_ptr + r[None, :] * (K // 2) + p[:, None],
+                       mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + (r[None, :] * K + 2 * p[:, None]) // BLOCKSIZE,
+                        mask=mask, other=0.0)
         acc_even += tl.sum(_weight(code_ptr, byte >> 4, scale, x_row, X_BF16) * xr[None, :], axis=1)
         acc_odd += tl.sum(_weight(code_ptr, byte & 15, scale, x_row, X_BF16) * xr[None, :], axis=1)
     _store(y_row, 2 * p, acc_even, p_ok, X_BF16)
@@ -219,16 +226,16 @@ GEMV_TILES = [
     triton.Config({"BLOCK_O": o, "BLOCK_R": r, "PAIRED": paired}, num_warps=w)
     for paired, tiles in (
         (False, ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (32, 128, 4), (64, 64, 4))),
-        (True, ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (32, 128, 4), (64, 64, 4),
-                (128, 32, 4))),
+        (True, ((16, 256, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (32, 128, 4),
+                (64, 64, 4), (128, 32, 4))),
     )
     for o, r, w in tiles
 ]  # fmt: skip
 
 
 def _drop_paired_tiles_for_odd_rows(configs, named_args, **kwargs):
-    """PAIRED tiles need an even row length K: then the two codes of every byte are neighbours within
-    one row of W (and one quantization block, as BLOCKSIZE is even)."""
+    """PAIRED tiles need an even row length K: then the two codes of every byte are neighbours
+    within one row of W (and one quantization block, as BLOCKSIZE is even)."""
     if named_args["K"] % 2 == 0:
         return configs
     return [c for c in configs if not c.kwargs["PAIRED"]]
@@ -236,11 +243,15 @@ def _drop_paired_tiles_for_odd_rows(configs, named_args, **kwargs):
 
 # %%
 # Grid (ceil(N_out / BLOCK_O), M): program (pid_o, m) runs one of the loops above on row m of x.
-# For M > 1 the M programs of one output tile read the same bytes; after the first they come from L2.
+# For M > 1 the M programs of one output tile read the same bytes; after the first they come from
+# L2.
 
 
-@triton.autotune(configs=autotune_configs(GEMV_TILES), key=["N_OUT", "N_RED", "TRANS_W"],
-                 prune_configs_by={"early_config_prune": _drop_paired_tiles_for_odd_rows})  # fmt: skip
+@triton.autotune(
+    configs=autotune_configs(GEMV_TILES),
+    key=["N_OUT", "N_RED", "TRANS_W"],
+    prune_configs_by={"early_config_prune": _drop_paired_tiles_for_odd_rows},
+)
 @triton.jit
 def _nf4_gemv_kernel(
     # pointers
@@ -292,14 +303,17 @@ def _check(x, packed, absmax, out_features, in_features, blocksize, x_name, x_le
     n = out_features * in_features
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(
-            f"packed must be uint8 with {(n + 1) // 2} bytes for a {out_features}x{in_features} weight"
+            f"packed must be uint8 with {(n + 1) // 2} bytes for a "
+            f"{out_features}x{in_features} weight"
         )
     if absmax.dtype != torch.float32 or absmax.numel() != -(-n // blocksize):
         raise ValueError(
             f"absmax must be float32 with {-(-n // blocksize)} entries for blocksize {blocksize}"
         )
     if x.device != packed.device or x.device != absmax.device:
-        raise ValueError(f"{x_name} on {x.device}, packed on {packed.device}, absmax on {absmax.device}")
+        raise ValueError(
+            f"{x_name} on {x.device}, packed on {packed.device}, absmax on {absmax.device}"
+        )
 
 
 def _gemv(x2, packed, absmax, *, n_out, n_red, in_features, blocksize, trans_w,
@@ -311,13 +325,15 @@ def _gemv(x2, packed, absmax, *, n_out, n_red, in_features, blocksize, trans_w,
     y = torch.empty(m_rows, n_out, dtype=x2.dtype, device=x2.device)
     if m_rows == 0:
         return y
-    kernel = _nf4_gemv_kernel if tile is None else _nf4_gemv_kernel.fn  # .fn: the kernel under the tuner
+    # .fn: the kernel under the tuner
+    kernel = _nf4_gemv_kernel if tile is None else _nf4_gemv_kernel.fn
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_O"]), m_rows)
+    x_bf16 = x2.dtype == torch.bfloat16
     kernel[grid](
-        x2, packed, absmax, nf4_code(x2.device), y.view(torch.int16) if x2.dtype == torch.bfloat16 else y,
+        x2, packed, absmax, nf4_code(x2.device), y.view(torch.int16) if x_bf16 else y,
         n_out, n_red, in_features,
         x2.stride(0), y.stride(0),
-        BLOCKSIZE=blocksize, TRANS_W=trans_w, X_BF16=x2.dtype == torch.bfloat16, **(tile or {}),
+        BLOCKSIZE=blocksize, TRANS_W=trans_w, X_BF16=x_bf16, **(tile or {}),
     )  # fmt: skip
     return y
 
@@ -330,7 +346,9 @@ def nf4_matmul(x, packed, absmax, out_features, in_features, blocksize=64, backe
     # 1) check
     _check(x, packed, absmax, out_features, in_features, blocksize, "x", in_features)
     if out_features * in_features >= 2**31:
-        raise ValueError("the NF4 kernels index with int32: out_features * in_features must be < 2**31")
+        raise ValueError(
+            "the NF4 kernels index with int32: out_features * in_features must be < 2**31"
+        )
     if not use_triton(x, backend):
         return nf4_matmul_ref(x, packed, absmax, out_features, in_features, blocksize)
     x2 = x.reshape(-1, in_features).contiguous()  # (M, K)
@@ -339,7 +357,8 @@ def nf4_matmul(x, packed, absmax, out_features, in_features, blocksize=64, backe
         y = _gemv(x2, packed, absmax, n_out=out_features, n_red=in_features,
                   in_features=in_features, blocksize=blocksize, trans_w=False)
     else:
-        w = dequantize_nf4(packed, absmax, (out_features, in_features), blocksize, x.dtype, backend="triton")
+        w = dequantize_nf4(packed, absmax, (out_features, in_features), blocksize, x.dtype,
+                           backend="triton")
         y = x2 @ w.t()  # (M, K) @ (K, N) -> (M, N)
     return y.view(*x.shape[:-1], out_features)
 
@@ -350,9 +369,13 @@ def nf4_matmul_backward_input(
     """grad_x = grad_y @ W for grad_y (..., out_features): the input gradient of `nf4_matmul`."""
     _check(grad_y, packed, absmax, out_features, in_features, blocksize, "grad_y", out_features)
     if out_features * in_features >= 2**31:
-        raise ValueError("the NF4 kernels index with int32: out_features * in_features must be < 2**31")
+        raise ValueError(
+            "the NF4 kernels index with int32: out_features * in_features must be < 2**31"
+        )
     if not use_triton(grad_y, backend):
-        return nf4_matmul_backward_input_ref(grad_y, packed, absmax, out_features, in_features, blocksize)
+        return nf4_matmul_backward_input_ref(
+            grad_y, packed, absmax, out_features, in_features, blocksize
+        )
     g2 = grad_y.reshape(-1, out_features).contiguous()  # (M, N)
     shape = (out_features, in_features)
     if choose_path(g2.shape[0]) == "gemv":
@@ -373,15 +396,16 @@ def nf4_matmul_ref(x, packed, absmax, out_features, in_features, blocksize=64):
     """Plain PyTorch: dequantize to x.dtype, then x @ W^T.
 
     Memory traffic: the NF4 weight (N*K/2 + 4*N*K/blocksize bytes) is read once, then a dense
-    N*K*sizeof(x) copy is written and read back by the matmul: about 4.5x the bytes of the fused GEMV
-    for a bf16 decode step.
+    N*K*sizeof(x) copy is written and read back by the matmul: about 4.5x the bytes of the fused
+    GEMV for a bf16 decode step.
     """
     w = dequantize_nf4_ref(packed, absmax, (out_features, in_features), blocksize, x.dtype)
     return x @ w.t()  # (..., K) @ (K, N) -> (..., N)
 
 
 def nf4_matmul_backward_input_ref(grad_y, packed, absmax, out_features, in_features, blocksize=64):
-    """Plain PyTorch grad_x = grad_y @ W, on W dequantized to grad_y.dtype (same traffic as nf4_matmul_ref)."""
+    """Plain PyTorch grad_x = grad_y @ W, on W dequantized to grad_y.dtype (same traffic as
+    nf4_matmul_ref)."""
     w = dequantize_nf4_ref(packed, absmax, (out_features, in_features), blocksize, grad_y.dtype)
     return grad_y @ w  # (..., N) @ (N, K) -> (..., K)
 
@@ -401,17 +425,23 @@ TOLERANCE = {
     torch.float16: dict(atol=2e-2, rtol=2e-3),  # 2 fp16 ulps of outputs around 10
     torch.bfloat16: dict(atol=1.3e-1, rtol=1.6e-2),  # 2 bf16 ulps
 }
-PLAIN_TILE = next(t.kwargs for t in GEMV_TILES if not t.kwargs["PAIRED"])  # the default tile of each loop
+# the default tile of each loop
+PLAIN_TILE = next(t.kwargs for t in GEMV_TILES if not t.kwargs["PAIRED"])
 PAIRED_TILE = next(t.kwargs for t in GEMV_TILES if t.kwargs["PAIRED"])
 
 
-def check(device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_backward_input_ref) -> bool:
-    """Print a ✅/❌ row per (loop, direction, shape, dtype, rows): the kernel's y (or grad_x) must be within
-    TOLERANCE of the reference's, computed on the CPU. Returns whether every row passed."""
+def check(
+    device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_backward_input_ref
+) -> bool:
+    """Print a ✅/❌ row per (loop, direction, shape, dtype, rows): the kernel's y (or grad_x) must
+    be within TOLERANCE of the reference's, computed on the CPU. Returns whether every row
+    passed."""
     # (37, 129): odd K, blocks straddle rows (plain loop only); (36, 130): even K, both loops.
     # GEMV_MAX_ROWS + 4 rows take the dequantize + cuBLAS path. A GPU adds large awkward shapes.
     if shapes is None:
-        shapes = [(37, 129), (36, 130)] + ([(1823, 782), (781, 1823)] if device.type == "cuda" else [])
+        shapes = [(37, 129), (36, 130)]
+        if device.type == "cuda":
+            shapes += [(1823, 782), (781, 1823)]
     rows = []
     g = torch.Generator().manual_seed(0)
     for n_out, n_in in shapes:
@@ -419,9 +449,13 @@ def check(device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_
         on_device = (packed.to(device), absmax.to(device))
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for trans_w in (False, True):
-                name, ref_fn = ("grad_x = g @ W", grad_x_ref) if trans_w else ("y = x @ W^T", matmul_ref)
-                n_red, n_res = (n_out, n_in) if trans_w else (n_in, n_out)
-                cases = [("plain", PLAIN_TILE, 3)] + ([("paired", PAIRED_TILE, 3)] if n_in % 2 == 0 else [])
+                if trans_w:
+                    name, ref_fn, n_red, n_res = "grad_x = g @ W", grad_x_ref, n_out, n_in
+                else:
+                    name, ref_fn, n_red, n_res = "y = x @ W^T", matmul_ref, n_in, n_out
+                cases = [("plain", PLAIN_TILE, 3)]
+                if n_in % 2 == 0:
+                    cases.append(("paired", PAIRED_TILE, 3))
                 cases.append(("dequant+cuBLAS", None, GEMV_MAX_ROWS + 4))
                 for loop, tile, m_rows in cases:
                     x = torch.randn(m_rows, n_red, generator=g).to(dtype)
@@ -434,8 +468,9 @@ def check(device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_
                     expect = ref_fn(x, packed, absmax, n_out, n_in)
                     err = (y.cpu().double() - expect.double()).abs().max().item()
                     ok = torch.allclose(y.cpu(), expect, **TOLERANCE[dtype])
-                    rows.append({"path": loop, "computes": name, "W": f"{n_out}x{n_in}", "rows": m_rows,
-                                 "dtype": str(dtype)[6:], "max |err|": f"{err:.2g}", "ok": OK if ok else FAIL})
+                    rows.append({"path": loop, "computes": name, "W": f"{n_out}x{n_in}",
+                                 "rows": m_rows, "dtype": str(dtype)[6:],
+                                 "max |err|": f"{err:.2g}", "ok": OK if ok else FAIL})
     print_table(rows)
     return all(r["ok"] == OK for r in rows)
 
@@ -447,15 +482,20 @@ def check(device, shapes=None, matmul_ref=nf4_matmul_ref, grad_x_ref=nf4_matmul_
 # GPU only: a decode step reads the weight once, so GB/s against a device copy is the measure.
 
 
-def benchmark(device, shapes=((4096, 4096), (11008, 4096)), timer=time_s, copy_bytes=2**30) -> None:
-    """GB/s of one bf16 decode step (M = 1) through each loop, the autotuned kernel and the reference,
-    beside the copy roofline and bf16 cuBLAS. Bytes moved: the NF4 weight (N*K/2 + 4*N*K/64) + x + y,
-    whatever the path (the reference really moves about 4.5x that: see nf4_matmul_ref).
-    (`timer` and `copy_bytes` let a test run this on the interpreter with a fake clock.)"""
+def benchmark(
+    device, shapes=((4096, 4096), (11008, 4096)), timer=time_s, copy_bytes=2**30
+) -> None:
+    """GB/s of one bf16 decode step (M = 1) through each loop, the autotuned kernel and the
+    reference, beside the copy roofline and bf16 cuBLAS. Bytes moved: the NF4 weight
+    (N*K/2 + 4*N*K/64) + x + y, whatever the path (the reference really moves about 4.5x that: see
+    nf4_matmul_ref). (`timer` and `copy_bytes` let a test run this on the interpreter with a fake
+    clock.)"""
     roofline = copy_gbs(device, copy_bytes, timer)
-    print(f"\n{torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, one bf16 row; "
-          f"device copy (the roofline): {roofline:.0f} GB/s")
-    print_table([row for n_out, n_in in shapes for row in _benchmark_shape(device, n_out, n_in, roofline, timer)])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device
+    print(f"\n{name}, one bf16 row; device copy (the roofline): {roofline:.0f} GB/s")
+    rows = [row for n_out, n_in in shapes
+            for row in _benchmark_shape(device, n_out, n_in, roofline, timer)]
+    print_table(rows)
 
 
 def _benchmark_shape(device, n_out, n_in, roofline, timer) -> list[dict]:
@@ -465,11 +505,12 @@ def _benchmark_shape(device, n_out, n_in, roofline, timer) -> list[dict]:
     xy_bytes = 2 * (n_in + n_out)
     nf4_bytes = packed.numel() + 4 * absmax.numel() + xy_bytes
     forward = dict(n_out=n_out, n_red=n_in, in_features=n_in, blocksize=64, trans_w=False)
+    args = (x, packed, absmax, n_out, n_in)  # nf4_matmul's
     cases = {
         "plain loop": (nf4_bytes, lambda: _gemv(x, packed, absmax, **forward, tile=PLAIN_TILE)),
         "paired loop": (nf4_bytes, lambda: _gemv(x, packed, absmax, **forward, tile=PAIRED_TILE)),
-        "autotuned (nf4_matmul)": (nf4_bytes, lambda: nf4_matmul(x, packed, absmax, n_out, n_in, backend="triton")),
-        "nf4_matmul_ref (PyTorch)": (nf4_bytes, lambda: nf4_matmul_ref(x, packed, absmax, n_out, n_in)),
+        "autotuned (nf4_matmul)": (nf4_bytes, lambda: nf4_matmul(*args, backend="triton")),
+        "nf4_matmul_ref (PyTorch)": (nf4_bytes, lambda: nf4_matmul_ref(*args)),
         # dense bf16 reads 2 bytes per weight: the bar NF4 must beat
         "bf16 x @ W^T (cuBLAS, dense W)": (2 * w.numel() + xy_bytes, lambda: x @ w.t()),
     }
