@@ -61,9 +61,8 @@ def choose_path(m_rows: int) -> str:
 # The fused GEMV
 # --------------
 #
-# Each program owns BLOCK_O outputs of one row of x. With TRANS_W=True the same kernels compute
-# grad_x = grad_y @ W (reduction over the output features), so the backward pass also reads only
-# the packed weight. Both loops below make each weight with `_weight` and write y with `_store`.
+# Each program owns BLOCK_O outputs of one row of x. Both loops below make each weight with
+# `_weight` and write y with `_store`.
 
 
 @triton.jit
@@ -104,6 +103,9 @@ def _store(y_ptr, offsets, acc, mask, X_BF16: tl.constexpr):
 #       acc   += sum_r w * x[m, r]                       # broadcast-multiply + tl.sum (no tl.dot:
 #                                                        # M is tiny and tl.dot needs >= 16 rows)
 #   y[m, o] = acc
+#
+# With TRANS_W=True the same kernels compute grad_x = grad_y @ W (reduction over the output
+# features), so the backward pass also reads only the packed weight.
 
 
 @triton.jit
