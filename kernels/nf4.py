@@ -1,54 +1,24 @@
-"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it. A runnable tutorial:
+"""NF4: 4-bit NormalFloat block quantization, bit for bit as bitsandbytes stores it.
 
-    python -m minillm.kernels.nf4                        # GPU: check against the reference, then GB/s
-    TRITON_INTERPRET=1 python -m minillm.kernels.nf4     # CPU: the check only, through Triton's interpreter
+A runnable tutorial:
 
-NF4 is the weight format of QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314, section 3).
+    python -m minillm.kernels.nf4                     # GPU: check against the reference, then GB/s
+    TRITON_INTERPRET=1 python -m minillm.kernels.nf4  # CPU: the check only, through the interpreter
+
+NF4 is the weight format of QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314,
+section 3).
 
 What you will learn here:
-  * how a weight becomes 4.5 bits per parameter: 16 fixed code values + one float32 scale per block of 64;
-  * how to pack two 4-bit codes in a byte and unpack them with shifts and masks inside a Triton kernel;
-  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a format;
-  * why dequantization is a pure stream whose speed is set by bytes in flight, measured against a copy.
+  * how a weight becomes 4.5 bits per parameter: 16 fixed code values + one float32 scale per block
+    of 64;
+  * how to pack two 4-bit codes in a byte and unpack them with shifts and masks inside a Triton
+    kernel;
+  * why "nearest code" must be spelled out to the last bit (reciprocal, midpoints, ties) to match a
+    format;
+  * why dequantization is a pure stream whose speed is set by bytes in flight, measured against a
+    copy.
 
-The format (bit for bit the layout of bitsandbytes' `quantize_4bit(..., quant_type="nf4")`):
-
-    w (any shape) is flattened row-major and cut into blocks of `blocksize` (64) elements. A block may
-    straddle two rows of an (out, in) weight; the last block may be partial.
-    absmax[b]  = max |w_i| over block b                                          (float32)
-    s_i        = clamp(w_i * (1 / absmax[b]), -1, 1)                             (float32, reciprocal once)
-                 last partial block only: s_i = clamp(w_i / absmax[b], -1, 1)     (bitsandbytes' quirk)
-                 absmax is clamped to >= 1e-38 first, so an all-zero block gives s = 0 -> code 7
-    q_i        = #{ j : s_i > mid_j },  mid_j = (code[j] + code[j+1]) / 2 in float32
-                 i.e. the nearest code, and a value exactly on a midpoint takes the lower code
-    byte k     = q_{2k} << 4 | q_{2k+1}       (even element in the high nibble; odd count pads with 7)
-    w_hat_i    = code[q_i] * absmax[b]         (float32, rounded once to the output dtype)
-
-The 15 float32 midpoints are exactly the thresholds of bitsandbytes' `dQuantizeNF4` decision tree, which
-compares with a strict `>`; that is where the "ties go down" rule comes from.
-
-Failure modes: NaN or inf weights are not supported (they poison their block's absmax, and the kernel
-and the reference may then disagree on codes); blocks whose absmax is below 1e-38 (subnormal weights)
-follow the clamp. Element indices are int32 inside the kernels: up to 2**31 - 1 elements per tensor.
-
-Blocked algorithm of the quantize kernel (one program = BLOCKS_PER_PROG quantization blocks):
-
-    for each program p:
-        pairs   = the (NB, blocksize/2) byte slots of blocks p*NB ... p*NB + NB - 1
-        x_even, x_odd = w[2*pairs], w[2*pairs + 1]              # (NB, HALF) each, in float32
-        absmax  = max over the row of max(|x_even|, |x_odd|)      # (NB,)
-        s       = x * (1 / absmax)   (x / absmax in the last partial block), clamped to [-1, 1]
-        q       = sum_j (s > mid_j)                               # 15 compares, no table search
-        packed[pairs] = q_even << 4 | q_odd
-
-Blocked algorithm of the dequantize kernel (one program = BLOCK_BYTES packed bytes = 2 * BLOCK_BYTES weights):
-
-    for each program p:
-        k       = p*BLOCK_BYTES ... p*BLOCK_BYTES + BLOCK_BYTES - 1    # contiguous byte indices
-        byte    = packed[k]                                           # one vector load per thread
-        scale   = absmax[2k // blocksize]                             # both nibbles share a block
-        w[2k], w[2k + 1] = code[byte >> 4] * scale, code[byte & 15] * scale
-        out[2k, 2k + 1]  = interleave(w_even, w_odd), rounded to the output dtype   # vector stores
+Each part is explained in a `# %%` cell right above the code it describes, as in Triton's tutorials.
 """
 
 import os
@@ -59,8 +29,29 @@ import triton.language as tl
 
 from .tutorial import FAIL, OK, copy_gbs, main, print_table, time_s
 
-# Codebook of NF4, index 0..15: the float32 values bitsandbytes ships (quantiles of N(0, 1), scaled to
-# [-1, 1], with an exact 0 and an extra positive value so that both -1 and 1 are representable).
+# %%
+# The format
+# ----------
+#
+# Bit for bit the layout of bitsandbytes' `quantize_4bit(..., quant_type="nf4")`:
+#
+#   w (any shape) is flattened row-major and cut into blocks of `blocksize` (64) elements. A block
+#   may straddle two rows of an (out, in) weight; the last block may be partial.
+#   absmax[b] = max |w_i| over block b                                   (float32)
+#   s_i       = clamp(w_i * (1 / absmax[b]), -1, 1)                      (float32, reciprocal once)
+#               last partial block only: s_i = clamp(w_i / absmax[b], -1, 1) (bitsandbytes' quirk)
+#               absmax is clamped to >= 1e-38 first, so an all-zero block gives s = 0 -> code 7
+#   q_i       = #{ j : s_i > mid_j },  mid_j = (code[j] + code[j+1]) / 2 in float32
+#               i.e. the nearest code, and a value exactly on a midpoint takes the lower code
+#   byte k    = q_{2k} << 4 | q_{2k+1}     (even element in the high nibble; odd count pads with 7)
+#   w_hat_i   = code[q_i] * absmax[b]       (float32, rounded once to the output dtype)
+#
+# The 15 float32 midpoints are exactly the thresholds of bitsandbytes' `dQuantizeNF4` decision
+# tree, which compares with a strict `>`; that is where the "ties go down" rule comes from.
+#
+# The codebook of NF4, index 0..15: the float32 values bitsandbytes ships (quantiles of N(0, 1),
+# scaled to [-1, 1], with an exact 0 and an extra positive value so that both -1 and 1 are
+# representable). ZERO_CODE and ABSMAX_FLOOR, below, are the code of 0.0 and the clamp above.
 NF4_CODE = (
     -1.0,
     -0.6961928009986877,
@@ -79,8 +70,6 @@ NF4_CODE = (
     0.7229568362236023,
     1.0,
 )
-# Whether @triton.jit made the kernels below interpreted (it decides once, at import, as we do here).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ZERO_CODE = 7  # index of 0.0: all-zero blocks and the pad nibble of an odd element count
 ABSMAX_FLOOR = 1e-38  # absmax is clamped to this before taking the reciprocal
 # The same two constants as compile-time values, for use inside the kernels.
@@ -88,14 +77,21 @@ _ZERO_CODE = tl.constexpr(ZERO_CODE)
 _ABSMAX_FLOOR = tl.constexpr(ABSMAX_FLOOR)
 
 
+# %%
+# Helpers shared by the kernels and their wrappers
+# ------------------------------------------------
+#
+# The codebook and its midpoints on a device, the backend choice, the autotuner's list of tiles,
+# and the argument checks.
+
 _CODE_ON: dict[torch.device, torch.Tensor] = {}  # device -> the codebook there, made once
 
 
 def nf4_code(device=None) -> torch.Tensor:
     """The 16 code values as a float32 tensor (16,) on `device`; treat it as read-only.
 
-    Made once per device and then reused: a fresh host-to-device copy on every matmul would stall the
-    GPU each call, and is not allowed while a CUDA graph is being captured (torch.compile's
+    Made once per device and then reused: a fresh host-to-device copy on every matmul would stall
+    the GPU each call, and is not allowed while a CUDA graph is being captured (torch.compile's
     mode="reduce-overhead" in generate.py --compile).
     """
     device = torch.device(device if device is not None else "cpu")
@@ -105,7 +101,8 @@ def nf4_code(device=None) -> torch.Tensor:
 
 
 def nf4_midpoints(device=None) -> torch.Tensor:
-    """The 15 decision thresholds (code[j] + code[j+1]) / 2, computed in float32 as bitsandbytes does."""
+    """The 15 decision thresholds (code[j] + code[j+1]) / 2, computed in float32 as bitsandbytes
+    does."""
     code = nf4_code(device)
     return (code[:-1] + code[1:]) / 2
 
@@ -113,15 +110,27 @@ def nf4_midpoints(device=None) -> torch.Tensor:
 def use_triton(t: torch.Tensor, backend: str = "auto") -> bool:
     """Backend choice shared by the NF4 kernels.
 
-    "triton" and "torch" force a path; "auto" runs Triton when the tensor is on CUDA or when Triton's CPU
-    interpreter is switched on (TRITON_INTERPRET=1, as the tests do), and the plain-PyTorch reference
-    otherwise, so a CPU-only machine works without the (slow) interpreter.
+    "triton" and "torch" force a path; "auto" runs Triton when the tensor is on CUDA or when
+    Triton's CPU interpreter is switched on (TRITON_INTERPRET=1, as the tests do), and the
+    plain-PyTorch reference otherwise, so a CPU-only machine works without the (slow) interpreter.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "auto":
         return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return backend == "triton"
+
+
+# Whether @triton.jit made the kernels below interpreted (it decides once, at import, as we do
+# here).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The tile shapes the autotuner times on a kernel's first call for each problem size, keeping
+    the fastest. The first entry is the hand-picked default; it is the only one under the
+    interpreter, where timing means nothing (and the tests should not pay for it)."""
+    return configs[:1] if INTERPRET else configs
 
 
 def _check_blocksize(blocksize: int) -> None:
@@ -146,10 +155,13 @@ def _check_packed(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize:
         raise ValueError(f"packed is on {packed.device} but absmax is on {absmax.device}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# bfloat16 rounding by hand. Triton's CPU interpreter truncates float32 -> bfloat16 instead of rounding to
-# nearest-even as GPUs (and PyTorch) do, so the kernels round with integer operations, which is exact
-# everywhere. (NaN payloads are not preserved; the weights have none.)
+# %%
+# bfloat16 rounding by hand
+# -------------------------
+#
+# Triton's CPU interpreter truncates float32 -> bfloat16 instead of rounding to nearest-even as GPUs
+# (and PyTorch) do, so the kernels round with integer operations, which is exact everywhere. (NaN
+# payloads are not preserved; the weights have none.)
 
 
 @triton.jit
@@ -167,8 +179,20 @@ def bf16_bits(x):
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.int16)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# %%
 # Quantize
+# --------
+#
+# The blocked algorithm of the quantize kernel (one program = BLOCKS_PER_PROG quantization blocks,
+# NB below):
+#
+#   for each program p:
+#       pairs   = the (NB, blocksize/2) byte slots of blocks p*NB ... p*NB + NB - 1
+#       x_even, x_odd = w[2*pairs], w[2*pairs + 1]              # (NB, HALF) each, in float32
+#       absmax  = max over the row of max(|x_even|, |x_odd|)      # (NB,)
+#       s       = x * (1 / absmax)   (x / absmax in the last partial block), clamped to [-1, 1]
+#       q       = sum_j (s > mid_j)                               # 15 compares, no table search
+#       packed[pairs] = q_even << 4 | q_odd
 
 
 @triton.jit
@@ -197,9 +221,10 @@ def _nf4_quantize_kernel(
     amax = tl.max(tl.maximum(tl.abs(x0), tl.abs(x1)), axis=1)  # (NB,)
     tl.store(absmax_ptr + blk, amax, mask=blk < n_blocks)
 
-    # One correctly rounded reciprocal per block (div_rn: Triton's plain `/` is approximate on GPUs).
-    # Every constant is built with an explicit float32 dtype: a bare literal's type is inferred, and
-    # Triton 3.8 infers 1e-38 (below float32's smallest normal) as fp64, which div_rn then rejects.
+    # One correctly rounded reciprocal per block (div_rn: Triton's plain `/` is approximate on
+    # GPUs). Every constant is built with an explicit float32 dtype: a bare literal's type is
+    # inferred, and Triton 3.8 infers 1e-38 (below float32's smallest normal) as fp64, which div_rn
+    # then rejects.
     floor = tl.full([BLOCKS_PER_PROG], _ABSMAX_FLOOR, tl.float32)  # (NB,)
     one = tl.full([BLOCKS_PER_PROG], 1.0, tl.float32)  # (NB,)
     safe = tl.maximum(amax, floor)  # (NB,)
@@ -227,11 +252,20 @@ def _nf4_quantize_kernel(
     tl.store(packed_ptr + pair, byte.to(tl.uint8), mask=ev < n)
 
 
+# %%
+# The wrapper (1) checks its arguments, (2) allocates the outputs and (3) launches the kernel.
+#
+# Failure modes: NaN or inf weights are not supported (they poison their block's absmax, and the
+# kernel and the reference may then disagree on codes); blocks whose absmax is below 1e-38
+# (subnormal weights) follow the clamp. Element indices are int32 inside the kernels: up to
+# 2**31 - 1 elements per tensor.
+
+
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, backend: str = "auto"):
     """Quantize `w` (any shape, fp32/fp16/bf16) to NF4.
 
-    Returns (packed uint8 (ceil(numel/2),), absmax float32 (ceil(numel/blocksize),)); see the module
-    docstring for the exact rules. `backend`: see `use_triton`.
+    Returns (packed uint8 (ceil(numel/2),), absmax float32 (ceil(numel/blocksize),)); see the format
+    cell above NF4_CODE for the exact rules. `backend`: see `use_triton`.
     """
     # 1) check
     _check_blocksize(blocksize)
@@ -262,8 +296,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, backend: str = "auto"):
 def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64):
     """Plain-PyTorch quantize_nf4: the same rules, in float32, on any device.
 
-    Memory traffic: reads n weights, writes n/2 + 4n/blocksize bytes, but materialises float32 copies of
-    the weight (the padded blocks and the scaled values): about 12 bytes per element of temporaries.
+    Memory traffic: reads n weights, writes n/2 + 4n/blocksize bytes, but materialises float32
+    copies of the weight (the padded blocks and the scaled values): about 12 bytes per element of
+    temporaries.
     """
     _check_blocksize(blocksize)
     n = w.numel()
@@ -275,9 +310,10 @@ def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64):
     scaled = x * torch.reciprocal(safe)[:, None]  # (n_blocks, blocksize)
     if n % blocksize:
         scaled[-1] = x[-1] / safe[-1]  # bitsandbytes' last-partial-block division
-    # An all-zero block is code 7. The floor alone does not ensure it: 1e-38 is subnormal, and a process
-    # that runs with denormals flushed to zero (a library built with -ffast-math, loaded by torch.compile's
-    # C++ kernels on older torch, sets that for the whole process) turns 0 * (1 / 1e-38) into NaN.
+    # An all-zero block is code 7. The floor alone does not ensure it: 1e-38 is subnormal, and a
+    # process that runs with denormals flushed to zero (a library built with -ffast-math, loaded by
+    # torch.compile's C++ kernels on older torch, sets that for the whole process) turns
+    # 0 * (1 / 1e-38) into NaN.
     scaled = torch.where(absmax[:, None] > 0, scaled, 0.0)
     scaled = scaled.clamp(-1.0, 1.0).view(-1)[:n]
     # bucketize(right=False) returns #{j : mid_j < s}: the nearest code, ties to the lower one.
@@ -288,21 +324,26 @@ def quantize_nf4_ref(w: torch.Tensor, blocksize: int = 64):
     return packed, absmax
 
 
-# ----------------------------------------------------------------------------------------------------------
+# %%
 # Dequantize
-
-
-def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The tile shapes the autotuner times on a kernel's first call for each problem size, keeping the
-    fastest. The first entry is the hand-picked default; it is the only one under the interpreter, where
-    timing means nothing (and the tests should not pay for it)."""
-    return configs[:1] if INTERPRET else configs
-
-
-# Dequantize is a pure stream (read n/2 + 4n/64 bytes, write 2n): the tile only sets how many bytes each
-# program keeps in flight. (BLOCK_BYTES, warps) from small to large; the GPU picks.
+# ----------
+#
+# The blocked algorithm of the dequantize kernel (one program = BLOCK_BYTES packed bytes
+# = 2 * BLOCK_BYTES weights):
+#
+#   for each program p:
+#       k       = p*BLOCK_BYTES ... p*BLOCK_BYTES + BLOCK_BYTES - 1    # contiguous byte indices
+#       byte    = packed[k]                                           # one vector load per thread
+#       scale   = absmax[2k // blocksize]                             # both nibbles share a block
+#       w[2k], w[2k + 1] = code[byte >> 4] * scale, code[byte & 15] * scale
+#       out[2k, 2k + 1]  = interleave(w_even, w_odd), rounded to the output dtype   # vector stores
+#
+# Dequantize is a pure stream (read n/2 + 4n/64 bytes, write 2n): the tile only sets how many bytes
+# each program keeps in flight. DEQUANT_CONFIGS: (BLOCK_BYTES, warps) from small to large; the GPU
+# picks (`autotune_configs`).
 DEQUANT_CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_BYTES": b}, num_warps=w) for b, w in ((1024, 4), (512, 4), (2048, 4), (2048, 8), (4096, 8))
+    triton.Config({"BLOCK_BYTES": b}, num_warps=w)
+    for b, w in ((1024, 4), (512, 4), (2048, 4), (2048, 8), (4096, 8))
 ])  # fmt: skip
 
 
@@ -347,7 +388,8 @@ def dequantize_nf4(
     dtype: torch.dtype = torch.bfloat16,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Rebuild the weight of `shape` from NF4 codes: code[q] * absmax in float32, rounded once to `dtype`."""
+    """Rebuild the weight of `shape` from NF4 codes: code[q] * absmax in float32, rounded once to
+    `dtype`."""
     # 1) check
     shape = torch.Size(shape)
     n = shape.numel()
@@ -369,11 +411,13 @@ def dequantize_nf4(
     return out
 
 
-def dequantize_nf4_ref(packed, absmax, shape, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16):
+def dequantize_nf4_ref(
+    packed, absmax, shape, blocksize: int = 64, dtype: torch.dtype = torch.bfloat16
+):
     """Plain-PyTorch dequantize_nf4.
 
-    Memory traffic: reads n/2 + 4n/blocksize bytes and writes n * sizeof(dtype), plus int32 codes and a
-    float32 copy of n elements each (about 8 bytes per element of temporaries).
+    Memory traffic: reads n/2 + 4n/blocksize bytes and writes n * sizeof(dtype), plus int32 codes
+    and a float32 copy of n elements each (about 8 bytes per element of temporaries).
     """
     shape = torch.Size(shape)
     n = shape.numel()
@@ -385,13 +429,17 @@ def dequantize_nf4_ref(packed, absmax, shape, blocksize: int = 64, dtype: torch.
     return w.view(-1)[:n].to(dtype).view(shape)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Check: the kernels against the references, bit for bit, on awkward shapes
+# %%
+# Check
+# -----
+#
+# The kernels against the references, bit for bit, on awkward shapes.
 
 
 def awkward_weight(shape, dtype, seed=0, device="cpu") -> torch.Tensor:
-    """Gaussian weights whose scale grows from 1e-3 to 1e3 along the flat index, with the second block all
-    zeros (absmax 0 -> code 7): every code, tiny and huge blocks, and the zero guard get exercised."""
+    """Gaussian weights whose scale grows from 1e-3 to 1e3 along the flat index, with the second
+    block all zeros (absmax 0 -> code 7): every code, tiny and huge blocks, and the zero guard get
+    exercised."""
     g = torch.Generator().manual_seed(seed)
     n = shape[0] * shape[1]
     w = torch.randn(n, generator=g) * 10.0 ** torch.linspace(-3, 3, n)
@@ -399,13 +447,18 @@ def awkward_weight(shape, dtype, seed=0, device="cpu") -> torch.Tensor:
     return w.view(shape).to(dtype).to(device)
 
 
-def check(device, shapes=None, quantize_ref=quantize_nf4_ref, dequantize_ref=dequantize_nf4_ref) -> bool:
-    """Print a ✅/❌ row per (op, shape, dtype): the Triton kernel's bytes, scales and weights must equal the
-    reference's exactly. The references run on the CPU. Returns whether every row passed."""
-    # (37, 129): blocks straddle rows, odd count (a pad nibble); (3, 5): one partial block; (1, 1): one
-    # element; (64, 130): whole blocks. A GPU also runs a large awkward shape.
+def check(
+    device, shapes=None, quantize_ref=quantize_nf4_ref, dequantize_ref=dequantize_nf4_ref
+) -> bool:
+    """Print a ✅/❌ row per (op, shape, dtype): the Triton kernel's bytes, scales and weights must
+    equal the reference's exactly. The references run on the CPU. Returns whether every row
+    passed."""
+    # (37, 129): blocks straddle rows, odd count (a pad nibble); (3, 5): one partial block; (1, 1):
+    # one element; (64, 130): whole blocks. A GPU also runs a large awkward shape.
     if shapes is None:
-        shapes = [(37, 129), (3, 5), (1, 1), (64, 130)] + ([(1823, 781)] if device.type == "cuda" else [])
+        shapes = [(37, 129), (3, 5), (1, 1), (64, 130)]
+        if device.type == "cuda":
+            shapes.append((1823, 781))
     rows = []
     for shape in shapes:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -413,24 +466,29 @@ def check(device, shapes=None, quantize_ref=quantize_nf4_ref, dequantize_ref=deq
             packed, absmax = quantize_nf4(w.to(device), backend="triton")
             ref_packed, ref_absmax = quantize_ref(w, 64)
             bad = int((packed.cpu() != ref_packed).sum()) + int((absmax.cpu() != ref_absmax).sum())
-            rows.append({"op": "quantize", "shape": "x".join(map(str, shape)), "dtype": str(dtype)[6:],
-                         "mismatches": bad, "ok": OK if bad == 0 else FAIL})
+            rows.append({"op": "quantize", "shape": "x".join(map(str, shape)),
+                         "dtype": str(dtype)[6:], "mismatches": bad,
+                         "ok": OK if bad == 0 else FAIL})
             w_hat = dequantize_nf4(packed, absmax, shape, dtype=dtype, backend="triton")
             ref = dequantize_ref(ref_packed, ref_absmax, shape, 64, dtype)
             bad = int((w_hat.cpu() != ref).sum())
-            rows.append({**rows[-1], "op": "dequantize", "mismatches": bad, "ok": OK if bad == 0 else FAIL})
+            rows.append({**rows[-1], "op": "dequantize", "mismatches": bad,
+                         "ok": OK if bad == 0 else FAIL})
     print_table(rows)
     return all(r["ok"] == OK for r in rows)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Benchmark (GPU only): both kernels stream, so GB/s against a device copy is the figure of merit
+# %%
+# Benchmark
+# ---------
+#
+# GPU only: both kernels stream, so GB/s against a device copy is the figure of merit.
 
 
 def benchmark(device, shape=(11008, 4096), timer=time_s, copy_bytes=2**30) -> None:
-    """GB/s of quantize and dequantize on a bf16 Llama-7B MLP weight, Triton vs the reference, beside the
-    copy roofline. Bytes moved: quantize reads 2n and writes n/2 + 4n/64; dequantize the reverse.
-    (`timer` and `copy_bytes` let a test run this on the interpreter with a fake clock.)"""
+    """GB/s of quantize and dequantize on a bf16 Llama-7B MLP weight, Triton vs the reference,
+    beside the copy roofline. Bytes moved: quantize reads 2n and writes n/2 + 4n/64; dequantize the
+    reverse. (`timer` and `copy_bytes` let a test run this on the interpreter with a fake clock.)"""
     w = torch.randn(shape, device=device, dtype=torch.bfloat16)
     n = w.numel()
     nf4_bytes = n // 2 + 4 * triton.cdiv(n, 64)
@@ -442,7 +500,8 @@ def benchmark(device, shape=(11008, 4096), timer=time_s, copy_bytes=2**30) -> No
         "dequantize_nf4_ref (PyTorch)": lambda: dequantize_nf4_ref(packed, absmax, shape),
     }
     roofline = copy_gbs(device, copy_bytes, timer)
-    rows = [{"what": "device copy (the roofline)", "us": "", "GB/s": f"{roofline:.0f}", "of roofline": "100%"}]
+    rows = [{"what": "device copy (the roofline)", "us": "", "GB/s": f"{roofline:.0f}",
+             "of roofline": "100%"}]
     for name, fn in cases.items():
         fn()  # the autotuner times its tiles on the first call
         seconds = timer(fn)

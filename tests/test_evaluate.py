@@ -10,7 +10,14 @@ from tiny import CharTokenizer
 
 from minillm.config import ModelConfig
 from minillm.data.instruct import iter_batches, load_instruct_data, read_examples
-from minillm.eval.metrics import contains, exact_match, normalize, short_answer_accuracy, side_by_side, write_report
+from minillm.eval.metrics import (
+    contains,
+    exact_match,
+    normalize,
+    short_answer_accuracy,
+    side_by_side,
+    write_report,
+)
 from minillm.finetune.adapters import apply_lora, lora_disabled, lora_modules
 from minillm.model import Llama
 from minillm.train.loss import held_out_loss, token_loss_sum

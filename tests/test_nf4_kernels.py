@@ -324,8 +324,9 @@ def test_every_gemv_tile_matches_reference(shape, trans_w, dtype):
     for tile in GEMV_TILES:
         if tile.kwargs["PAIRED"] and n_in % 2:
             continue  # pruned by the autotuner: pairs need an even row length
-        y = _gemv(x.to(DEVICE), packed.to(DEVICE), absmax.to(DEVICE), expect.shape[1], x.shape[1], n_in, 64,
-                  trans_w, tile=tile.kwargs).cpu()  # fmt: skip
+        y = _gemv(x.to(DEVICE), packed.to(DEVICE), absmax.to(DEVICE), n_out=expect.shape[1],
+                  n_red=x.shape[1], in_features=n_in, blocksize=64, trans_w=trans_w,
+                  tile=tile.kwargs).cpu()  # fmt: skip
         torch.testing.assert_close(y, expect, **TOL[dtype], msg=lambda m, t=tile: f"{t}: {m}")
         ran += 1
     assert ran == (len(GEMV_TILES) if n_in % 2 == 0 else sum(not t.kwargs["PAIRED"] for t in GEMV_TILES))

@@ -34,11 +34,7 @@ from minillm.finetune.adapters import lora_modules
 from minillm.finetune.dora import DoRALinear
 from minillm.formats.ggml_quants import GGML_F16, GGML_F32
 from minillm.formats.gguf_layout import FLOAT32, STRING, UINT32
-from minillm.names import (
-    hf_to_interleaved,
-    is_rope_rotated,
-    ours_to_gguf,
-)
+from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
 from minillm.ship.gguf_writer import write_tensors
 
 LORA_OUTTYPES = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1)}  # outtype -> (ggml type, general.file_type)

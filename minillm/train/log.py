@@ -15,7 +15,12 @@ from minillm.generate.sampling import SamplingConfig
 from minillm.generate.text import generate_text
 from minillm.model import Llama
 from minillm.train.config import TrainConfig
-from minillm.train.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params, parameter_summary
+from minillm.train.flops import (
+    H100_BF16_PEAK_FLOPS,
+    model_flops_per_token,
+    model_params,
+    parameter_summary,
+)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
