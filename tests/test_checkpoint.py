@@ -228,10 +228,10 @@ def test_json_files_get_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.json: adapter config not found"):
         read_json_object(tmp_path / "missing.json", "adapter config")
     (tmp_path / "bad.json").write_text("{'a': 1}")
-    with pytest.raises(ValueError, match=r"bad.json: not valid JSON \(Expecting property name"):
+    with pytest.raises(ValueError, match=r"bad.json: invalid JSON at column 2 \(Expecting property name"):
         read_json_object(tmp_path / "bad.json")
     (tmp_path / "params.json").write_text("[4096]")
-    with pytest.raises(ValueError, match=r"params.json: expected a JSON object, found list"):
+    with pytest.raises(ValueError, match=r"params.json: expected a JSON object in the Meta params file, found list"):
         Llama.from_pretrained(tmp_path)
     (tmp_path / "ok.json").write_text('{"dim": 64}')
     assert read_json_object(tmp_path / "ok.json") == {"dim": 64}

@@ -116,7 +116,7 @@ def test_a_toml_that_is_not_utf8_names_file_and_offset(tmp_path):
     p.write_bytes(b"batch_size = 4\n# caf\xe9\n")
     with pytest.raises(ValueError) as e:
         load_config(p)
-    assert str(e.value) == f"{p}: not UTF-8 text (byte 0xe9 at offset 20)"  # 15 + len("# caf")
+    assert str(e.value) == f"{p}:2: not UTF-8 text (byte 0xe9 at offset 20)"  # 15 + len("# caf")
 
 
 def test_command_line_beats_toml(tmp_path):

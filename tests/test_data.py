@@ -20,7 +20,7 @@ from minillm.data.pretrain import (
     prepare_dataset,
     read_corpus,
     read_directory,
-    read_jsonl,
+    read_jsonl_corpus,
     read_stdlib,
     read_text_file,
     token_dtype,
@@ -139,7 +139,7 @@ def test_read_jsonl(tmp_path):
     path.write_text('{"text": "first"}\n\n{"text": "sec\\nond", "id": 7}\n')
     c = read_corpus(path)
     assert (c.names, c.texts) == (["c.jsonl:1", "c.jsonl:3"], ["first", "sec\nond"])
-    assert read_jsonl(path, field="text").fingerprint == c.fingerprint
+    assert read_jsonl_corpus(path, field="text").fingerprint == c.fingerprint
 
 
 @pytest.mark.parametrize(
@@ -158,22 +158,22 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "ok"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message):
-        read_jsonl(path)
+        read_jsonl_corpus(path)
 
 
 def test_read_jsonl_too_deeply_nested_names_file_and_line(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")  # RecursionError in json
     with pytest.raises(ValueError) as e:
-        read_jsonl(path)
+        read_jsonl_corpus(path)
     assert str(e.value) == f"{path}:2: invalid JSON (nested too deeply to parse)"
 
 
 def test_read_jsonl_not_utf8_and_missing_sources(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
-    with pytest.raises(ValueError, match=r"c.jsonl:2: not valid UTF-8"):
-        read_jsonl(path)
+    with pytest.raises(ValueError, match=r"c.jsonl:2: not UTF-8 text"):
+        read_jsonl_corpus(path)
     with pytest.raises(FileNotFoundError, match="nope: corpus not found"):
         read_corpus(tmp_path / "nope")
 

@@ -193,8 +193,8 @@ def test_bad_data_errors_name_file_and_line(tmp_path, name, content, message):
 
 @pytest.mark.parametrize("name,content,message", [
     ("bad.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n',  # byte 14 + len('{"text": "caf') = 27
-     "bad.jsonl:2: not valid UTF-8 (invalid continuation byte at byte 27)"),
-    ("bad.json", b'[{"text": "\xff"}]', "bad.json:1: not valid UTF-8 (invalid start byte at byte 11)"),
+     "bad.jsonl:2: not UTF-8 text (byte 0xe9 at offset 27)"),
+    ("bad.json", b'[{"text": "\xff"}]', "bad.json:1: not UTF-8 text (byte 0xff at offset 11)"),
     ("bad.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
      "bad.jsonl:2: invalid JSON (nested too deeply to parse)"),
     ("bad.json", b"[" * 100_000 + b"]" * 100_000, "bad.json: invalid JSON (nested too deeply to parse)"),

@@ -56,7 +56,7 @@ def test_streamed_text_equals_decode_around_added_pieces(tok, tmp_path):
 
     new = tok.add_pieces(NEW, tmp_path / "tokenizer.model")
     ids = new.encode(CHAT + " é", bos=False)
-    stream = TextStream(new, leading_space=False)
+    stream = TextStream(new)
     assert "".join(stream.push(i) for i in ids) + stream.flush() == new.decode(ids) == CHAT + " é"
 
 

@@ -38,7 +38,6 @@ so a packed example's logits equal its unpacked logits (up to float rounding).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from pathlib import Path
 import torch
 
 from minillm.data.templates import TEMPLATES, conversation_segments, format_prompt
+from minillm.util.fileio import read_json_records
 
 FORMATS = ("alpaca", "sharegpt", "completion")
 IGNORE = -100
@@ -75,37 +75,6 @@ class TokenizedExample:
 
 # -----------------------------------------------------------------------------------------------------
 # reading and validating
-
-
-def _records(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) for a JSON array file or a JSONL file."""
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise ValueError(f"{path}: invalid JSON (nested too deeply to parse)") from None
-        for i, rec in enumerate(data):
-            yield f"{path}[{i}]", rec
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                             "expected one JSON object per line") from None
-        except RecursionError:
-            raise ValueError(f"{path}:{lineno}: invalid JSON (nested too deeply to parse)") from None
-        yield f"{path}:{lineno}", rec
 
 
 def detect_format(rec: dict, where: str) -> str:
@@ -186,7 +155,7 @@ def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
     out, kind = [], None if fmt == "auto" else fmt
-    for where, rec in _records(path):
+    for where, rec in read_json_records(path, "instruction data file"):
         if kind is None:
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, found {type(rec).__name__}")

@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from minillm.tokenizer.sentencepiece import Tokenizer, train_tokenizer
-from minillm.util.fileio import atomic_write, atomic_write_bytes, remove_stale_temp_files
+from minillm.util.fileio import atomic_write, atomic_write_bytes, read_json_object, read_jsonl, remove_stale_temp_files
 
 FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
 DEFAULT_PATTERNS = ("**/*.py", "**/*.txt", "**/*.md")
@@ -136,31 +136,16 @@ def read_stdlib(root: str | Path | None = None) -> Corpus:
     return _read_files(files, root, f"stdlib:{root}", _new_hash("stdlib", ""))
 
 
-def read_jsonl(path: str | Path, field: str = "text") -> Corpus:
+def read_jsonl_corpus(path: str | Path, field: str = "text") -> Corpus:
     """One JSON object per line, the document in its string field `field`; blank lines are skipped.
 
     Fails (naming the file and 1-based line) on a line that is not UTF-8, not JSON, not an object, or
     lacks a string `field` — a corpus with holes in it is a bug to fix, not to train on.
     """
     path = Path(path)
-    raw = path.read_bytes()
     h = _new_hash("jsonl", field)
-    h.update(f"{path.name}\0{len(raw)}\0".encode())
-    h.update(raw)
     names, texts = [], []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            # our words first; json's own wording (e.msg) changes between Python versions
-            raise ValueError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{where}: invalid JSON (nested too deeply to parse)") from None
+    for where, obj in read_jsonl(path, "corpus file"):
         if not isinstance(obj, dict):
             raise ValueError(
                 f"{where}: expected a JSON object with a string field {field!r}, found {type(obj).__name__}"
@@ -172,10 +157,13 @@ def read_jsonl(path: str | Path, field: str = "text") -> Corpus:
             raise ValueError(
                 f"{where}: field {field!r} must be a string, found {type(obj[field]).__name__} {value}"
             )
-        names.append(f"{path.name}:{lineno}")
+        names.append(f"{path.name}:{where.rpartition(':')[2]}")
         texts.append(obj[field])
     if not texts:
         raise ValueError(f"{path}: no documents (the file is empty)")
+    raw = path.read_bytes()  # the fingerprint covers the raw bytes, as for every other corpus
+    h.update(f"{path.name}\0{len(raw)}\0".encode())
+    h.update(raw)
     return Corpus(f"jsonl:{path}", names, texts, h.hexdigest(), [])
 
 
@@ -189,7 +177,7 @@ def read_corpus(
     if path.is_dir():
         return read_directory(path, patterns)
     if path.is_file():
-        return read_jsonl(path, field) if path.suffix == ".jsonl" else read_text_file(path)
+        return read_jsonl_corpus(path, field) if path.suffix == ".jsonl" else read_text_file(path)
     raise FileNotFoundError(
         f"{path}: corpus not found (expected 'stdlib', a text file, a .jsonl file or a directory)"
     )
@@ -282,8 +270,8 @@ def _stale_reason(cache_dir: Path, key: dict) -> str | None:
         return "no meta.json"
     try:
         meta = _read_meta(cache_dir)
-    except json.JSONDecodeError as e:
-        return f"meta.json is not valid JSON ({e.msg}, line {e.lineno})"
+    except ValueError as e:  # not UTF-8, not JSON, not an object
+        return f"meta.json is unreadable ({e})"
     for k, v in key.items():
         if meta.get(k) != v:
             return f"{k} changed"
@@ -303,7 +291,7 @@ class TokenizedData:
 
 
 def _read_meta(cache_dir: Path) -> dict:
-    return json.loads((cache_dir / "meta.json").read_text())
+    return read_json_object(cache_dir / "meta.json", "token cache metadata")
 
 
 def load_split(cache_dir: str | Path, split: str) -> np.memmap:
@@ -396,7 +384,7 @@ def train_corpus_tokenizer(
     sidecar = out_path.with_name(out_path.name + ".json")
     key = dict(source_fingerprint=corpus.fingerprint, vocab_size=vocab_size, max_chars=max_chars, seed=seed)
     if out_path.is_file() and sidecar.is_file():
-        saved = json.loads(sidecar.read_text())
+        saved = read_json_object(sidecar, "tokenizer record")
         if saved == dict(key, tokenizer_sha256=file_sha256(out_path)):
             return Tokenizer(out_path)
     sample, n_chars = [], 0

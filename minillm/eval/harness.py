@@ -32,7 +32,6 @@ bits per byte does not depend on the tokenizer, so it compares models with diffe
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 
 from minillm.train.loss import held_out_loss
+from minillm.util.fileio import read_jsonl, read_text
 
 STDLIB_TASK = "stdlib-modules"
 
@@ -59,14 +59,7 @@ def read_mc_task(path: str | Path) -> list[MCExample]:
     """A JSONL multiple-choice file → examples; every bad line raises one error naming file:line."""
     path = Path(path)
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, r in read_jsonl(path, "multiple-choice task file"):
         if not isinstance(r, dict):
             raise ValueError(f"{where}: expected a JSON object, found {type(r).__name__}")
         ctx, choices, answer = r.get("context"), r.get("choices"), r.get("answer")
@@ -208,8 +201,7 @@ def stdlib_module_task(cache_dir: str | Path, n_choices: int = 4) -> list[MCExam
     from minillm.data.stdlib_qa import build_stdlib_dataset
 
     data = build_stdlib_dataset(cache_dir)
-    read = [[json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
-            for p in (data.train_path, data.test_path)]
+    read = [[r for _, r in read_jsonl(p)] for p in (data.train_path, data.test_path)]
     pool = [r["output"] for records in read for r in records if r.get("kind") == "module"]
     return module_choice_examples(read[1], pool, n_choices)
 
@@ -227,7 +219,7 @@ def run_task(model, tokenizer, task: str, cache_dir: str, limit: int | None, bat
         raise FileNotFoundError(f"{path}: task file not found (or use the embedded task {STDLIB_TASK!r})")
     if path.suffix == ".jsonl":
         return score_multiple_choice(model, tokenizer, read_mc_task(path)[:limit], batch_size)
-    return perplexity(model, tokenizer, path.read_text(encoding="utf-8"), batch_size)
+    return perplexity(model, tokenizer, read_text(path, "text file"), batch_size)
 
 
 def format_table(rows: list[tuple[str, str, dict]]) -> str:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from minillm.util.fileio import read_jsonl, read_text
 
 
 def unescape(text: str) -> str:
@@ -16,20 +17,15 @@ def unescape(text: str) -> str:
 def read_prompts(path: Path) -> list[str]:
     """A .jsonl file: one object per line with a "prompt" string. Any other file: one prompt per line,
     with the escapes of `unescape`. Blank lines are skipped."""
-    prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append(unescape(line))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: expected an object with a \"prompt\" string, found {line[:60]!r}")
-        prompts.append(record["prompt"])
+    if path.suffix != ".jsonl":
+        lines = read_text(path, "prompts file").split("\n")
+        prompts = [unescape(line.removesuffix("\r")) for line in lines if line.strip()]
+    else:
+        prompts = []
+        for where, record in read_jsonl(path, "prompts file"):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{where}: expected an object with a \"prompt\" string, found {str(record)[:60]!r}")
+            prompts.append(record["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty)")
     return prompts

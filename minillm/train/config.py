@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import re
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any
 from minillm.config import ModelConfig
 from minillm.finetune.adapters import DEFAULT_TARGETS
 from minillm.train.schedulers import ScheduleConfig
-from minillm.util.fileio import atomic_write_bytes, read_json_object
+from minillm.util.fileio import atomic_write_bytes, read_json_object, read_toml
 from minillm.util.strict import check_value, field_types
 
 
@@ -274,22 +273,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        d = read_json_object(path, "config file") if path.suffix == ".json" else _read_toml(path)
+        d = read_json_object(path, "config file") if path.suffix == ".json" else read_toml(path, "config file")
         cfg = apply_overrides(cfg, flatten(d), str(path))
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
     return cfg
-
-
-def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: cannot parse ({e})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: cannot parse (TOML nested too deeply)") from None
 
 
 def to_dict(cfg: TrainConfig) -> dict:

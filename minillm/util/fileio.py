@@ -1,4 +1,6 @@
-"""Writing files so that a crash, a `kill -9` or a full disk never leaves a half-written one behind.
+"""Files in and out, once for all of minillm: writes that a crash, a `kill -9` or a full disk never leave
+half-done, and the one reader of the text formats users hand us (JSON, JSON lines, TOML), whose every
+failure is one line naming the file (and the line).
 
     with atomic_write(out_dir / "ckpt.pt") as f:      # f: a binary file opened on a temp file
         torch.save(state, f)                          # (or f.write(bytes), array.tofile(f), ...)
@@ -26,6 +28,10 @@ pid happens to be alive here stays until a later run.)
 
 A full disk shows up as OSError(ENOSPC) from write/flush/fsync, or, from torch.save's C++ zip writer, as a
 RuntimeError "... unexpected pos N vs M" with no path. Both become one `DiskFullError` that names the file.
+
+Reading: `read_text` (UTF-8, regular files only, bounded size), then `read_json` / `read_json_object`,
+`read_jsonl` (yields "file:LINE" with each value), `read_json_records` (a JSON array or JSON lines) and
+`read_toml`. Not UTF-8, invalid or absurdly nested JSON, a device or a directory: each is one ValueError.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import json
 import os
 import re
 import shutil
+import stat
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,23 +195,87 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 # reading
 
 
-def read_json_object(path: str | Path, what: str = "file") -> dict:
-    """Parse a JSON file whose top level must be an object: one clear error naming the file for a missing
-    or unreadable file, bytes that are not UTF-8, invalid or absurdly nested JSON, or a top level that is
-    not an object."""
+MAX_TEXT_BYTES = 1 << 30  # a text minillm reads whole (a config, a prompts file, a task): 1 GiB at most
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a regular file (a leading BOM dropped), or one error naming the file: not found,
+    a directory or a device (/dev/zero would never end), larger than max_bytes, unreadable, or not UTF-8
+    (with the line and the offending byte)."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8").removeprefix("\ufeff"))  # JSON is UTF-8 (a BOM is allowed)
+        st = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ValueError(f"{path}: expected a {what}, found {kind}")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{path}: {what} of {st.st_size:,d} bytes is larger than the {max_bytes:,d} allowed")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
+def parse_json(text: str, where: str):
+    """json.loads with one error naming `where` (a file, or file:line) for invalid or too deeply nested
+    JSON; JSON's own wording of the problem is kept after ours."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:  # our words first: json's own wording changes between Pythons
+        at = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno}"
+        raise ValueError(f"{where}: invalid JSON at {at} ({e.msg})") from None
     except RecursionError:
-        raise ValueError(f"{path}: not a {what}: JSON nested too deeply to parse") from None
+        raise ValueError(f"{where}: invalid JSON (nested too deeply to parse)") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file"):
+    """The JSON value in a file (read_text's and parse_json's errors)."""
+    return parse_json(read_text(path, what), str(path))
+
+
+def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
+    """read_json, whose top level must be an object."""
+    obj = read_json(path, what)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+        raise ValueError(f"{path}: expected a JSON object in the {what}, found {type(obj).__name__}")
     return obj
+
+
+def read_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[str, object]]:
+    """("file:LINE", value) for each non-blank line of a JSON-lines file; a bad line is one error naming
+    file:line (the 1-based line number an editor shows). Lines end at "\n" only: JSON strings may hold a
+    raw U+2028 or form feed, which str.splitlines would cut at."""
+    for lineno, line in enumerate(read_text(path, what).split("\n"), start=1):
+        if line.strip():
+            yield f"{path}:{lineno}", parse_json(line, f"{path}:{lineno}")
+
+
+def read_json_records(path: str | Path, what: str = "data file") -> Iterator[tuple[str, object]]:
+    """(where, record) from a JSON array file ("file[i]") or a JSONL file ("file:LINE"), told apart by the
+    first character."""
+    text = read_text(path, what)
+    if text.lstrip().startswith("["):
+        for i, record in enumerate(parse_json(text, str(path))):
+            yield f"{path}[{i}]", record
+        return
+    yield from read_jsonl(path, what)
+
+
+def read_toml(path: str | Path, what: str = "TOML file") -> dict:
+    """A TOML file as a dict (read_text's errors, and one for TOML that does not parse)."""
+    text = read_text(path, what)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: cannot parse the {what} ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: cannot parse the {what} (nested too deeply)") from None
