@@ -5,7 +5,6 @@
     python export.py --checkpoint open_llama_7b --adapter out/qlora/adapter --qlora --format hf --out merged/
     python export.py --checkpoint out/tiny --format meta --out consolidated/
     python export.py --checkpoint open_llama_3b_v2 --adapter out/lora/adapter --format gguf-lora --out lora.gguf
-    python export.py --check model.gguf --against open_llama_3b_v2     # GGUF doctor: names the fault
 
 Then run the GGUF in llama.cpp (`llama-cli -m tiny-q8_0.gguf -p "def " -n 64`) or in minillm
 (`python generate.py --checkpoint tiny-q8_0.gguf --prompt "def "`).
@@ -35,20 +34,9 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="general.name written into the GGUF (default: output file stem)")
     p.add_argument("--template", default=None, choices=["none", "alpaca", "vicuna"],
                    help="chat template to ship (default: the one recorded in the adapter / checkpoint directory)")
-    p.add_argument("--check", default=None, metavar="FILE.gguf",
-                   help="GGUF doctor: compare FILE.gguf with --against and end with a verdict naming the fault")
-    p.add_argument("--against", default=None, help="with --check: the HF directory the GGUF was converted from")
     args = p.parse_args(argv)
-    if args.check is not None:
-        if args.against is None:
-            p.error("--check needs --against HF_DIR")
-        from minillm.ship.doctor import check_gguf
-
-        if check_gguf(args.check, args.against).faults:
-            sys.exit(1)  # scripts can test the verdict
-        return
     if args.checkpoint is None or args.out is None:
-        p.error("the following arguments are required: --checkpoint, --out (or --check FILE --against DIR)")
+        p.error("the following arguments are required: --checkpoint, --out")
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, format=args.format, outtype=args.outtype,
                        adapter=args.adapter, qlora=args.qlora, tokenizer=args.tokenizer, name=args.name,
                        template=args.template)

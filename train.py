@@ -8,8 +8,8 @@
     python train.py --init_from out/tiny --finetune.method lora --data.format instruct \
         --data.corpus alpaca.jsonl --data.packing true --out_dir out/tiny-lora          # LoRA on instructions
 
-Every field of minillm/train/config.py:TrainConfig is a flag (`--help` lists them with their defaults);
-the loop itself is minillm/train/loop.py:train. The output folder holds ckpt.pt (resume state),
+Every field of minillm/training/config.py:TrainConfig is a flag (`--help` lists them with their defaults);
+the loop itself is minillm/training/loop.py:train. The output folder holds ckpt.pt (resume state),
 train_config.json (the resolved config), tb/ (tensorboard) and an inference export that
 `python generate.py --checkpoint out/tiny` reads.
 """
@@ -19,8 +19,8 @@ import sys
 
 import torch.distributed as dist
 
-from minillm.train.config import add_config_flags, load_config
-from minillm.train.loop import train
+from minillm.training.config import add_config_flags, load_config
+from minillm.training.loop import train
 from minillm.util.cli import ArgumentParser, run_cli
 
 

@@ -14,13 +14,9 @@ until compute (or, on a CPU, the matmul throughput) becomes the limit.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.generate.batched import generate_tokens_batch  # noqa: E402

@@ -36,13 +36,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.generate.decode import decode_one_token, prefill  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.train.loop import configure_optimizer, forward_backward  # noqa: E402
+from minillm.training.loop import configure_optimizer, forward_backward  # noqa: E402
 
 # name → (model, training batch B, training length T). "97M" is the issue's reference shape.
 SHAPES = {
@@ -115,7 +114,7 @@ class Minillm:
         self.opt.zero_grad(set_to_none=True)
         return self.B * self.T / (clock() - t0)
 
-    @torch.inference_mode()  # as generation.py decodes
+    @torch.inference_mode()  # as generate/ decodes
     def generate(self, prompt: torch.Tensor) -> tuple[float, float]:
         """(prefill tok/s, decode tok/s); the KV cache is allocated once, stale slots are masked."""
         self.model.eval()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from load import write_checkpoint  # noqa: E402
@@ -110,8 +108,7 @@ def main():
     for outtype in args.outtypes.split(","):
         out = ckpt.parent / f"{ckpt.name}-{outtype}.gguf"
         cmd = [sys.executable, __file__, "--child", str(ckpt), outtype, str(out)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        res = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         r = json.loads(res.stdout.strip().splitlines()[-1])
         size = out.stat().st_size
         print(f"| {outtype} | {size / 1e9:.2f} GB | {r['seconds']:.1f} | {in_bytes / 1e6 / r['seconds']:,.0f} | "

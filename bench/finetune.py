@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/peers.py
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.finetune.adapters import apply_lora, mark_only_lora_trainable  # noqa: E402
 from minillm.finetune.nf4_linear import quantize_model_  # noqa: E402
 from minillm.model import Llama  # noqa: E402
-from minillm.train.loop import configure_optimizer  # noqa: E402
+from minillm.training.loop import configure_optimizer  # noqa: E402
 from minillm.util.device import pick_device  # noqa: E402
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -23,9 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from minillm.config import ModelConfig  # noqa: E402
 from minillm.formats.hf import shard_groups  # noqa: E402
@@ -100,8 +96,7 @@ def main():
         print(f"wrote {total / 1e9:.2f} GB of bf16 shards to {out} in {time.perf_counter() - t0:.0f} s")
     total = sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".bin", ".safetensors"))
     cmd = [sys.executable, __file__, "--child", str(out)] + (["--no-forward"] if args.no_forward else [])
-    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout.strip().splitlines()[-1])
+    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     print("| model | format | weight bytes | load s | peak RSS after load | after 1-token forward |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.preset} | {args.format} shards | {total / 1e9:.2f} GB | {r['load_s']:.1f} | "

@@ -12,7 +12,7 @@ evaluates three token sequences (every position's logits) three ways, all float3
 
     A  llama.cpp: base.gguf + --lora adapter.gguf      (llama_adapter_lora_init, scale 1)
     B  llama.cpp: merged.gguf
-    C  minillm:   the merged model (exporter.load_merged)
+    C  minillm:   the merged model (ship/convert.py's load_merged)
 
 and prints max |A − B|, max |A − C| over the logits, beside max |base − B| (how much the adapter moves
 the logits, so the agreement is not vacuous). A negative control writes the q/k-only adapter with lora_b
@@ -27,7 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import numpy as np  # noqa: E402

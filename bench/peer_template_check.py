@@ -32,7 +32,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tiny import tiny_tokenizer, write_hf_checkpoint  # noqa: E402

@@ -14,13 +14,9 @@ with one; a bonus token cut by the token limit makes it a slight underestimate).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minillm.formats.load import load_pretrained, load_tokenizer  # noqa: E402
 from minillm.generate.decode import GenerationStats, generate_tokens  # noqa: E402

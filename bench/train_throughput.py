@@ -4,7 +4,7 @@
                                                            # CPU: the default tiny config
     python bench/train_throughput.py --config configs/1b.toml --seq 2048 --batch 4 --steps 20
 
-One optimizer step = forward_backward over one micro-batch + clip + AdamW (minillm/train/loop.py), timed
+One optimizer step = forward_backward over one micro-batch + clip + AdamW (minillm/training/loop.py), timed
 after `--warmup` steps (torch.compile traces during those). Random token ids cost the model the same as
 text, and skip data preparation.
 
@@ -20,9 +20,9 @@ from contextlib import nullcontext
 import torch
 
 from minillm.model import Llama
-from minillm.train.config import TrainConfig, apply_overrides, load_config
-from minillm.train.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
-from minillm.train.loop import configure_optimizer, forward_backward
+from minillm.training.config import TrainConfig, apply_overrides, load_config
+from minillm.training.flops import H100_BF16_PEAK_FLOPS, model_flops_per_token, model_params
+from minillm.training.loop import configure_optimizer, forward_backward
 from minillm.util.device import pick_device, pick_dtype
 
 

@@ -285,7 +285,7 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> Llama:
         """Load an OpenLLaMA / HF directory, a minillm checkpoint, a Meta consolidated directory or a
-        GGUF file. The format code lives in checkpoint.py (this file stays format-free)."""
+        GGUF file: formats/load.py's load_pretrained, the one lazy edge from this file to the loaders."""
         from minillm.formats.load import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device, **kwargs)

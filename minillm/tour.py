@@ -10,9 +10,9 @@
     7. ledger     held-out loss and KL vs the unquantized model along adapter → merged → f16 → q8_0 → …
                   → q4_0 (minillm/eval/ledger.py)
 
-Every stage calls the library, as the scripts do: minillm.train.config.load_config builds each TrainConfig
+Every stage calls the library, as the scripts do: minillm.training.config.load_config builds each TrainConfig
 from a dict of dotted overrides (the same keys as `python train.py --section.key value`), then
-minillm.train.loop.train runs it; minillm.eval.metrics scores; minillm.ship.convert.export writes the GGUF;
+minillm.training.loop.train runs it; minillm.eval.metrics scores; minillm.ship.convert.export writes the GGUF;
 minillm.generate.decode decodes. The numbers land in OUT/summary.json and in the table printed at the end.
 The chapters in docs/ explain each stage; the command lines each stage corresponds to are printed as it runs.
 
@@ -43,9 +43,10 @@ from minillm.generate.sampling import SamplingConfig
 from minillm.generate.text import generate_text
 from minillm.model import Llama
 from minillm.ship.convert import ExportConfig, export
-from minillm.train.config import load_config
-from minillm.train.loop import train
-from minillm.train.loss import held_out_loss
+from minillm.training.config import load_config
+from minillm.training.loop import train
+from minillm.training.loss import held_out_loss
+from minillm.util.cli import ArgumentParser, run_cli
 from minillm.util.device import pick_device
 
 TEMPLATE = "alpaca"  # the stdlib dataset is Alpaca-format; generation must use the same template
@@ -96,11 +97,11 @@ def command_line(script: str, overrides: dict) -> str:
 
 
 def banner(n: int, title: str):
-    print(f"\n{'=' * 100}\n[tour {n}/6] {title}\n{'=' * 100}", flush=True)
+    print(f"\n{'=' * 100}\n[tour {n}/7] {title}\n{'=' * 100}", flush=True)
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/tour", help="folder for every artifact of the tour (default: out/tour)")
     p.add_argument("--quick", action="store_true",
                    help="shrink every stage (small corpus, tens of steps): checks the path in a minute or two")
@@ -252,4 +253,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,4 +1,4 @@
-"""benchmark.py: multiple-choice log-likelihoods against a hand computation, perplexity against exp(mean
+"""eval/harness.py: multiple-choice log-likelihoods against a hand computation, perplexity against exp(mean
 NLL) one token at a time, the harness's context/continuation split, the embedded task's determinism, and
 the eval CLI on a minillm checkpoint and its GGUF export."""
 

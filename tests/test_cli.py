@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.train.config import add_config_flags
+from minillm.training.config import add_config_flags
 from minillm.util.cli import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

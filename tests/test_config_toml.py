@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from minillm.config import ModelConfig
-from minillm.train.config import (
+from minillm.training.config import (
     TrainConfig,
     add_config_flags,
     apply_overrides,

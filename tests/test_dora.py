@@ -196,7 +196,7 @@ def test_qdora_adapter_records_the_nf4_settings(tmp_path):
 
 
 def test_finetune_config_switches():
-    from minillm.train.config import load_config
+    from minillm.training.config import load_config
 
     # one switch: use_dora with lora or qlora (PEFT's name); there is no method "dora"
     qdora = load_config(overrides={"finetune.method": "qlora", "finetune.use_dora": True}).finetune

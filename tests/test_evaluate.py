@@ -1,4 +1,4 @@
-"""eval/metrics.py and train/loss.py: token-weighted held-out loss / perplexity by hand, greedy answers
+"""eval/metrics.py and training/loss.py: token-weighted held-out loss / perplexity by hand, greedy answers
 against a plain argmax loop, exact-match / contains on fixed strings, and the Markdown report's rows."""
 
 import json
@@ -20,7 +20,7 @@ from minillm.eval.metrics import (
 )
 from minillm.finetune.adapters import apply_lora, lora_disabled, lora_modules
 from minillm.model import Llama
-from minillm.train.loss import held_out_loss, token_loss_sum
+from minillm.training.loss import held_out_loss, token_loss_sum
 
 TOK = CharTokenizer()
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=TOK.vocab_size, max_seq_len=96)

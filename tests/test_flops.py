@@ -1,4 +1,4 @@
-"""minillm.train.flops: parameter, FLOP and memory estimates against the real model.
+"""minillm.training.flops: parameter, FLOP and memory estimates against the real model.
 
 The activation estimate is checked against what autograd actually keeps: a saved_tensors_hooks pack hook
 sees every tensor saved for backward during the forward pass; we sum the bytes of their distinct storages
@@ -19,8 +19,8 @@ from minillm.config import PRESETS, ModelConfig
 from minillm.finetune.adapters import apply_lora, mark_only_lora_trainable
 from minillm.finetune.nf4_linear import NF4Linear, quantize_model_
 from minillm.model import Llama
-from minillm.train import flops
-from minillm.train.config import TrainConfig, load_config
+from minillm.training import flops
+from minillm.training.config import TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

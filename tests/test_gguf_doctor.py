@@ -4,16 +4,16 @@ import dataclasses
 
 import pytest
 import torch
-from tiny import script, stdlib_texts, tiny_tokenizer, write_hf_checkpoint
+from tiny import stdlib_texts, tiny_tokenizer, write_hf_checkpoint
 
 from minillm.config import ModelConfig
 from minillm.formats.load import load_pretrained
 from minillm.names import hf_to_interleaved, interleaved_to_hf
 from minillm.ship.doctor import check_gguf, qk_layout
+from minillm.ship.doctor import main as doctor_main
 from minillm.ship.gguf_writer import write_gguf
 from minillm.tokenizer.sentencepiece import train_tokenizer
-
-export_cli = script("export")
+from minillm.util.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,8 @@ def test_wrong_eps_and_rope_theta(hf, tmp_path):
     assert "HF's config gives 1e-06" in v
     v = verdict(write(tmp_path / "theta.gguf", hf, config=dataclasses.replace(hf[2], rope_theta=500000.0)), hf)
     assert v.startswith("VERDICT: FAULT: metadata: llama.rope.freq_base is 500000"), v
-    with pytest.raises(SystemExit) as e:  # the CLI exits 1 on a fault
-        export_cli.main(["--check", str(tmp_path / "theta.gguf"), "--against", str(hf[0])])
-    assert e.value.code == 1
+    # the CLI (run.py doctor) exits 1 on a fault
+    assert run_cli(doctor_main, [str(tmp_path / "theta.gguf"), "--against", str(hf[0])]) == 1
 
 
 def test_swapped_tensor_is_named_with_what_it_holds(hf, tmp_path):
@@ -112,7 +111,7 @@ def test_qk_layout_candidates():
 
 def test_cli_check_prints_the_verdict(hf, tmp_path, capsys):
     path = write(tmp_path / "m.gguf", hf, outtype="q8_0")
-    export_cli.main(["--check", str(path), "--against", str(hf[0])])
+    assert run_cli(doctor_main, [str(path), "--against", str(hf[0])]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("GGUF doctor:") and out[-1].startswith("VERDICT: OK")
     assert any(line.startswith("  ok     logits: KL") for line in out)

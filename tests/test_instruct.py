@@ -1,4 +1,4 @@
-"""templates.py, instruct.py and stdlib_dataset.py: formats, errors with file + line/index, exact templates,
+"""templates.py, instruct.py and data/stdlib_qa.py: formats, errors with file + line/index, exact templates,
 label masks, truncation, padding, packing (packed logits == unpacked logits), splits, the stdlib dataset."""
 
 import json

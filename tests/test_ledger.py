@@ -13,7 +13,7 @@ from minillm.data.instruct import iter_batches, read_examples, tokenize_example
 from minillm.eval.ledger import fidelity_ledger, format_ledger, kl_and_top1, ledger_outtypes, main
 from minillm.finetune.adapters import apply_lora
 from minillm.finetune.peft_io import save_adapter
-from minillm.train.loss import held_out_loss
+from minillm.training.loss import held_out_loss
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_ledger_rows(setup):
     by = {r.stage: r for r in rows}
     assert by["f16"].kl < by["q8_0"].kl < by["q4_0"].kl  # fewer bits, further from the trained model
     assert by["q4_0"].bits_per_weight < by["q8_0"].bits_per_weight < by["f16"].bits_per_weight
-    # the loss column is train/loss.py's held_out_loss; KL and top-1 against the adapter: recompute one row
+    # the loss column is training/loss.py's held_out_loss; KL and top-1 against the adapter: recompute one row
     gguf = Llama.from_pretrained(d / "ledger-q8_0.gguf")
     assert held_out_loss(gguf, iter_batches(examples, 16, tok.pad_id))["loss"] == pytest.approx(by["q8_0"].loss, abs=1e-6)
     assert kl_and_top1(gguf, gguf, examples, tok.pad_id) == (0.0, 1.0)

@@ -20,7 +20,7 @@ from minillm.finetune.adapters import (
 from minillm.finetune.lora import LoRALinear
 from minillm.finetune.peft_io import load_adapter, save_adapter
 from minillm.model import Llama
-from minillm.train.flops import parameter_summary
+from minillm.training.flops import parameter_summary
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
 CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)

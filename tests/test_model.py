@@ -12,7 +12,7 @@ from minillm.config import ModelConfig
 from minillm.formats.weights import fill_model
 from minillm.model import Llama, apply_rope, precompute_rope
 from minillm.names import hf_to_ours
-from minillm.train import flops
+from minillm.training import flops
 
 CONFIGS = {
     "mha": ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=97, max_seq_len=64),

@@ -1,4 +1,4 @@
-"""minillm/train/muon.py against slow obvious versions: Newton–Schulz as a polynomial of the singular values,
+"""minillm/training/muon.py against slow obvious versions: Newton–Schulz as a polynomial of the singular values,
 the AdamW groups against torch.optim.AdamW, one Muon step written out by hand."""
 
 import copy
@@ -9,8 +9,8 @@ import torch
 
 from minillm.config import ModelConfig
 from minillm.model import Llama
-from minillm.train.config import OptimConfig
-from minillm.train.muon import NS_COEFFICIENTS, muon_adamw, newton_schulz
+from minillm.training.config import OptimConfig
+from minillm.training.muon import NS_COEFFICIENTS, muon_adamw, newton_schulz
 
 
 @pytest.mark.parametrize("shape", [(37, 91), (91, 37), (64, 64)])
@@ -118,7 +118,7 @@ def test_stack_size_cap_gives_the_same_step(monkeypatch):
     b_model = copy.deepcopy(a_model)
     x = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     for model, cap in ((a_model, 1 << 26), (b_model, 1)):
-        monkeypatch.setattr("minillm.train.muon.MuonAdamW.STACK_ELEMENTS", cap)
+        monkeypatch.setattr("minillm.training.muon.MuonAdamW.STACK_ELEMENTS", cap)
         opt = muon_adamw(model, 0.1, 3e-3, (0.9, 0.95), 1e-8)
         for _ in range(2):
             model(x[:, :-1], x[:, 1:])[1].backward()

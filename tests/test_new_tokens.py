@@ -19,9 +19,9 @@ from minillm.formats.gguf_reader import read_gguf
 from minillm.model import Llama
 from minillm.ship.convert import ExportConfig, export
 from minillm.tokenizer.sentencepiece import Tokenizer
-from minillm.train.checkpoint import plain_llama
-from minillm.train.config import TrainConfig, apply_overrides
-from minillm.train.loop import train
+from minillm.training.checkpoint import plain_llama
+from minillm.training.config import TrainConfig, apply_overrides
+from minillm.training.loop import train
 
 NEW = ["<|im_start|>", "<|im_end|>"]
 CHAT = "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n  x = 1<|im_end|>"

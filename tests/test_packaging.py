@@ -37,3 +37,14 @@ def test_wheel_maps_kernels_under_minillm():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert cfg["package-dir"]["minillm.kernels"] == "kernels"
     assert "kernels" not in cfg["packages"] and "minillm.kernels" in cfg["packages"]
+
+
+def test_jobs_run_without_the_repository_root_on_sys_path():
+    # run.py starts every job with PYTHONSAFEPATH=1 (kernels/README.md): from the root, `import kernels`
+    # then finds nothing here, and minillm still imports (from the install)
+    src = (ROOT / "run.py").read_text()
+    assert 'PYTHONSAFEPATH="1"' in src
+    code = "import importlib.util as u, minillm.kernels.nf4; print(u.find_spec('kernels'))"
+    env = {**__import__("os").environ, "PYTHONSAFEPATH": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None"]

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from minillm.train.schedulers import (
+from minillm.training.schedulers import (
     SCHEDULE_NAMES,
     ScheduleConfig,
     constant_lr,

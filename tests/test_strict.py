@@ -4,7 +4,7 @@ minillm_config.json, and TrainConfig's TOML / JSON / flag overrides)."""
 import pytest
 
 from minillm.config import ModelConfig
-from minillm.train.config import FinetuneConfig, TrainConfig, apply_overrides
+from minillm.training.config import FinetuneConfig, TrainConfig, apply_overrides
 from minillm.util.strict import check_value, field_types
 
 

@@ -46,8 +46,8 @@ def tour(tmp_path_factory):
 
 def test_tour_prints_every_stage_and_the_summary_table(tour):
     text = tour["stdout"]
-    for n in range(1, 7):
-        assert f"[tour {n}/6]" in text
+    for n in range(1, 8):
+        assert f"[tour {n}/7]" in text
     assert "| model | held-out loss | perplexity | exact | contains |" in text
     for label in ("base (pretrained on code)", "LoRA r=16", "QLoRA r=16 (NF4 base)", "GGUF q8_0", "GGUF q4_0"):
         assert label in text

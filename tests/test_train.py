@@ -21,10 +21,10 @@ from minillm.config import ModelConfig
 from minillm.data.templates import read_template_record
 from minillm.formats.load import load_pretrained
 from minillm.model import Llama
-from minillm.train import loop as training
-from minillm.train.checkpoint import save_checkpoint
-from minillm.train.config import TrainConfig, apply_overrides, load_config
-from minillm.train.loop import configure_optimizer, forward_backward, train
+from minillm.training import loop as training
+from minillm.training.checkpoint import save_checkpoint
+from minillm.training.config import TrainConfig, apply_overrides, load_config
+from minillm.training.loop import configure_optimizer, forward_backward, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -372,7 +372,7 @@ def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from minillm.finetune.nf4_linear import NF4Linear
-    from minillm.train import flops
+    from minillm.training import flops
 
     cfg = finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3, eval__interval=0,
                        eval__sample_tokens=0, finetune__double_quant=True, log__tensorboard=True,

@@ -14,7 +14,7 @@ Records carry two extra fields, "kind" (above) and "name" (the qualified name). 
 every question about a held-out symbol (chosen by crc32 of its qualified name, so the split is stable
 across runs and machines with the same stdlib): the model is tested on symbols it never trained on.
 The "module" and "signature" questions have one short exact answer: `short_answer_subset` picks them for
-exact-match / contains evaluation (evaluate.py).
+exact-match / contains evaluation (eval/metrics.py).
 
 The data depends on the Python version (its stdlib); the cache in `out_dir` records the version and the
 stdlib path and is rebuilt when they change. Entry point: `python -m minillm.data.stdlib_qa --out DIR`.
@@ -22,7 +22,6 @@ stdlib path and is rebuilt when they change. Entry point: `python -m minillm.dat
 
 from __future__ import annotations
 
-import argparse
 import ast
 import copy
 import hashlib
@@ -35,6 +34,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.util.cli import ArgumentParser, run_cli
 from minillm.util.fileio import atomic_write_bytes
 
 VERSION = 1  # bump when the records change, to invalidate caches
@@ -205,7 +205,7 @@ def build_stdlib_dataset(out_dir: str | Path, test_frac: float = 0.05, root: str
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Build the stdlib instruction dataset (Alpaca JSONL) from this "
+    ap = ArgumentParser(description="Build the stdlib instruction dataset (Alpaca JSONL) from this "
                                              "Python's standard library sources.")
     ap.add_argument("--out", required=True,
                     help="directory for stdlib_{train,test}.jsonl and stdlib_meta.json")
@@ -221,4 +221,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

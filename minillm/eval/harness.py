@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from minillm.train.loss import held_out_loss
+from minillm.training.loss import held_out_loss
 from minillm.util.fileio import read_jsonl, read_text
 
 STDLIB_TASK = "stdlib-modules"
@@ -148,7 +148,7 @@ def score_multiple_choice(model, tokenizer, examples: list[MCExample], batch_siz
 
 def perplexity(model, tokenizer, text: str, batch_size: int = 8) -> dict:
     """{"nll", "ppl", "bits_per_byte", "tokens"} of the text (see the module docstring): the windows'
-    targets are scored by train/loss.py's held_out_loss, as every held-out loss in minillm is."""
+    targets are scored by training/loss.py's held_out_loss, as every held-out loss in minillm is."""
     ids = tokenizer.encode(text, bos=True)
     if len(ids) < 2:
         raise ValueError("perplexity: the text encodes to no tokens")

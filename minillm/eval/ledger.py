@@ -1,12 +1,12 @@
 """The fidelity ledger: what each step from a fine-tuned adapter to a small GGUF costs, as one table.
 
-    python -m minillm.eval.metrics --base out/tiny --adapter out/lora/adapter --data test.jsonl --template alpaca
+    python3 run.py ledger --base out/tiny --adapter out/lora/adapter --data test.jsonl --template alpaca
 
 Chain (each row is the model one step further from the trained one):
 
     adapter   the base with the LoRA adapter applied, unmerged, float32 (a QLoRA adapter's base rounded
               through the NF4 settings it recorded): the model as trained, the reference
-    merged    W + (α/r)·B·A folded into a dense model (exporter.load_merged), float32
+    merged    W + (α/r)·B·A folded into a dense model (ship/convert.py's load_merged), float32
     f16 … q4_0  the merged model exported as GGUF of that type and loaded back, dequantized (what llama.cpp
               holds in memory; its matmuls then round activations too, which this table does not see)
 
@@ -15,7 +15,7 @@ K-quant names), each as soon as the writer knows the type (gguf_writer.OUTTYPES)
 
 Columns, over the response tokens of held-out examples (positions whose label is not -100):
 
-    loss    mean cross-entropy (train/loss.py's held_out_loss)
+    loss    mean cross-entropy (training/loss.py's held_out_loss)
     KL      mean KL(p_ref ‖ p_row) in nats/token: how far the row's next-token distribution moved from the
             reference's, 0 for the reference itself; unlike Δloss it cannot cancel out across tokens
     top-1   fraction of positions where the row's most likely token is the reference's
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from minillm.data.instruct import IGNORE, TokenizedExample, iter_batches
 from minillm.model import Llama
 from minillm.ship.convert import ExportConfig, export, load_merged
 from minillm.ship.gguf_writer import OUTTYPES
-from minillm.train.loss import held_out_loss
+from minillm.training.loss import held_out_loss
+from minillm.util.cli import ArgumentParser, run_cli
 
 LEDGER_CHAIN = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # most bits first
 
@@ -77,7 +79,7 @@ def kl_and_top1(reference: Llama, model: Llama, examples: list[TokenizedExample]
 
 def ledger_row(stage: str, reference: Llama, model: Llama, examples: list[TokenizedExample], pad_id: int,
                path: Path | None = None, n_params: int = 0) -> LedgerRow:
-    """One row: the model's held-out loss (train/loss.py), its KL and top-1 against the reference, and
+    """One row: the model's held-out loss (training/loss.py), its KL and top-1 against the reference, and
     for a GGUF its size and bits per weight."""
     loss = held_out_loss(model, iter_batches(examples, 16, pad_id))["loss"]
     size = path.stat().st_size if path is not None else None
@@ -126,7 +128,7 @@ def main(argv=None) -> list[LedgerRow]:
     from minillm.data.templates import read_template_record
     from minillm.formats.load import load_tokenizer
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the PEFT-format LoRA adapter directory")
     p.add_argument("--data", required=True, help="held-out instruction data (alpaca / sharegpt JSON or JSONL)")
@@ -150,3 +152,7 @@ def main(argv=None) -> list[LedgerRow]:
     print(format_ledger(rows))
     print(f"\nperplexity of the reference: {math.exp(rows[0].loss):.2f}")
     return rows
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,7 +1,7 @@
 """Evaluating a fine-tuned model: held-out loss and perplexity, short-answer accuracy by greedy decoding,
 and a Markdown side-by-side report of base vs fine-tuned generations.
 
-Loss and perplexity over a test split are train/loss.py's `held_out_loss` over the examples' batches
+Loss and perplexity over a test split are training/loss.py's `held_out_loss` over the examples' batches
 (`held_out_loss(model, iter_batches(examples, 16, pad_id))`), weighted by tokens:
 
     loss = Σ_t CE(logits_t, y_t) / N,   the sum over every position t with y_t != -100, N their count

@@ -1,6 +1,6 @@
 """GGUF reader: parse and validate a GGUF v3 file, and load a Llama back from it.
 
-The byte layout is in gguf_format.py. `read_gguf` validates every count, length, type id and offset
+The byte layout is in formats/gguf_layout.py. `read_gguf` validates every count, length, type id and offset
 against the file size before using it, so a truncated or corrupt file gives a ValueError naming the file
 and offset instead of a crash, a hang or a huge allocation. Tensor data is memory-mapped.
 

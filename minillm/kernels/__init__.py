@@ -1,10 +1,8 @@
 """`minillm.kernels`: the Triton kernels, which live in the repository's top-level kernels/ folder.
 
-kernels/ is a plain folder of modules with no __init__.py, so it is never a regular top-level package named
-`kernels`: that name belongs to an unrelated PyPI package which transformers and bitsandbytes probe for, and
-a folder without __init__.py can never shadow an installed package (and transformers' probe recognises it
-as "not installed"). This shim points the package path at that folder for source checkouts and editable
-installs; a built wheel maps the folder here directly (pyproject.toml, [tool.setuptools.package-dir]).
+This shim points the subpackage's path at that folder for a bare source checkout; an install maps the
+folder here directly (pyproject.toml, [tool.setuptools.package-dir]). Why the folder is never importable
+as a top-level `kernels`: kernels/README.md, "Why it is minillm.kernels, and never kernels".
 """
 
 from pathlib import Path

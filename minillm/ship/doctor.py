@@ -1,6 +1,6 @@
 """GGUF doctor: is this GGUF a faithful conversion of that HF checkpoint? It names the fault if not.
 
-    python export.py --check model.gguf --against path/to/hf_dir
+    python3 run.py doctor model.gguf --against path/to/hf_dir      (= python -m minillm.ship.doctor)
 
 Works on any Llama GGUF (ours, or one llama.cpp's `convert_hf_to_gguf.py` wrote). Five checks, each
 comparing the file with the HF directory it claims to come from:
@@ -26,7 +26,9 @@ Each check prints its lines; the report ends with one verdict line: `VERDICT: OK
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.model import Llama
 from minillm.names import hf_to_interleaved, interleaved_to_hf, is_rope_rotated, ours_to_gguf
 from minillm.tokenizer.sentencepiece import Tokenizer
+from minillm.util.cli import ArgumentParser, run_cli
 
 PROBES = [
     "def fibonacci(n):\n\tif n < 2:\n\t\treturn n\n\treturn fibonacci(n - 1) + fibonacci(n - 2)\n",
@@ -283,3 +286,15 @@ def check_gguf(path: str | os.PathLike, hf_dir: str | os.PathLike, out=print) ->
         out(line)
     out(r.verdict(f"{path.name} is a faithful conversion of {hf_dir.name} ({summary})"))
     return r
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file to check (ours, or llama.cpp's converter's)")
+    p.add_argument("--against", required=True, help="the HF checkpoint directory it was converted from")
+    args = p.parse_args(argv)
+    return 1 if check_gguf(args.gguf, args.against).faults else 0  # scripts can test the verdict
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

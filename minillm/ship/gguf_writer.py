@@ -1,6 +1,6 @@
 """GGUF writer: a minillm Llama (weights + SentencePiece tokenizer) as a GGUF v3 file llama.cpp loads.
 
-The byte layout is in gguf_format.py. Design (streaming, one pass): every tensor's name, shape and ggml
+The byte layout is in formats/gguf_layout.py. Design (streaming, one pass): every tensor's name, shape and ggml
 type follow from the `ModelConfig` and the outtype, so the header (with all offsets) is written first;
 then the weights are consumed one at a time from the caller's iterator, each seeked to its precomputed
 offset, converted in row chunks and written. A 7B export never holds more than one source tensor plus one

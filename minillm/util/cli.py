@@ -73,12 +73,13 @@ def error_message(exc: BaseException) -> str:
 
 
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
-    """Run main(argv); return the exit status (0, or 1 after printing `error: <message>` to stderr for a
-    user error, 130 after Ctrl-C). With --debug or MINILLM_DEBUG=1 the exception propagates instead."""
+    """Run main(argv); return the exit status: main's own when it returns an int (the GGUF doctor's 1 for
+    a faulty file), else 0; 1 after printing `error: <message>` to stderr for a user error, 130 after
+    Ctrl-C. With --debug or MINILLM_DEBUG=1 the exception propagates instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     try:
-        main(argv)
+        status = main(argv)
     except USER_ERRORS as e:
         if debug:
             raise
@@ -89,4 +90,4 @@ def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = No
             raise
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0

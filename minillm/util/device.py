@@ -8,7 +8,7 @@ the tour.
 
 Why these defaults: bfloat16 keeps float32's exponent range, so it needs no loss scaling and halves the
 bytes a matmul reads; a CPU has no fast bfloat16 matmuls for most ops, so it stays in float32. float16 is
-only ever chosen by name (training then uses a GradScaler, see training.py).
+only ever chosen by name (training then uses a GradScaler, see training/loop.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Strict dataclass fields: the one type check for config values read from a file or a command line.
 
 Both config loaders use it: ModelConfig.from_dict (minillm_config.json, config.py) and the TrainConfig
-overrides from TOML, JSON and flags (train_config.py). A field's type comes from its annotation, resolved
+overrides from TOML, JSON and flags (training/config.py). A field's type comes from its annotation, resolved
 by typing.get_type_hints (under `from __future__ import annotations` an annotation is the string
 "int | None", not a type), and a value must have exactly that type:
 

@@ -122,7 +122,7 @@ class MuonAdamW(torch.optim.Optimizer):
 def muon_adamw(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
                eps: float) -> MuonAdamW:
     """Muon on the hidden matrices (decayed), AdamW on embeddings and lm_head (decayed) and on the 1-D
-    norm gains (not decayed), like training.configure_optimizer's AdamW groups."""
+    norm gains (not decayed), like training/loop.py's configure_optimizer's AdamW groups."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
     other_2d = [p for n, p in named if p.dim() >= 2 and not is_hidden_matrix(n, p)]

@@ -7,8 +7,8 @@
 
 The pieces it needs sit above it, each small enough to test directly: the optimizer, the token-normalised
 gradient accumulation, the eval loop, the two data sources behind one interface, the model builder and the
-writer of a checkpoint step's outputs. Checkpoints with every RNG state are in train_state.py, the logger
-(bar, tensorboard, MFU, samples) in train_log.py.
+writer of a checkpoint step's outputs. Checkpoints with every RNG state are in training/checkpoint.py, the logger
+(bar, tensorboard, MFU, samples) in training/log.py.
 
 Gradient accumulation is normalised by target tokens, not by micro-batches: the loss of a step is
     L = (sum over all micro-batches and ranks of the token cross-entropies) / (number of non-ignored targets)
@@ -70,18 +70,18 @@ from minillm.formats.load import load_pretrained
 from minillm.formats.native import save_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
-from minillm.train.checkpoint import (
+from minillm.training.checkpoint import (
     load_checkpoint,
     load_trainable_state,
     plain_llama,
     save_checkpoint,
     set_rng_states,
 )
-from minillm.train.config import TrainConfig, resume_mismatches, save_config
-from minillm.train.log import Logger
-from minillm.train.loss import held_out_loss, token_loss_sum
-from minillm.train.muon import muon_adamw
-from minillm.train.schedulers import get_lr
+from minillm.training.config import TrainConfig, resume_mismatches, save_config
+from minillm.training.log import Logger
+from minillm.training.loss import held_out_loss, token_loss_sum
+from minillm.training.muon import muon_adamw
+from minillm.training.schedulers import get_lr
 from minillm.util.device import pick_device, pick_dtype
 from minillm.util.fileio import atomic_write_bytes, remove_stale_temp_files
 
@@ -93,7 +93,7 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, 
                         eps: float, fused: bool, name: str = "adamw") -> torch.optim.Optimizer:
     """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm gains):
     decaying a norm gain pulls it toward 0, which only fights the normalisation. name "muon": the same
-    groups, with Muon's orthogonalized updates for the blocks' matrices (minillm/train/muon.py)."""
+    groups, with Muon's orthogonalized updates for the blocks' matrices (minillm/training/muon.py)."""
     if name == "muon":
         return muon_adamw(model, weight_decay, lr, betas, eps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +168,7 @@ def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id:
 
 @dataclass
 class TokenStream:
-    """Pretraining: random (x, y) windows of the train / val token streams (np.memmap, data.py)."""
+    """Pretraining: random (x, y) windows of the train / val token streams (np.memmap, data/pretrain.py)."""
 
     cfg: TrainConfig
     tokenizer: Tokenizer
@@ -312,7 +312,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
 
 def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler, data_generator) -> int:
     """Load ckpt.pt into a freshly built run (model, AdamW, GradScaler, every RNG); returns the step to run
-    next. The config must match the checkpoint's except for RESUMABLE_CHANGES (train_config.py)."""
+    next. The config must match the checkpoint's except for RESUMABLE_CHANGES (training/config.py)."""
     ckpt = load_checkpoint(path)
     bad = resume_mismatches(ckpt["config"], cfg)
     if bad:

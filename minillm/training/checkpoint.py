@@ -19,7 +19,7 @@ import torch
 
 from minillm.finetune.lora import LoRALinear
 from minillm.model import Llama
-from minillm.train.config import TrainConfig, to_dict
+from minillm.training.config import TrainConfig, to_dict
 from minillm.util.fileio import atomic_write
 
 

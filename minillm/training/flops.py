@@ -1,10 +1,10 @@
 """How much compute and memory a training run needs, before running it.
 
-    python -m minillm.train.flops --preset openllama-7b --method qlora --seq 1024 --batch 4
-    python -m minillm.train.flops --config configs/1b.toml
+    python -m minillm.training.flops --preset openllama-7b --method qlora --seq 1024 --batch 4
+    python -m minillm.training.flops --config configs/1b.toml
 
 This file is the one place parameters and FLOPs are counted: the estimator below, the trainer's printed
-summary and its MFU (training.py) all call it.
+summary and its MFU (training/loop.py) all call it.
 
 Compute (PaLM appendix B): each weight does one multiply-add per token forward (2 FLOPs) and two in
 backward (4 FLOPs), so training costs 6N FLOPs/token for the N non-embedding weights (lm_head included),
@@ -41,13 +41,14 @@ small CPU model (within 15%).
 
 from __future__ import annotations
 
-import argparse
+import sys
 from dataclasses import dataclass
 
 import torch.nn as nn
 
 from minillm.config import ModelConfig
 from minillm.finetune.adapters import DEFAULT_TARGETS
+from minillm.util.cli import ArgumentParser, run_cli
 
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
 NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
@@ -217,7 +218,7 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description="Parameters, training FLOPs and memory of a Llama config.")
+    parser = ArgumentParser(description="Parameters, training FLOPs and memory of a Llama config.")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help="a ModelConfig preset name, e.g. openllama-7b, 1b, tiny")
     src.add_argument("--config", default=None,
@@ -238,7 +239,7 @@ def main(argv=None) -> str:
     method, seq, batch, r, double_quant = "full", 1024, 1, 8, False
     targets = list(DEFAULT_TARGETS)
     if args.config is not None:
-        from minillm.train.config import load_config
+        from minillm.training.config import load_config
 
         tc = load_config(args.config)
         cfg, name = tc.model, args.config
@@ -259,4 +260,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

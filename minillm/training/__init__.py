@@ -4,6 +4,7 @@
     schedulers.py   the LR schedules, as pure functions of the step
     muon.py         Muon for the hidden matrices, AdamW for the rest
     flops.py        the one count of parameters and FLOPs, and the memory estimator
+    loss.py         the loss, once: summed token cross-entropy, and the held-out mean of it
     checkpoint.py   ckpt.pt: atomic, with every RNG state, for exact resume
     log.py          the summary line, progress bar, tensorboard, MFU, samples
     loop.py         `train(cfg)`: the loop itself, top to bottom

@@ -26,7 +26,7 @@ from typing import Any
 
 from minillm.config import ModelConfig
 from minillm.finetune.adapters import DEFAULT_TARGETS
-from minillm.train.schedulers import ScheduleConfig
+from minillm.training.schedulers import ScheduleConfig
 from minillm.util.fileio import atomic_write_bytes, read_json_object, read_toml
 from minillm.util.strict import check_value, field_types
 
@@ -58,7 +58,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/train/muon.py);
+    name: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/training/muon.py);
     # TrainConfig's default (the main job) is "muon"
     weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
     beta1: float = 0.9

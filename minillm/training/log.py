@@ -14,8 +14,8 @@ from tqdm import tqdm
 from minillm.generate.sampling import SamplingConfig
 from minillm.generate.text import generate_text
 from minillm.model import Llama
-from minillm.train.config import TrainConfig
-from minillm.train.flops import (
+from minillm.training.config import TrainConfig
+from minillm.training.flops import (
     H100_BF16_PEAK_FLOPS,
     model_flops_per_token,
     model_params,
