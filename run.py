@@ -1,13 +1,15 @@
-"""One entry point that does all the set-up, and the one table of every job: `python3 run.py JOB [ARGS...]`.
+"""One entry point that does all the set-up, and the one table of every job:
+`python3 run.py JOB [ARGS...]`.
 
-    python3 run.py                    # lists the jobs, one line each
-    python3 run.py train              # the main job: train the tiny model on the stdlib corpus (CPU ok)
-    python3 run.py test               # the whole test suite
+    python3 run.py                # lists the jobs, one line each
+    python3 run.py train          # the main job: train the tiny model on the stdlib corpus (CPU ok)
+    python3 run.py test           # the whole test suite
     python3 run.py generate --checkpoint out/tiny --prompt "def "
 
-On first use (and whenever pyproject.toml changes) it creates a virtual environment in .venv and installs
-minillm with its dependencies into it; then it runs the job with that environment's Python. Nothing to
-activate, nothing else to install. Needs only Python >= 3.11. Uses the standard library only.
+On first use (and whenever pyproject.toml changes) it creates a virtual environment in .venv and
+installs minillm with its dependencies into it; then it runs the job with that environment's Python.
+Nothing to activate, nothing else to install. Needs only Python >= 3.11. Uses the standard library
+only.
 
 Every job runs in Python's safe-path mode (PYTHONSAFEPATH=1, Python >= 3.11): the repository root is
 not put on sys.path, so the top-level kernels/ folder is never importable as a package `kernels`, a
@@ -27,17 +29,28 @@ VENV = ROOT / ".venv"
 PY = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 STAMP = VENV / ".minillm-installed"
 JOBS = {  # job -> (what runs, one line of help): each job is reached this one way
-    "train": (["train.py"], "train or fine-tune: [config.toml] [--section.key value ...] (--help lists all)"),
-    "generate": (["generate.py"], "continue a prompt from a checkpoint (HF, minillm, Meta or GGUF)"),
-    "chat": (["generate.py", "--chat"], "talk to a fine-tuned model in the template it was trained with"),
-    "export": (["export.py"], "merge an adapter, write GGUF (f16 ... q4_k_m), an HF or a Meta directory"),
-    "doctor": (["-m", "minillm.ship.doctor"], "is FILE.gguf a faithful conversion of --against HF_DIR?"),
-    "eval": (["-m", "minillm.eval.harness"], "benchmark scores: multiple choice by log-likelihood, perplexity"),
-    "ledger": (["-m", "minillm.eval.ledger"], "held-out loss and KL from an adapter to each GGUF type"),
-    "flops": (["-m", "minillm.training.flops"], "parameters, FLOPs and memory of a run, before running it"),
-    "dataset": (["-m", "minillm.data.stdlib_qa"], "write the embedded stdlib question/answer set to --out DIR"),
-    "tour": (["-m", "minillm.tour"], "the whole path on a CPU: pretrain, LoRA, QLoRA, evaluate, export, generate"),
-    "test": (["-m", "pytest"], "the test suite (pytest's flags: -q, -k NAME, tests/test_model.py ...)"),
+    "train": (["train.py"],
+              "train or fine-tune: [config.toml] [--section.key value ...] (--help lists all)"),
+    "generate": (["generate.py"],
+                 "continue a prompt from a checkpoint (HF, minillm, Meta or GGUF)"),
+    "chat": (["generate.py", "--chat"],
+             "talk to a fine-tuned model in the template it was trained with"),
+    "export": (["export.py"],
+               "merge an adapter, write GGUF (f16 ... q4_k_m), an HF or a Meta directory"),
+    "doctor": (["-m", "minillm.ship.doctor"],
+               "is FILE.gguf a faithful conversion of --against HF_DIR?"),
+    "eval": (["-m", "minillm.eval.harness"],
+             "benchmark scores: multiple choice by log-likelihood, perplexity"),
+    "ledger": (["-m", "minillm.eval.ledger"],
+               "held-out loss and KL from an adapter to each GGUF type"),
+    "flops": (["-m", "minillm.training.flops"],
+              "parameters, FLOPs and memory of a run, before running it"),
+    "dataset": (["-m", "minillm.data.stdlib_qa"],
+                "write the embedded stdlib question/answer set to --out DIR"),
+    "tour": (["-m", "minillm.tour"],
+             "the whole path on a CPU: pretrain, LoRA, QLoRA, evaluate, export, generate"),
+    "test": (["-m", "pytest"],
+             "the test suite (pytest's flags: -q, -k NAME, tests/test_model.py ...)"),
     "python": ([], "the project's Python: python3 run.py python -c '...' | script.py"),
 }
 
@@ -60,7 +73,8 @@ def ensure_env():
 def usage() -> str:
     width = max(map(len, JOBS))
     rows = "\n".join(f"  {job:<{width}}  {help_}" for job, (_, help_) in JOBS.items())
-    return f"usage: python3 run.py JOB [ARGS...]\n\njobs:\n{rows}\n\n`python3 run.py JOB --help` lists a job's flags."
+    return (f"usage: python3 run.py JOB [ARGS...]\n\njobs:\n{rows}\n\n"
+            "`python3 run.py JOB --help` lists a job's flags.")
 
 
 def main():

@@ -1,17 +1,19 @@
-"""Train a Llama from scratch (or continue one): `python train.py [config.toml] [--section.key value ...]`.
+"""Train a Llama from scratch (or continue one):
+`python train.py [config.toml] [--section.key value ...]`.
 
-    python train.py                                   # tiny model on the Python stdlib, CPU, < 10 min
-    python train.py configs/small-125m.toml           # 125M on a GPU (bf16, torch.compile)
+    python train.py                           # tiny model on the Python stdlib, CPU, < 10 min
+    python train.py configs/small-125m.toml   # 125M on a GPU (bf16, torch.compile)
     python train.py configs/tiny.toml --schedule.max_lr 1e-3 --batch_size=32 --out_dir out/try
-    python train.py --resume                          # continue out/tiny/ckpt.pt exactly where it stopped
+    python train.py --resume                  # continue out/tiny/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py configs/1b.toml   # data parallel (DDP)
     python train.py --init_from out/tiny --finetune.method lora --data.format instruct \
-        --data.corpus alpaca.jsonl --data.packing true --out_dir out/tiny-lora          # LoRA on instructions
+        --data.corpus alpaca.jsonl --data.packing true \
+        --out_dir out/tiny-lora               # LoRA on instructions
 
-Every field of minillm/training/config.py:TrainConfig is a flag (`--help` lists them with their defaults);
-the loop itself is minillm/training/loop.py:train. The output folder holds ckpt.pt (resume state),
-train_config.json (the resolved config), tb/ (tensorboard) and an inference export that
-`python generate.py --checkpoint out/tiny` reads.
+Every field of minillm/training/config.py:TrainConfig is a flag (`--help` lists them with their
+defaults); the loop itself is minillm/training/loop.py:train. The output folder holds ckpt.pt
+(resume state), train_config.json (the resolved config), tb/ (tensorboard) and an inference export
+that `python generate.py --checkpoint out/tiny` reads.
 """
 
 import argparse
@@ -30,12 +32,15 @@ def main(argv=None):
     parser.add_argument("config", nargs="?", default=None,
                         help="TOML file of overrides (configs/*.toml) or a saved train_config.json")
     parser.add_argument("--config", dest="config_flag", default=None, metavar="PATH",
-                        help="the same file, given as a flag (python train.py --config configs/lora-tiny.toml)")
+                        help="the same file, given as a flag "
+                             "(python train.py --config configs/lora-tiny.toml)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/ckpt.pt (model, optimizer, step and RNG states)")
+                        help="continue from OUT_DIR/ckpt.pt "
+                             "(model, optimizer, step and RNG states)")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    config_path, config_flag, resume = args.pop("config"), args.pop("config_flag"), args.pop("resume")
+    config_path, config_flag, resume = (args.pop("config"), args.pop("config_flag"),
+                                        args.pop("resume"))
     args.pop("debug")  # read by run_cli
     if config_path and config_flag:
         parser.error(f"two config files given: {config_path} and --config {config_flag}")

@@ -3,26 +3,26 @@
     python3 .ci/matrix.py                 # every cell
     python3 .ci/matrix.py floors py3.13   # just these cells
 
-The README's own path (Python 3.11, whatever pip resolves today) is run by .ci/run through run.py; the
-cells here add what a new user might have instead:
+The README's own path (Python 3.11, whatever pip resolves today) is run by .ci/run through run.py;
+the cells here add what a new user might have instead:
 
     py3.12, py3.13   today's newest versions on the other supported Pythons
     floors           Python 3.11 with every dependency at the floor pyproject.toml declares
                      (`name>=X` installed as `name==X`; torch's floor brings the Triton it pins)
-    torch-cpu        Python 3.11 with the CPU build of torch 2.13.0 (the one wheel on these machines'
-                     disk) and whatever Triton pip then resolves
+    torch-cpu        Python 3.11 with the CPU build of torch 2.13.0 (the one wheel on these
+                     machines' disk) and whatever Triton pip then resolves
 
 In every cell the suite runs the Triton kernels through the interpreter against their references and
 compiles every kernel variant ahead of time for sm_80 and sm_90 (tests/test_kernels_compile.py), so
-"works with this Triton" is tested without a GPU. The cells leave out the two end-to-end files (the tour,
-and the docs' runnable blocks: about 8 minutes of training runs on 2 cores that call the library the
-other tests cover); the README cell runs them, so CI stays well inside its 90 minutes.
+"works with this Triton" is tested without a GPU. The cells leave out the two end-to-end files (the
+tour, and the docs' runnable blocks: about 8 minutes of training runs on 2 cores that call the
+library the other tests cover); the README cell runs them, so CI stays well inside its 90 minutes.
 
-Wheels are downloaded once: each cell first `pip download`s its requirements into one shared wheelhouse
-(~/.cache/minillm-ci/wheels, kept between runs; pip skips a file that is already there), then installs
-from it with --no-index. pip's own HTTP cache is not relied on (on these machines it stores nothing).
-Venvs live in .ci-venvs/ (ignored by git), are made anew each run and removed after their cell.
-Standard library only; exits non-zero if any cell fails, after a summary table.
+Wheels are downloaded once: each cell first `pip download`s its requirements into one shared
+wheelhouse (~/.cache/minillm-ci/wheels, kept between runs; pip skips a file that is already there),
+then installs from it with --no-index. pip's own HTTP cache is not relied on (on these machines it
+stores nothing). Venvs live in .ci-venvs/ (ignored by git), are made anew each run and removed after
+their cell. Standard library only; exits non-zero if any cell fails, after a summary table.
 """
 
 import shutil
@@ -39,8 +39,10 @@ PYENV = Path.home() / ".pyenv" / "versions"
 
 
 def find_python(version: str) -> str:
-    """The interpreter for `version` ("3.12"): pyenv's newest patch release, else pythonX.Y on PATH."""
-    found = sorted(PYENV.glob(f"{version}.*/bin/python3"), key=lambda p: [int(x) for x in p.parts[-3].split(".")])
+    """The interpreter for `version` ("3.12"): pyenv's newest patch release, else pythonX.Y on
+    PATH."""
+    found = sorted(PYENV.glob(f"{version}.*/bin/python3"),
+                   key=lambda p: [int(x) for x in p.parts[-3].split(".")])
     if found:
         return str(found[-1])
     exe = shutil.which(f"python{version}")
@@ -50,10 +52,12 @@ def find_python(version: str) -> str:
 
 
 def requirements() -> list[str]:
-    """What `pip install -e .[dev]` needs from an index: the build backend, dependencies and dev extras."""
+    """What `pip install -e .[dev]` needs from an index: the build backend, dependencies and dev
+    extras."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     build = project["build-system"]["requires"]
-    return [*build, *project["project"]["dependencies"], *project["project"]["optional-dependencies"]["dev"]]
+    return [*build, *project["project"]["dependencies"],
+            *project["project"]["optional-dependencies"]["dev"]]
 
 
 def floor_pins() -> list[str]:
@@ -108,7 +112,8 @@ def run_cell(name: str, pytest_args: list[str]) -> tuple[str, str, float]:
     print(f"[{name}] {versions}", flush=True)
     rc = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *END_TO_END, *pytest_args])
     shutil.rmtree(venv, ignore_errors=True)  # a CUDA torch venv is ~5 GB
-    return name, ("passed" if rc == 0 else f"FAILED (pytest exit {rc})") + f" — {versions}", time.time() - t0
+    result = ("passed" if rc == 0 else f"FAILED (pytest exit {rc})") + f" — {versions}"
+    return name, result, time.time() - t0
 
 
 def main(argv: list[str]) -> int:

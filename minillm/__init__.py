@@ -7,11 +7,17 @@ without breaking anyone. Each name lives in the file its docstring names (`help(
 
     model = load_pretrained("open_llama_3b_v2", dtype=torch.bfloat16, device="cuda")
     tok = load_tokenizer("open_llama_3b_v2")
-    print(generate_text(model, tok, "Q: What is the largest animal?\\nA:", SamplingConfig(temperature=0)))
+    print(generate_text(model, tok, "Q: What is the largest animal?\\nA:",
+                        SamplingConfig(temperature=0)))
 """
 
 from minillm.config import ModelConfig
-from minillm.finetune.adapters import apply_lora, lora_disabled, mark_only_lora_trainable, merge_lora
+from minillm.finetune.adapters import (
+    apply_lora,
+    lora_disabled,
+    mark_only_lora_trainable,
+    merge_lora,
+)
 from minillm.finetune.nf4_linear import NF4Linear, nf4_hook
 from minillm.finetune.peft_io import load_adapter, save_adapter
 from minillm.formats.load import load_pretrained, load_tokenizer
@@ -24,8 +30,8 @@ from minillm.training.config import TrainConfig, load_config
 from minillm.training.loop import train
 
 __all__ = [
-    "ExportConfig", "Llama", "ModelConfig", "NF4Linear", "SamplingConfig", "Tokenizer", "TrainConfig",
-    "apply_lora", "export", "generate_text", "load_adapter", "load_config", "load_pretrained", "load_tokenizer",
-    "lora_disabled", "mark_only_lora_trainable", "merge_lora", "nf4_hook", "save_adapter", "train",
-    "train_tokenizer",
+    "ExportConfig", "Llama", "ModelConfig", "NF4Linear", "SamplingConfig", "Tokenizer",
+    "TrainConfig", "apply_lora", "export", "generate_text", "load_adapter", "load_config",
+    "load_pretrained", "load_tokenizer", "lora_disabled", "mark_only_lora_trainable", "merge_lora",
+    "nf4_hook", "save_adapter", "train", "train_tokenizer",
 ]

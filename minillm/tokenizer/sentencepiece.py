@@ -5,12 +5,13 @@ is spelled as its UTF-8 bytes (`<0xE2>` pieces), so encode → decode is lossles
 unk 0, bos 1, eos 2; a BOS is prepended to a prompt. We call SentencePiece directly (the
 auto-converted "fast" HF tokenizer is known to tokenize some inputs differently).
 
-Added pieces (`add_pieces`, e.g. ChatML's "<|im_start|>"): appended to the vocabulary as USER_DEFINED
-pieces, and encoded the way llama.cpp and HF's slow tokenizer do: the text is first split on them, each
-becomes its own id, and every stretch of text between them is encoded by SentencePiece on its own (so it
-gets the dummy-prefix "▁" a text start gets). SentencePiece alone would match them inside the text
-instead ("<|im_start|>user" → "▁", "<|im_start|>", "u", …), which llama.cpp would not reproduce. `decode`
-is the inverse: each stretch decoded on its own, the added pieces spelled as they are.
+Added pieces (`add_pieces`, e.g. ChatML's "<|im_start|>"): appended to the vocabulary as
+USER_DEFINED pieces, and encoded the way llama.cpp and HF's slow tokenizer do: the text is first
+split on them, each becomes its own id, and every stretch of text between them is encoded by
+SentencePiece on its own (so it gets the dummy-prefix "▁" a text start gets). SentencePiece alone
+would match them inside the text instead ("<|im_start|>user" → "▁", "<|im_start|>", "u", …), which
+llama.cpp would not reproduce. `decode` is the inverse: each stretch decoded on its own, the added
+pieces spelled as they are.
 
 Paper: Kudo & Richardson 2018, https://arxiv.org/abs/1808.06226
 """
@@ -45,7 +46,8 @@ class Tokenizer:
         if model_path.is_dir():
             model_path = model_path / "tokenizer.model"
         if not model_path.is_file():
-            raise FileNotFoundError(f"{model_path}: tokenizer model not found (expected a SentencePiece .model)")
+            raise FileNotFoundError(f"{model_path}: tokenizer model not found "
+                                    "(expected a SentencePiece .model)")
         self.path, self._bytes = model_path, None
         try:
             self.sp.Load(str(model_path))
@@ -71,23 +73,26 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        """LLaMA tokenizers define no pad piece (-1); batches pad with unk and mask the loss instead."""
+        """LLaMA tokenizers define no pad piece (-1); batches pad with unk and mask the loss
+        instead."""
         pad = self.sp.pad_id()
         return pad if pad >= 0 else self.unk_id
 
     def _find_added_pieces(self):
-        """self.added {piece: id}: the USER_DEFINED pieces that are not whitespace, i.e. added tokens such
-        as "<|im_start|>" (`add_pieces`). The GGUF writer gives exactly these llama.cpp's USER_DEFINED type;
-        whitespace ones (our trained "\n" and "\t") stay with SentencePiece's own handling, as they stay
-        NORMAL in GGUF (gguf_writer.py says why)."""
+        """self.added {piece: id}: the USER_DEFINED pieces that are not whitespace, i.e. added
+        tokens such as "<|im_start|>" (`add_pieces`). The GGUF writer gives exactly these
+        llama.cpp's USER_DEFINED type; whitespace ones (our trained "\n" and "\t") stay with
+        SentencePiece's own handling, as they stay NORMAL in GGUF (gguf_writer.py says why)."""
         self.added: dict[str, int] = {}
         self._split_re = None
         data, what = self.model_bytes(), str(self.path or "tokenizer")
-        tail = bytes([3 << 3, USER_DEFINED_PIECE])  # "type = USER_DEFINED", the last field of such a piece
+        # "type = USER_DEFINED", the last field of such a piece
+        tail = bytes([3 << 3, USER_DEFINED_PIECE])
         if tail not in data:
             return  # no piece can be USER_DEFINED: skip parsing (a 32000-piece model takes ~0.3 s)
         for i, piece in enumerate(proto_fields(data, what).get(1, [])):
-            if piece.endswith(tail) and proto_fields(piece, f"{what} piece {i}").get(3) == [USER_DEFINED_PIECE]:
+            if (piece.endswith(tail)
+                    and proto_fields(piece, f"{what} piece {i}").get(3) == [USER_DEFINED_PIECE]):
                 if self.sp.IdToPiece(i).strip():
                     self.added[self.sp.IdToPiece(i)] = i
         if self.added:
@@ -99,7 +104,8 @@ class Tokenizer:
         return frozenset(self.added.values())
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        parts = self._split_re.split(text) if self._split_re else [text]  # text, piece, text, piece, …, text
+        # text, piece, text, piece, …, text
+        parts = self._split_re.split(text) if self._split_re else [text]
         ids = [self.bos_id] if bos and self.bos_id >= 0 else []
         for i, part in enumerate(parts):
             if i % 2:
@@ -124,18 +130,20 @@ class Tokenizer:
         return "".join(out) + self.sp.DecodeIds(run)
 
     def add_pieces(self, pieces: Iterable[str], out_path: str | Path) -> Tokenizer:
-        """Write this model with `pieces` appended as USER_DEFINED pieces (ids V, V+1, …) to out_path
-        (atomically) and return it loaded. Each piece must be new, non-empty and free of whitespace (a
-        space inside would be escaped to "▁" by SentencePiece but not by llama.cpp). The model's embedding
-        and lm_head need as many new rows: minillm/finetune/new_tokens.py."""
+        """Write this model with `pieces` appended as USER_DEFINED pieces (ids V, V+1, …) to
+        out_path (atomically) and return it loaded. Each piece must be new, non-empty and free of
+        whitespace (a space inside would be escaped to "▁" by SentencePiece but not by llama.cpp).
+        The model's embedding and lm_head need as many new rows: minillm/finetune/new_tokens.py."""
         pieces = list(pieces)
         for p in pieces:
             if not p or any(c.isspace() for c in p):
                 raise ValueError(f"add_pieces: {p!r} must be non-empty and contain no whitespace")
-            if pieces.count(p) > 1 or self.sp.PieceToId(p) != self.unk_id or p == self.sp.IdToPiece(self.unk_id):
-                raise ValueError(f"add_pieces: {p!r} is given twice or is already a piece of {self.path or 'this'} "
-                                 "vocabulary")
-        data = self.model_bytes() + b"".join(piece_entry(p, 0.0, USER_DEFINED_PIECE) for p in pieces)
+            if (pieces.count(p) > 1 or self.sp.PieceToId(p) != self.unk_id
+                    or p == self.sp.IdToPiece(self.unk_id)):
+                raise ValueError(f"add_pieces: {p!r} is given twice or is already a piece of "
+                                 f"{self.path or 'this'} vocabulary")
+        data = self.model_bytes() + b"".join(piece_entry(p, 0.0, USER_DEFINED_PIECE)
+                                             for p in pieces)
         atomic_write_bytes(Path(out_path), data)
         return Tokenizer(out_path)
 
@@ -172,7 +180,8 @@ def train_tokenizer(
         corpus = Path(tmp) / "corpus.txt"
         with open(corpus, "w", encoding="utf-8") as f:
             for text in texts:
-                # one "sentence" per line for the trainer; keep the newline as a visible symbol inside
+                # one "sentence" per line for the trainer; keep the newline as a visible
+                # symbol inside
                 for line in text.split("\n"):
                     if line.strip():
                         f.write(line + "\n")

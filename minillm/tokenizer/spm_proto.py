@@ -1,8 +1,8 @@
 """SentencePiece's ModelProto, encoded and decoded by hand (no protobuf dependency).
 
-Protobuf wire format (https://protobuf.dev/programming-guides/encoding/): a message is a run of fields,
-each `varint(field_number << 3 | wire_type)` then the value: wire 0 a varint, 1 eight bytes, 2 a varint
-length + bytes (strings and nested messages), 5 four bytes (float32).
+Protobuf wire format (https://protobuf.dev/programming-guides/encoding/): a message is a run of
+fields, each `varint(field_number << 3 | wire_type)` then the value: wire 0 a varint, 1 eight bytes,
+2 a varint length + bytes (strings and nested messages), 5 four bytes (float32).
 
 The parts of sentencepiece_model.proto that minillm touches (field numbers from that file):
 
@@ -14,8 +14,8 @@ The parts of sentencepiece_model.proto that minillm touches (field numbers from 
     NormalizerSpec  { 1: name, 3: add_dummy_prefix (default true), 4: remove_extra_whitespaces,
                       5: escape_whitespaces }
 
-Two uses: the GGUF writer reads what the SentencePiece API does not expose (`add_dummy_prefix`, which
-pieces are USER_DEFINED: `piece_types`) from a tokenizer.model, and the GGUF reader rebuilds a
+Two uses: the GGUF writer reads what the SentencePiece API does not expose (`add_dummy_prefix`,
+which pieces are USER_DEFINED: `piece_types`) from a tokenizer.model, and the GGUF reader rebuilds a
 tokenizer.model from the vocabulary a GGUF carries (`bpe_model_proto`).
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 NORMAL_PIECE, USER_DEFINED_PIECE, BYTE_PIECE = 1, 4, 6  # SentencePiece.Type values
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Encoding
 
 
@@ -54,26 +54,31 @@ def _pb_float(num: int, value: float) -> bytes:
 
 
 def piece_entry(piece: str, score: float, piece_type: int) -> bytes:
-    """One `pieces` entry (ModelProto field 1). Appended to a serialized model it adds a piece at the end of
-    the vocabulary: a parser concatenates the values of a repeated field in file order."""
-    return _pb_bytes(1, _pb_bytes(1, piece.encode("utf-8")) + _pb_float(2, float(score)) + _pb_int(3, int(piece_type)))
+    """One `pieces` entry (ModelProto field 1). Appended to a serialized model it adds a piece at
+    the end of the vocabulary: a parser concatenates the values of a repeated field in file
+    order."""
+    return _pb_bytes(1, _pb_bytes(1, piece.encode("utf-8")) + _pb_float(2, float(score))
+                     + _pb_int(3, int(piece_type)))
 
 
 def bpe_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int],
                     special_ids: dict[str, int], add_dummy_prefix: bool) -> bytes:
     """A serialized BPE ModelProto over these pieces.
 
-    `special_ids` maps "unknown", "bos", "eos", "padding" to ids (-1: none). Normalization is identity
-    with whitespace escaped to "▁", no extra-whitespace removal, and the dummy prefix as given: what
-    llama.cpp applies to a "llama" vocabulary. byte_fallback is on when any piece is a BYTE piece.
+    `special_ids` maps "unknown", "bos", "eos", "padding" to ids (-1: none). Normalization is
+    identity with whitespace escaped to "▁", no extra-whitespace removal, and the dummy prefix as
+    given: what llama.cpp applies to a "llama" vocabulary. byte_fallback is on when any piece is a
+    BYTE piece.
     """
     pieces = b"".join(piece_entry(t, s, ty) for t, s, ty in zip(tokens, scores, types, strict=True))
     trainer = _pb_int(3, 2)  # model_type = BPE
     trainer += _pb_int(4, len(tokens))  # vocab_size
     trainer += _pb_int(35, int(BYTE_PIECE in {int(t) for t in types}))  # byte_fallback
-    for num, name in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):  # unk/bos/eos/pad_id
+    # unk/bos/eos/pad_id
+    for num, name in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):
         trainer += _pb_int(num, special_ids[name])
-    for num, name in ((45, "unknown"), (46, "bos"), (47, "eos"), (48, "padding")):  # unk/bos/eos/pad_piece
+    # unk/bos/eos/pad_piece
+    for num, name in ((45, "unknown"), (46, "bos"), (47, "eos"), (48, "padding")):
         if special_ids[name] >= 0:
             trainer += _pb_bytes(num, tokens[special_ids[name]].encode("utf-8"))
     normalizer = _pb_bytes(1, b"identity")  # name
@@ -83,12 +88,13 @@ def bpe_model_proto(tokens: Sequence[str], scores: Sequence[float], types: Seque
     return pieces + _pb_bytes(2, trainer) + _pb_bytes(3, normalizer)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Decoding
 
 
 def proto_fields(buf: bytes, what: str) -> dict[int, list]:
-    """Decode one message level: field number -> values (ints, or bytes for length-delimited fields).
+    """Decode one message level: field number -> values (ints, or bytes for length-delimited
+    fields).
 
     Raises ValueError naming `what` and the byte position on a malformed varint, an unsupported wire
     type (3, 4: groups) or a field running past the end.
@@ -127,13 +133,16 @@ def _read_varint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
 
 
 def add_dummy_prefix(model_bytes: bytes, what: str) -> bool:
-    """NormalizerSpec.add_dummy_prefix of a serialized ModelProto (true when absent, the proto default)."""
+    """NormalizerSpec.add_dummy_prefix of a serialized ModelProto (true when absent, the proto
+    default)."""
     model = proto_fields(model_bytes, what)
     normalizer = proto_fields(model[3][-1], f"{what} normalizer_spec") if 3 in model else {}
     return bool(normalizer.get(3, [1])[-1])
 
 
 def piece_types(model_bytes: bytes, what: str) -> list[int]:
-    """SentencePiece.type of every piece, in id order (NORMAL when the field is absent, its default)."""
+    """SentencePiece.type of every piece, in id order (NORMAL when the field is absent, its
+    default)."""
     pieces = proto_fields(model_bytes, what).get(1, [])
-    return [proto_fields(p, f"{what} piece {i}").get(3, [NORMAL_PIECE])[-1] for i, p in enumerate(pieces)]
+    return [proto_fields(p, f"{what} piece {i}").get(3, [NORMAL_PIECE])[-1]
+            for i, p in enumerate(pieces)]

@@ -1,11 +1,12 @@
 """Training checkpoints: atomic writes that hold every RNG state, so a resumed run is exact.
 
-A checkpoint (out_dir/ckpt.pt) holds the model's trained tensors, the optimizer and GradScaler states, the
-step, the run's config and every random state (torch CPU and CUDA, numpy, Python's `random`, and the data
-generator that draws each step's batch). Since a step's batch and lr are pure functions of those, a run
-stopped at step k and resumed logs bit-identical losses on CPU. With a frozen base (LoRA / QLoRA) only the
-trained tensors are saved; the base is rebuilt from `init_from`. `plain_llama` folds adapters and NF4
-weights back into a plain float32 Llama, what `save_model` writes for generate.py and export.py.
+A checkpoint (out_dir/ckpt.pt) holds the model's trained tensors, the optimizer and GradScaler
+states, the step, the run's config and every random state (torch CPU and CUDA, numpy, Python's
+`random`, and the data generator that draws each step's batch). Since a step's batch and lr are pure
+functions of those, a run stopped at step k and resumed logs bit-identical losses on CPU. With a
+frozen base (LoRA / QLoRA) only the trained tensors are saved; the base is rebuilt from `init_from`.
+`plain_llama` folds adapters and NF4 weights back into a plain float32 Llama, what `save_model`
+writes for generate.py and export.py.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def rng_states(data_generator: torch.Generator) -> dict:
     return dict(
         torch_cpu=torch.get_rng_state(),
         torch_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=np_state[2],
-                   has_gauss=np_state[3], cached_gaussian=np_state[4]),
+        numpy=dict(name=np_state[0], keys=torch.from_numpy(np_state[1].astype(np.int64)),
+                   pos=np_state[2], has_gauss=np_state[3], cached_gaussian=np_state[4]),
         python=random.getstate(),
         data=data_generator.get_state(),
     )
@@ -47,10 +48,10 @@ def set_rng_states(states: dict, data_generator: torch.Generator):
     data_generator.set_state(states["data"])
 
 
-def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
-                    val_loss: float | None = None):
-    """torch.save through fileio.atomic_write (temp file, fsync, rename): a kill mid-write keeps the old file,
-    a full disk raises DiskFullError naming `path`."""
+def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data_generator,
+                    cfg: TrainConfig, val_loss: float | None = None):
+    """torch.save through fileio.atomic_write (temp file, fsync, rename): a kill mid-write keeps the
+    old file, a full disk raises DiskFullError naming `path`."""
     ckpt = dict(
         model=trainable_state(model),
         model_config=model.config.to_dict(),
@@ -66,8 +67,9 @@ def save_checkpoint(path: Path, model: Llama, optimizer, scaler, step: int, data
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state for full training; only the trained tensors when the base is frozen (LoRA/QLoRA):
-    the base is rebuilt from init_from on resume, so a 7B QLoRA checkpoint holds megabytes, not gigabytes."""
+    """The whole state for full training; only the trained tensors when the base is frozen
+    (LoRA/QLoRA): the base is rebuilt from init_from on resume, so a 7B QLoRA checkpoint holds
+    megabytes, not gigabytes."""
     frozen = {k for k, p in model.named_parameters() if not p.requires_grad}
     if not frozen:
         return model.state_dict()
@@ -85,8 +87,8 @@ def load_trainable_state(model: torch.nn.Module, state: dict, source: str):
 
 
 def plain_llama(model: Llama) -> Llama:
-    """A plain float32 Llama with every LoRA adapter folded in (W0 + (α/r)·BA) and NF4 weights dequantized:
-    what save_model writes for generate.py. `model` itself is not changed."""
+    """A plain float32 Llama with every LoRA adapter folded in (W0 + (α/r)·BA) and NF4 weights
+    dequantized: what save_model writes for generate.py. `model` itself is not changed."""
     with torch.device("meta"):
         plain = Llama(model.config)
     state = {}
@@ -111,6 +113,7 @@ def load_checkpoint(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # torch's own text advises weights_only=False
-        raise ValueError(f"{path}: not a readable minillm training checkpoint (truncated or another format: "
-                         f"{type(e).__name__})") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        # torch's own text advises weights_only=False
+        raise ValueError(f"{path}: not a readable minillm training checkpoint "
+                         f"(truncated or another format: {type(e).__name__})") from None

@@ -4,12 +4,14 @@
       <- configs/*.toml          (only overrides; [model], [data], [optim], [schedule], ... tables)
       <- command line            (--optim.weight_decay 0.05, --schedule.max_lr=1e-3, --batch_size 8)
 
-Later layers win. An unknown key or a value of the wrong type is an error naming the key and where it
-came from (the TOML file, or "command line"), raised before anything is built. nanoGPT's configurator
-`exec`s a Python file for this; we keep its rules (unknown key -> error, type checked) without the exec.
+Later layers win. An unknown key or a value of the wrong type is an error naming the key and where
+it came from (the TOML file, or "command line"), raised before anything is built. nanoGPT's
+configurator `exec`s a Python file for this; we keep its rules (unknown key -> error, type checked)
+without the exec.
 
-The resolved config is written beside the checkpoint as train_config.json, so a run can be reproduced
-from its output folder alone (`python train.py out/tiny/train_config.json`, JSON or TOML both load).
+The resolved config is written beside the checkpoint as train_config.json, so a run can be
+reproduced from its output folder alone (`python train.py out/tiny/train_config.json`, JSON or TOML
+both load).
 """
 
 from __future__ import annotations
@@ -33,33 +35,43 @@ from minillm.util.strict import check_value, field_types
 
 @dataclass
 class DataConfig:
-    corpus: str = "stdlib"  # "stdlib" (the embedded default), a text file, a directory, or a .jsonl file;
-    # with format "instruct": "stdlib" (the embedded instruction set) or a .json/.jsonl of examples
-    format: str = "pretrain"  # "pretrain": token stream windows; "instruct": prompt/response examples
-    cache_dir: str = "data_cache/stdlib"  # train.bin / val.bin / meta.json (+ tokenizer.model) land here
-    tokenizer: str = ""  # an existing tokenizer.model; "" trains one (model.vocab_size) on the corpus
+    # "stdlib" (the embedded default), a text file, a directory, or a .jsonl file; with format
+    # "instruct": "stdlib" (the embedded instruction set) or a .json/.jsonl of examples
+    corpus: str = "stdlib"
+    # "pretrain": token stream windows; "instruct": prompt/response examples
+    format: str = "pretrain"
+    # train.bin / val.bin / meta.json (+ tokenizer.model) land here
+    cache_dir: str = "data_cache/stdlib"
+    # an existing tokenizer.model; "" trains one (model.vocab_size) on the corpus
+    tokenizer: str = ""
     tokenizer_max_chars: int = 4_000_000  # characters of corpus the tokenizer is trained on
     val_frac: float = 0.05  # last fraction of the token stream kept for validation
     seed: int = 1337  # document shuffle (split) and tokenizer sample seed
     num_workers: int = 2  # tokenizer processes (0 or 1: tokenize in this process)
+
     # instruct only (data.corpus is then a .json/.jsonl of examples, see minillm/data/instruct.py)
-    instruct_format: str = "auto"  # alpaca | sharegpt | completion | auto (detected from the first record)
-    template: str = ""  # prompt template name from minillm/data/templates.py; "" picks the format's default
+    # alpaca | sharegpt | completion | auto (detected from the first record)
+    instruct_format: str = "auto"
+    # prompt template name from minillm/data/templates.py; "" picks the format's default
+    template: str = ""
     packing: bool = False  # several examples per row with a block-diagonal attention mask
     train_on_inputs: bool = False  # also train on the prompt tokens (default: response tokens only)
 
     def __post_init__(self):
         _choice("data.format", self.format, ("pretrain", "instruct"))
-        _choice("data.instruct_format", self.instruct_format, ("auto", "alpaca", "sharegpt", "completion"))
-        _check("data.tokenizer_max_chars", self.tokenizer_max_chars, self.tokenizer_max_chars >= 1, ">= 1")
+        _choice("data.instruct_format", self.instruct_format,
+                ("auto", "alpaca", "sharegpt", "completion"))
+        _check("data.tokenizer_max_chars", self.tokenizer_max_chars, self.tokenizer_max_chars >= 1,
+               ">= 1")
         _check("data.val_frac", self.val_frac, 0 < self.val_frac < 1, "in (0, 1)")
         _check("data.num_workers", self.num_workers, self.num_workers >= 0, ">= 0")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/training/muon.py);
-    # TrainConfig's default (the main job) is "muon"
+    # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
+    # (minillm/training/muon.py); TrainConfig's default (the main job) is "muon"
+    name: str = "adamw"
     weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
     beta1: float = 0.9
     beta2: float = 0.95
@@ -68,7 +80,8 @@ class OptimConfig:
 
     def __post_init__(self):
         _check("optim.name", self.name, self.name in ("adamw", "muon"), '"adamw" or "muon"')
-        _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0 (0: no decay)")
+        _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0,
+               ">= 0 (0: no decay)")
         for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
             _check(key, beta, 0 <= beta < 1, "in [0, 1) (an Adam moment's decay rate)")
         _check("optim.eps", self.eps, self.eps > 0, "> 0 (it keeps Adam's division finite)")
@@ -77,31 +90,42 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full | lora | qlora (adapters: minillm/finetune/adapters.py; an NF4 base for qlora)
+    # full | lora | qlora (adapters: minillm/finetune/adapters.py; an NF4 base for qlora)
+    method: str = "full"
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # scale alpha / r on the adapter output
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # modules to wrap
-    double_quant: bool = False  # qlora: store the NF4 scales in 8 bits too (4.127 bits/weight, not 4.5)
+    # modules to wrap
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    # qlora: store the NF4 scales in 8 bits too (4.127 bits/weight, not 4.5)
+    double_quant: bool = False
     use_rslora: bool = False  # rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r
     use_dora: bool = False  # DoRA: a learned magnitude per output row (with lora, or qlora: QDoRA)
-    modules_to_save: list[str] = field(default_factory=list)  # trained in full beside the adapters (PEFT's
-    # name), e.g. ["embed_tokens", "lm_head"]; saved whole in the adapter
-    new_tokens: list[str] = field(default_factory=list)  # pieces added to the tokenizer, e.g. ["<|im_start|>",
-    # "<|im_end|>"]; embed_tokens / lm_head grow by as many rows (the mean of the old rows; new_tokens.py)
+    # trained in full beside the adapters (PEFT's name), e.g. ["embed_tokens", "lm_head"]; saved
+    # whole in the adapter
+    modules_to_save: list[str] = field(default_factory=list)
+    # pieces added to the tokenizer, e.g. ["<|im_start|>", "<|im_end|>"]; embed_tokens / lm_head
+    # grow by as many rows (the mean of the old rows; new_tokens.py)
+    new_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _choice("finetune.method", self.method, ("full", "lora", "qlora"))
         adapters = self.method != "full"
-        _check("finetune.use_dora", self.use_dora, adapters or not self.use_dora, "false with method 'full'")
+        _check("finetune.use_dora", self.use_dora, adapters or not self.use_dora,
+               "false with method 'full'")
         _check("finetune.modules_to_save", self.modules_to_save,
-               set(self.modules_to_save) <= {"embed_tokens", "lm_head"} and (adapters or not self.modules_to_save),
-               "a subset of ['embed_tokens', 'lm_head'], with an adapter method (full trains everything)")
+               (set(self.modules_to_save) <= {"embed_tokens", "lm_head"}
+                and (adapters or not self.modules_to_save)),
+               "a subset of ['embed_tokens', 'lm_head'], with an adapter method "
+               "(full trains everything)")
         _check("finetune.modules_to_save", self.modules_to_save,
-               not (adapters and self.new_tokens) or set(self.modules_to_save) == {"embed_tokens", "lm_head"},
-               "['embed_tokens', 'lm_head'] when new_tokens are added with adapters (their rows must train)")
+               (not (adapters and self.new_tokens)
+                or set(self.modules_to_save) == {"embed_tokens", "lm_head"}),
+               "['embed_tokens', 'lm_head'] when new_tokens are added with adapters "
+               "(their rows must train)")
         _check("finetune.lora_r", self.lora_r, self.lora_r >= 1, ">= 1")
-        _check("finetune.lora_alpha", self.lora_alpha, self.lora_alpha > 0, "> 0 (the adapter scale is alpha / r)")
+        _check("finetune.lora_alpha", self.lora_alpha, self.lora_alpha > 0,
+               "> 0 (the adapter scale is alpha / r)")
         _check("finetune.lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
 
 
@@ -118,7 +142,8 @@ class EvalConfig:
         _check("eval.interval", self.interval, self.interval >= 0, ">= 0 (0: only at the end)")
         # eval always runs at the end, and 0 batches would average to a NaN val loss
         _check("eval.iters", self.iters, self.iters >= 1, ">= 1")
-        _check("eval.sample_tokens", self.sample_tokens, self.sample_tokens >= 0, ">= 0 (0: no sample)")
+        _check("eval.sample_tokens", self.sample_tokens, self.sample_tokens >= 0,
+               ">= 0 (0: no sample)")
         _check("eval.temperature", self.temperature, self.temperature >= 0, ">= 0 (0: greedy)")
         _check("eval.top_k", self.top_k, self.top_k >= 0, ">= 0")
 
@@ -128,7 +153,8 @@ class LogConfig:
     interval: int = 10  # tensorboard scalars every this many steps
     tensorboard: bool = True  # write out_dir/tb (view with `tensorboard --logdir out`)
     progress_bar: bool = True  # the tqdm bar (loss, tokens/s)
-    peak_flops: float = 0.0  # accelerator peak for MFU; 0: 989e12 (H100 bf16 dense) on CUDA, no MFU on CPU
+    # accelerator peak for MFU; 0: 989e12 (H100 bf16 dense) on CUDA, no MFU on CPU
+    peak_flops: float = 0.0
 
     def __post_init__(self):
         _check("log.interval", self.interval, self.interval >= 1, ">= 1")
@@ -138,38 +164,46 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = 200  # save every this many steps (and at the end); 0 only at the end
-    export: bool = True  # also write model.safetensors + minillm_config.json + tokenizer.model to out_dir
+    # also write model.safetensors + minillm_config.json + tokenizer.model to out_dir
+    export: bool = True
 
     def __post_init__(self):
-        _check("checkpoint.interval", self.interval, self.interval >= 0, ">= 0 (0: only at the end)")
+        _check("checkpoint.interval", self.interval, self.interval >= 0,
+               ">= 0 (0: only at the end)")
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "out/tiny"  # ckpt.pt, train_config.json, the inference export, tb/
-    init_from: str = "scratch"  # "scratch", or a checkpoint directory (HF/OpenLLaMA or minillm) to start from
+    # "scratch", or a checkpoint directory (HF/OpenLLaMA or minillm) to start from
+    init_from: str = "scratch"
     seed: int = 1337  # model init and the data sampler
     device: str = "auto"  # auto | cpu | cuda | cuda:N  (under torchrun: cuda:LOCAL_RANK)
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16 (GradScaler)
-    cpu_threads: int = 0  # torch threads on CPU (0: torch's default, every core). On a machine shared with
-    # other busy processes, 1 avoids OpenMP spin-wait stalls (measured 2-40x slower steps when overloaded)
+    # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16 (GradScaler)
+    dtype: str = "auto"
+    # torch threads on CPU (0: torch's default, every core). On a machine shared with other busy
+    # processes, 1 avoids OpenMP spin-wait stalls (measured 2-40x slower steps when overloaded)
+    cpu_threads: int = 0
     compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~33% more compute
-    batch_size: int = 16  # sequences per micro-step, summed over all ranks (each rank takes batch_size / W)
+    # recompute each block in backward: less memory, ~33% more compute
+    activation_checkpointing: bool = False
+    # sequences per micro-step, summed over all ranks (each rank takes batch_size / W)
+    batch_size: int = 16
     block_size: int = 128  # tokens per sequence (<= model.max_seq_len)
     grad_accum_steps: int = 1  # micro-steps per optimizer step; tokens/step = batch*block*accum
-    max_steps: int = 0  # stop after this step count (0: schedule.total_steps); the schedule is unchanged
-    # the architecture when init_from = "scratch" (a pretrained init_from brings its own). The default is
-    # the "tiny" preset, 1.33M parameters (0.5M of them the 4096-row embedding, tied to lm_head): about 5
-    # minutes for 1000 steps on 2 cores
+    # stop after this step count (0: schedule.total_steps); the schedule is unchanged
+    max_steps: int = 0
+    # the architecture when init_from = "scratch" (a pretrained init_from brings its own). The
+    # default is the "tiny" preset, 1.33M parameters (0.5M of them the 4096-row embedding, tied to
+    # lm_head): about 5 minutes for 1000 steps on 2 cores
     model: ModelConfig = field(default_factory=lambda: ModelConfig.from_name("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
-    # the main job trains with Muon (0.21 nats lower whole-val loss than AdamW in the same 1000 steps);
-    # the fine-tuning and GPU configs set "adamw", the OptimConfig default
+    # the main job trains with Muon (0.21 nats lower whole-val loss than AdamW in the same 1000
+    # steps); the fine-tuning and GPU configs set "adamw", the OptimConfig default
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="muon"))
     schedule: ScheduleConfig = field(
-        # warmup-stable-decay: 30 steps up, flat at 6e-3, then down to 0 over the last 40% (whole-val
-        # loss 3.381; cosine from 6e-3 to 6e-4: 3.443)
+        # warmup-stable-decay: 30 steps up, flat at 6e-3, then down to 0 over the last 40%
+        # (whole-val loss 3.381; cosine from 6e-3 to 6e-4: 3.443)
         default_factory=lambda: ScheduleConfig(
             name="wsd", max_lr=6e-3, min_lr=0.0, warmup_steps=30, total_steps=1000, decay_frac=0.4
         )
@@ -181,7 +215,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check("device", self.device, re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+        _check("device", self.device,
+               re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "auto, cpu, cuda, cuda:N or mps")
         _check("cpu_threads", self.cpu_threads, self.cpu_threads >= 0, ">= 0 (0: torch's default)")
         for name in ("batch_size", "block_size", "grad_accum_steps"):
@@ -201,8 +236,8 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its --resume (they do not change what is computed)
-RESUMABLE_CHANGES = ("max_steps", "cpu_threads", "compile", "eval", "log", "checkpoint", "data.num_workers",
-                     "device")
+RESUMABLE_CHANGES = ("max_steps", "cpu_threads", "compile", "eval", "log", "checkpoint",
+                     "data.num_workers", "device")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]):
@@ -211,32 +246,36 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]):
 
 
 def _check(key: str, value, ok: bool, expected: str):
-    """Raise unless `ok`. NaN fails every comparison, so `ok` is False for it and it is refused too."""
+    """Raise unless `ok`. NaN fails every comparison, so `ok` is False for it and it is refused
+    too."""
     if not ok:
         raise ValueError(f"{key} must be {expected}, found {value!r}")
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # strict overrides: a flat {"section.key": value} applied to a config, each key and type checked
 
 
 def apply_overrides(cfg, flat: dict[str, Any], source: str):
-    """A new config with each dotted key set; unknown keys, sections set to scalars and wrong types raise."""
+    """A new config with each dotted key set; unknown keys, sections set to scalars and wrong
+    types raise."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         node, obj, parts = nested, cfg, key.split(".")
         for i, part in enumerate(parts):
-            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            if (not dataclasses.is_dataclass(obj)
+                    or part not in {f.name for f in dataclasses.fields(obj)}):
                 where = ".".join(parts[:i]) or type(cfg).__name__
                 is_section = dataclasses.is_dataclass(obj)
                 known = sorted(f.name for f in dataclasses.fields(obj)) if is_section else []
-                raise KeyError(f"{source}: unknown config key {key!r} ({part!r} is not a field of {where}; "
-                               f"expected one of {known})")
+                raise KeyError(f"{source}: unknown config key {key!r} "
+                               f"({part!r} is not a field of {where}; expected one of {known})")
             tp = field_types(type(obj))[part]
             obj = getattr(obj, part)
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(obj):
-                    raise TypeError(f"{source}: {key} is a section ([{key}] in TOML), found value {value!r}")
+                    raise TypeError(f"{source}: {key} is a section ([{key}] in TOML), "
+                                    f"found value {value!r}")
                 node[part] = check_value(key, value, tp, source)
             else:
                 node = node.setdefault(part, {})
@@ -248,9 +287,11 @@ def _replace(obj, nested: dict, source: str):
                for k, v in nested.items()}
     if isinstance(obj, ModelConfig) and "n_heads" in changes and "n_kv_heads" not in changes \
             and obj.n_kv_heads == obj.n_heads:
-        changes["n_kv_heads"] = None  # plain multi-head stays plain: None resolves to the new n_heads
+        # plain multi-head stays plain: None resolves to the new n_heads
+        changes["n_kv_heads"] = None
     try:
-        return dataclasses.replace(obj, **changes)  # re-runs __post_init__: cross-field checks apply
+        # re-runs __post_init__: cross-field checks apply
+        return dataclasses.replace(obj, **changes)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{source}: {e}") from None
 
@@ -266,14 +307,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- the TOML (or saved JSON) file at `path` <- `overrides` (dotted keys, "command line")."""
+def load_config(path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- the TOML (or saved JSON) file at `path` <- `overrides` (dotted keys,
+    "command line")."""
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config file not found")
-        d = read_json_object(path, "config file") if path.suffix == ".json" else read_toml(path, "config file")
+        d = (read_json_object(path, "config file") if path.suffix == ".json"
+             else read_toml(path, "config file"))
         cfg = apply_overrides(cfg, flatten(d), str(path))
     if overrides:
         cfg = apply_overrides(cfg, overrides, "command line")
@@ -289,7 +333,8 @@ def save_config(cfg: TrainConfig, path: str | Path):
 
 
 def resume_mismatches(saved: dict, now: TrainConfig) -> list[str]:
-    """Keys whose value differs between a checkpoint's config and this run's, other than RESUMABLE_CHANGES."""
+    """Keys whose value differs between a checkpoint's config and this run's, other than
+    RESUMABLE_CHANGES."""
     old, new = flatten(saved), flatten(to_dict(now))
     keys = sorted(set(old) | set(new))
     allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
@@ -297,7 +342,7 @@ def resume_mismatches(saved: dict, now: TrainConfig) -> list[str]:
             if not allowed(k) and old.get(k) != new.get(k)]
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the command line: one --section.key flag per field, generated from the dataclasses
 
 
@@ -321,14 +366,15 @@ def _parse_value(tp: Any, key: str):
         try:
             return tp(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--{key} expects {tp.__name__}, found {s!r}") from None
+            raise argparse.ArgumentTypeError(f"--{key} expects {tp.__name__}, "
+                                             f"found {s!r}") from None
 
     return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cfg: TrainConfig | None = None):
-    """One flag per leaf field (--out_dir, --optim.weight_decay, --schedule.max_lr, ...); dest is the
-    dotted key, default SUPPRESS so only flags actually given become overrides."""
+    """One flag per leaf field (--out_dir, --optim.weight_decay, --schedule.max_lr, ...); dest is
+    the dotted key, default SUPPRESS so only flags actually given become overrides."""
     cfg = cfg or TrainConfig()
 
     def walk(obj, prefix):
@@ -338,7 +384,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: TrainConfig | None = 
                 walk(value, key + ".")
                 continue
             metavar = {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR"}.get(tp, "VALUE")
-            parser.add_argument(f"--{key}", dest=key, type=_parse_value(tp, key), default=argparse.SUPPRESS,
-                                metavar=metavar, help=f"override {key} (default: {value!r})")
+            parser.add_argument(f"--{key}", dest=key, type=_parse_value(tp, key),
+                                default=argparse.SUPPRESS, metavar=metavar,
+                                help=f"override {key} (default: {value!r})")
 
     walk(cfg, "")

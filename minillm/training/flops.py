@@ -3,40 +3,44 @@
     python -m minillm.training.flops --preset openllama-7b --method qlora --seq 1024 --batch 4
     python -m minillm.training.flops --config configs/1b.toml
 
-This file is the one place parameters and FLOPs are counted: the estimator below, the trainer's printed
-summary and its MFU (training/loop.py) all call it.
+This file is the one place parameters and FLOPs are counted: the estimator below, the trainer's
+printed summary and its MFU (training/loop.py) all call it.
 
 Compute (PaLM appendix B): each weight does one multiply-add per token forward (2 FLOPs) and two in
-backward (4 FLOPs), so training costs 6N FLOPs/token for the N non-embedding weights (lm_head included),
-plus the attention scores and weighted sum, 12·L·C·T (T the sequence length). LoRA/QLoRA still run the
-full forward and the backward through every layer, but skip the weight gradients of the frozen base:
-4N + 6·N_adapter. MFU divides the FLOPs of the method that ran by the accelerator's peak.
+backward (4 FLOPs), so training costs 6N FLOPs/token for the N non-embedding weights (lm_head
+included), plus the attention scores and weighted sum, 12·L·C·T (T the sequence length). LoRA/QLoRA
+still run the full forward and the backward through every layer, but skip the weight gradients of
+the frozen base: 4N + 6·N_adapter. MFU divides the FLOPs of the method that ran by the accelerator's
+peak.
 
-Parameters are logical weights: an NF4 projection (QLoRA's base) holds its in·out weights as packed 4-bit
-codes in buffers, not as parameters, and still counts in·out (model_params counts a built model this way,
-count_params a config; tests/test_flops.py checks that the two agree).
+Parameters are logical weights: an NF4 projection (QLoRA's base) holds its in·out weights as packed
+4-bit codes in buffers, not as parameters, and still counts in·out (model_params counts a built
+model this way, count_params a config; tests/test_flops.py checks that the two agree).
 
 Memory, per component:
 
     weights      full: fp32 master copy (4 B/param, autocast runs the matmuls in bf16)
                  lora: frozen base in bf16 (2 B) + fp32 adapters
-                 qlora: block projections in NF4, 4.5 bits/param (4-bit code + one fp32 absmax per 64;
-                        4.127 with double quantization), embeddings / lm_head / norms bf16, fp32 adapters
+                 qlora: block projections in NF4, 4.5 bits/param (4-bit code + one fp32 absmax
+                        per 64; 4.127 with double quantization), embeddings / lm_head / norms
+                        bf16, fp32 adapters
     gradients    fp32, only for what trains (full: every weight; lora/qlora: the adapters)
     optimizer    AdamW: two fp32 moments per trained parameter (8 B)
-    activations  what autograd keeps for backward, counted from model.py (elements per layer, C = dim,
-                 Ckv = kv width, F = hidden_dim, H = heads):
-                   RMSNorm × 2        3·BTC each (its input, the normalised x, the scaled output) + BT
-                   attention          q (BTC) and k, v (2·BT·Ckv) for SDPA, its output (BTC), logsumexp (BHT)
-                   SwiGLU             gate, up, silu(gate), their product: 4·BTF
+    activations  what autograd keeps for backward, counted from model.py (elements per layer,
+                 C = dim, Ckv = kv width, F = hidden_dim, H = heads):
+                   RMSNorm × 2  3·BTC each (its input, the normalised x, the scaled output) + BT
+                   attention    q (BTC) and k, v (2·BT·Ckv) for SDPA, its output (BTC),
+                                logsumexp (BHT)
+                   SwiGLU       gate, up, silu(gate), their product: 4·BTF
                  plus the final norm (3·BTC), the logits and their log-softmax (2·BTV).
-                 With activation checkpointing only each block's input (BTC) is kept, plus one block's
-                 activations while it is recomputed in backward.
-                 Bytes per element: 2 under bf16 autocast (an approximation: RMSNorm keeps fp32), 4 in fp32.
+                 With activation checkpointing only each block's input (BTC) is kept, plus one
+                 block's activations while it is recomputed in backward.
+                 Bytes per element: 2 under bf16 autocast (an approximation: RMSNorm keeps fp32),
+                 4 in fp32.
     KV cache     inference: 2 (k and v) · L · B · T · Ckv · 2 bytes (bf16)
 
-tests/test_flops.py checks these counts against the bytes of the tensors autograd actually saves in a
-small CPU model (within 15%).
+tests/test_flops.py checks these counts against the bytes of the tensors autograd actually saves in
+a small CPU model (within 15%).
 """
 
 from __future__ import annotations
@@ -50,9 +54,11 @@ from minillm.config import ModelConfig
 from minillm.finetune.adapters import DEFAULT_TARGETS
 from minillm.util.cli import ArgumentParser, run_cli
 
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
+# dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
+H100_BF16_PEAK_FLOPS = 989e12
 NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
-NF4_DQ_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)  # double quantization: 8-bit absmax + fp32 per 256 blocks
+# double quantization: 8-bit absmax + fp32 per 256 blocks
+NF4_DQ_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -81,13 +87,16 @@ def lora_params(cfg: ModelConfig, r: int, targets: list[str]) -> int:
     return cfg.n_layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapter_params: int = 0) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full",
+                    adapter_params: int = 0) -> float:
     """Training FLOPs per token, N the parameters that multiply: the blocks, the norms and lm_head's
     vocab·C (also when it is tied to the embedding, whose lookup costs nothing):
 
-      full:        6N + 12·L·C·T   (per weight: 2 forward, 2 for the input gradient, 2 for its own gradient)
-      lora/qlora:  4N + 6·N_adapter + 12·L·C·T   (a frozen weight skips its own gradient; the input
-                   gradient still flows through it to the adapters below)
+      full:        6N + 12·L·C·T
+                   (per weight: 2 forward, 2 for the input gradient, 2 for its own gradient)
+      lora/qlora:  4N + 6·N_adapter + 12·L·C·T
+                   (a frozen weight skips its own gradient; the input gradient still flows
+                   through it to the adapters below)
     The attention term (scores and weighted sum, forward + backward) is the same in all three."""
     n = count_params(cfg)
     per_weight = 6 if method == "full" else 4
@@ -97,8 +106,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, method: str = "full", adapte
 
 def model_params(model: nn.Module) -> tuple[int, int]:
     """(all, trainable) parameters of a built model, as logical weights: a module that computes with
-    `dequantize()` instead of an nn.Linear weight (an NF4Linear) counts its in·out weights. For a model
-    built for `method`, these are estimate(cfg, method, ...).params and .trainable."""
+    `dequantize()` instead of an nn.Linear weight (an NF4Linear) counts its in·out weights. For a
+    model built for `method`, these are estimate(cfg, method, ...).params and .trainable."""
     total = sum(p.numel() for p in model.parameters())  # a tied lm_head is yielded once
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for m in model.modules():
@@ -108,16 +117,17 @@ def model_params(model: nn.Module) -> tuple[int, int]:
 
 
 def parameter_summary(model: nn.Module) -> str:
-    """One line, as PEFT's print_trainable_parameters prints it (the trainer prints it for adapter runs):
-    "trainable params: … || all params: … || trainable%: …" (an NF4 base counts its in·out weights)."""
+    """One line, as PEFT's print_trainable_parameters prints it (the trainer prints it for adapter
+    runs): "trainable params: … || all params: … || trainable%: …" (an NF4 base counts its in·out
+    weights)."""
     total, trainable = model_params(model)
     pct = 100 * trainable / total
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """flops_per_token for a built Llama: "full" when every parameter trains, else a frozen base with the
-    trainable parameters as adapters (4N + 6·N_adapter)."""
+    """flops_per_token for a built Llama: "full" when every parameter trains, else a frozen base
+    with the trainable parameters as adapters (4N + 6·N_adapter)."""
     total, trainable = model_params(model)
     if trainable == total:
         return flops_per_token(model.config, seq_len, "full")
@@ -130,8 +140,10 @@ def layer_activation_elements(cfg: ModelConfig, batch: int, seq: int, lora_r: in
     B, T, C, F = batch, seq, cfg.dim, cfg.hidden_dim
     Ckv = cfg.n_kv_heads * cfg.head_dim
     return (
-        2 * (3 * B * T * C + B * T)  # input_layernorm, post_attention_layernorm: x, x·rsqrt, ·weight; rsqrt
-        + 2 * B * T * C + 2 * B * T * Ckv + cfg.n_heads * B * T  # attention: q, out; k, v; logsumexp
+        # input_layernorm, post_attention_layernorm: x, x·rsqrt, ·weight; rsqrt
+        2 * (3 * B * T * C + B * T)
+        # attention: q, out; k, v; logsumexp
+        + 2 * B * T * C + 2 * B * T * Ckv + cfg.n_heads * B * T
         + 4 * B * T * F  # SwiGLU: gate, up, silu(gate), product
         + len(lora_targets) * B * T * lora_r  # each adapter's (B, T, r) intermediate A·x
     )
@@ -139,8 +151,9 @@ def layer_activation_elements(cfg: ModelConfig, batch: int, seq: int, lora_r: in
 
 def activation_elements(cfg: ModelConfig, batch: int, seq: int, checkpointing: bool = False,
                         lora_r: int = 0, lora_targets: tuple[str, ...] = ()) -> int:
-    """Elements autograd holds for backward: the blocks, the final norm (3·BTC + BT) and the logits with
-    their log-softmax (2·BTV). With checkpointing: each block's input, plus one block being recomputed."""
+    """Elements autograd holds for backward: the blocks, the final norm (3·BTC + BT) and the logits
+    with their log-softmax (2·BTV). With checkpointing: each block's input, plus one block being
+    recomputed."""
     B, T = batch, seq
     per_layer = layer_activation_elements(cfg, B, T, lora_r, lora_targets)
     top = 3 * B * T * cfg.dim + B * T + 2 * B * T * cfg.vocab_size
@@ -190,17 +203,21 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
         weights = round(n["block_linear"] * bits / 8) + 2 * dense + 4 * adapters
     act = lambda ckpt: act_bytes * activation_elements(cfg, batch, seq, ckpt, r, targets)
     return Estimate(
-        params=n["total"] + adapters, trainable=trainable, flops_per_token=flops_per_token(cfg, seq, method, adapters),
+        params=n["total"] + adapters, trainable=trainable,
+        flops_per_token=flops_per_token(cfg, seq, method, adapters),
         weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
-        activations=act(False), activations_checkpointed=act(True), kv_cache=kv_cache_bytes(cfg, batch, seq),
+        activations=act(False), activations_checkpointed=act(True),
+        kv_cache=kv_cache_bytes(cfg, batch, seq),
     )
 
 
-def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int, est: Estimate) -> str:
+def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int,
+                  est: Estimate) -> str:
     gib = lambda b: f"{b / 2**30:9.2f} GiB"
     lines = [
         f"{name}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
-        f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | method {method}, batch {batch}, seq {seq}",
+        f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | "
+        f"method {method}, batch {batch}, seq {seq}",
         f"parameters             {est.params:>15,d}   (trainable {est.trainable:,d})",
         f"training FLOPs/token   {est.flops_per_token:>15.4g}   "
         f"({'6N' if method == 'full' else '4N + 6N_adapter'} + 12·L·C·T)",
@@ -208,8 +225,8 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
         f"weights                {gib(est.weights)}",
         f"gradients              {gib(est.gradients)}",
         f"optimizer (AdamW)      {gib(est.optimizer)}",
-        f"activations            {gib(est.activations)}   ({gib(est.activations_checkpointed).strip()} "
-        "with activation checkpointing)",
+        f"activations            {gib(est.activations)}   "
+        f"({gib(est.activations_checkpointed).strip()} with activation checkpointing)",
         f"total                  {gib(est.total(False))}   "
         f"({gib(est.total(True)).strip()} with checkpointing)",
         f"KV cache (inference)   {gib(est.kv_cache)}   (bf16, batch {batch} × {seq} tokens)",
@@ -220,21 +237,28 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
 def main(argv=None) -> str:
     parser = ArgumentParser(description="Parameters, training FLOPs and memory of a Llama config.")
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="a ModelConfig preset name, e.g. openllama-7b, 1b, tiny")
+    src.add_argument("--preset", default=None,
+                     help="a ModelConfig preset name, e.g. openllama-7b, 1b, tiny")
     src.add_argument("--config", default=None,
-                     help="a train TOML (configs/*.toml): model, batch_size, block_size, finetune.* from it")
+                     help="a train TOML (configs/*.toml): model, batch_size, block_size, "
+                          "finetune.* from it")
     parser.add_argument("--method", choices=("full", "lora", "qlora"), default=None,
                         help="what trains (default: full, or finetune.method from --config)")
     parser.add_argument("--seq", type=int, default=None,
-                        help="sequence length (default: block_size, or 1024 capped at the preset's max_seq_len)")
-    parser.add_argument("--batch", type=int, default=None, help="micro-batch size (default 1 or batch_size)")
-    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default 8 or finetune.lora_r)")
+                        help="sequence length (default: block_size, or 1024 capped at the "
+                             "preset's max_seq_len)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="micro-batch size (default 1 or batch_size)")
+    parser.add_argument("--lora-r", type=int, default=None,
+                        help="LoRA rank (default 8 or finetune.lora_r)")
     parser.add_argument("--lora-targets", default=None,
-                        help="comma-separated projections to adapt (default: all seven, q_proj … down_proj)")
+                        help="comma-separated projections to adapt "
+                             "(default: all seven, q_proj … down_proj)")
     parser.add_argument("--act-bytes", type=int, default=2,
                         help="bytes per activation element (2 bf16, 4 fp32)")
     parser.add_argument("--double-quant", action="store_true",
-                        help="qlora: NF4 scales double-quantized (default: finetune.double_quant from --config)")
+                        help="qlora: NF4 scales double-quantized "
+                             "(default: finetune.double_quant from --config)")
     args = parser.parse_args(argv)
     method, seq, batch, r, double_quant = "full", 1024, 1, 8, False
     targets = list(DEFAULT_TARGETS)
@@ -244,7 +268,8 @@ def main(argv=None) -> str:
         tc = load_config(args.config)
         cfg, name = tc.model, args.config
         method, seq, batch = tc.finetune.method, tc.block_size, tc.batch_size
-        r, targets, double_quant = tc.finetune.lora_r, tc.finetune.lora_targets, tc.finetune.double_quant
+        r, targets, double_quant = (tc.finetune.lora_r, tc.finetune.lora_targets,
+                                    tc.finetune.double_quant)
     else:
         name = args.preset or "openllama-7b"
         cfg = ModelConfig.from_name(name)

@@ -1,5 +1,5 @@
-"""What a training run reports: the summary line, the progress bar, tensorboard scalars, MFU, and the
-val loss with a short sample after each eval (`Logger`, used by training.train from rank 0)."""
+"""What a training run reports: the summary line, the progress bar, tensorboard scalars, MFU, and
+the val loss with a short sample after each eval (`Logger`, used by training.train from rank 0)."""
 
 from __future__ import annotations
 
@@ -32,18 +32,21 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Logger:
-    """What a run reports, from rank 0: the model summary, the tqdm bar (loss, tokens/s), tensorboard
-    scalars in out_dir/tb (train every log.interval steps: loss, lr, grad norm, tokens/s, peak memory, MFU;
-    val at each eval) and, after each eval, the val loss with a short sample. On other ranks it is silent.
+    """What a run reports, from rank 0: the model summary, the tqdm bar (loss, tokens/s),
+    tensorboard scalars in out_dir/tb (train every log.interval steps: loss, lr, grad norm,
+    tokens/s, peak memory, MFU; val at each eval) and, after each eval, the val loss with a short
+    sample. On other ranks it is silent.
 
-    MFU = tokens/s × FLOPs/token / peak, FLOPs/token from flops.py (6N for full training, 4N + 6N_adapter
-    under LoRA/QLoRA, + attention); peak is log.peak_flops, or an H100's bf16 peak on CUDA (none on CPU)."""
+    MFU = tokens/s × FLOPs/token / peak, FLOPs/token from flops.py (6N for full training,
+    4N + 6N_adapter under LoRA/QLoRA, + attention); peak is log.peak_flops, or an H100's bf16 peak
+    on CUDA (none on CPU)."""
 
-    def __init__(self, cfg: TrainConfig, data, model: Llama, device: torch.device, dtype: torch.dtype,
-                 world_size: int, start_step: int, master: bool):
+    def __init__(self, cfg: TrainConfig, data, model: Llama, device: torch.device,
+                 dtype: torch.dtype, world_size: int, start_step: int, master: bool):
         self.cfg, self.data, self.device, self.master = cfg, data, device, master
         self.flops_per_token = model_flops_per_token(model, cfg.block_size)
-        self.peak_flops = cfg.log.peak_flops or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
+        self.peak_flops = (cfg.log.peak_flops
+                           or (H100_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0))
         self.train_time, self.tokens, self.samples = 0.0, 0, []
         self.writer = None
         if master and cfg.log.tensorboard:
@@ -54,13 +57,15 @@ class Logger:
                         disable=not (master and cfg.log.progress_bar))
         if master:
             n, n_train = model_params(model)  # NF4 projections count their in·out weights
-            print(f"model: {n / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
-                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | {data.describe()} | device {device}, "
-                  f"{dtype}, {world_size} rank(s)")
+            print(f"model: {n / 1e6:.2f}M parameters "
+                  f"({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
+                  f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | {data.describe()} | "
+                  f"device {device}, {dtype}, {world_size} rank(s)")
             if cfg.finetune.method != "full":
                 print(parameter_summary(model))  # the line PEFT prints, to compare with a peft run
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, n_tokens: int, seconds: float):
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, n_tokens: int,
+             seconds: float):
         self.train_time += seconds
         self.tokens += n_tokens
         tokens_per_s = n_tokens / seconds
@@ -74,10 +79,12 @@ class Logger:
         self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
         self.writer.add_scalar("perf/peak_memory_gib", peak_memory_bytes(self.device) / 2**30, step)
         if self.peak_flops:
-            self.writer.add_scalar("perf/mfu", tokens_per_s * self.flops_per_token / self.peak_flops, step)
+            mfu = tokens_per_s * self.flops_per_token / self.peak_flops
+            self.writer.add_scalar("perf/mfu", mfu, step)
 
     def eval(self, step: int, val_loss: float, model: Llama):
-        """Print the val loss after `step` steps and, if eval.sample_tokens > 0, a sample from the model."""
+        """Print the val loss after `step` steps and, if eval.sample_tokens > 0, a sample from the
+        model."""
         if not self.master:
             return
         e = self.cfg.eval
@@ -99,8 +106,8 @@ class Logger:
         e, tok = self.cfg.eval, self.data.tokenizer
         keep = model.config.max_seq_len - min(e.sample_tokens, model.config.max_seq_len // 2)
         ids = tok.encode(prompt, bos=True)[-keep:]
-        cfg = SamplingConfig(max_new_tokens=e.sample_tokens, temperature=e.temperature, top_k=e.top_k or None,
-                             seed=self.cfg.seed)
+        cfg = SamplingConfig(max_new_tokens=e.sample_tokens, temperature=e.temperature,
+                             top_k=e.top_k or None, seed=self.cfg.seed)
         return tok.decode(ids) + generate_text(model, tok, ids, cfg, continues_prompt=True)
 
     def tokens_per_s(self) -> float:
@@ -110,9 +117,11 @@ class Logger:
         """Close the bar and the tensorboard file; after a finished run, print its last line."""
         self.bar.close()
         if self.master and val_loss is not None:
-            vs = "" if math.isnan(self.data.baseline) else f" vs unigram baseline {self.data.baseline:.4f} nats/token"
-            print(f"done: {self.cfg.num_steps} steps, val loss {val_loss:.4f}{vs}, {self.tokens_per_s():,.0f} "
-                  f"tokens/s, peak memory {peak_memory_bytes(self.device) / 2**30:.2f} GiB; checkpoint in "
-                  f"{self.cfg.out_dir}")
+            vs = ("" if math.isnan(self.data.baseline)
+                  else f" vs unigram baseline {self.data.baseline:.4f} nats/token")
+            print(f"done: {self.cfg.num_steps} steps, val loss {val_loss:.4f}{vs}, "
+                  f"{self.tokens_per_s():,.0f} tokens/s, "
+                  f"peak memory {peak_memory_bytes(self.device) / 2**30:.2f} GiB; "
+                  f"checkpoint in {self.cfg.out_dir}")
         if self.writer is not None:
             self.writer.close()

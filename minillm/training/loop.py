@@ -3,34 +3,37 @@
     prepare_data (TokenStream | InstructExamples) -> build_model (full / LoRA / QLoRA) -> AdamW
       -> [resume_state] -> compile / DDP
       -> for each step: lr = get_lr(step) ; k micro-batches ; forward/backward ; clip ; step
-                        ; Logger.step ; eval + Logger.eval (sample) ; write_outputs (checkpoint, export)
+                        ; Logger.step ; eval + Logger.eval (sample)
+                        ; write_outputs (checkpoint, export)
 
-The pieces it needs sit above it, each small enough to test directly: the optimizer, the token-normalised
-gradient accumulation, the eval loop, the two data sources behind one interface, the model builder and the
-writer of a checkpoint step's outputs. Checkpoints with every RNG state are in training/checkpoint.py, the logger
-(bar, tensorboard, MFU, samples) in training/log.py.
+The pieces it needs sit above it, each small enough to test directly: the optimizer, the
+token-normalised gradient accumulation, the eval loop, the two data sources behind one interface,
+the model builder and the writer of a checkpoint step's outputs. Checkpoints with every RNG state
+are in training/checkpoint.py, the logger (bar, tensorboard, MFU, samples) in training/log.py.
 
 Gradient accumulation is normalised by target tokens, not by micro-batches: the loss of a step is
-    L = (sum over all micro-batches and ranks of the token cross-entropies) / (number of non-ignored targets)
-so k micro-batches give exactly the gradient of one batch k times larger, even when micro-batches hold
-different numbers of -100 targets (padded instruction data). Averaging per-micro-batch means would weight
-a token in a short micro-batch more than one in a long one.
+    L = (sum over all micro-batches and ranks of the token cross-entropies)
+        / (number of non-ignored targets)
+so k micro-batches give exactly the gradient of one batch k times larger, even when micro-batches
+hold different numbers of -100 targets (padded instruction data). Averaging per-micro-batch means
+would weight a token in a short micro-batch more than one in a long one.
 
-Exact resume: the batch of a step is a pure function of the data generator's state (data.get_batch), the
-lr is a pure function of the step (schedulers.py), eval and sampling draw from their own generators, and
-the checkpoint holds model, optimizer, GradScaler, step and every RNG state. So on CPU a run stopped at
-step k and resumed logs bit-identical losses to the uninterrupted run.
+Exact resume: the batch of a step is a pure function of the data generator's state (data.get_batch),
+the lr is a pure function of the step (schedulers.py), eval and sampling draw from their own
+generators, and the checkpoint holds model, optimizer, GradScaler, step and every RNG state. So on
+CPU a run stopped at step k and resumed logs bit-identical losses to the uninterrupted run.
 
 Fine-tuning uses the same loop: `init_from` names a checkpoint directory (HF/OpenLLaMA or minillm),
-`finetune.method` = full | lora | qlora (lora.py wraps the target projections of a frozen base, held in
-NF4 for qlora), and `data.format = "instruct"` draws padded or packed prompt/response batches whose
-prompt targets are -100 (instruct.py). With adapters the checkpoint holds only the trained tensors (the
-base is reloaded from init_from on resume), and the export is both the PEFT adapter (out_dir/adapter) and
-a plain model with the adapters folded in, so generate.py needs no LoRA support.
+`finetune.method` = full | lora | qlora (lora.py wraps the target projections of a frozen base, held
+in NF4 for qlora), and `data.format = "instruct"` draws padded or packed prompt/response batches
+whose prompt targets are -100 (instruct.py). With adapters the checkpoint holds only the trained
+tensors (the base is reloaded from init_from on resume), and the export is both the PEFT adapter
+(out_dir/adapter) and a plain model with the adapters folded in, so generate.py needs no LoRA
+support.
 
-Multi-GPU: launched by `torchrun --nproc_per_node W train.py ...`, each rank draws the same global batch
-offsets and keeps its 1/W slice, DDP averages gradients (we pre-multiply by W so the average is the
-token-normalised sum above). gloo on CPU, nccl on CUDA.
+Multi-GPU: launched by `torchrun --nproc_per_node W train.py ...`, each rank draws the same global
+batch offsets and keeps its 1/W slice, DDP averages gradients (we pre-multiply by W so the average
+is the token-normalised sum above). gloo on CPU, nccl on CUDA.
 """
 
 from __future__ import annotations
@@ -85,25 +88,28 @@ from minillm.training.schedulers import get_lr
 from minillm.util.device import pick_device, pick_dtype
 from minillm.util.fileio import atomic_write_bytes, remove_stale_temp_files
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # optimizer
 
 
-def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
-                        eps: float, fused: bool, name: str = "adamw") -> torch.optim.Optimizer:
-    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm gains):
-    decaying a norm gain pulls it toward 0, which only fights the normalisation. name "muon": the same
-    groups, with Muon's orthogonalized updates for the blocks' matrices (minillm/training/muon.py)."""
+def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float,
+                        betas: tuple[float, float], eps: float, fused: bool,
+                        name: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm
+    gains): decaying a norm gain pulls it toward 0, which only fights the normalisation. name
+    "muon": the same groups, with Muon's orthogonalized updates for the blocks' matrices
+    (minillm/training/muon.py)."""
     if name == "muon":
         return muon_adamw(model, weight_decay, lr, betas, eps)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    groups = [dict(params=decay, weight_decay=weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loss and gradient accumulation
 
 
@@ -115,14 +121,16 @@ def forward_backward(model, batches, n_targets: int, world_size: int = 1, autoca
                      scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Accumulate into .grad the gradient of  sum(token losses of all ranks' batches) / n_targets.
 
-    batches: this rank's micro-batches [(x, y) or (x, y, attn_mask)]; n_targets: the non-ignored targets
-    of every micro-batch on every rank. Each rank scales by world_size because DDP averages over ranks.
-    Returns this rank's summed token loss (detached), for logging.
+    batches: this rank's micro-batches [(x, y) or (x, y, attn_mask)]; n_targets: the non-ignored
+    targets of every micro-batch on every rank. Each rank scales by world_size because DDP averages
+    over ranks. Returns this rank's summed token loss (detached), for logging.
     """
     total = torch.zeros((), device=batches[0][0].device)
     for i, batch in enumerate(batches):
-        # DDP all-reduces in backward; only the last micro-batch needs to (the grads keep summing locally)
-        sync = nullcontext() if not isinstance(model, DDP) or i == len(batches) - 1 else model.no_sync()
+        # DDP all-reduces in backward; only the last micro-batch needs to (the grads keep summing
+        # locally)
+        sync = (nullcontext() if not isinstance(model, DDP) or i == len(batches) - 1
+                else model.no_sync())
         with sync:
             with autocast():
                 loss_sum = token_loss_sum(model, *batch)
@@ -132,12 +140,12 @@ def forward_backward(model, batches, n_targets: int, world_size: int = 1, autoca
     return total
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # evaluation and sampling
 
 
-def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, seed: int, autocast=nullcontext,
-                  rank: int = 0, world_size: int = 1) -> float:
+def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, seed: int,
+                  autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
     """Mean token cross-entropy over `iters` random windows of `data`, drawn from a generator seeded
     with `seed` (the same windows at every evaluation, so val losses are comparable)."""
     g = torch.Generator().manual_seed(seed)
@@ -145,30 +153,31 @@ def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, see
     return held_out_loss(model, batches, autocast, world_size)["loss"]
 
 
-def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int, autocast=nullcontext,
-                           rank: int = 0, world_size: int = 1) -> float:
-    """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file order
-    (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
+def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int,
+                           autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
+    """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file
+    order (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
     first = itertools.islice(iter_batches(examples, batch_size, pad_id), iters)
     batches = (b for i, b in enumerate(first) if i % world_size == rank)
     return held_out_loss(model, batches, autocast, world_size)["loss"]
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data: pretraining and instruction tuning reach the loop through one small interface
 #
-#   data.tokenizer                                  what both splits were encoded with
-#   data.draw(generator, rank, world_size)          this rank's slice of one global micro-batch, (x, y) or
-#                                                   (x, y, attn_mask): a pure function of the generator
+#   data.tokenizer                          what both splits were encoded with
+#   data.draw(generator, rank, world_size)  this rank's slice of one global micro-batch, (x, y) or
+#                                           (x, y, attn_mask): a pure function of the generator
 #   data.val_loss(model, autocast, rank, world_size)
-#                                                   token-mean val loss, over the same batches every time
-#   data.prompt(text)                               a sample prompt, asked the way the examples were
-#   data.baseline, data.describe()                  for the printed summary
+#                                           token-mean val loss, over the same batches every time
+#   data.prompt(text)                       a sample prompt, asked the way the examples were
+#   data.baseline, data.describe()          for the printed summary
 
 
 @dataclass
 class TokenStream:
-    """Pretraining: random (x, y) windows of the train / val token streams (np.memmap, data/pretrain.py)."""
+    """Pretraining: random (x, y) windows of the train / val token streams (np.memmap,
+    data/pretrain.py)."""
 
     cfg: TrainConfig
     tokenizer: Tokenizer
@@ -181,12 +190,13 @@ class TokenStream:
 
     def draw(self, generator: torch.Generator, rank: int, world_size: int):
         c = self.cfg
-        return get_batch(self.train, c.batch_size, c.block_size, generator, rank, world_size)  # (B/W, T) x2
+        # (B/W, T) x2
+        return get_batch(self.train, c.batch_size, c.block_size, generator, rank, world_size)
 
     def val_loss(self, model, autocast, rank: int, world_size: int) -> float:
         c = self.cfg
-        return estimate_loss(model, self.val, c.batch_size, c.block_size, c.eval.iters, c.seed, autocast, rank,
-                             world_size)
+        return estimate_loss(model, self.val, c.batch_size, c.block_size, c.eval.iters, c.seed,
+                             autocast, rank, world_size)
 
     def prompt(self, text: str) -> str:
         return text
@@ -198,8 +208,8 @@ class TokenStream:
 
 @dataclass
 class InstructExamples:
-    """Instruction tuning: tokenized prompt/response examples (instruct.py) whose prompt targets are -100,
-    padded per batch, or packed several to a row with a block-diagonal attention mask."""
+    """Instruction tuning: tokenized prompt/response examples (instruct.py) whose prompt targets are
+    -100, padded per batch, or packed several to a row with a block-diagonal attention mask."""
 
     cfg: TrainConfig
     tokenizer: Tokenizer
@@ -209,29 +219,32 @@ class InstructExamples:
 
     def draw(self, generator: torch.Generator, rank: int, world_size: int):
         c = self.cfg
+        # (B/W, T) x2, mask (B/W, 1, T, T) or None
         x, y, mask = get_instruct_batch(self.train, c.batch_size, generator, self.tokenizer.pad_id,
-                                        c.data.packing, c.block_size, pad_to_max=c.compile, rank=rank,
-                                        world_size=world_size)  # (B/W, T) x2, mask (B/W, 1, T, T) or None
+                                        c.data.packing, c.block_size, pad_to_max=c.compile,
+                                        rank=rank, world_size=world_size)
         return (x, y) if mask is None else (x, y, mask)
 
     def val_loss(self, model, autocast, rank: int, world_size: int) -> float:
         c = self.cfg
-        return estimate_instruct_loss(model, self.val, c.batch_size, c.eval.iters, self.tokenizer.pad_id,
-                                      autocast, rank, world_size)
+        return estimate_instruct_loss(model, self.val, c.batch_size, c.eval.iters,
+                                      self.tokenizer.pad_id, autocast, rank, world_size)
 
     def prompt(self, text: str) -> str:
-        return format_prompt(self.cfg.data.template or "alpaca", text)  # wrapped in the training template
+        # wrapped in the training template
+        return format_prompt(self.cfg.data.template or "alpaca", text)
 
     def describe(self) -> str:
         return f"{len(self.train):,} train / {len(self.val):,} val examples"
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # set-up pieces
 
 
 def setup_distributed(device_setting: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; joins the process group if W > 1."""
+    """(rank, local_rank, world_size) from torchrun's environment; joins the process group if
+    W > 1."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not dist.is_initialized():
@@ -242,21 +255,25 @@ def setup_distributed(device_setting: str) -> tuple[int, int, int]:
 
 def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamples:
     """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
-    tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init checkpoint's,
-    else one trained on the corpus (pretraining from scratch)."""
+    tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init
+    checkpoint's, else one trained on the corpus (pretraining from scratch)."""
     if cfg.data.tokenizer:
         tokenizer = Tokenizer(cfg.data.tokenizer)
     elif cfg.init_from != "scratch":
         tokenizer = Tokenizer(cfg.init_from)  # a checkpoint directory holds its tokenizer.model
     else:
         tokenizer = None
-    if cfg.finetune.new_tokens:  # appended as USER_DEFINED pieces; build_model grows the model to match
+    # appended as USER_DEFINED pieces; build_model grows the model to match
+    if cfg.finetune.new_tokens:
         if tokenizer is None:
-            raise ValueError("finetune.new_tokens extends a pretrained model's tokenizer: set init_from")
-        tokenizer = tokenizer.add_pieces(cfg.finetune.new_tokens, Path(cfg.out_dir) / "tokenizer.model")
+            raise ValueError("finetune.new_tokens extends a pretrained model's tokenizer: "
+                             "set init_from")
+        tokenizer = tokenizer.add_pieces(cfg.finetune.new_tokens,
+                                         Path(cfg.out_dir) / "tokenizer.model")
     if cfg.data.format == "instruct":
         if tokenizer is None:
-            raise ValueError("data.format='instruct' needs a tokenizer: set init_from or data.tokenizer")
+            raise ValueError("data.format='instruct' needs a tokenizer: "
+                             "set init_from or data.tokenizer")
         paths, test_paths = cfg.data.corpus, None
         if cfg.data.corpus == "stdlib":  # the embedded instruction set, with its held-out split
             from minillm.data.stdlib_qa import build_stdlib_dataset
@@ -264,34 +281,38 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
             ds = build_stdlib_dataset(Path(cfg.data.cache_dir))
             paths, test_paths = ds.train_path, ds.test_path
         data = load_instruct_data(paths, tokenizer, cfg.data.template or None,
-                                  cfg.data.instruct_format, cfg.block_size, cfg.data.train_on_inputs,
-                                  cfg.data.val_frac, test_paths=test_paths, seed=cfg.data.seed)
+                                  cfg.data.instruct_format, cfg.block_size,
+                                  cfg.data.train_on_inputs, cfg.data.val_frac,
+                                  test_paths=test_paths, seed=cfg.data.seed)
         if verbose:
             print(data.summary())
             template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
-            if template is not None:  # export ships it as a chat template; generate.py --chat uses it
+            # export ships it as a chat template; generate.py --chat uses it
+            if template is not None:
                 Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
                 write_template_record(cfg.out_dir, template)
         return InstructExamples(cfg, tokenizer, data.train, data.test)
     corpus = read_corpus(cfg.data.corpus)
     cache_dir = Path(cfg.data.cache_dir)
     if tokenizer is None:
-        tokenizer = train_corpus_tokenizer(corpus, cache_dir / "tokenizer.model", cfg.model.vocab_size,
-                                           cfg.data.tokenizer_max_chars, cfg.data.seed)
+        tokenizer = train_corpus_tokenizer(corpus, cache_dir / "tokenizer.model",
+                                           cfg.model.vocab_size, cfg.data.tokenizer_max_chars,
+                                           cfg.data.seed)
     data = prepare_dataset(corpus, tokenizer, cache_dir, cfg.data.val_frac, cfg.data.seed,
                            cfg.data.num_workers, verbose=verbose)
     return TokenStream(cfg, tokenizer, data.train, data.val)
 
 
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Llama:
-    """scratch: a fresh Llama(cfg.model); otherwise the init_from checkpoint. Full training keeps float32
-    weights (autocast runs the matmuls in `dtype`); LoRA freezes a base held in `dtype`, QLoRA one in NF4,
-    and wraps the finetune.lora_targets projections in trainable float32 adapters."""
+    """scratch: a fresh Llama(cfg.model); otherwise the init_from checkpoint. Full training keeps
+    float32 weights (autocast runs the matmuls in `dtype`); LoRA freezes a base held in `dtype`,
+    QLoRA one in NF4, and wraps the finetune.lora_targets projections in trainable float32
+    adapters."""
     method = cfg.finetune.method
     if cfg.init_from == "scratch":
         if method != "full":
-            raise ValueError(f"finetune.method={method!r} adapts a pretrained model: set init_from to its "
-                             "checkpoint directory")
+            raise ValueError(f"finetune.method={method!r} adapts a pretrained model: "
+                             "set init_from to its checkpoint directory")
         return Llama(cfg.model).to(device)
     new_rows = len(cfg.finetune.new_tokens)  # pieces prepare_data appended to the tokenizer
     if method == "full":
@@ -310,9 +331,11 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
     return model.train()
 
 
-def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler, data_generator) -> int:
-    """Load ckpt.pt into a freshly built run (model, AdamW, GradScaler, every RNG); returns the step to run
-    next. The config must match the checkpoint's except for RESUMABLE_CHANGES (training/config.py)."""
+def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler,
+                 data_generator) -> int:
+    """Load ckpt.pt into a freshly built run (model, AdamW, GradScaler, every RNG); returns the step
+    to run next. The config must match the checkpoint's except for RESUMABLE_CHANGES
+    (training/config.py)."""
     ckpt = load_checkpoint(path)
     bad = resume_mismatches(ckpt["config"], cfg)
     if bad:
@@ -324,12 +347,14 @@ def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler, 
     return ckpt["step"]
 
 
-def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, data_generator, cfg: TrainConfig,
-                  val_loss: float | None, tokenizer: Tokenizer):
-    """Everything a checkpoint step writes (rank 0): ckpt.pt to resume from, and unless checkpoint.export is
-    off, what generate.py loads from out_dir: the model (adapters folded in) with its tokenizer, plus for
-    LoRA / QLoRA the adapter alone in PEFT's layout (out_dir/adapter)."""
-    save_checkpoint(out_dir / "ckpt.pt", model, optimizer, scaler, step, data_generator, cfg, val_loss)
+def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, data_generator,
+                  cfg: TrainConfig, val_loss: float | None, tokenizer: Tokenizer):
+    """Everything a checkpoint step writes (rank 0): ckpt.pt to resume from, and unless
+    checkpoint.export is off, what generate.py loads from out_dir: the model (adapters folded in)
+    with its tokenizer, plus for LoRA / QLoRA the adapter alone in PEFT's layout
+    (out_dir/adapter)."""
+    save_checkpoint(out_dir / "ckpt.pt", model, optimizer, scaler, step, data_generator, cfg,
+                    val_loss)
     if not cfg.checkpoint.export:
         return
     if cfg.finetune.method == "full":
@@ -339,7 +364,8 @@ def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, dat
     save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
                  tokenizer.path if cfg.finetune.new_tokens else None)
     if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template to export
-        atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD, (out_dir / TEMPLATE_RECORD).read_bytes())
+        atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD,
+                           (out_dir / TEMPLATE_RECORD).read_bytes())
 
 
 def stopping(ckpt_path: Path) -> str:
@@ -351,21 +377,24 @@ def stopping(ckpt_path: Path) -> str:
 
 @dataclass
 class TrainResult:
-    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss (token mean, all ranks)
-    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> global grad norm before clipping
+    # step -> train loss (token mean, all ranks)
+    losses: dict[int, float] = field(default_factory=dict)
+    # step -> global grad norm before clipping
+    grad_norms: dict[int, float] = field(default_factory=dict)
     val_losses: dict[int, float] = field(default_factory=dict)  # completed steps -> val loss
-    unigram_entropy: float = float("nan")  # nats/token of the train split: the context-free baseline
+    # nats/token of the train split: the context-free baseline
+    unigram_entropy: float = float("nan")
     tokens_per_s: float = 0.0  # over the whole run (excluding eval)
     samples: list[str] = field(default_factory=list)  # the text sampled after each eval
     model: Llama | None = None  # the trained model (unwrapped from DDP / compile)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the loop
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
-    # ---- processes, device, precision ---------------------------------------------------------------
+    # ---- processes, device, precision ------------------------------------------------------------
     rank, local_rank, world_size = setup_distributed(cfg.device)
     master = rank == 0
     device = pick_device(cfg.device, local_rank, world_size)
@@ -376,40 +405,44 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
     # mixed precision: trained weights and AdamW state stay float32, the matmuls run in `dtype`
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    # fp16 needs loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     out_dir = Path(cfg.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(out_dir)  # what a killed earlier run left (fileio.py says which are stale)
+        # what a killed earlier run left (fileio.py says which are stale)
+        remove_stale_temp_files(out_dir)
     torch.manual_seed(cfg.seed)  # model init (and LoRA dropout)
 
-    # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it ----------------
+    # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it -------------
     if master:
         data = prepare_data(cfg, verbose=True)
     if world_size > 1:
         dist.barrier()
     if not master:
         data = prepare_data(cfg, verbose=False)
-    data_generator = torch.Generator().manual_seed(cfg.seed)  # every rank alike: same global offsets
+    # every rank alike: same global offsets
+    data_generator = torch.Generator().manual_seed(cfg.seed)
 
-    # ---- model (full, LoRA or QLoRA), optimizer, resume, compile / DDP -------------------------------
+    # ---- model (full, LoRA or QLoRA), optimizer, resume, compile / DDP ---------------------------
     model = build_model(cfg, device, dtype)
     if model.config.vocab_size != data.tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer {data.tokenizer.path} "
-                         f"has {data.tokenizer.vocab_size} pieces")
+        raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer "
+                         f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces")
     if cfg.block_size > model.config.max_seq_len:
         raise ValueError(f"block_size={cfg.block_size} exceeds the model's "
                          f"max_seq_len={model.config.max_seq_len}")
     model.activation_checkpointing = cfg.activation_checkpointing
     raw_model = model  # the Llama itself: what is saved, sampled from and counted
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    fused = device.type in ("cuda", "cpu")  # one kernel: 5x the for-loop on CPU
     optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
-                                    (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps,
-                                    fused=device.type in ("cuda", "cpu"),  # one kernel: 5x the for-loop on CPU
+                                    (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, fused=fused,
                                     name=cfg.optim.name)
     start_step = 0
     if resume:
-        start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler, data_generator)
+        start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler,
+                                  data_generator)
         if master:
             print(f"resumed from {out_dir / 'ckpt.pt'} at step {start_step}")
     if cfg.compile:
@@ -417,7 +450,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     if world_size > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    # ---- logging ------------------------------------------------------------------------------------
+    # ---- logging ---------------------------------------------------------------------------------
     if master:
         save_config(cfg, out_dir / "train_config.json")
     log = Logger(cfg, data, raw_model, device, dtype, world_size, start_step, master)
@@ -428,7 +461,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         last_val = result.val_losses[0] = data.val_loss(model, autocast, rank, world_size)
         log.eval(0, last_val, raw_model)
 
-    # ---- the loop -----------------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
     model.train()
     for step in range(start_step, cfg.num_steps):
         t0 = time.perf_counter()
@@ -438,7 +471,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             group["lr"] = lr
 
         # 2) the step's micro-batches (this rank's slices) and the target count over every rank
-        batches = [tuple(t.to(device, non_blocking=True) for t in data.draw(data_generator, rank, world_size))
+        batches = [tuple(t.to(device, non_blocking=True)
+                         for t in data.draw(data_generator, rank, world_size))
                    for _ in range(cfg.grad_accum_steps)]  # each x, y (B/W, T)[, mask]
         counts = torch.tensor([count_targets(batches), sum(b[0].numel() for b in batches)],
                               dtype=torch.float64, device=device)
@@ -456,7 +490,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
             raise FloatingPointError(f"step {step}: training loss is {loss} (lr {lr:.3g}); "
                                      f"{stopping(out_dir / 'ckpt.pt')}")
 
-        # 4) clip the global grad norm, then step (GradScaler skips steps whose fp16 grads overflowed)
+        # 4) clip the global grad norm, then step (GradScaler skips steps whose fp16 grads
+        #    overflowed)
         scaler.unscale_(optimizer)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
@@ -479,11 +514,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if last or (cfg.eval.interval > 0 and done % cfg.eval.interval == 0):
             last_val = result.val_losses[done] = data.val_loss(model, autocast, rank, world_size)
             log.eval(done, last_val, raw_model)
-        if master and (last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0)):
-            write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg, last_val,
-                          data.tokenizer)
+        if master and (last or (cfg.checkpoint.interval > 0
+                                and done % cfg.checkpoint.interval == 0)):
+            write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg,
+                          last_val, data.tokenizer)
 
-    # ---- wrap up ------------------------------------------------------------------------------------
+    # ---- wrap up ---------------------------------------------------------------------------------
     log.close(last_val)
     result.tokens_per_s, result.samples = log.tokens_per_s(), log.samples
     return result

@@ -1,10 +1,10 @@
 """Muon for the hidden weight matrices, AdamW for everything else: one optimizer, one learning rate.
 
-Muon (Keller Jordan 2024, https://kellerjordan.github.io/posts/muon/) replaces a matrix's update by the
-nearest semi-orthogonal matrix to its momentum. The update is scaled as in "Muon is Scalable for LLM
-Training" (Liu et al. 2025, https://arxiv.org/abs/2502.16982) to have AdamW's size, so both kinds of
-parameter share the loop's learning rate, schedule and weight decay. For a weight W (out, in) with
-gradient G, momentum β:
+Muon (Keller Jordan 2024, https://kellerjordan.github.io/posts/muon/) replaces a matrix's update by
+the nearest semi-orthogonal matrix to its momentum. The update is scaled as in "Muon is Scalable for
+LLM Training" (Liu et al. 2025, https://arxiv.org/abs/2502.16982) to have AdamW's size, so both
+kinds of parameter share the loop's learning rate, schedule and weight decay. For a weight
+W (out, in) with gradient G, momentum β:
 
     M ← β·M + (1−β)·G                       momentum buffer
     U ← G + β·(M − G)                       Nesterov: look one momentum step ahead
@@ -15,9 +15,10 @@ Why: a matrix's gradient is dominated by a few directions; flattening its singul
 rare directions as large a step as the common ones. O's entries have RMS ≈ 1/√max(out, in), so the
 factor 0.2·√max(out, in) gives the update RMS ≈ 0.2, about what AdamW's has.
 
-The embedding, lm_head and the 1-D norm gains keep AdamW, as in every Muon recipe: an embedding row is a
-lookup, not a linear map of the residual stream, and a vector has no singular values. Cost: 5 Newton–Schulz
-iterations per matrix per step, each three small matmuls on the (min, min) Gram matrix.
+The embedding, lm_head and the 1-D norm gains keep AdamW, as in every Muon recipe: an embedding row
+is a lookup, not a linear map of the residual stream, and a vector has no singular values. Cost:
+5 Newton–Schulz iterations per matrix per step, each three small matmuls on the (min, min) Gram
+matrix.
 """
 
 from __future__ import annotations
@@ -26,17 +27,18 @@ import math
 
 import torch
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic: the largest slope at 0 that still converges
+# Jordan's quintic: the largest slope at 0 that still converges
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """G (out, in), or a stack (n, out, in) of same-shape matrices → ≈ U·Vᵀ of each, where G = U·S·Vᵀ, in
-    float32.
+    """G (out, in), or a stack (n, out, in) of same-shape matrices → ≈ U·Vᵀ of each, where
+    G = U·S·Vᵀ, in float32.
 
-    Scaled by its Frobenius norm (≥ the spectral norm) every singular value s starts in (0, 1]; each step
-    X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ maps s ↦ a·s + b·s³ + c·s⁵, which drives s into roughly
-    [0.7, 1.2] after 5 steps (not exactly 1: this quintic trades precision for speed, which does not hurt
-    training). Works on the wide orientation so that A is the smaller Gram matrix.
+    Scaled by its Frobenius norm (≥ the spectral norm) every singular value s starts in (0, 1]; each
+    step X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ maps s ↦ a·s + b·s³ + c·s⁵, which drives s into
+    roughly [0.7, 1.2] after 5 steps (not exactly 1: this quintic trades precision for speed, which
+    does not hurt training). Works on the wide orientation so that A is the smaller Gram matrix.
     """
     a, b, c = NS_COEFFICIENTS
     X = G.float()
@@ -51,26 +53,27 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    """The projections inside the blocks (attention and MLP weights): what Muon updates. LoRA's small
-    lora_A / lora_B factors are not among them and keep AdamW."""
+    """The projections inside the blocks (attention and MLP weights): what Muon updates. LoRA's
+    small lora_A / lora_B factors are not among them and keep AdamW."""
     return p.dim() == 2 and name.startswith("layers.") and name.endswith("_proj.weight")
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """Param groups with muon=True get the Muon update above, the others AdamW (decoupled decay, bias
-    correction). Every group's "lr" is set by the loop; state_dict / load_state_dict resume both.
+    """Param groups with muon=True get the Muon update above, the others AdamW (decoupled decay,
+    bias correction). Every group's "lr" is set by the loop; state_dict / load_state_dict resume
+    both.
 
-    Matrices of one shape (every layer's q_proj, say) are orthogonalized together, as one stack: the same
-    arithmetic in a few batched matmuls instead of 15 small ones per matrix, which takes the main job's
-    Muon step from 1.16x to 1.09x the time of a fused AdamW step (2-core CPU). A stack holds at most
-    STACK_ELEMENTS values, so a large model's matrices go a few at a time."""
+    Matrices of one shape (every layer's q_proj, say) are orthogonalized together, as one stack: the
+    same arithmetic in a few batched matmuls instead of 15 small ones per matrix, which takes the
+    main job's Muon step from 1.16x to 1.09x the time of a fused AdamW step (2-core CPU). A stack
+    holds at most STACK_ELEMENTS values, so a large model's matrices go a few at a time."""
 
     STACK_ELEMENTS = 1 << 26  # 256 MiB of float32 per Newton–Schulz batch
 
-    def __init__(self, groups, lr: float, betas: tuple[float, float], eps: float, momentum: float = 0.95,
-                 ns_steps: int = 5):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum, ns_steps=ns_steps,
-                        muon=False)
+    def __init__(self, groups, lr: float, betas: tuple[float, float], eps: float,
+                 momentum: float = 0.95, ns_steps: int = 5):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum,
+                        ns_steps=ns_steps, muon=False)
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -121,8 +124,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def muon_adamw(model: torch.nn.Module, weight_decay: float, lr: float, betas: tuple[float, float],
                eps: float) -> MuonAdamW:
-    """Muon on the hidden matrices (decayed), AdamW on embeddings and lm_head (decayed) and on the 1-D
-    norm gains (not decayed), like training/loop.py's configure_optimizer's AdamW groups."""
+    """Muon on the hidden matrices (decayed), AdamW on embeddings and lm_head (decayed) and on the
+    1-D norm gains (not decayed), like training/loop.py's configure_optimizer's AdamW groups."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
     other_2d = [p for n, p in named if p.dim() >= 2 and not is_hidden_matrix(n, p)]

@@ -4,8 +4,9 @@ https://www.w3.org/TR/png/). Used for the training curves in docs/; matplotlib i
     line_chart("loss.png", [("train", steps, losses), ("val", val_steps, val_losses)], title="loss")
 
 A PNG is the 8-byte signature, then chunks `length (uint32 BE) | type | data | crc32(type + data)`:
-IHDR (width, height, bit depth 8, colour type 2 = RGB), one IDAT holding the zlib-compressed rows, each
-row prefixed by its filter byte (0 = none), and an empty IEND. Text uses a 3x5 pixel font, scaled up.
+IHDR (width, height, bit depth 8, colour type 2 = RGB), one IDAT holding the zlib-compressed rows,
+each row prefixed by its filter byte (0 = none), and an empty IEND. Text uses a 3x5 pixel font,
+scaled up.
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import numpy as np
 
 # each glyph is 5 rows of 3 pixels, one octal digit per row (top first): "0" = 111 101 101 101 111
 FONT = dict(zip("0123456789.-ABCDEFGHIJKLMNOPQRSTUVWXYZ/()_=,: ", [
-    0o75557, 0o26227, 0o71747, 0o71717, 0o55711, 0o74717, 0o74757, 0o71122, 0o75757, 0o75717, 0o00002,
-    0o00700, 0o25755, 0o65656, 0o34443, 0o65556, 0o74647, 0o74644, 0o34553, 0o55755, 0o72227, 0o11152,
-    0o56465, 0o44447, 0o57755, 0o57775, 0o25552, 0o65644, 0o25563, 0o65655, 0o34216, 0o72222, 0o55557,
-    0o55552, 0o55775, 0o55255, 0o55222, 0o71247, 0o11244, 0o24442, 0o21112, 0o00007, 0o07070, 0o00024,
-    0o02020, 0], strict=True))
+    0o75557, 0o26227, 0o71747, 0o71717, 0o55711, 0o74717, 0o74757, 0o71122, 0o75757, 0o75717,
+    0o00002, 0o00700, 0o25755, 0o65656, 0o34443, 0o65556, 0o74647, 0o74644, 0o34553, 0o55755,
+    0o72227, 0o11152, 0o56465, 0o44447, 0o57755, 0o57775, 0o25552, 0o65644, 0o25563, 0o65655,
+    0o34216, 0o72222, 0o55557, 0o55552, 0o55775, 0o55255, 0o55222, 0o71247, 0o11244, 0o24442,
+    0o21112, 0o00007, 0o07070, 0o00024, 0o02020, 0], strict=True))
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 
 
 def draw_text(img: np.ndarray, x: int, y: int, text: str, scale: int = 2, color=(0, 0, 0)):
-    """Write `text` (upper-cased; unknown characters print as blanks) with its top-left corner at (x, y)."""
+    """Write `text` (upper-cased; unknown characters print as blanks) with its top-left corner at
+    (x, y)."""
     for i, ch in enumerate(text.upper()):
         bits = FONT.get(ch, 0)
         for r in range(5):
@@ -47,19 +49,23 @@ def draw_line(img: np.ndarray, x0: float, y0: float, x1: float, y1: float, color
 def encode_png(img: np.ndarray) -> bytes:
     """img (H, W, 3) uint8 → PNG bytes."""
     h, w, _ = img.shape
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1)  # filter byte 0
+    # filter byte 0
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
 
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # width, height, 8 bits, RGB, deflate, filter, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9))
-            + chunk(b"IEND", b""))
+    # width, height, 8 bits, RGB, deflate, filter, no interlace
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
 
 
 def line_chart(path, series: list[tuple[str, list, list]], title: str = "", xlabel: str = "step",
                width: int = 720, height: int = 420) -> None:
-    """Plot each (label, xs, ys) as a coloured line (with dots if it has ≤ 30 points) and write a PNG."""
+    """Plot each (label, xs, ys) as a coloured line (with dots if it has ≤ 30 points) and write a
+    PNG."""
     img = np.full((height, width, 3), 255, np.uint8)
     left, right, top, bottom = 90, width - 20, 40, height - 50
     xs_all = np.concatenate([np.asarray(s[1], float) for s in series])

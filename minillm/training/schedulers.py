@@ -1,8 +1,8 @@
 """Learning-rate schedules: pure functions of the step, written out so the formulas can be read.
 
-Every schedule here is `lr = f(step)` with no state, in the style of nanoGPT's `get_lr`: the training loop
-asks for the lr of step `step` and writes it into each param group. Being pure is what makes resuming
-exact: a checkpoint only has to store the step.
+Every schedule here is `lr = f(step)` with no state, in the style of nanoGPT's `get_lr`: the
+training loop asks for the lr of step `step` and writes it into each param group. Being pure is what
+makes resuming exact: a checkpoint only has to store the step.
 
 Shared conventions (the tests pin every one of them):
 
@@ -13,19 +13,20 @@ Shared conventions (the tests pin every one of them):
 
   so step 0 already trains (lr = max_lr / W, not 0: a step at lr 0 is a wasted forward/backward) and
   the last warmup step W-1 is exactly max_lr. W = 0 and W = 1 are therefore the same schedule.
-- The *peak* is step P = max(W - 1, 0), where lr == max_lr. Decaying schedules fall from max_lr at P to
-  exactly min_lr at the last step total_steps-1, through the progress fraction
+- The *peak* is step P = max(W - 1, 0), where lr == max_lr. Decaying schedules fall from max_lr at P
+  to exactly min_lr at the last step total_steps-1, through the progress fraction
 
       p = (step - P) / (total_steps - 1 - P)        in [0, 1]
 
 - Past the end (step >= total_steps) a decaying schedule stays at min_lr; constant stays at max_lr.
-  Inverse square root is the exception: it has no horizon (that is its point) and keeps following its
-  formula, floored at min_lr.
+  Inverse square root is the exception: it has no horizon (that is its point) and keeps following
+  its formula, floored at min_lr.
 
 Schedules (name -> function):
     constant  warmup, then max_lr forever
     linear    warmup, then a straight line to min_lr
-    cosine    warmup, then half a cosine to min_lr (Loshchilov & Hutter 2016, https://arxiv.org/abs/1608.03983)
+    cosine    warmup, then half a cosine to min_lr
+              (Loshchilov & Hutter 2016, https://arxiv.org/abs/1608.03983)
     wsd       warmup-stable-decay: warmup, flat max_lr, then a "1 - sqrt" cooldown over the last
               `decay_frac` of the steps (Hägele et al. 2024, https://arxiv.org/abs/2405.18392)
     inv_sqrt  warmup, then max_lr * sqrt(W / (step + 1)) (Vaswani et al. 2017, "Noam" schedule)
@@ -50,14 +51,18 @@ def _progress(step: int, start: int, total_steps: int) -> float:
 
 
 def constant_lr(step: int, max_lr: float, warmup_steps: int) -> float:
-    """lr = max_lr * (step+1)/W during warmup, then max_lr for every later step (past the end too)."""
+    """lr = max_lr * (step+1)/W during warmup, then max_lr for every later step (past the end
+    too)."""
     if step < warmup_steps:
         return _warmup(step, max_lr, warmup_steps)
     return max_lr
 
 
-def linear_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Warmup, then lr = max_lr - p * (max_lr - min_lr): a straight line from the peak to the last step."""
+def linear_lr(
+    step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int
+) -> float:
+    """Warmup, then lr = max_lr - p * (max_lr - min_lr): a straight line from the peak to the last
+    step."""
     # 1) linear warmup
     if step < warmup_steps:
         return _warmup(step, max_lr, warmup_steps)
@@ -69,11 +74,13 @@ def linear_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_
     return max_lr - p * (max_lr - min_lr)
 
 
-def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+def cosine_lr(
+    step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int
+) -> float:
     """Warmup, then lr = min_lr + (1 + cos(pi * p)) / 2 * (max_lr - min_lr).
 
-    The coefficient (1 + cos(pi p)) / 2 goes 1 -> 0 as p goes 0 -> 1: slow at both ends, fastest in the
-    middle, where it equals 1/2 (so the midpoint lr is the mean of max_lr and min_lr).
+    The coefficient (1 + cos(pi p)) / 2 goes 1 -> 0 as p goes 0 -> 1: slow at both ends, fastest in
+    the middle, where it equals 1/2 (so the midpoint lr is the mean of max_lr and min_lr).
     """
     # 1) linear warmup
     if step < warmup_steps:
@@ -88,20 +95,21 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_
 
 
 def wsd_decay_start(total_steps: int, decay_frac: float) -> int:
-    """The last step at max_lr before the WSD cooldown: the final round(decay_frac * total_steps) steps
-    are strictly below max_lr and the last of them is exactly min_lr."""
+    """The last step at max_lr before the WSD cooldown: the final round(decay_frac * total_steps)
+    steps are strictly below max_lr and the last of them is exactly min_lr."""
     return total_steps - 1 - round(decay_frac * total_steps)
 
 
 def wsd_lr(
     step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int, decay_frac: float
 ) -> float:
-    """Warmup-stable-decay: warmup, max_lr until step S, then lr = min_lr + (1 - sqrt(q)) * (max_lr - min_lr).
+    """Warmup-stable-decay: warmup, max_lr until step S, then
+    lr = min_lr + (1 - sqrt(q)) * (max_lr - min_lr).
 
     S = wsd_decay_start(total_steps, decay_frac) and q = (step - S) / (total_steps - 1 - S) is the
-    progress through the cooldown. "1 - sqrt" drops fast at first and flattens near the end; Hägele et
-    al. found it beats a linear cooldown. The flat phase does not depend on total_steps, so a run can be
-    extended and cooled down from any earlier checkpoint: the reason to use WSD.
+    progress through the cooldown. "1 - sqrt" drops fast at first and flattens near the end; Hägele
+    et al. found it beats a linear cooldown. The flat phase does not depend on total_steps, so a run
+    can be extended and cooled down from any earlier checkpoint: the reason to use WSD.
     """
     # 1) linear warmup
     if step < warmup_steps:
@@ -121,8 +129,8 @@ def wsd_lr(
 def inv_sqrt_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int) -> float:
     """Warmup, then lr = max(min_lr, max_lr * sqrt(max(W, 1) / (step + 1))).
 
-    At the peak (step + 1 = W) the ratio is 1, so the curve joins the warmup with no jump; it halves each
-    time the step count quadruples. It never reaches a planned end, so it ignores total_steps.
+    At the peak (step + 1 = W) the ratio is 1, so the curve joins the warmup with no jump; it halves
+    each time the step count quadruples. It never reaches a planned end, so it ignores total_steps.
     """
     # 1) linear warmup
     if step < warmup_steps:
@@ -143,7 +151,8 @@ class ScheduleConfig:
     def __post_init__(self):
         if self.name not in SCHEDULE_NAMES:
             raise ValueError(
-                f"ScheduleConfig.name: unknown schedule {self.name!r}; expected one of {SCHEDULE_NAMES}"
+                f"ScheduleConfig.name: unknown schedule {self.name!r}; "
+                f"expected one of {SCHEDULE_NAMES}"
             )
         if not self.max_lr > 0.0:  # also refuses NaN
             raise ValueError(f"ScheduleConfig.max_lr must be > 0, found {self.max_lr!r}")
@@ -159,28 +168,34 @@ class ScheduleConfig:
             )
         if self.name in ("linear", "cosine", "wsd") and self.warmup_steps >= self.total_steps:
             raise ValueError(
-                f"ScheduleConfig: schedule {self.name!r} needs warmup_steps < total_steps to leave room to "
-                f"decay, found warmup_steps={self.warmup_steps}, total_steps={self.total_steps}"
+                f"ScheduleConfig: schedule {self.name!r} needs warmup_steps < total_steps to "
+                f"leave room to decay, found warmup_steps={self.warmup_steps}, "
+                f"total_steps={self.total_steps}"
             )
         if self.name == "wsd":
             if not 0.0 < self.decay_frac <= 1.0:
-                raise ValueError(f"ScheduleConfig.decay_frac must be in (0, 1], found {self.decay_frac}")
+                raise ValueError(
+                    f"ScheduleConfig.decay_frac must be in (0, 1], found {self.decay_frac}"
+                )
             if round(self.decay_frac * self.total_steps) < 1:
                 raise ValueError(
                     f"ScheduleConfig: wsd cooldown of round(decay_frac * total_steps) = "
                     f"round({self.decay_frac} * {self.total_steps}) steps is empty; expected >= 1"
                 )
-            start, peak = wsd_decay_start(self.total_steps, self.decay_frac), max(self.warmup_steps - 1, 0)
+            start, peak = (wsd_decay_start(self.total_steps, self.decay_frac),
+                           max(self.warmup_steps - 1, 0))
             if start < peak:
                 raise ValueError(
-                    f"ScheduleConfig: wsd cooldown would start at step {start}, before the warmup peak "
-                    f"at step {peak} (warmup_steps={self.warmup_steps}, total_steps={self.total_steps}, "
+                    f"ScheduleConfig: wsd cooldown would start at step {start}, "
+                    f"before the warmup peak at step {peak} "
+                    f"(warmup_steps={self.warmup_steps}, total_steps={self.total_steps}, "
                     f"decay_frac={self.decay_frac})"
                 )
 
 
 def get_lr(step: int, cfg: ScheduleConfig) -> float:
-    """The learning rate for 0-indexed `step` under `cfg` (see the module docstring for the conventions)."""
+    """The learning rate for 0-indexed `step` under `cfg` (see the module docstring for the
+    conventions)."""
     if step < 0:
         raise ValueError(f"get_lr: step must be >= 0, found {step}")
     if cfg.name == "constant":
@@ -190,7 +205,8 @@ def get_lr(step: int, cfg: ScheduleConfig) -> float:
     if cfg.name == "cosine":
         return cosine_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.total_steps)
     if cfg.name == "wsd":
-        return wsd_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.total_steps, cfg.decay_frac)
+        return wsd_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.total_steps,
+                      cfg.decay_frac)
     if cfg.name == "inv_sqrt":
         return inv_sqrt_lr(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps)
     # a config mutated after construction skips __post_init__, so check again here

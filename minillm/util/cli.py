@@ -1,20 +1,20 @@
-"""What train.py, generate.py and export.py share: an argument parser that reads negative numbers as values,
-and one line on stderr for a user's error instead of a traceback.
+"""What train.py, generate.py and export.py share: an argument parser that reads negative numbers as
+values, and one line on stderr for a user's error instead of a traceback.
 
     if __name__ == "__main__":
         sys.exit(run_cli(main))          # main(argv) raises; run_cli turns a user error into
                                          #   error: <message>        (stderr, exit status 1)
 
-A user error is a bad input, not a bug: a missing or malformed file, a config value out of range, a full
-disk, no GPU (OSError, ValueError, TypeError, KeyError, RuntimeError, FloatingPointError and their
-subclasses: UnicodeDecodeError, json/TOML decode errors, DiskFullError, ...). Anything else (an
-AttributeError, an IndexError: a bug in minillm) keeps its traceback. `--debug` on the command line, or
-MINILLM_DEBUG=1 in the environment, shows the full traceback for user errors too.
+A user error is a bad input, not a bug: a missing or malformed file, a config value out of range, a
+full disk, no GPU (OSError, ValueError, TypeError, KeyError, RuntimeError, FloatingPointError and
+their subclasses: UnicodeDecodeError, json/TOML decode errors, DiskFullError, ...). Anything else
+(an AttributeError, an IndexError: a bug in minillm) keeps its traceback. `--debug` on the command
+line, or MINILLM_DEBUG=1 in the environment, shows the full traceback for user errors too.
 
-Negative numbers: argparse takes `--schedule.max_lr -1e-3` for two flags ("expected one argument"), because
-it only recognises -1 and -0.001 as numbers, not -1e-3, -inf or -nan. The parser below rewrites a flag
-that takes a value followed by such a number into `--flag=-1e-3`, which argparse reads as one argument;
-the value then reaches the config checks, which say what is wrong with it.
+Negative numbers: argparse takes `--schedule.max_lr -1e-3` for two flags ("expected one argument"),
+because it only recognises -1 and -0.001 as numbers, not -1e-3, -inf or -nan. The parser below
+rewrites a flag that takes a value followed by such a number into `--flag=-1e-3`, which argparse
+reads as one argument; the value then reaches the config checks, which say what is wrong with it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class ArgumentParser(argparse.ArgumentParser):
         while i < len(args):
             action = self._option_string_actions.get(args[i])
             takes_one = action is not None and action.nargs is None and action.option_strings
-            if takes_one and i + 1 < len(args) and args[i + 1].startswith("-") and _is_number(args[i + 1]):
+            if (takes_one and i + 1 < len(args) and args[i + 1].startswith("-")
+                    and _is_number(args[i + 1])):
                 out.append(f"{args[i]}={args[i + 1]}")
                 i += 2
             else:
@@ -67,15 +68,16 @@ def debug_requested(argv: Sequence[str]) -> bool:
 
 
 def error_message(exc: BaseException) -> str:
-    """The exception's own text (KeyError's str() would add quotes), or its type when it has none."""
+    """The exception's own text (KeyError's str() would add quotes), or its type when it has
+    none."""
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return str(text) or type(exc).__name__
 
 
 def run_cli(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> int:
-    """Run main(argv); return the exit status: main's own when it returns an int (the GGUF doctor's 1 for
-    a faulty file), else 0; 1 after printing `error: <message>` to stderr for a user error, 130 after
-    Ctrl-C. With --debug or MINILLM_DEBUG=1 the exception propagates instead."""
+    """Run main(argv); return the exit status: main's own when it returns an int (the GGUF doctor's
+    1 for a faulty file), else 0; 1 after printing `error: <message>` to stderr for a user error,
+    130 after Ctrl-C. With --debug or MINILLM_DEBUG=1 the exception propagates instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     try:

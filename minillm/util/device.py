@@ -1,21 +1,23 @@
-"""Where a job computes and in what precision: the one device/dtype picker of train, generate, export and
-the tour.
+"""Where a job computes and in what precision: the one device/dtype picker of train, generate,
+export and the tour.
 
     pick_device("auto")                      -> cuda if there is a GPU, else cpu
-    pick_device("cuda", local_rank=1, world_size=2)  -> cuda:1 (under torchrun, each rank its own GPU)
+    pick_device("cuda", local_rank=1, world_size=2)
+                                             -> cuda:1 (under torchrun, each rank its own GPU)
     pick_dtype("auto", device)               -> bfloat16 on a GPU that supports it, else float32
     pick_dtype("bf16", device)               -> torch.bfloat16 (any name in DTYPES)
 
-Why these defaults: bfloat16 keeps float32's exponent range, so it needs no loss scaling and halves the
-bytes a matmul reads; a CPU has no fast bfloat16 matmuls for most ops, so it stays in float32. float16 is
-only ever chosen by name (training then uses a GradScaler, see training/loop.py).
+Why these defaults: bfloat16 keeps float32's exponent range, so it needs no loss scaling and halves
+the bytes a matmul reads; a CPU has no fast bfloat16 matmuls for most ops, so it stays in float32.
+float16 is only ever chosen by name (training then uses a GradScaler, see training/loop.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-# every spelling a CLI or config accepts: the torch names, the short ones, and the GGUF/llama.cpp ones
+# every spelling a CLI or config accepts: the torch names, the short ones, and the
+# GGUF/llama.cpp ones
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -24,10 +26,10 @@ DTYPES = {
 
 
 def pick_device(setting: str = "auto", local_rank: int = 0, world_size: int = 1) -> torch.device:
-    """"auto" | "cpu" | "cuda" | "cuda:N" | any torch device string. With several ranks, plain "cuda" means
-    this rank's GPU (cuda:local_rank). A CUDA device becomes the current one, so later bare "cuda"
-    allocations (caches, NCCL buffers) land on it; asking for CUDA without a GPU is an error here, not a
-    crash at the first tensor."""
+    """"auto" | "cpu" | "cuda" | "cuda:N" | any torch device string. With several ranks, plain
+    "cuda" means this rank's GPU (cuda:local_rank). A CUDA device becomes the current one, so later
+    bare "cuda" allocations (caches, NCCL buffers) land on it; asking for CUDA without a GPU is an
+    error here, not a crash at the first tensor."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
     if setting == "cuda" and world_size > 1:
@@ -41,9 +43,11 @@ def pick_device(setting: str = "auto", local_rank: int = 0, world_size: int = 1)
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """"auto" (bfloat16 on a CUDA GPU with bfloat16 support, float32 otherwise) or a name from DTYPES."""
+    """"auto" (bfloat16 on a CUDA GPU with bfloat16 support, float32 otherwise) or a name from
+    DTYPES."""
     if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return (torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                else torch.float32)
     if setting not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, found {setting!r}")
     return DTYPES[setting]

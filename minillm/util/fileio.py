@@ -1,6 +1,6 @@
-"""Files in and out, once for all of minillm: writes that a crash, a `kill -9` or a full disk never leave
-half-done, and the one reader of the text formats users hand us (JSON, JSON lines, TOML), whose every
-failure is one line naming the file (and the line).
+"""Files in and out, once for all of minillm: writes that a crash, a `kill -9` or a full disk never
+leave half-done, and the one reader of the text formats users hand us (JSON, JSON lines, TOML),
+whose every failure is one line naming the file (and the line).
 
     with atomic_write(out_dir / "ckpt.pt") as f:      # f: a binary file opened on a temp file
         torch.save(state, f)                          # (or f.write(bytes), array.tofile(f), ...)
@@ -12,26 +12,30 @@ failure is one line naming the file (and the line).
     with atomic_directory(out / "merged") as d:       # d: an empty temp directory beside the target
         save_hf(model, d)                             # on success it replaces out/merged as a whole
 
-How: the data goes to `.{name}.tmp.{pid}` in the same directory (a rename is only atomic within one file
-system), is flushed and fsynced, then `os.replace`d onto the target (readers see the old file or the new
-one, never a mix), and the directory is fsynced so that the rename itself survives a power cut.
+How: the data goes to `.{name}.tmp.{pid}` in the same directory (a rename is only atomic within one
+file system), is flushed and fsynced, then `os.replace`d onto the target (readers see the old file
+or the new one, never a mix), and the directory is fsynced so that the rename itself survives a
+power cut.
 
-A writer killed with `kill -9` cannot clean up, so its temp file stays. Each `atomic_write` first removes
-the temp files of *the same target* whose writer is gone: the pid in the name is no longer alive (or is
-our own: a leftover from an earlier writer that had our pid), or the name carries no pid (temp names of
-older minillm versions: `.{name}.tmp`, `.{name}.tmp{pid}`). A temp file of a live other process is kept: we
-expect one writer per target, but two processes on one machine (a DDP rank, a second run) must never
-delete each other's file mid-write. `remove_stale_temp_files(directory)` applies the same rule to a whole
-directory; training calls it on out_dir at start, so a killed run's leftovers go even before the first
-checkpoint. (The pid test is per machine: on a file system shared between hosts, a stale temp file whose
-pid happens to be alive here stays until a later run.)
+A writer killed with `kill -9` cannot clean up, so its temp file stays. Each `atomic_write` first
+removes the temp files of *the same target* whose writer is gone: the pid in the name is no longer
+alive (or is our own: a leftover from an earlier writer that had our pid), or the name carries no
+pid (temp names of older minillm versions: `.{name}.tmp`, `.{name}.tmp{pid}`). A temp file of a live
+other process is kept: we expect one writer per target, but two processes on one machine (a DDP
+rank, a second run) must never delete each other's file mid-write.
+`remove_stale_temp_files(directory)` applies the same rule to a whole directory; training calls it
+on out_dir at start, so a killed run's leftovers go even before the first checkpoint. (The pid test
+is per machine: on a file system shared between hosts, a stale temp file whose pid happens to be
+alive here stays until a later run.)
 
-A full disk shows up as OSError(ENOSPC) from write/flush/fsync, or, from torch.save's C++ zip writer, as a
-RuntimeError "... unexpected pos N vs M" with no path. Both become one `DiskFullError` that names the file.
+A full disk shows up as OSError(ENOSPC) from write/flush/fsync, or, from torch.save's C++ zip
+writer, as a RuntimeError "... unexpected pos N vs M" with no path. Both become one `DiskFullError`
+that names the file.
 
-Reading: `read_text` (UTF-8, regular files only, bounded size), then `read_json` / `read_json_object`,
-`read_jsonl` (yields "file:LINE" with each value), `read_json_records` (a JSON array or JSON lines) and
-`read_toml`. Not UTF-8, invalid or absurdly nested JSON, a device or a directory: each is one ValueError.
+Reading: `read_text` (UTF-8, regular files only, bounded size), then `read_json` /
+`read_json_object`, `read_jsonl` (yields "file:LINE" with each value), `read_json_records` (a JSON
+array or JSON lines) and `read_toml`. Not UTF-8, invalid or absurdly nested JSON, a device or a
+directory: each is one ValueError.
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ class DiskFullError(OSError):
     """The disk filled up while writing `path`; the old file (if any) is intact."""
 
     def __init__(self, path: Path):
-        super().__init__(errno.ENOSPC, f"{path}: the disk is full (no space left on device); free some space "
-                                       f"and retry (the previous file, if any, is unchanged)")
+        super().__init__(errno.ENOSPC,
+                         f"{path}: the disk is full (no space left on device); free some space "
+                         f"and retry (the previous file, if any, is unchanged)")
         self.filename = str(path)
 
     def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28] " prefix
@@ -84,8 +89,8 @@ def _is_stale(pid: str) -> bool:
 
 
 def remove_stale_temp_files(directory: Path, target: str | None = None) -> list[Path]:
-    """Remove the temp files (and temp directories) left in `directory` by dead writers: all targets, or
-    only those of the file named `target`. Returns what was removed."""
+    """Remove the temp files (and temp directories) left in `directory` by dead writers: all
+    targets, or only those of the file named `target`. Returns what was removed."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -106,11 +111,13 @@ def is_disk_full(exc: BaseException) -> bool:
     """ENOSPC (or EDQUOT, a full quota) from the OS, or torch.save's zip writer failing mid-file."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "failed writing" in str(exc))
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc)
+                                              or "failed writing" in str(exc))
 
 
 def _raise_disk_full(exc: BaseException, path: Path):
-    if is_disk_full(exc) and not isinstance(exc, DiskFullError):  # an inner write may have named its file
+    # an inner write may have named its file
+    if is_disk_full(exc) and not isinstance(exc, DiskFullError):
         raise DiskFullError(path) from exc
 
 
@@ -157,11 +164,11 @@ def atomic_write_bytes(path: str | Path, data: bytes):
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty directory `.{name}.tmp.{pid}` beside `path`; when the `with` block succeeds it
-    replaces `path` (a file or directory already there is moved aside to `.{name}.old.tmp.{pid}`, then
-    deleted: a directory cannot be renamed over a non-empty one). On an exception the temp directory is
-    deleted and `path` is unchanged. The directory gets the usual permissions, 0777 minus the umask, like
-    os.makedirs (tempfile.mkdtemp would make it 0700). Stale temp directories of `path` are removed first,
-    by the rule of atomic_write."""
+    replaces `path` (a file or directory already there is moved aside to `.{name}.old.tmp.{pid}`,
+    then deleted: a directory cannot be renamed over a non-empty one). On an exception the temp
+    directory is deleted and `path` is unchanged. The directory gets the usual permissions, 0777
+    minus the umask, like os.makedirs (tempfile.mkdtemp would make it 0700). Stale temp directories
+    of `path` are removed first, by the rule of atomic_write."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: directory {path.parent} does not exist")
@@ -191,17 +198,18 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         old.unlink(missing_ok=True)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reading
 
 
-MAX_TEXT_BYTES = 1 << 30  # a text minillm reads whole (a config, a prompts file, a task): 1 GiB at most
+# a text minillm reads whole (a config, a prompts file, a task): 1 GiB at most
+MAX_TEXT_BYTES = 1 << 30
 
 
 def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
-    """The UTF-8 text of a regular file (a leading BOM dropped), or one error naming the file: not found,
-    a directory or a device (/dev/zero would never end), larger than max_bytes, unreadable, or not UTF-8
-    (with the line and the offending byte)."""
+    """The UTF-8 text of a regular file (a leading BOM dropped), or one error naming the file: not
+    found, a directory or a device (/dev/zero would never end), larger than max_bytes, unreadable,
+    or not UTF-8 (with the line and the offending byte)."""
     path = Path(path)
     try:
         st = os.stat(path)
@@ -213,7 +221,8 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BY
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise ValueError(f"{path}: expected a {what}, found {kind}")
     if st.st_size > max_bytes:
-        raise ValueError(f"{path}: {what} of {st.st_size:,d} bytes is larger than the {max_bytes:,d} allowed")
+        raise ValueError(f"{path}: {what} of {st.st_size:,d} bytes is larger than the "
+                         f"{max_bytes:,d} allowed")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -222,12 +231,13 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BY
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+        raise ValueError(f"{path}:{line}: not UTF-8 text "
+                         f"(byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
 def parse_json(text: str, where: str):
-    """json.loads with one error naming `where` (a file, or file:line) for invalid or too deeply nested
-    JSON; JSON's own wording of the problem is kept after ours."""
+    """json.loads with one error naming `where` (a file, or file:line) for invalid or too deeply
+    nested JSON; JSON's own wording of the problem is kept after ours."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:  # our words first: json's own wording changes between Pythons
@@ -246,22 +256,23 @@ def read_json_object(path: str | Path, what: str = "JSON file") -> dict:
     """read_json, whose top level must be an object."""
     obj = read_json(path, what)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object in the {what}, found {type(obj).__name__}")
+        raise ValueError(f"{path}: expected a JSON object in the {what}, "
+                         f"found {type(obj).__name__}")
     return obj
 
 
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[str, object]]:
-    """("file:LINE", value) for each non-blank line of a JSON-lines file; a bad line is one error naming
-    file:line (the 1-based line number an editor shows). Lines end at "\n" only: JSON strings may hold a
-    raw U+2028 or form feed, which str.splitlines would cut at."""
+    """("file:LINE", value) for each non-blank line of a JSON-lines file; a bad line is one error
+    naming file:line (the 1-based line number an editor shows). Lines end at "\n" only: JSON strings
+    may hold a raw U+2028 or form feed, which str.splitlines would cut at."""
     for lineno, line in enumerate(read_text(path, what).split("\n"), start=1):
         if line.strip():
             yield f"{path}:{lineno}", parse_json(line, f"{path}:{lineno}")
 
 
 def read_json_records(path: str | Path, what: str = "data file") -> Iterator[tuple[str, object]]:
-    """(where, record) from a JSON array file ("file[i]") or a JSONL file ("file:LINE"), told apart by the
-    first character."""
+    """(where, record) from a JSON array file ("file[i]") or a JSONL file ("file:LINE"), told apart
+    by the first character."""
     text = read_text(path, what)
     if text.lstrip().startswith("["):
         for i, record in enumerate(parse_json(text, str(path))):
