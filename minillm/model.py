@@ -1,19 +1,21 @@
-"""The Llama model, readable top to bottom: RMSNorm → RoPE → attention (MHA/GQA, KV cache) → SwiGLU MLP →
-block → Llama.
+"""The Llama model, readable top to bottom: RMSNorm → RoPE → attention (MHA/GQA, KV cache) → SwiGLU
+MLP → block → Llama.
 
-    idx (B, T) → embed_tokens → N × [x + attn(norm(x)); x + mlp(norm(x))] → norm → lm_head → logits (B, T, V)
+    idx (B, T) → embed_tokens → N × [x + attn(norm(x)); x + mlp(norm(x))] → norm → lm_head
+               → logits (B, T, V)
 
-Papers: LLaMA (Touvron et al. 2023, https://arxiv.org/abs/2302.13971), RMSNorm (Zhang & Sennrich 2019,
-https://arxiv.org/abs/1910.07467), RoPE (Su et al. 2021, https://arxiv.org/abs/2104.09864), SwiGLU
-(Shazeer 2020, https://arxiv.org/abs/2002.05202), GQA (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245).
+Papers: LLaMA (Touvron et al. 2023, https://arxiv.org/abs/2302.13971), RMSNorm (Zhang & Sennrich
+2019, https://arxiv.org/abs/1910.07467), RoPE (Su et al. 2021, https://arxiv.org/abs/2104.09864),
+SwiGLU (Shazeer 2020, https://arxiv.org/abs/2002.05202), GQA (Ainslie et al. 2023,
+https://arxiv.org/abs/2305.13245).
 
-Module names follow HF's LlamaForCausalLM (minus its `model.` prefix) so checkpoints and PEFT adapter keys
-map one to one (see names.py). This file is the paper: it imports only config.py, and knows nothing of
-LoRA, quantization or fast CPU paths, which are module swaps over its nn.Linear layers (finetune/,
-generate/), nor of batching plumbing, which the batched decoder passes in as positions and a mask. One
-edge is lazy on purpose: `Llama.from_pretrained`, which users expect from nanoGPT and transformers,
-calls formats/load.py. Shape letters: B batch, T time, H query heads, Hkv key/value heads, D head dim,
-C model width, V vocabulary, S KV-cache slots.
+Module names follow HF's LlamaForCausalLM (minus its `model.` prefix) so checkpoints and PEFT
+adapter keys map one to one (see names.py). This file is the paper: it imports only config.py, and
+knows nothing of LoRA, quantization or fast CPU paths, which are module swaps over its nn.Linear
+layers (finetune/, generate/), nor of batching plumbing, which the batched decoder passes in as
+positions and a mask. One edge is lazy on purpose: `Llama.from_pretrained`, which users expect from
+nanoGPT and transformers, calls formats/load.py. Shape letters: B batch, T time, H query heads, Hkv
+key/value heads, D head dim, C model width, V vocabulary, S KV-cache slots.
 """
 
 from __future__ import annotations
@@ -44,20 +46,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # RoPE: rotate pairs of query/key dimensions by an angle proportional to the position, so that q·k
 # depends only on the relative distance between the two positions.
 
 
-def precompute_rope(head_dim: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for positions 0 … seq_len-1, each (seq_len, head_dim), in the HF "rotate half"
-    layout.
+def precompute_rope(head_dim: int, seq_len: int,
+                    theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for positions 0 … seq_len-1, each (seq_len, head_dim), in the HF "rotate
+    half" layout.
 
-    Frequency i (0 ≤ i < D/2) is theta^(-2i/D); dimension i is paired with dimension i + D/2, so the table
-    repeats the D/2 angles twice: [θ_0 … θ_{D/2-1}, θ_0 … θ_{D/2-1}]. (Meta's code pairs (2i, 2i+1)
-    instead; the weights of the two conventions differ by a row permutation, see names.py.)
+    Frequency i (0 ≤ i < D/2) is theta^(-2i/D); dimension i is paired with dimension i + D/2, so the
+    table repeats the D/2 angles twice: [θ_0 … θ_{D/2-1}, θ_0 … θ_{D/2-1}]. (Meta's code pairs
+    (2i, 2i+1) instead; the weights of the two conventions differ by a row permutation, see
+    names.py.)
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
+    # (D/2,)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     t = torch.arange(seq_len, dtype=torch.int64).float()  # (T,)
     freqs = torch.outer(t, inv_freq)  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
@@ -71,25 +76,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (T, D), or (B, 1, T, D) when each row has its own positions. Each pair
-    (x_i, x_{i+D/2}) is rotated by its angle:
+    """x (B, H, T, D); cos, sin (T, D), or (B, 1, T, D) when each row has its own positions. Each
+    pair (x_i, x_{i+D/2}) is rotated by its angle:
     x_i' = x_i cos − x_{i+D/2} sin,  x_{i+D/2}' = x_{i+D/2} cos + x_i sin."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attention
 
 
 class KVCache(nn.Module):
-    """Preallocated key/value buffers (B, Hkv, max_seq_len, D) for incremental decoding (as in gpt-fast).
+    """Preallocated key/value buffers (B, Hkv, max_seq_len, D) for incremental decoding (as in
+    gpt-fast).
 
-    Each forward writes the new keys/values at their positions and attends over the whole buffer; a mask
-    hides the slots not yet written. Fixed shapes are what let `torch.compile` capture the decode step.
+    Each forward writes the new keys/values at their positions and attends over the whole buffer; a
+    mask hides the slots not yet written. Fixed shapes are what let `torch.compile` capture the
+    decode step.
     """
 
-    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype,
+                 device=None):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -114,25 +122,28 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
-        """x (B, T, C); cos/sin (T, D) or (B, 1, T, D) for these positions; mask None (plain causal) or a
-        bool (B or 1, 1, T, S) where True means "may attend"."""
+        """x (B, T, C); cos/sin (T, D) or (B, 1, T, D) for these positions; mask None (plain causal)
+        or a bool (B or 1, 1, T, S) where True means "may attend"."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        # k, v: (B, Hkv, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D), S = cache length
-        # GQA: each group of H/Hkv query heads shares one key/value head (Meta's code repeats them: repeat_kv).
-        # With enable_gqa, SDPA's flash kernels (CUDA without a mask, and the CPU's) read the shared heads in
-        # place; its math backend (e.g. a CUDA call with a mask, which flash does not take) repeats K and V
-        # to H heads first, materializing the copies.
+        # GQA: each group of H/Hkv query heads shares one key/value head (Meta's code repeats them:
+        # repeat_kv). With enable_gqa, SDPA's flash kernels (CUDA without a mask, and the CPU's)
+        # read the shared heads in place; its math backend (e.g. a CUDA call with a mask, which
+        # flash does not take) repeats K and V to H heads first, materializing the copies.
         gqa = self.n_kv_heads != self.n_heads
         if mask is None:
             # training / full forward: the causal mask is implied, and SDPA can take its flash path
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=gqa)  # (B, H, T, D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -166,16 +177,17 @@ class Block(nn.Module):
 
 
 def cache_mask(input_pos: torch.Tensor, S: int) -> torch.Tensor:
-    """The attention mask of queries at cache slots input_pos (T,) over a cache of S slots → (1, 1, T, S).
+    """The attention mask of queries at cache slots input_pos (T,) over a cache of S slots
+    → (1, 1, T, S).
 
-    Slot s is visible to the query at position p iff s <= p: this single rule hides both the future and
-    the slots not yet written, so prefill (T > 1) and decode (T = 1) use the same mask, and a rejected
-    speculative token's stale slot is hidden until it is written again."""
+    Slot s is visible to the query at position p iff s <= p: this single rule hides both the future
+    and the slots not yet written, so prefill (T > 1) and decode (T = 1) use the same mask, and a
+    rejected speculative token's stale slot is hidden until it is written again."""
     slots = torch.arange(S, device=input_pos.device)  # (S,)
     return (input_pos[:, None] >= slots[None, :])[None, None]  # (1, 1, T, S)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -189,11 +201,13 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.activation_checkpointing = False  # the trainer switches this on to trade compute for memory
+        # the trainer switches this on to trade compute for memory
+        self.activation_checkpointing = False
         self.init_rope()
         if self.embed_tokens.weight.device.type != "meta":
             self.apply(self._init_weights)
-            # GPT-2's scaled init: the projections that write into the residual stream get std/sqrt(2L)
+            # GPT-2's scaled init: the projections that write into the residual stream get
+            # std/sqrt(2L)
             for name, p in self.named_parameters():
                 if name.endswith(("o_proj.weight", "down_proj.weight")):
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
@@ -203,39 +217,42 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def init_rope(self, device=None, seq_len: int = 0):
-        """(Re)build the RoPE tables for positions [0, seq_len); called again after a model built on the
-        meta device is loaded. The tables grow to the length actually run (grow_rope, from forward and
-        setup_caches), never to config.max_seq_len up front: that is only a limit, and a checkpoint's
-        metadata may claim 2^31 positions (a table of 2^31 × head_dim floats: a terabyte for head_dim 128)."""
+        """(Re)build the RoPE tables for positions [0, seq_len); called again after a model built on
+        the meta device is loaded. The tables grow to the length actually run (grow_rope, from
+        forward and setup_caches), never to config.max_seq_len up front: that is only a limit, and a
+        checkpoint's metadata may claim 2^31 positions (a table of 2^31 × head_dim floats: a
+        terabyte for head_dim 128)."""
         if device is None:
             device = self.embed_tokens.weight.device
-        # on "meta" this records shapes only; inference_mode(False): a table grown while decoding under
-        # inference_mode must still be usable by a later training step
+        # on "meta" this records shapes only; inference_mode(False): a table grown while decoding
+        # under inference_mode must still be usable by a later training step
         with torch.device(device), torch.inference_mode(False):
             cos, sin = precompute_rope(self.config.head_dim, seq_len, self.config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (seq_len, D) float32
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def grow_rope(self, seq_len: int):
-        """Make the RoPE tables cover positions [0, seq_len) (rebuilt only when they are shorter)."""
+        """Make the RoPE tables cover positions [0, seq_len) (rebuilt only when they are
+        shorter)."""
         if self.rope_cos.shape[0] < seq_len:
             self.init_rope(self.rope_cos.device, seq_len)
 
     def forward(self, idx, targets=None, *, input_pos=None, mask=None, positions=None):
         """idx (B, T) token ids → (logits (B, T, V), loss or None).
 
-        targets (B, T): next-token ids, -100 where no loss is wanted; loss = mean cross-entropy over the
-        others. Without input_pos the sequence is run whole: positions 0 … T-1 and causal attention, or
-        `mask` (B, 1, T, T), True = "may attend", e.g. block-diagonal for packed examples (it must hold
-        the causal rule itself). With input_pos (T,), the slots these tokens take in the KV cache
-        (setup_caches first), each query sees the slots up to its own (cache_mask). `positions` (B, T)
-        and `mask` (B, 1, T, S) replace both per row: what the batched decoder passes for left-padded
-        prompts (generate/batched.py).
+        targets (B, T): next-token ids, -100 where no loss is wanted; loss = mean cross-entropy over
+        the others. Without input_pos the sequence is run whole: positions 0 … T-1 and causal
+        attention, or `mask` (B, 1, T, T), True = "may attend", e.g. block-diagonal for packed
+        examples (it must hold the causal rule itself). With input_pos (T,), the slots these tokens
+        take in the KV cache (setup_caches first), each query sees the slots up to its own
+        (cache_mask). `positions` (B, T) and `mask` (B, 1, T, S) replace both per row: what the
+        batched decoder passes for left-padded prompts (generate/batched.py).
         """
         B, T = idx.shape
         if input_pos is None:
             if T > self.config.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+                raise ValueError(f"sequence length {T} exceeds "
+                                 f"max_seq_len={self.config.max_seq_len}")
             self.grow_rope(T)
             pos = torch.arange(T, device=idx.device) if positions is None else positions
         else:
@@ -244,48 +261,52 @@ class Llama(nn.Module):
             self.grow_rope(S)  # a no-op: setup_caches grew the tables to the cache length
             mask = cache_mask(input_pos, S) if mask is None else mask
             pos = input_pos if positions is None else positions
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D), or (B, T, D) for per-row positions
+        # (T, D), or (B, T, D) for per-row positions
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         if pos.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over the heads
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, input_pos, mask,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, input_pos, mask)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-100)
         return logits, loss
 
-    # -------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # decoding support
 
     def setup_caches(self, batch_size: int, max_seq_len: int | None = None, dtype=None):
         """Allocate a KV cache in every attention layer (call before decoding with input_pos)."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
-            raise ValueError(f"cache length {max_seq_len} exceeds max_seq_len={self.config.max_seq_len}")
+            raise ValueError(f"cache length {max_seq_len} exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
         self.grow_rope(max_seq_len)  # here, not inside a compiled decode step
         p = self.embed_tokens.weight
         dtype = dtype or p.dtype
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(
-                batch_size, max_seq_len, self.config.n_kv_heads, self.config.head_dim, dtype, p.device
-            )
+            layer.self_attn.kv_cache = KVCache(batch_size, max_seq_len, self.config.n_kv_heads,
+                                               self.config.head_dim, dtype, p.device)
 
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
-    # -------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # loading
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", **kwargs) -> Llama:
-        """Load an OpenLLaMA / HF directory, a minillm checkpoint, a Meta consolidated directory or a
-        GGUF file: formats/load.py's load_pretrained, the one lazy edge from this file to the loaders."""
+        """Load an OpenLLaMA / HF directory, a minillm checkpoint, a Meta consolidated directory or
+        a GGUF file: formats/load.py's load_pretrained, the one lazy edge from this file to the
+        loaders."""
         from minillm.formats.load import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device, **kwargs)

@@ -1,21 +1,30 @@
 """One table for every checkpoint naming scheme minillm reads or writes: HF ⇄ ours ⇄ GGUF ⇄ Meta.
 
-minillm's module names follow HF's `LlamaForCausalLM` without its `model.` prefix, so an HF key maps to
-ours by dropping that prefix, and LoRA target names (`q_proj`, …) are the ones PEFT uses.
+minillm's module names follow HF's `LlamaForCausalLM` without its `model.` prefix, so an HF key maps
+to ours by dropping that prefix, and LoRA target names (`q_proj`, …) are the ones PEFT uses.
 
-    ours                                   HF (OpenLLaMA)                          GGUF (llama.cpp)             Meta (consolidated.pth)
-    embed_tokens.weight                    model.embed_tokens.weight               token_embd.weight            tok_embeddings.weight
-    layers.{i}.input_layernorm.weight      model.layers.{i}.input_layernorm.weight blk.{i}.attn_norm.weight      layers.{i}.attention_norm.weight
-    layers.{i}.self_attn.q_proj.weight     model.layers.{i}.self_attn.q_proj...    blk.{i}.attn_q.weight  (*)   layers.{i}.attention.wq.weight (*)
-    layers.{i}.self_attn.k_proj.weight     ...                                     blk.{i}.attn_k.weight  (*)   layers.{i}.attention.wk.weight (*)
-    layers.{i}.self_attn.v_proj.weight                                             blk.{i}.attn_v.weight        layers.{i}.attention.wv.weight
-    layers.{i}.self_attn.o_proj.weight                                             blk.{i}.attn_output.weight   layers.{i}.attention.wo.weight
-    layers.{i}.post_attention_layernorm.weight                                     blk.{i}.ffn_norm.weight      layers.{i}.ffn_norm.weight
-    layers.{i}.mlp.gate_proj.weight                                                blk.{i}.ffn_gate.weight      layers.{i}.feed_forward.w1.weight
-    layers.{i}.mlp.up_proj.weight                                                  blk.{i}.ffn_up.weight        layers.{i}.feed_forward.w3.weight
-    layers.{i}.mlp.down_proj.weight                                                blk.{i}.ffn_down.weight      layers.{i}.feed_forward.w2.weight
-    norm.weight                            model.norm.weight                       output_norm.weight           norm.weight
-    lm_head.weight                         lm_head.weight                          output.weight                output.weight
+    ours                                   HF (OpenLLaMA)
+    embed_tokens.weight                    model.embed_tokens.weight
+    layers.{i}.input_layernorm.weight      model.layers.{i}.input_layernorm.weight
+    layers.{i}.self_attn.q_proj.weight     model.layers.{i}.self_attn.q_proj.weight
+    ...                                    ...
+    norm.weight                            model.norm.weight
+    lm_head.weight                         lm_head.weight
+
+    (the `.weight` that ends every name is left out of this table)
+    ours                                   GGUF (llama.cpp)       Meta (consolidated.pth)
+    embed_tokens                           token_embd             tok_embeddings
+    layers.{i}.input_layernorm             blk.{i}.attn_norm      layers.{i}.attention_norm
+    layers.{i}.self_attn.q_proj            blk.{i}.attn_q (*)     layers.{i}.attention.wq (*)
+    layers.{i}.self_attn.k_proj            blk.{i}.attn_k (*)     layers.{i}.attention.wk (*)
+    layers.{i}.self_attn.v_proj            blk.{i}.attn_v         layers.{i}.attention.wv
+    layers.{i}.self_attn.o_proj            blk.{i}.attn_output    layers.{i}.attention.wo
+    layers.{i}.post_attention_layernorm    blk.{i}.ffn_norm       layers.{i}.ffn_norm
+    layers.{i}.mlp.gate_proj               blk.{i}.ffn_gate       layers.{i}.feed_forward.w1
+    layers.{i}.mlp.up_proj                 blk.{i}.ffn_up         layers.{i}.feed_forward.w3
+    layers.{i}.mlp.down_proj               blk.{i}.ffn_down       layers.{i}.feed_forward.w2
+    norm                                   output_norm            norm
+    lm_head                                output                 output
 
 (*) HF stores q/k rows for the "rotate half" RoPE, pairing dimension i with i + head_dim/2; Meta and
 llama.cpp rotate interleaved pairs (2i, 2i+1). Crossing between them permutes q/k rows
@@ -101,8 +110,8 @@ def is_rope_rotated(key: str) -> bool:
 def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k rows from HF's rotate-half layout to the interleaved (Meta / llama.cpp) layout.
 
-    w: (n_heads * head_dim, dim). Within a head, HF row r < head_dim/2 pairs with r + head_dim/2; the
-    interleaved layout wants those two rows adjacent. For k pass the number of KV heads.
+    w: (n_heads * head_dim, dim). Within a head, HF row r < head_dim/2 pairs with r + head_dim/2;
+    the interleaved layout wants those two rows adjacent. For k pass the number of KV heads.
     """
     rows, dim = w.shape
     head_dim = rows // n_heads

@@ -7,5 +7,6 @@ nothing of them.
     peft_io.py       adapter directories in PEFT's exact layout, both ways
     new_tokens.py    growing the embedding and lm_head for added tokens
     double_quant.py  the NF4 scales stored in 8 bits (QLoRA's double quantization)
-    nf4_linear.py    NF4Linear: a frozen 4-bit base layer (kernels/ does the arithmetic), and its load hook
+    nf4_linear.py    NF4Linear: a frozen 4-bit base layer (kernels/ does the arithmetic), and its
+                     load hook
 """

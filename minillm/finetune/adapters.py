@@ -1,10 +1,15 @@
-"""Putting adapters on a model and taking them off: the module swaps of LoRA and DoRA (lora.py, dora.py)
-over a frozen model, which parameters train, merging the adapters in, and running without them.
+"""Putting adapters on a model and taking them off: the module swaps of LoRA and DoRA (lora.py,
+dora.py) over a frozen model, which parameters train, merging the adapters in, and running without
+them.
 
-    apply_lora(model, targets, r, alpha, use_dora=...)   wrap the target projections (in place)
-    mark_only_lora_trainable(model, modules_to_save)       requires_grad on the adapters (+ those modules)
-    merge_lora(model)                                      W0 + ΔW into plain nn.Linear layers, for export
-    with lora_disabled(model): ...                         the base alone, e.g. a reference model for free
+    apply_lora(model, targets, r, alpha, use_dora=...)
+        wrap the target projections (in place)
+    mark_only_lora_trainable(model, modules_to_save)
+        requires_grad on the adapters (+ those modules)
+    merge_lora(model)
+        W0 + ΔW into plain nn.Linear layers, for export
+    with lora_disabled(model): ...
+        the base alone, e.g. a reference model for free
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import torch.nn as nn
 from minillm.finetune.dora import DoRALinear
 from minillm.finetune.lora import LoRALinear, frozen_linear
 
-# all seven projections of a block, as QLoRA recommends: the one default of train configs and the estimator
+# all seven projections of a block, as QLoRA recommends: the one default of train configs and the
+# estimator
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -35,12 +41,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16,
                dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False) -> list[str]:
-    """Wrap every linear-like module whose last name is in `targets` (HF names or q,k,v,o,gate,up,down)
-    in a LoRALinear (a DoRALinear with `use_dora`); returns the wrapped module names, e.g.
-    "layers.0.self_attn.q_proj".
+    """Wrap every linear-like module whose last name is in `targets` (HF names or
+    q,k,v,o,gate,up,down) in a LoRALinear (a DoRALinear with `use_dora`); returns the wrapped module
+    names, e.g. "layers.0.self_attn.q_proj".
 
-    lm_head and embeddings are touched only if named ("lm_head"). A target that matches no module is an
-    error (a typo would otherwise train nothing). Call `mark_only_lora_trainable` afterwards.
+    lm_head and embeddings are touched only if named ("lm_head"). A target that matches no module is
+    an error (a typo would otherwise train nothing). Call `mark_only_lora_trainable` afterwards.
     """
     targets = _normalize_targets(targets)
     found: dict[str, list[str]] = {t: [] for t in targets}
@@ -52,13 +58,15 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
         if isinstance(module, LoRALinear):
             raise ValueError(f"apply_lora: {name!r} already has a LoRA adapter")
         if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
-            raise TypeError(f"apply_lora: target {name!r} is a {type(module).__name__}, not a linear layer")
+            raise TypeError(f"apply_lora: target {name!r} is a {type(module).__name__}, "
+                            f"not a linear layer")
         found[leaf].append(name)
         wrapped.append(name)
     missing = [t for t, names in found.items() if not names]
     if missing:
-        raise ValueError(f"apply_lora: target module(s) {missing} match no module of {type(model).__name__}; "
-                         f"expected names like {list(DEFAULT_TARGETS)} or {list(SHORT_NAMES)}")
+        raise ValueError(f"apply_lora: target module(s) {missing} match no module of "
+                         f"{type(model).__name__}; expected names like {list(DEFAULT_TARGETS)} "
+                         f"or {list(SHORT_NAMES)}")
     for name in wrapped:
         base = model.get_submodule(name)
         kind = DoRALinear if use_dora else LoRALinear
@@ -68,9 +76,10 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
 
 
 def _train_in_float32(module: nn.Module) -> None:
-    """Hold a bf16 / fp16 module's weight in float32 (AdamW steps smaller than bf16's resolution would be
-    lost) while the model around it keeps its dtype: an embedding casts its output back, a linear layer
-    casts its input up (so the forward also runs outside autocast, e.g. when sampling)."""
+    """Hold a bf16 / fp16 module's weight in float32 (AdamW steps smaller than bf16's resolution
+    would be lost) while the model around it keeps its dtype: an embedding casts its output back, a
+    linear layer casts its input up (so the forward also runs outside autocast, e.g. when
+    sampling)."""
     dtype = module.weight.dtype
     if dtype == torch.float32:
         return
@@ -83,13 +92,14 @@ def _train_in_float32(module: nn.Module) -> None:
 
 def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> None:
     """requires_grad = True for lora_A / lora_B weights, DoRA magnitudes and every parameter of the
-    `modules_to_save` (PEFT's name for modules trained in full, e.g. ["embed_tokens", "lm_head"], which
-    are made float32 here, as the adapters are); False for every other parameter."""
+    `modules_to_save` (PEFT's name for modules trained in full, e.g. ["embed_tokens", "lm_head"],
+    which are made float32 here, as the adapters are); False for every other parameter."""
     for name in modules_to_save:
         module = getattr(model, name, None)
         if not isinstance(module, (nn.Embedding, nn.Linear)):
-            raise ValueError(f"modules_to_save: {name!r} is not an embedding or dense linear module of "
-                             f"{type(model).__name__}; expected names like ['embed_tokens', 'lm_head']")
+            raise ValueError(f"modules_to_save: {name!r} is not an embedding or dense linear "
+                             f"module of {type(model).__name__}; "
+                             f"expected names like ['embed_tokens', 'lm_head']")
         _train_in_float32(module)
     for name, p in model.named_parameters():
         in_saved = name.partition(".")[0] in modules_to_save
@@ -98,22 +108,24 @@ def mark_only_lora_trainable(model: nn.Module, modules_to_save=()) -> None:
 
 
 def merge_lora(model: nn.Module) -> list[str]:
-    """Replace every LoRALinear by a plain nn.Linear holding W0 + ΔW (dequantized first for an NF4 base),
-    and every NF4 layer that carries no adapter (QLoRA with a few targets) by its dequantized weight (in
-    its compute_dtype): the model is then a plain Llama again (save it with checkpoint.save_model).
-    Returns the merged adapter names."""
+    """Replace every LoRALinear by a plain nn.Linear holding W0 + ΔW (dequantized first for an NF4
+    base), and every NF4 layer that carries no adapter (QLoRA with a few targets) by its dequantized
+    weight (in its compute_dtype): the model is then a plain Llama again (save it with
+    checkpoint.save_model). Returns the merged adapter names."""
     names = list(lora_modules(model))
     for name in names:
         model.set_submodule(name, model.get_submodule(name).to_dense_linear())
     for name, m in list(model.named_modules()):
         if hasattr(m, "dequantize") and not isinstance(m, nn.Linear):
-            model.set_submodule(name, frozen_linear(m.dequantize(torch.float32), m.bias, m.compute_dtype))
+            model.set_submodule(name, frozen_linear(m.dequantize(torch.float32), m.bias,
+                                                    m.compute_dtype))
     return names
 
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
-    """Run the base model without its adapters (e.g. base-vs-tuned reports without a second copy)."""
+    """Run the base model without its adapters (e.g. base-vs-tuned reports without a second
+    copy)."""
     modules = list(lora_modules(model).values())
     was_merged = [m.merged for m in modules]
     for m in modules:

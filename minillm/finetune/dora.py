@@ -1,16 +1,16 @@
-"""DoRA: weight-decomposed low-rank adaptation, a LoRA whose merged weight keeps a learned length per
-output row (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
+"""DoRA: weight-decomposed low-rank adaptation, a LoRA whose merged weight keeps a learned length
+per output row (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
 
 It splits the adapted weight into a direction and
 a learned length per output row: with V = W0 + (α/r)·BA (out, in) and a magnitude vector m (out,),
 
-    W' = m ⊙ V / ‖V‖_row                                     ‖V‖_row: the L2 norm of each row of V (out,)
+    W' = m ⊙ V / ‖V‖_row                                ‖V‖_row: the L2 norm of each row of V (out,)
     y  = W' x + b = (m / ‖V‖) ⊙ (W0 x + (α/r) B A x) + b
 
-m starts as ‖W0‖_row, so W' = W0 at step 0. As PEFT does (and the paper's §4.3 suggests), ‖V‖ is treated
-as a constant in backward (computed from a detached ΔW): gradients reach m, A and B through the two
-matmuls only, and no (out, in) gradient is ever formed. `DoRALinear` below; an NF4 base uses the norm of
-its dequantized weight.
+m starts as ‖W0‖_row, so W' = W0 at step 0. As PEFT does (and the paper's §4.3 suggests), ‖V‖ is
+treated as a constant in backward (computed from a detached ΔW): gradients reach m, A and B through
+the two matmuls only, and no (out, in) gradient is ever formed. `DoRALinear` below; an NF4 base uses
+the norm of its dequantized weight.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ class DoRALinear(LoRALinear):
         s = m / ‖W0 + ΔW.detach()‖_row                              (out,), float32
         y = y0 + (s - 1) ⊙ W0 x̃ + s ⊙ (α/r) B A x̃
 
-    where x̃ = x in eval mode (then W0 x̃ is y0 - b: no second matmul), and x̃ = dropout(x) in training
-    with dropout > 0 (then W0 x̃ is recomputed: PEFT applies the dropout to both terms of the update).
-    Each forward reads the whole base weight for the norm (an NF4 base is dequantized for it), so DoRA
-    costs one extra pass over W0 per layer and step compared with LoRA.
+    where x̃ = x in eval mode (then W0 x̃ is y0 - b: no second matmul), and x̃ = dropout(x) in
+    training with dropout > 0 (then W0 x̃ is recomputed: PEFT applies the dropout to both terms of
+    the update). Each forward reads the whole base weight for the norm (an NF4 base is dequantized
+    for it), so DoRA costs one extra pass over W0 per layer and step compared with LoRA.
 
     Merging folds the row scale into the weight: W0 ← s ⊙ (W0 + ΔW), with s taken from the unmerged
-    weight and kept for `unmerge`, which computes W0 = W / s - ΔW (float32: allclose, not bit-exact).
+    weight and kept for `unmerge`, which computes W0 = W / s - ΔW (float32: allclose, not
+    bit-exact).
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -47,7 +48,8 @@ class DoRALinear(LoRALinear):
         self._merge_scale = None  # s at merge time (out,), for unmerge
 
     def weight_norm(self) -> torch.Tensor:
-        """‖W0 + ΔW‖ per output row (out,), float32, outside the autograd graph (the paper's §4.3)."""
+        """‖W0 + ΔW‖ per output row (out,), float32, outside the autograd graph (the paper's
+        §4.3)."""
         with torch.no_grad():
             w = dense_weight(self.base)  # (out, in)
             return torch.linalg.norm(w + self.delta_weight().to(w.device), dim=1)
@@ -83,11 +85,13 @@ class DoRALinear(LoRALinear):
         self._merge_scale, self.merged = s, True
 
     def unmerge(self):
-        """W0 = W / s - ΔW with the s of `merge` (the norm of the merged weight would be ‖m‖, not ‖V‖)."""
+        """W0 = W / s - ΔW with the s of `merge` (the norm of the merged weight would be ‖m‖, not
+        ‖V‖)."""
         if not self.merged:
             return
         w = self.base.weight
-        w.data = (w.data.float() / self._merge_scale[:, None] - self.delta_weight().to(w.device)).to(w.dtype)
+        w.data = (w.data.float() / self._merge_scale[:, None]
+                  - self.delta_weight().to(w.device)).to(w.dtype)
         self._merge_scale, self.merged = None, False
 
     def merged_weight(self) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Double quantization of NF4 scales: the float32 absmax of every 64-weight block, stored in 8 bits.
 
-QLoRA (https://arxiv.org/abs/2305.14314, section 3) quantizes the quantization constants a second time:
-one float32 per 64 weights costs 0.5 bit per parameter; 8 bits per block plus one float32 per 256
-blocks costs 8/64 + 32/(64*256) = 0.127 bit. NF4 with double quantization is 4.127 bits per parameter.
+QLoRA (https://arxiv.org/abs/2305.14314, section 3) quantizes the quantization constants a second
+time: one float32 per 64 weights costs 0.5 bit per parameter; 8 bits per block plus one float32 per
+256 blocks costs 8/64 + 32/(64*256) = 0.127 bit. NF4 with double quantization is 4.127 bits per
+parameter.
 
 What you will learn here:
   * bitsandbytes' signed "dynamic" 8-bit map (Dettmers 2015, https://arxiv.org/abs/1511.04561): a
@@ -12,26 +13,26 @@ What you will learn here:
 
 The scheme, bit for bit as bitsandbytes' `quantize_4bit(..., compress_statistics=True)`:
 
-    offset      = mean(absmax)                                   (float32 scalar)
-    c           = absmax - offset, cut into blocks of 256
-    scale[b]    = max |c_i| over block b                          (float32)
-    q_i         = dynamic_quantize(c_i * (1 / scale[b]))          (uint8 index into DYNAMIC_CODE)
-    absmax_hat  = DYNAMIC_CODE[q_i] * scale[i // 256] + offset    (float32: one multiply, then one add)
+    offset     = mean(absmax)                                  (float32 scalar)
+    c          = absmax - offset, cut into blocks of 256
+    scale[b]   = max |c_i| over block b                        (float32)
+    q_i        = dynamic_quantize(c_i * (1 / scale[b]))        (uint8 index into DYNAMIC_CODE)
+    absmax_hat = DYNAMIC_CODE[q_i] * scale[i // 256] + offset  (float32: one multiply, then one add)
 
 The roundtrip error on absmax is at most half a code step times the block scale: the code is densest
 near 0 (steps of ~1e-6 relative) and coarsest near +-1 (steps of 1/64 ~ 0.014 relative), so
 |absmax_hat - absmax| <= 0.0071 * scale[b] (plus float32 rounding).
 
-Why this file is plain PyTorch and lives in minillm/, not kernels/: absmax has numel/64 entries (16 K for
-a 4096x4096 weight); the search is 8 vectorized `torch.where` steps over that, runs once at load time,
-and dequantizing 16 K scales per forward is one gather, one multiply and one add. A Triton kernel would add
-code to read without making anything faster that matters.
+Why this file is plain PyTorch and lives in minillm/, not kernels/: absmax has numel/64 entries
+(16 K for a 4096x4096 weight); the search is 8 vectorized `torch.where` steps over that, runs once
+at load time, and dequantizing 16 K scales per forward is one gather, one multiply and one add. A
+Triton kernel would add code to read without making anything faster that matters.
 
 Failure modes: a block whose centred values are all zero has scale 0; c * (1/0) is NaN, which the
 search (like bitsandbytes' `x > val` comparisons) sends to code 0, and dequantization still returns
-0 * code + offset = offset, the exact value. `offset` is a float32 mean whose summation order depends on
-the device (PyTorch's CPU and CUDA reductions differ), so codes can differ in the last ulp across devices,
-as they do for bitsandbytes itself.
+0 * code + offset = offset, the exact value. `offset` is a float32 mean whose summation order
+depends on the device (PyTorch's CPU and CUDA reductions differ), so codes can differ in the last
+ulp across devices, as they do for bitsandbytes itself.
 """
 
 import torch
@@ -43,8 +44,9 @@ def create_dynamic_map() -> torch.Tensor:
     """The 256-entry signed dynamic map (float32, sorted ascending), as bitsandbytes'
     `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)` builds it.
 
-    For decade i = 0..6 the positive values are 10**(i-6) * the midpoints of linspace(0.1, 1, 2**i + 1)
-    (1, 2, 4, ..., 64 values), mirrored to negatives; then 0 and 1.0: 2 * 127 + 2 = 256 entries.
+    For decade i = 0..6 the positive values are 10**(i-6) * the midpoints of
+    linspace(0.1, 1, 2**i + 1) (1, 2, 4, ..., 64 values), mirrored to negatives; then 0 and 1.0:
+    2 * 127 + 2 = 256 entries.
     Index 127 is 0, 128 the smallest positive 10**-6 * 0.55, 255 is 1.0, 0 is -(1 + 0.9859375) / 2.
     The float32 arithmetic is the same sequence of PyTorch ops, so every entry matches to the bit.
     """
@@ -64,9 +66,9 @@ _DYNAMIC_CODE_ON: dict[torch.device, torch.Tensor] = {}  # device -> the map the
 
 
 def dynamic_code(device=None) -> torch.Tensor:
-    """The signed dynamic map on `device`, (256,) float32; treat it as read-only. Copied to each device
-    once: NF4Linear dequantizes its scales with it on every forward, where a host-to-device copy per call
-    would stall the GPU (and break CUDA graph capture)."""
+    """The signed dynamic map on `device`, (256,) float32; treat it as read-only. Copied to each
+    device once: NF4Linear dequantizes its scales with it on every forward, where a host-to-device
+    copy per call would stall the GPU (and break CUDA graph capture)."""
     device = torch.device(device if device is not None else "cpu")
     if device not in _DYNAMIC_CODE_ON:
         _DYNAMIC_CODE_ON[device] = _DYNAMIC_CODE.to(device)
@@ -104,16 +106,17 @@ def quantize_dynamic(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 def double_quantize(absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE):
     """Quantize NF4 block scales (float32, (n_blocks,)) to 8 bits.
 
-    Returns (qabsmax uint8 (n_blocks,), scales float32 (ceil(n_blocks/blocksize),), offset float32 ()).
+    Returns (qabsmax uint8 (n_blocks,), scales float32 (ceil(n_blocks/blocksize),),
+    offset float32 ()).
     """
     if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
-        raise ValueError(
-            f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} {tuple(absmax.shape)}"
-        )
+        raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, "
+                         f"got {absmax.dtype} {tuple(absmax.shape)}")
     n = absmax.numel()
     n_blocks = -(-n // blocksize)
     offset = absmax.mean()
-    c = torch.nn.functional.pad(absmax - offset, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    c = torch.nn.functional.pad(absmax - offset,
+                                (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     scales = c.abs().amax(dim=1)  # (n_blocks,)
     scaled = c * torch.reciprocal(scales)[:, None]  # bitsandbytes multiplies by a reciprocal here
     q = quantize_dynamic(scaled.view(-1)[:n], dynamic_code(absmax.device))

@@ -1,25 +1,27 @@
-"""LoRA: a low-rank adapter over a frozen linear layer (the module; the swaps that put it on a model are in
-adapters.py, its files in peft_io.py).
+"""LoRA: a low-rank adapter over a frozen linear layer (the module; the swaps that put it on a model
+are in adapters.py, its files in peft_io.py).
 
-LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a pretrained weight W0 (out, in) and learns
-a low-rank update ΔW = B A, with A (r, in), B (out, r) and r ≪ min(in, out):
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a pretrained weight W0 (out, in) and
+learns a low-rank update ΔW = B A, with A (r, in), B (out, r) and r ≪ min(in, out):
 
     y = W0 x + (α / r) · B A dropout(x)                      x (..., in) → y (..., out)
 
 Init (PEFT's `LoraLayer.reset_lora_parameters`, the same as nn.Linear's own default init):
     A ~ kaiming_uniform_(a=√5), i.e. U(-1/√in, 1/√in)        B = 0
 so ΔW = 0 at step 0 and the adapted model starts as the base model exactly. The scale α/r keeps the
-update's size roughly independent of r when r is changed (rsLoRA, https://arxiv.org/abs/2312.03732, uses
-α/√r instead; `use_rslora=True`).
+update's size roughly independent of r when r is changed (rsLoRA, https://arxiv.org/abs/2312.03732,
+uses α/√r instead; `use_rslora=True`).
 
 Merging: W = W0 + (α/r) B A folds the adapter into the weight, so inference costs nothing extra;
-`unmerge` subtracts it again. In float32 merge → unmerge returns W0 up to rounding (~1e-7 relative); in
-bf16 each add/subtract rounds to 8 mantissa bits, so unmerged weights differ from W0 and merged logits
-differ from the adapter's at the bf16 level. An NF4 base (QLoRA, https://arxiv.org/abs/2305.14314) cannot
-absorb ΔW without re-quantizing it away: `merge_lora` dequantizes it and returns a dense nn.Linear.
+`unmerge` subtracts it again. In float32 merge → unmerge returns W0 up to rounding (~1e-7 relative);
+in bf16 each add/subtract rounds to 8 mantissa bits, so unmerged weights differ from W0 and merged
+logits differ from the adapter's at the bf16 level. An NF4 base (QLoRA,
+https://arxiv.org/abs/2305.14314) cannot absorb ΔW without re-quantizing it away: `merge_lora`
+dequantizes it and returns a dense nn.Linear.
 
-The base may be any module mapping (..., in) → (..., out) that exposes `in_features`/`out_features`: an
-nn.Linear, or minillm.finetune.nf4_linear.NF4Linear (whose `dequantize()` gives the dense weight).
+The base may be any module mapping (..., in) → (..., out) that exposes `in_features`/`out_features`:
+an nn.Linear, or minillm.finetune.nf4_linear.NF4Linear (whose `dequantize()` gives the dense
+weight).
 
 DoRA, a learned length per output row over this direction, is dora.py.
 """
@@ -41,12 +43,14 @@ def device_of(module: nn.Module) -> torch.device:
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The (out, in) float32 weight of a linear-like base: nn.Linear.weight or NF4Linear.dequantize()."""
+    """The (out, in) float32 weight of a linear-like base: nn.Linear.weight or
+    NF4Linear.dequantize()."""
     if isinstance(base, nn.Linear):
         return base.weight.detach().float()
     if hasattr(base, "dequantize"):
         return base.dequantize(torch.float32)
-    raise TypeError(f"{type(base).__name__} has neither .weight (nn.Linear) nor .dequantize() (NF4Linear)")
+    raise TypeError(f"{type(base).__name__} has neither .weight (nn.Linear) "
+                    f"nor .dequantize() (NF4Linear)")
 
 
 def frozen_linear(w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
@@ -62,8 +66,8 @@ def frozen_linear(w: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 class LoRALinear(nn.Module):
     """y = base(x) + (α/r) · lora_B(lora_A(dropout(x))); base frozen, only lora_A / lora_B train.
 
-    The adapter runs in `lora_dtype` (float32 by default, as PEFT's autocast_adapter_dtype): x is cast to
-    it and the update is cast back to the base's output dtype before the add.
+    The adapter runs in `lora_dtype` (float32 by default, as PEFT's autocast_adapter_dtype): x is
+    cast to it and the update is cast back to the base's output dtype before the add.
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -79,8 +83,10 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.dropout_p, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         device = device_of(base)
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=lora_dtype)  # (r, in)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)  # (out, r)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device,
+                                dtype=lora_dtype)  # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device,
+                                dtype=lora_dtype)  # (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False  # True while ΔW sits inside base.weight (forward must not add it again)
         self.disabled = False  # True inside `lora_disabled(model)`: forward is the base alone
@@ -88,7 +94,8 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
-        # PEFT, tuners/lora/layer.py: nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5)); nn.init.zeros_(lora_B)
+        # PEFT, tuners/lora/layer.py: nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5));
+        # nn.init.zeros_(lora_B)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
@@ -105,11 +112,13 @@ class LoRALinear(nn.Module):
 
     def _require_dense_base(self):
         if not isinstance(self.base, nn.Linear):
-            raise TypeError(f"cannot merge into a {type(self.base).__name__} in place (re-quantizing "
-                            "would lose ΔW); use merge_lora(model), which returns a dense nn.Linear")
+            raise TypeError(f"cannot merge into a {type(self.base).__name__} in place "
+                            "(re-quantizing would lose ΔW); use merge_lora(model), which returns "
+                            "a dense nn.Linear")
 
     def merge(self):
-        """W0 += ΔW in place (nn.Linear base only), so forward is one matmul; `unmerge` undoes it."""
+        """W0 += ΔW in place (nn.Linear base only), so forward is one matmul; `unmerge` undoes
+        it."""
         if self.merged:
             return
         self._require_dense_base()
@@ -118,7 +127,8 @@ class LoRALinear(nn.Module):
         self.merged = True
 
     def unmerge(self):
-        """W0 -= ΔW: the inverse of `merge` (exact in float32 up to rounding, see the module docstring)."""
+        """W0 -= ΔW: the inverse of `merge` (exact in float32 up to rounding, see the module
+        docstring)."""
         if not self.merged:
             return
         w = self.base.weight
@@ -131,7 +141,8 @@ class LoRALinear(nn.Module):
         return w + self.delta_weight().to(w.device)
 
     def to_dense_linear(self) -> nn.Linear:
-        """A plain nn.Linear computing base + ΔW (dtype: the base weight's, or NF4's compute_dtype)."""
+        """A plain nn.Linear computing base + ΔW (dtype: the base weight's, or NF4's
+        compute_dtype)."""
         base = self.base
         dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
         bias = getattr(base, "bias", None)

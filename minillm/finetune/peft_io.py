@@ -1,22 +1,25 @@
-"""PEFT adapter directories: LoRA / DoRA adapters and fully trained modules, saved and loaded in PEFT's
-layout (`PeftModel.save_pretrained`), so PEFT loads ours and we load PEFT's.
+"""PEFT adapter directories: LoRA / DoRA adapters and fully trained modules, saved and loaded in
+PEFT's layout (`PeftModel.save_pretrained`), so PEFT loads ours and we load PEFT's.
 
     adapter_model.safetensors   (PEFT strips the adapter name "default" from its in-memory keys)
         base_model.model.<HF module path>.lora_A.weight             (r, in)
         base_model.model.<HF module path>.lora_B.weight             (out, r)
         base_model.model.<HF module path>.lora_magnitude_vector     (out,)   DoRA's m, no ".weight"
         base_model.model.<HF parameter path>                        modules_to_save, whole, e.g.
-            base_model.model.model.embed_tokens.weight (V, C)  and  base_model.model.lm_head.weight (V, C)
-    adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, use_rslora, use_dora,
-                                modules_to_save, … (`adapter_config` below)
+            base_model.model.model.embed_tokens.weight (V, C)
+            and base_model.model.lm_head.weight (V, C)
+    adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, use_rslora,
+                                use_dora, modules_to_save, … (`adapter_config` below)
     base_quantization.json      minillm's own record of the NF4 base a QLoRA adapter was trained on
-                                ({"quant_method": "nf4", "blocksize": 64, "double_quant": true}), so
-                                export merges into the very same rounded weights; PEFT ignores the file
-    tokenizer.model             when the vocabulary was extended (new pieces), as PEFT users save theirs
+                                ({"quant_method": "nf4", "blocksize": 64, "double_quant": true}),
+                                so export merges into the very same rounded weights; PEFT ignores
+                                the file
+    tokenizer.model             when the vocabulary was extended (new pieces), as PEFT users save
+                                theirs
 
 A module trained in full (PEFT's `modules_to_save`) whose row count differs from the base's is an
-embedding or lm_head of a vocabulary with new tokens: loading resizes the base to it first, as a PEFT
-user calls `resize_token_embeddings` before `PeftModel.from_pretrained`.
+embedding or lm_head of a vocabulary with new tokens: loading resizes the base to it first, as a
+PEFT user calls `resize_token_embeddings` before `PeftModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -43,22 +46,24 @@ MAGNITUDE = "lora_magnitude_vector"
 
 
 def _peft_key(module_name: str, which: str) -> str:
-    """("layers.0.self_attn.q_proj", "A") → "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
-    which "m" gives DoRA's "….q_proj.lora_magnitude_vector" (HF module path, PEFT prefix)."""
+    """("layers.0.self_attn.q_proj", "A") →
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"; which "m" gives DoRA's
+    "….q_proj.lora_magnitude_vector" (HF module path, PEFT prefix)."""
     path = PEFT_PREFIX + ours_to_hf(module_name + ".weight").removesuffix(".weight")
     return f"{path}.{MAGNITUDE}" if which == "m" else f"{path}.lora_{which}.weight"
 
 
 def adapter_config(modules: dict[str, LoRALinear], base_model_name_or_path: str | None,
                    modules_to_save=()) -> dict:
-    """PEFT's LoraConfig fields for these modules (all must share r, alpha, dropout, rsLoRA and DoRA)."""
+    """PEFT's LoraConfig fields for these modules (all must share r, alpha, dropout, rsLoRA and
+    DoRA)."""
     first = next(iter(modules.values()))
     settings = lambda m: [m.r, m.alpha, m.dropout_p, m.use_rslora, isinstance(m, DoRALinear)]
     for name, m in modules.items():
         if settings(m) != settings(first):
-            raise ValueError(f"save_adapter: {name!r} has [r, alpha, dropout, rslora, dora] = {settings(m)}; "
-                             f"expected the same as the first adapter ({settings(first)}): PEFT's per-module "
-                             "patterns are not written")
+            raise ValueError(f"save_adapter: {name!r} has [r, alpha, dropout, rslora, dora] = "
+                             f"{settings(m)}; expected the same as the first adapter "
+                             f"({settings(first)}): PEFT's per-module patterns are not written")
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -82,26 +87,30 @@ def adapter_config(modules: dict[str, LoRALinear], base_model_name_or_path: str 
 
 
 def _nf4_settings(modules: dict[str, LoRALinear]) -> dict | None:
-    """{"quant_method": "nf4", "blocksize", "double_quant"} of the adapters' NF4 bases, None if dense."""
-    found = {(m.base.blocksize, m.base.double_quant) for m in modules.values() if hasattr(m.base, "blocksize")}
+    """{"quant_method": "nf4", "blocksize", "double_quant"} of the adapters' NF4 bases, None if
+    dense."""
+    found = {(m.base.blocksize, m.base.double_quant) for m in modules.values()
+             if hasattr(m.base, "blocksize")}
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError(f"save_adapter: the NF4 base layers mix (blocksize, double_quant) settings {found}")
+        raise ValueError(f"save_adapter: the NF4 base layers mix (blocksize, double_quant) "
+                         f"settings {found}")
     (blocksize, double_quant), = found
     return {"quant_method": "nf4", "blocksize": blocksize, "double_quant": double_quant}
 
 
 def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None = None,
                  modules_to_save=(), tokenizer_path=None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout), base_quantization.json for
-    an NF4 base, and a copy of `tokenizer_path` (a vocabulary with new pieces), each atomically.
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's layout), base_quantization.json
+    for an NF4 base, and a copy of `tokenizer_path` (a vocabulary with new pieces), each atomically.
     `modules_to_save` (e.g. ["embed_tokens", "lm_head"]) are written whole."""
     from safetensors.torch import save
 
     modules = lora_modules(model)
     if not modules:
-        raise ValueError("save_adapter: the model has no LoRALinear modules (call apply_lora first)")
+        raise ValueError("save_adapter: the model has no LoRALinear modules "
+                         "(call apply_lora first)")
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -109,7 +118,8 @@ def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None 
         state[_peft_key(name, "A")] = m.lora_A.weight.detach().contiguous().cpu()  # (r, in)
         state[_peft_key(name, "B")] = m.lora_B.weight.detach().contiguous().cpu()  # (out, r)
         if isinstance(m, DoRALinear):
-            state[_peft_key(name, "m")] = m.lora_magnitude_vector.detach().contiguous().cpu()  # (out,)
+            # (out,)
+            state[_peft_key(name, "m")] = m.lora_magnitude_vector.detach().contiguous().cpu()
     for name in modules_to_save:
         for key, p in model.get_submodule(name).named_parameters(prefix=name):
             state[PEFT_PREFIX + ours_to_hf(key)] = p.detach().contiguous().cpu()  # e.g. (V, C)
@@ -119,14 +129,15 @@ def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None 
     nf4 = _nf4_settings(modules)
     if nf4 is not None:
         atomic_write_bytes(dirpath / BASE_QUANTIZATION, (json.dumps(nf4, indent=2) + "\n").encode())
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve():
+    if (tokenizer_path is not None
+            and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve()):
         atomic_write_bytes(dirpath / "tokenizer.model", Path(tokenizer_path).read_bytes())
     return dirpath
 
 
 def read_base_quantization(dirpath) -> dict | None:
-    """The NF4 settings a QLoRA adapter directory recorded ({"blocksize", "double_quant"}, the keyword
-    arguments of nf4_hook), or None when the adapter was trained on a dense base."""
+    """The NF4 settings a QLoRA adapter directory recorded ({"blocksize", "double_quant"}, the
+    keyword arguments of nf4_hook), or None when the adapter was trained on a dense base."""
     path = Path(dirpath) / BASE_QUANTIZATION
     if not path.is_file():
         return None
@@ -141,7 +152,8 @@ def read_base_quantization(dirpath) -> dict | None:
 def _read_adapter_config(path: Path) -> dict:
     cfg = read_json_object(path, "adapter config")
     required_values = {"peft_type": ("LORA",), "bias": ("none",), "fan_in_fan_out": (False,),
-                       "use_dora": (False, True, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None)}
+                       "use_dora": (False, True, None), "rank_pattern": ({}, None),
+                       "alpha_pattern": ({}, None)}
     for key, allowed in required_values.items():
         if key in cfg and cfg[key] not in allowed:
             raise ValueError(f"{path}: {key} = {cfg[key]!r} is not supported; "
@@ -183,11 +195,12 @@ def _saved_module_key(key: str, saved_modules: list[str]) -> tuple[str, str] | N
 
 
 def _split_keys(path: Path, state: dict, saved_modules: list[str], dora: bool):
-    """{module: {"A"|"B"|"m": tensor}} for the adapters and {our parameter key: tensor} for the modules
-    trained in full; any other key is an error naming the file."""
+    """{module: {"A"|"B"|"m": tensor}} for the adapters and {our parameter key: tensor} for the
+    modules trained in full; any other key is an error naming the file."""
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     whole: dict[str, torch.Tensor] = {}
-    suffixes = {".lora_A.weight": "A", ".lora_B.weight": "B"} | ({f".{MAGNITUDE}": "m"} if dora else {})
+    suffixes = ({".lora_A.weight": "A", ".lora_B.weight": "B"}
+                | ({f".{MAGNITUDE}": "m"} if dora else {}))
     for key, t in state.items():
         body = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in suffixes if body.endswith(s)), None)
@@ -198,12 +211,14 @@ def _split_keys(path: Path, state: dict, saved_modules: list[str], dora: bool):
             if wrapper == "original_module":
                 continue  # the base's own rows (peft adds them when the vocabulary was resized)
             if ours in whole and not torch.equal(whole[ours], t):
-                raise ValueError(f"{path}: {key!r} differs from the other copy of {ours!r} in the file")
+                raise ValueError(f"{path}: {key!r} differs from the other copy of {ours!r} "
+                                 f"in the file")
             whole[ours] = t
         else:
             expected = ", ".join(f"'{PEFT_PREFIX}<module>{s}'" for s in suffixes)
-            raise ValueError(f"{path}: unexpected key {key!r}; expected {expected}"
-                             f"{' or a parameter of modules_to_save ' + str(saved_modules) if saved_modules else ''}")
+            or_saved = (" or a parameter of modules_to_save " + str(saved_modules)
+                        if saved_modules else "")
+            raise ValueError(f"{path}: unexpected key {key!r}; expected {expected}{or_saved}")
     return adapters, whole
 
 
@@ -213,18 +228,21 @@ def _check_adapters(path: Path, model: nn.Module, adapters: dict, r: int, dora: 
         needed = {"A", "B", "m"} if dora else {"A", "B"}
         if needed - set(parts):
             half = sorted(needed - set(parts))[0]
-            raise ValueError(f"{path}: {_peft_key(name, half)!r} is missing (the rest of its adapter is present)")
+            raise ValueError(f"{path}: {_peft_key(name, half)!r} is missing "
+                             f"(the rest of its adapter is present)")
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path}: key {_peft_key(name, 'A')!r} names module {name!r}, which this model "
-                             "does not have (an adapter for another architecture?)") from None
+            raise ValueError(f"{path}: key {_peft_key(name, 'A')!r} names module {name!r}, "
+                             "which this model does not have "
+                             "(an adapter for another architecture?)") from None
         base = module.base if isinstance(module, LoRALinear) else module
-        expected = {"A": (r, base.in_features), "B": (base.out_features, r), "m": (base.out_features,)}
+        expected = {"A": (r, base.in_features), "B": (base.out_features, r),
+                    "m": (base.out_features,)}
         for which, t in parts.items():
             if tuple(t.shape) != expected[which]:
-                raise ValueError(f"{path}: {_peft_key(name, which)!r} has shape {tuple(t.shape)}, expected "
-                                 f"{expected[which]} for r={r} and this base model "
+                raise ValueError(f"{path}: {_peft_key(name, which)!r} has shape {tuple(t.shape)}, "
+                                 f"expected {expected[which]} for r={r} and this base model "
                                  "(an adapter for another base?)")
 
 
@@ -232,25 +250,27 @@ def _load_whole_modules(path: Path, model: nn.Module, whole: dict[str, torch.Ten
     """Copy the modules_to_save tensors in, resizing embed_tokens / lm_head first for new tokens."""
     rows = {t.shape[0] for k, t in whole.items() if k in ("embed_tokens.weight", "lm_head.weight")}
     if len(rows) > 1:
-        raise ValueError(f"{path}: embed_tokens and lm_head have different row counts {sorted(rows)}")
+        raise ValueError(f"{path}: embed_tokens and lm_head have different row counts "
+                         f"{sorted(rows)}")
     if rows and rows != {model.config.vocab_size}:
-        resize_vocab(model, rows.pop())  # a vocabulary with new pieces: rows appended, then overwritten
+        # a vocabulary with new pieces: rows appended, then overwritten
+        resize_vocab(model, rows.pop())
     params = dict(model.named_parameters())
     for key, t in whole.items():
         if key not in params or params[key].shape != t.shape:
             found = tuple(params[key].shape) if key in params else "no such parameter"
-            raise ValueError(f"{path}: {PEFT_PREFIX + ours_to_hf(key)!r} has shape {tuple(t.shape)}; this "
-                             f"model's {key!r}: {found}")
+            raise ValueError(f"{path}: {PEFT_PREFIX + ours_to_hf(key)!r} has shape "
+                             f"{tuple(t.shape)}; this model's {key!r}: {found}")
         with torch.no_grad():
             params[key].copy_(t)
 
 
 def load_adapter(model: nn.Module, dirpath) -> list[str]:
-    """Apply a PEFT LoRA or DoRA adapter directory onto `model` (wrapping the named modules, or filling
-    adapters already applied with the same rank and kind), and copy its modules_to_save in. Every key is
-    checked: an unknown key, a module this model lacks, a missing A/B/magnitude part or a shape that does
-    not fit (an adapter for another base) raises an error naming the file and the key. Returns the names
-    of the modules that received an adapter, then those loaded whole."""
+    """Apply a PEFT LoRA or DoRA adapter directory onto `model` (wrapping the named modules, or
+    filling adapters already applied with the same rank and kind), and copy its modules_to_save in.
+    Every key is checked: an unknown key, a module this model lacks, a missing A/B/magnitude part or
+    a shape that does not fit (an adapter for another base) raises an error naming the file and the
+    key. Returns the names of the modules that received an adapter, then those loaded whole."""
     dirpath = Path(dirpath)
     cfg = _read_adapter_config(dirpath / ADAPTER_CONFIG)
     path, state = _read_adapter_weights(dirpath)
@@ -268,8 +288,8 @@ def load_adapter(model: nn.Module, dirpath) -> list[str]:
             module = kind(module, r, alpha, dropout, rslora).train(module.training)
             model.set_submodule(name, module)
         elif module.r != r or type(module) is not kind:
-            raise ValueError(f"{path}: a rank-{r} {kind.__name__} adapter, but {name!r} already has a "
-                             f"rank-{module.r} {type(module).__name__}")
+            raise ValueError(f"{path}: a rank-{r} {kind.__name__} adapter, but {name!r} "
+                             f"already has a rank-{module.r} {type(module).__name__}")
         module.alpha, module.use_rslora = alpha, rslora
         module.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         with torch.no_grad():

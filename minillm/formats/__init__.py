@@ -1,5 +1,5 @@
-"""Checkpoints in and out (docs chapters 2 and 7): every file layout minillm reads, and the writers of
-the directory formats. The GGUF writer, which quantizes, lives in ship/.
+"""Checkpoints in and out (docs chapters 2 and 7): every file layout minillm reads, and the writers
+of the directory formats. The GGUF writer, which quantizes, lives in ship/.
 
     weights.py       reading .bin / .safetensors shards safely; filling a meta-device model
     hf.py            HF / OpenLLaMA directories (config.json + shards + index), in and out

@@ -1,33 +1,37 @@
-"""ggml tensor types: F32, F16, BF16 and the 32-value block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, bit-exact
-with llama.cpp; the K-quants (Q4_K, Q5_K, Q6_K) live in kquants.py and are dispatched from here.
+"""ggml tensor types: F32, F16, BF16 and the 32-value block types Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+bit-exact with llama.cpp; the K-quants (Q4_K, Q5_K, Q6_K) live in kquants.py and are dispatched from
+here.
 
 Spec: ggml's reference quantizers `quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref` and their
 `dequantize_row_*` in ggml/src/ggml-quants.c, the block structs in ggml/src/ggml-common.h, and
-`ggml_compute_fp32_to_bf16` in ggml/src/ggml-impl.h (https://github.com/ggml-org/llama.cpp). Rows are cut
-into blocks of 32 values; d and m are computed in float32 and stored as fp16:
+`ggml_compute_fp32_to_bf16` in ggml/src/ggml-impl.h (https://github.com/ggml-org/llama.cpp). Rows
+are cut into blocks of 32 values; d and m are computed in float32 and stored as fp16:
 
-    Q8_0 (34 B): d = amax / 127               q[j] = roundf(x[j] * id)     id = 1/d, or 0 when d == 0
-    Q4_0 (18 B): d = m / -8                   q[j] = min(15, (int8)(x[j] * id + 8.5f))
-    Q5_0 (22 B): d = m / -16                  q[j] = min(31, (int8)(x[j] * id + 16.5f))
+    Q8_0 (34 B): d = amax / 127                 q[j] = roundf(x[j] * id)  id = 1/d, or 0 when d == 0
+    Q4_0 (18 B): d = m / -8                     q[j] = min(15, (int8)(x[j] * id + 8.5f))
+    Q5_0 (22 B): d = m / -16                    q[j] = min(31, (int8)(x[j] * id + 16.5f))
                  (m = the value of largest |x| *with its sign*)
-    Q4_1 (20 B): d = (max - min) / 15, m = min        q[j] = min(15, (int8)((x[j] - min) * id + 0.5f))
-    Q5_1 (24 B): d = (max - min) / 31, m = min        q[j] = (uint8)((x[j] - min) * id + 0.5f)
-    layout:      4-bit codes: byte j = q[j] & 15 | (q[j + 16] & 15) << 4; the 5-bit types keep each fifth bit
-                 in a little-endian uint32 qh (bit j for q[j]); struct order d, [m], [qh], qs
+    Q4_1 (20 B): d = (max - min) / 15, m = min  q[j] = min(15, (int8)((x[j] - min) * id + 0.5f))
+    Q5_1 (24 B): d = (max - min) / 31, m = min  q[j] = (uint8)((x[j] - min) * id + 0.5f)
+    layout:      4-bit codes: byte j = q[j] & 15 | (q[j + 16] & 15) << 4; the 5-bit types keep
+                 each fifth bit in a little-endian uint32 qh (bit j for q[j]);
+                 struct order d, [m], [qh], qs
     dequantize:  Q8_0 q·d   Q4_0 (q - 8)·d   Q5_0 (q - 16)·d   Q4_1 / Q5_1 q·d + m     (float32)
 
 Three details decide bit-exactness, and each is emulated here:
 1. `roundf` rounds halves away from zero (torch.round rounds them to even);
 2. the C loop for Q4_0 keeps the *first* element of largest magnitude (strict `<`), and an all-zero
    block keeps m = +0.0, so d = 0 / -8 = -0.0 and its fp16 bytes are 00 80;
-3. `x0 = x*id; x0 + 8.5f` rounds twice in float32 (no fused multiply-add), as llama.cpp's x86-64 builds
-   do: ggml-base, where the quantizers live, is compiled without -mfma. A compiler that contracts it into
-   one FMA (gcc on aarch64, or -march=native) picks another code in about 1 block of Q4_0 in 500,000
-   (measured against llama-cpp-python's libggml-base: 0 of 524,288 blocks differ here, 1 with the FMA).
-4. Q4_1 / Q5_1 keep the *first* minimum and maximum (strict `<` / `>`), so a zero min keeps its sign in m.
+3. `x0 = x*id; x0 + 8.5f` rounds twice in float32 (no fused multiply-add), as llama.cpp's x86-64
+   builds do: ggml-base, where the quantizers live, is compiled without -mfma. A compiler that
+   contracts it into one FMA (gcc on aarch64, or -march=native) picks another code in about 1 block
+   of Q4_0 in 500,000 (measured against llama-cpp-python's libggml-base: 0 of 524,288 blocks differ
+   here, 1 with the FMA).
+4. Q4_1 / Q5_1 keep the *first* minimum and maximum (strict `<` / `>`), so a zero min keeps its sign
+   in m.
 
-Everything is vectorized in torch; callers pass rows of any length divisible by 32 (the writer chunks
-big tensors). Byte layouts assume a little-endian host, as GGUF does.
+Everything is vectorized in torch; callers pass rows of any length divisible by 32 (the writer
+chunks big tensors). Byte layouts assume a little-endian host, as GGUF does.
 """
 
 from __future__ import annotations
@@ -68,21 +72,25 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
 }
 
 if sys.byteorder != "little":
-    raise ImportError("minillm.formats.ggml_quants assumes a little-endian host (GGUF is little-endian)")
+    raise ImportError("minillm.formats.ggml_quants assumes a little-endian host "
+                      "(GGUF is little-endian)")
 
 
 def _blocks(x: torch.Tensor, what: str, block: int = QK) -> torch.Tensor:
     """(..., K) float -> (N, block) float32 blocks, checking K and finiteness."""
     if x.shape[-1] % block != 0:
-        raise ValueError(f"{what}: row length {x.shape[-1]} is not a multiple of the block size {block}")
+        raise ValueError(f"{what}: row length {x.shape[-1]} is not a multiple of the block size "
+                         f"{block}")
     xb = x.detach().to(device="cpu", dtype=torch.float32).reshape(-1, block)
     if not bool(torch.isfinite(xb).all()):
-        raise ValueError(f"{what}: input holds NaN or infinite values (ggml's quantizers are undefined there)")
+        raise ValueError(f"{what}: input holds NaN or infinite values "
+                         f"(ggml's quantizers are undefined there)")
     return xb
 
 
 def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
-    """(N, 1) float32 -> (N, 2) uint8: round to nearest even fp16 (as F16C / ggml), little-endian."""
+    """(N, 1) float32 -> (N, 2) uint8: round to nearest even fp16 (as F16C / ggml),
+    little-endian."""
     return d.to(torch.float16).view(torch.uint8).reshape(-1, 2)
 
 
@@ -93,7 +101,7 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
     return torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Q8_0
 
 
@@ -117,7 +125,7 @@ def dequantize_q8_0(data: torch.Tensor, n: int) -> torch.Tensor:
     return (q * d).reshape(-1, n)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Q4_0
 
 
@@ -128,7 +136,8 @@ def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     # argmax returns the first maximal index, like the C loop's strict `amax < fabsf(v)`
     idx = xb.abs().argmax(dim=1, keepdim=True)  # (N, 1)
     m = xb.gather(1, idx)
-    m = torch.where(m != 0, m, 0.0)  # an all-zero block keeps the C initial value +0.0 (also for -0.0)
+    # an all-zero block keeps the C initial value +0.0 (also for -0.0)
+    m = torch.where(m != 0, m, 0.0)
     d = m / -8.0  # exact (power of two) except in the subnormal range, as in C
     inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, 1.0), 0.0)
     v = xb * inv + 8.5  # two float32 roundings (see 3. above), then the (int8) cast truncates
@@ -147,25 +156,28 @@ def dequantize_q4_0(data: torch.Tensor, n: int) -> torch.Tensor:
     return (q * d).reshape(-1, n)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Q5_0, Q4_1, Q5_1
 
 
 def _signed_absmax(xb: torch.Tensor) -> torch.Tensor:
-    """(N, 32) -> (N, 1): the first value of largest |x|, with its sign (+0.0 for an all-zero block)."""
+    """(N, 32) -> (N, 1): the first value of largest |x|, with its sign (+0.0 for an all-zero
+    block)."""
     m = xb.gather(1, xb.abs().argmax(dim=1, keepdim=True))
     return torch.where(m != 0, m, 0.0)
 
 
 def _first_min_max(xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, 32) -> min, max (N, 1) as the C loop finds them: the first element equal to each (a zero keeps
-    the sign of the first zero that attains it)."""
-    first = [(xb == v).to(torch.uint8).argmax(dim=1, keepdim=True) for v in (xb.amin(1, True), xb.amax(1, True))]
+    """(N, 32) -> min, max (N, 1) as the C loop finds them: the first element equal to each (a zero
+    keeps the sign of the first zero that attains it)."""
+    first = [(xb == v).to(torch.uint8).argmax(dim=1, keepdim=True)
+             for v in (xb.amin(1, True), xb.amax(1, True))]
     return xb.gather(1, first[0]), xb.gather(1, first[1])
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d != 0, torch.tensor(1.0) / torch.where(d != 0, d, 1.0), 0.0)  # id = d ? 1.0f/d : 0.0f
+    # id = d ? 1.0f/d : 0.0f
+    return torch.where(d != 0, torch.tensor(1.0) / torch.where(d != 0, d, 1.0), 0.0)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -206,11 +218,13 @@ def dequantize_q5_0(data: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _quantize_type1(x: torch.Tensor, what: str, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_1 / Q5_1 common part: (fp16 d and m bytes (N, 4), codes before clamping (N, 32) float32)."""
+    """Q4_1 / Q5_1 common part: (fp16 d and m bytes (N, 4), codes before clamping (N, 32)
+    float32)."""
     xb = _blocks(x, what)  # (N, 32)
     mn, mx = _first_min_max(xb)
     d = (mx - mn) / float(nmax)
-    q = ((xb - mn) * _inverse(d) + 0.5).trunc()  # two float32 roundings, then the integer cast truncates
+    # two float32 roundings, then the integer cast truncates
+    q = ((xb - mn) * _inverse(d) + 0.5).trunc()
     return torch.cat([_fp16_bytes(d), _fp16_bytes(mn)], dim=1), q
 
 
@@ -222,8 +236,8 @@ def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
-    """(R, K) float -> (R, K/32 * 24) uint8 Q5_1 blocks, as `quantize_row_q5_1_ref` (which has no MIN(31, .):
-    a code of 32 keeps only its low five bits, 0)."""
+    """(R, K) float -> (R, K/32 * 24) uint8 Q5_1 blocks, as `quantize_row_q5_1_ref` (which has no
+    MIN(31, .): a code of 32 keeps only its low five bits, 0)."""
     rows = x.shape[0] if x.dim() > 1 else 1
     head, q = _quantize_type1(x, "Q5_1", 31)
     return torch.cat([head, _pack_fifth_bits(q), _pack_nibbles(q)], dim=1).reshape(rows, -1)
@@ -245,20 +259,20 @@ def dequantize_q5_1(data: torch.Tensor, n: int) -> torch.Tensor:
     return (_unpack_5bit(blocks[:, 4:8], blocks[:, 8:]) * dm[:, :1] + dm[:, 1:]).reshape(-1, n)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # F16 / BF16 / F32
 
 
 def f32_to_bf16(x: torch.Tensor) -> torch.Tensor:
     """float32 -> bfloat16 exactly as `ggml_compute_fp32_to_bf16`.
 
-    Round to nearest even on the top 16 bits; a NaN keeps its sign and top payload bits with the quiet
-    bit forced (`bits >> 16 | 64`), where torch would return one canonical NaN.
+    Round to nearest even on the top 16 bits; a NaN keeps its sign and top payload bits with the
+    quiet bit forced (`bits >> 16 | 64`), where torch would return one canonical NaN.
     """
     u = x.detach().to(device="cpu", dtype=torch.float32).contiguous().view(torch.int32)
     is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-    # int32 arithmetic: the low 16 bits after `>> 16` are those of the uint32 C code (wrap-around only
-    # happens in the NaN lanes, which `where` discards)
+    # int32 arithmetic: the low 16 bits after `>> 16` are those of the uint32 C code (wrap-around
+    # only happens in the NaN lanes, which `where` discards)
     b = torch.where(is_nan, (u >> 16) | 64, (u + (0x7FFF + ((u >> 16) & 1))) >> 16).to(torch.int16)
     return b.view(torch.bfloat16)
 
@@ -310,7 +324,8 @@ def dequantize(data: torch.Tensor, ggml_type: int, n: int) -> torch.Tensor:
     if ggml_type in _KQUANT_CODECS:
         _, _, size = GGML_TYPES[ggml_type]
         return _KQUANT_CODECS[ggml_type][1](data.reshape(-1, size)).reshape(-1, n)
-    readable = "/".join(type_name(t) for t in (GGML_F32, GGML_F16, GGML_BF16, *_BLOCK32_CODECS, *_KQUANT_CODECS))
+    readable = "/".join(type_name(t) for t in (GGML_F32, GGML_F16, GGML_BF16, *_BLOCK32_CODECS,
+                                               *_KQUANT_CODECS))
     raise ValueError(f"no decoder for ggml type {type_name(ggml_type)} (minillm reads {readable})")
 
 
@@ -322,5 +337,6 @@ def row_bytes(ggml_type: int, n: int) -> int:
     """Bytes of one row of n values; n must be a multiple of the type's block size."""
     _, block, size = GGML_TYPES[ggml_type]
     if n % block != 0:
-        raise ValueError(f"row length {n} is not a multiple of the {type_name(ggml_type)} block size {block}")
+        raise ValueError(f"row length {n} is not a multiple of the {type_name(ggml_type)} "
+                         f"block size {block}")
     return n // block * size

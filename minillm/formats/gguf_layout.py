@@ -22,16 +22,18 @@ GGUF_DEFAULT_ALIGNMENT = 32
 GGML_QUANT_VERSION = 2  # general.quantization_version written by current llama.cpp
 
 # metadata value types (gguf.h `enum gguf_type`)
-UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-VALUE_TYPE_NAMES = ["UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING",
-                    "ARRAY", "UINT64", "INT64", "FLOAT64"]
-STRUCT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i", FLOAT32: "<f",
-          BOOL: "<B", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
-NUMPY = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4", INT32: "<i4", FLOAT32: "<f4",
-         BOOL: "<u1", UINT64: "<u8", INT64: "<i8", FLOAT64: "<f8"}
+(UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64,
+ FLOAT64) = range(13)
+VALUE_TYPE_NAMES = ["UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL",
+                    "STRING", "ARRAY", "UINT64", "INT64", "FLOAT64"]
+STRUCT = {UINT8: "<B", INT8: "<b", UINT16: "<H", INT16: "<h", UINT32: "<I", INT32: "<i",
+          FLOAT32: "<f", BOOL: "<B", UINT64: "<Q", INT64: "<q", FLOAT64: "<d"}
+NUMPY = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4", INT32: "<i4",
+         FLOAT32: "<f4", BOOL: "<u1", UINT64: "<u8", INT64: "<i8", FLOAT64: "<f8"}
 
 # tokenizer.ggml.token_type values (= SentencePiece's ModelProto.SentencePiece.Type)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+(TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED,
+ TOKEN_BYTE) = 1, 2, 3, 4, 5, 6
 
 
 def align(n: int, alignment: int) -> int:

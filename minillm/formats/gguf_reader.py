@@ -1,12 +1,13 @@
 """GGUF reader: parse and validate a GGUF v3 file, and load a Llama back from it.
 
-The byte layout is in formats/gguf_layout.py. `read_gguf` validates every count, length, type id and offset
-against the file size before using it, so a truncated or corrupt file gives a ValueError naming the file
-and offset instead of a crash, a hang or a huge allocation. Tensor data is memory-mapped.
+The byte layout is in formats/gguf_layout.py. `read_gguf` validates every count, length, type id and
+offset against the file size before using it, so a truncated or corrupt file gives a ValueError
+naming the file and offset instead of a crash, a hang or a huge allocation. Tensor data is
+memory-mapped.
 
-`load_gguf_model` turns a llama.cpp Llama file (ours, or one llama.cpp's converter wrote) into a minillm
-config, a float32 state dict (q/k permuted back from llama.cpp's interleaved RoPE pairs to HF's
-rotate-half rows) and a SentencePiece model rebuilt from the tokenizer.ggml.* metadata.
+`load_gguf_model` turns a llama.cpp Llama file (ours, or one llama.cpp's converter wrote) into a
+minillm config, a float32 state dict (q/k permuted back from llama.cpp's interleaved RoPE pairs to
+HF's rotate-half rows) and a SentencePiece model rebuilt from the tokenizer.ggml.* metadata.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from minillm.formats.gguf_layout import (
 from minillm.names import gguf_to_ours, interleaved_to_hf, is_rope_rotated, ours_to_gguf
 from minillm.tokenizer.spm_proto import bpe_model_proto
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reading the file
 
 
@@ -63,7 +64,8 @@ class GGUFFile:
     version: int
     alignment: int
     data_start: int  # absolute file offset of the data section
-    metadata: dict[str, Any]  # scalars as Python values, numeric arrays as numpy, string arrays as lists
+    # scalars as Python values, numeric arrays as numpy, string arrays as lists
+    metadata: dict[str, Any]
     value_types: dict[str, tuple[int, int | None]]  # key -> (value type, element type for arrays)
     tensors: dict[str, GGUFTensorInfo]  # in file order
     _buf: mmap.mmap = field(repr=False)
@@ -71,7 +73,8 @@ class GGUFFile:
     def raw(self, name: str) -> np.ndarray:
         """The tensor's bytes as a read-only uint8 view of the memory-mapped file."""
         t = self.tensors[name]
-        return np.frombuffer(self._buf, dtype=np.uint8, count=t.nbytes, offset=self.data_start + t.offset)
+        return np.frombuffer(self._buf, dtype=np.uint8, count=t.nbytes,
+                             offset=self.data_start + t.offset)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor dequantized to float32, in PyTorch shape (a copy)."""
@@ -122,13 +125,15 @@ class _Cursor:
         count = self.scalar(UINT64, f"element count of {key!r}")
         if elem == STRING:
             if count * 8 > self.size - self.pos:  # every string needs at least its 8-byte length
-                raise self.fail(f"array {key!r} claims {count} strings at offset {self.pos}, more than the "
-                                f"{self.size - self.pos} bytes left can hold")
+                raise self.fail(f"array {key!r} claims {count} strings at offset {self.pos}, "
+                                f"more than the {self.size - self.pos} bytes left can hold")
             return [self.string(f"element {i} of {key!r}") for i in range(count)], elem
         if elem not in NUMPY:
-            raise self.fail(f"array {key!r} at offset {self.pos - 12} has unsupported element type {elem}")
+            raise self.fail(f"array {key!r} at offset {self.pos - 12} has unsupported element type "
+                            f"{elem}")
         dtype = np.dtype(NUMPY[elem])
-        arr = np.frombuffer(self.take(count * dtype.itemsize, f"{count} elements of {key!r}"), dtype=dtype)
+        arr = np.frombuffer(self.take(count * dtype.itemsize, f"{count} elements of {key!r}"),
+                            dtype=dtype)
         return (arr.astype(bool) if elem == BOOL else arr), elem
 
 
@@ -146,13 +151,14 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         raise cur.fail(f"not a GGUF file: magic {magic!r} at offset 0, expected {GGUF_MAGIC!r}")
     version = cur.scalar(UINT32, "version")
     if version != GGUF_VERSION:
-        raise cur.fail(f"GGUF version {version} at offset 4, only version {GGUF_VERSION} is supported")
+        raise cur.fail(f"GGUF version {version} at offset 4, only version {GGUF_VERSION} "
+                       f"is supported")
     n_tensors = cur.scalar(UINT64, "tensor count")
     n_kv = cur.scalar(UINT64, "metadata count")
     # each key/value takes >= 13 bytes (8 key length + 4 type + 1 value); each tensor info >= 32
     if n_kv * 13 + n_tensors * 32 > size - 24:
-        raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, impossible in a "
-                       f"{size}-byte file")
+        raise cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, "
+                       f"impossible in a {size}-byte file")
 
     metadata: dict[str, Any] = {}
     value_types: dict[str, tuple[int, int | None]] = {}
@@ -166,8 +172,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         value_types[key] = (vtype, elem)
 
     alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if "general.alignment" in metadata and (value_types["general.alignment"][0] != UINT32 or alignment == 0
-                                            or alignment & (alignment - 1)):
+    if "general.alignment" in metadata and (value_types["general.alignment"][0] != UINT32
+                                            or alignment == 0 or alignment & (alignment - 1)):
         raise cur.fail(f"general.alignment must be a UINT32 power of two, found {alignment!r}")
 
     infos = []
@@ -175,7 +181,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         at = cur.pos
         name = cur.string(f"name of tensor {i}")
         if len(name.encode("utf-8")) >= 64:
-            raise cur.fail(f"tensor name {name!r} at offset {at} is {len(name.encode())} bytes, ggml allows 63")
+            raise cur.fail(f"tensor name {name!r} at offset {at} is {len(name.encode())} bytes, "
+                           f"ggml allows 63")
         n_dims = cur.scalar(UINT32, f"n_dims of {name!r}")
         if not 1 <= n_dims <= 4:
             raise cur.fail(f"tensor {name!r} at offset {at} has n_dims {n_dims}, expected 1..4")
@@ -186,8 +193,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
             raise cur.fail(f"tensor {name!r} at offset {at} has unknown ggml type id {ggml_type}")
         _, block, type_size = GGML_TYPES[ggml_type]
         if any(d >= 2**63 for d in dims) or dims[0] % block != 0:
-            raise cur.fail(f"tensor {name!r} at offset {at} has dims {dims}; the first must be a multiple of "
-                           f"{type_name(ggml_type)}'s block size {block}")
+            raise cur.fail(f"tensor {name!r} at offset {at} has dims {dims}; the first must be "
+                           f"a multiple of {type_name(ggml_type)}'s block size {block}")
         nbytes = int(np.prod(dims, dtype=object)) // block * type_size
         infos.append(GGUFTensorInfo(name, tuple(reversed(dims)), ggml_type, offset, nbytes))
 
@@ -198,18 +205,18 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
         if t.name in tensors:
             raise cur.fail(f"duplicate tensor name {t.name!r}")
         if t.offset != expected:
-            raise cur.fail(f"tensor {t.name!r} has data offset {t.offset}, expected {expected} (the previous "
-                           f"tensor's end rounded up to the alignment {alignment})")
+            raise cur.fail(f"tensor {t.name!r} has data offset {t.offset}, expected {expected} "
+                           f"(the previous tensor's end rounded up to the alignment {alignment})")
         end = data_start + t.offset + t.nbytes
         if end > size:
-            raise cur.fail(f"tensor {t.name!r} data [{data_start + t.offset}, {end}) runs past the end of the "
-                           f"{size}-byte file")
+            raise cur.fail(f"tensor {t.name!r} data [{data_start + t.offset}, {end}) runs past "
+                           f"the end of the {size}-byte file")
         tensors[t.name] = t
         expected = align(t.offset + t.nbytes, alignment)
     return GGUFFile(path, version, alignment, data_start, metadata, value_types, tensors, buf)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Loading a Llama back: config, float32 state dict, SentencePiece model
 
 
@@ -240,33 +247,38 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     if arch != "llama":
         raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads only 'llama'")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
-    # untrusted metadata: config.check_model_values bounds the sizes and rejects NaN / zero / negative
-    # epsilon and RoPE base, naming the GGUF key
-    keys = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
-            "n_kv_heads": "llama.attention.head_count_kv", "hidden_dim": "llama.feed_forward_length",
-            "vocab_size": "tokenizer.ggml.tokens", "max_seq_len": "llama.context_length",
-            "norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base"}
+    # untrusted metadata: config.check_model_values bounds the sizes and rejects NaN / zero /
+    # negative epsilon and RoPE base, naming the GGUF key
+    keys = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
+            "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
+            "hidden_dim": "llama.feed_forward_length", "vocab_size": "tokenizer.ggml.tokens",
+            "max_seq_len": "llama.context_length",
+            "norm_eps": "llama.attention.layer_norm_rms_epsilon",
+            "rope_theta": "llama.rope.freq_base"}
     values = {field: int(_require(g, key, UINT32)) for field, key in keys.items()
               if field not in ("vocab_size", "norm_eps", "rope_theta")}
     values |= dict(vocab_size=len(tokens), tie_embeddings="output.weight" not in g.tensors,
                    norm_eps=_short_float(_require(g, keys["norm_eps"], FLOAT32)),
                    rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)))
     config = ModelConfig.from_metadata(values, keys, str(g.path))
-    # llama.cpp's RoPE scaling keys (convert_hf_to_gguf writes them for a scaled config.json): refused, as
-    # config.json's rope_scaling is, rather than loaded into a model that computes something else
+    # llama.cpp's RoPE scaling keys (convert_hf_to_gguf writes them for a scaled config.json):
+    # refused, as config.json's rope_scaling is, rather than loaded into a model that computes
+    # something else
     scaling = g.metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none":
-        raise ValueError(f"{g.path}: llama.rope.scaling.type = {scaling!r}: RoPE scaling is not supported "
-                         f"(minillm implements plain RoPE)")
+        raise ValueError(f"{g.path}: llama.rope.scaling.type = {scaling!r}: "
+                         f"RoPE scaling is not supported (minillm implements plain RoPE)")
     for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
         if g.metadata.get(key, 1.0) not in (0.0, 1.0):  # llama.cpp reads 0 as "not set"
-            raise ValueError(f"{g.path}: {key} = {g.metadata[key]!r}: RoPE scaling is not supported")
+            raise ValueError(f"{g.path}: {key} = {g.metadata[key]!r}: "
+                             f"RoPE scaling is not supported")
     rope_dims = _require(g, "llama.rope.dimension_count", UINT32)
     if rope_dims != config.head_dim:
-        raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, but minillm rotates the whole "
-                         f"head ({config.head_dim} dims)")
+        raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, "
+                         f"but minillm rotates the whole head ({config.head_dim} dims)")
 
-    if 9 * config.n_layers > len(g.tensors):  # 9 tensors per block; also guards a corrupt huge count
+    # 9 tensors per block; also guards a corrupt huge count
+    if 9 * config.n_layers > len(g.tensors):
         raise ValueError(f"{g.path}: llama.block_count = {config.n_layers} but the file holds only "
                          f"{len(g.tensors)} tensors")
     shapes = expected_shapes(config)
@@ -281,34 +293,40 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
                              f"{shapes.get(key)} for the config in the metadata")
         w = g.tensor(name)
         if is_rope_rotated(key):
-            w = interleaved_to_hf(w, config.n_heads if key.endswith("q_proj.weight") else config.n_kv_heads)
+            w = interleaved_to_hf(w, config.n_heads if key.endswith("q_proj.weight")
+                                  else config.n_kv_heads)
         state[key] = w
     missing = [ours_to_gguf(k) for k in shapes if k not in state]
     if missing:
-        raise ValueError(f"{g.path}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise ValueError(f"{g.path}: missing tensors "
+                         f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return config, state, sentencepiece_model_from_gguf(g)
 
 
 def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:
     """A SentencePiece BPE ModelProto rebuilt from the tokenizer.ggml.* metadata.
 
-    Normalization is identity with whitespace escaped to "▁", no extra-whitespace removal and a dummy
-    prefix per tokenizer.ggml.add_space_prefix: exactly what llama.cpp applies to this vocabulary.
+    Normalization is identity with whitespace escaped to "▁", no extra-whitespace removal and a
+    dummy prefix per tokenizer.ggml.add_space_prefix: exactly what llama.cpp applies to this
+    vocabulary.
     """
     model = _require(g, "tokenizer.ggml.model", STRING)
     if model != "llama":
-        raise ValueError(f"{g.path}: tokenizer.ggml.model is {model!r}, only SentencePiece 'llama' is supported")
+        raise ValueError(f"{g.path}: tokenizer.ggml.model is {model!r}, "
+                         f"only SentencePiece 'llama' is supported")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
     scores = _require(g, "tokenizer.ggml.scores", ARRAY, FLOAT32)
     types = _require(g, "tokenizer.ggml.token_type", ARRAY, INT32)
     if not len(tokens) == len(scores) == len(types):
-        raise ValueError(f"{g.path}: {len(tokens)} tokens, {len(scores)} scores and {len(types)} token types")
+        raise ValueError(f"{g.path}: {len(tokens)} tokens, {len(scores)} scores and "
+                         f"{len(types)} token types")
     ids = {}
     for name in ("bos", "eos", "unknown", "padding"):
         key = f"tokenizer.ggml.{name}_token_id"
         tid = int(_require(g, key, UINT32)) if name != "padding" or key in g.metadata else -1
         if tid >= len(tokens):
-            raise ValueError(f"{g.path}: {key} = {tid} is outside the {len(tokens)}-token vocabulary")
+            raise ValueError(f"{g.path}: {key} = {tid} is outside the "
+                             f"{len(tokens)}-token vocabulary")
         ids[name] = tid
     add_prefix = (_require(g, "tokenizer.ggml.add_space_prefix", BOOL)
                   if "tokenizer.ggml.add_space_prefix" in g.metadata else True)

@@ -1,38 +1,44 @@
-"""K-quants: ggml's Q4_K, Q5_K and Q6_K super-blocks, vectorized and bit-exact with llama.cpp's reference quantizer.
+"""K-quants: ggml's Q4_K, Q5_K and Q6_K super-blocks, vectorized and bit-exact with llama.cpp's
+reference quantizer.
 
-Spec: `quantize_row_q4_K_ref`, `quantize_row_q5_K_ref`, `quantize_row_q6_K_ref`, their helpers `make_qkx2_quants`,
-`make_qx_quants`, `nearest_int`, and `dequantize_row_q{4,5,6}_K` in ggml/src/ggml-quants.c; the block structs in
-ggml/src/ggml-common.h (https://github.com/ggml-org/llama.cpp). A row is cut into super-blocks of QK_K = 256:
+Spec: `quantize_row_q4_K_ref`, `quantize_row_q5_K_ref`, `quantize_row_q6_K_ref`, their helpers
+`make_qkx2_quants`, `make_qx_quants`, `nearest_int`, and `dequantize_row_q{4,5,6}_K` in
+ggml/src/ggml-quants.c; the block structs in ggml/src/ggml-common.h
+(https://github.com/ggml-org/llama.cpp). A row is cut into super-blocks of QK_K = 256:
 
-    Q4_K (144 B): d, dmin (fp16) | scales[12]: 8 six-bit scales sc_j and 8 six-bit mins m_j | qs[128]: 4-bit q
+    Q4_K (144 B): d, dmin (fp16) | scales[12]: 8 six-bit scales sc_j and 8 six-bit mins m_j |
+                  qs[128]: 4-bit q
                   8 sub-blocks of 32:   x ≈ (d·sc_j)·q - dmin·m_j            q in 0..15
     Q5_K (176 B): as Q4_K plus qh[32], the fifth bit of each q              q in 0..31
     Q6_K (210 B): ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales[16] (int8) | d (fp16)
                   16 sub-blocks of 16:  x ≈ (d·sc_j)·(q - 32)               q in 0..63
 
 How the scales are chosen. Q4_K / Q5_K: each sub-block is fitted as x ≈ scale·L + min (min ≤ 0) by
-`make_qkx2_quants`: a weighted least-squares fit (weights av_x + |x|, av_x the sub-block's RMS) repeated for
-nstep+1 trial grids iscale = (nmax + rmin + rdelta·k) / (max - min), keeping the fit of least weighted squared
-error; each accepted fit moves `min`, and the next trial grid is laid from that new min. The 8 scales and 8
-mins are then quantized to 6 bits against their maxima (d = max_scale/63, dmin = max_min/63, stored fp16),
-and every value is re-quantized with the fp16-rounded d·sc_j and dmin·m_j. Q6_K: each sub-block's symmetric
-scale comes from `make_qx_quants` (weights x², 19 trial grids nmax + 0.1·k), the 16 scales become int8 against
-the one of largest magnitude (d = max_scale / -128), and values are re-quantized with fp16(d)·sc_j.
+`make_qkx2_quants`: a weighted least-squares fit (weights av_x + |x|, av_x the sub-block's RMS)
+repeated for nstep+1 trial grids iscale = (nmax + rmin + rdelta·k) / (max - min), keeping the fit of
+least weighted squared error; each accepted fit moves `min`, and the next trial grid is laid from
+that new min. The 8 scales and 8 mins are then quantized to 6 bits against their maxima
+(d = max_scale/63, dmin = max_min/63, stored fp16), and every value is re-quantized with the
+fp16-rounded d·sc_j and dmin·m_j. Q6_K: each sub-block's symmetric scale comes from
+`make_qx_quants` (weights x², 19 trial grids nmax + 0.1·k), the 16 scales become int8 against the
+one of largest magnitude (d = max_scale / -128), and values are re-quantized with fp16(d)·sc_j.
 
-Bit-exactness. The C code runs in float32, one rounding per operation, in source order; this file does the
-same. Four things a natural PyTorch version gets wrong, each handled here:
+Bit-exactness. The C code runs in float32, one rounding per operation, in source order; this file
+does the same. Four things a natural PyTorch version gets wrong, each handled here:
 1. sums are C loops `s += t[i]`: `sum_in_order` adds rows one at a time (torch.sum pairs them);
-2. `nearest_int` adds 1.5·2^23 and reads mantissa bits (round half to even, and defined bits for any input);
-3. torch's float32 `sqrt` is not correctly rounded on CPU (it differs from sqrtf in ~17% of values), so it is
-   taken in float64 and rounded once; and `scalar / tensor` in torch is `reciprocal() * scalar` (two
-   roundings), so every division here has a tensor numerator;
-4. no fused multiply-add: x86-64 builds of ggml's quantizer (ggml-base, compiled without -mfma) round each
-   product; a build that contracts `a*b + c` (aarch64, or -march=native on ggml-base) may pick a different
-   grid in a few blocks per million.
+2. `nearest_int` adds 1.5·2^23 and reads mantissa bits (round half to even, and defined bits for any
+   input);
+3. torch's float32 `sqrt` is not correctly rounded on CPU (it differs from sqrtf in ~17% of values),
+   so it is taken in float64 and rounded once; and `scalar / tensor` in torch is
+   `reciprocal() * scalar` (two roundings), so every division here has a tensor numerator;
+4. no fused multiply-add: x86-64 builds of ggml's quantizer (ggml-base, compiled without -mfma)
+   round each product; a build that contracts `a*b + c` (aarch64, or -march=native on ggml-base) may
+   pick a different grid in a few blocks per million.
 
-Layout. Values run along dim 0 and blocks along dim 1 — x is (n, M) for M sub-blocks of n values — so a C loop
-over i is a loop over rows, and per-block quantities are (M,) vectors that broadcast over the values.
-Encoders take (N, 256) float32 super-blocks (finite, checked by the caller) and return (N, bytes) uint8.
+Layout. Values run along dim 0 and blocks along dim 1 — x is (n, M) for M sub-blocks of n values —
+so a C loop over i is a loop over rows, and per-block quantities are (M,) vectors that broadcast
+over the values. Encoders take (N, 256) float32 super-blocks (finite, checked by the caller) and
+return (N, bytes) uint8.
 """
 
 from __future__ import annotations
@@ -42,18 +48,20 @@ import torch
 
 QK_K = 256  # values per super-block
 GROUP_MAX_EPS = float(np.float32(1e-15))  # make_qx_quants: below this |max| a sub-block is all zero
-CHUNK = 4096  # super-blocks encoded at once: (n, M) temporaries of 4 MB, big enough for intra-op threads
+# super-blocks encoded at once: (n, M) temporaries of 4 MB, big enough for intra-op threads
+CHUNK = 4096
 
 
 def f32(c: float) -> torch.Tensor:
-    """A float32 scalar tensor (a C float constant), so `f32(c) / t` is one correctly rounded division."""
+    """A float32 scalar tensor (a C float constant), so `f32(c) / t` is one correctly rounded
+    division."""
     return torch.tensor(c, dtype=torch.float32)
 
 
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """float32 -> int32 as ggml's `nearest_int`: v + 12582912.f rounds v to an integer (half to even) in the
-    low mantissa bits, which are read back. Exact for |v| < 2^22; beyond (and for inf/NaN) it returns the
-    same wrapped bits as the C code."""
+    """float32 -> int32 as ggml's `nearest_int`: v + 12582912.f rounds v to an integer (half to
+    even) in the low mantissa bits, which are read back. Exact for |v| < 2^22; beyond (and for
+    inf/NaN) it returns the same wrapped bits as the C code."""
     bits = (v + 12582912.0).view(torch.int32)
     return (bits & 0x007FFFFF) - 0x00400000
 
@@ -61,39 +69,42 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 def sum_in_order(t: torch.Tensor) -> torch.Tensor:
     """(n, ...) -> (...): ((t[0] + t[1]) + t[2]) + ..., float32, as the C loop `s += t[i]`.
 
-    numpy reduces an axis that is not the fastest in memory one row at a time, in float32 (its pairwise
-    summation applies only along the fast axis, see numpy.sum's notes): one call instead of n - 1 adds."""
+    numpy reduces an axis that is not the fastest in memory one row at a time, in float32 (its
+    pairwise summation applies only along the fast axis, see numpy.sum's notes): one call instead
+    of n - 1 adds."""
     return torch.from_numpy(np.add.reduce(t.contiguous().numpy(), axis=0))
 
 
 def round_codes_(v: torch.Tensor, bound: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """MAX(lo, MIN(hi, nearest_int(v))) as float32 codes, in place. torch.round (half to even) is nearest_int
-    for |v| < 2^22, which `bound` (M,), an upper bound of |v| per block, vouches for; otherwise (huge, inf or
-    NaN values) the exact bit path runs."""
+    """MAX(lo, MIN(hi, nearest_int(v))) as float32 codes, in place. torch.round (half to even) is
+    nearest_int for |v| < 2^22, which `bound` (M,), an upper bound of |v| per block, vouches for;
+    otherwise (huge, inf or NaN values) the exact bit path runs."""
     if bool((bound < 4194304.0).all()):  # false for NaN too
         return v.round_().clamp_(lo, hi)
     return nearest_int(v).clamp_(lo, hi).float()
 
 
 def sqrt_f32(v: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 sqrt (sqrtf): float64 sqrt rounded once is exact for float32 inputs."""
+    """Correctly rounded float32 sqrt (sqrtf): float64 sqrt rounded once is exact for float32
+    inputs."""
     return v.double().sqrt().float()
 
 
 def _chunked(encode, xb: torch.Tensor) -> torch.Tensor:
-    return torch.cat([encode(xb[i : i + CHUNK]) for i in range(0, xb.shape[0], CHUNK)]) if xb.shape[0] else (
-        encode(xb))
+    return (torch.cat([encode(xb[i : i + CHUNK]) for i in range(0, xb.shape[0], CHUNK)])
+            if xb.shape[0] else encode(xb))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the two scale searches
 
 
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int):
     """Asymmetric fit x ≈ scale·L + min, L in 0..nmax, for each of M sub-blocks (use_mad = false).
 
-    x, w: (n, M) float32 values and weights. Returns scale (M,), the_min = -min (M,) and L (n, M) int32.
-    A flat sub-block (max == min after `min = min(min, 0)`) gets scale 0, L 0.
+    x, w: (n, M) float32 values and weights. Returns scale (M,), the_min = -min (M,) and L (n, M)
+    int32. A flat sub-block (max == min after `min = min(min, 0)`) gets scale 0, L 0.
     """
     mn = x.amin(0)  # (M,) the sign of a zero min never reaches the output
     mx = x.amax(0)
@@ -104,7 +115,8 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     flat = mx == mn
     flat_min = mn
 
-    def codes(iscale, mn):  # clamp(nearest_int(iscale·(x - min)), 0, nmax); x - min spans lowest - min .. max - min
+    # clamp(nearest_int(iscale·(x - min)), 0, nmax); x - min spans lowest - min .. max - min
+    def codes(iscale, mn):
         reach = torch.maximum((mx - mn).abs(), (lowest - mn).abs())
         bound = torch.where(flat, 0.0, iscale.abs() * reach)
         return round_codes_((x - mn).mul_(iscale), bound, 0, nmax)
@@ -119,7 +131,8 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     best = error(scale, mn, L)
     terms = x.new_empty((x.shape[0], 3, x.shape[1]))  # (n, 3, M): w·l, w·l·l, w·l·x
     for k in range(nstep + 1):
-        grid = np.float32(rmin) + np.float32(rdelta) * np.float32(k) + np.float32(nmax)  # C float arithmetic
+        # C float arithmetic
+        grid = np.float32(rmin) + np.float32(rdelta) * np.float32(k) + np.float32(nmax)
         l = codes(f32(float(grid)) / (mx - mn), mn)
         wl = torch.mul(w, l, out=terms[:, 0])
         torch.mul(wl, l, out=terms[:, 1])
@@ -142,12 +155,14 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int):
-    """Symmetric fit x ≈ scale·(L - nmax), L in 0..2·nmax-1, weights x² (rmse_type 1, no importance matrix).
+    """Symmetric fit x ≈ scale·(L - nmax), L in 0..2·nmax-1, weights x² (rmse_type 1, no importance
+    matrix).
 
-    x: (n, M) float32. Returns scale (M,) and L (n, M) int32. The sign of scale follows the value of largest
-    magnitude (the first one on ties). A sub-block with max|x| < 1e-15 gets scale 0 and L 0.
+    x: (n, M) float32. Returns scale (M,) and L (n, M) int32. The sign of scale follows the value of
+    largest magnitude (the first one on ties). A sub-block with max|x| < 1e-15 gets scale 0 and L 0.
     """
-    idx = x.abs().argmax(0, keepdim=True)  # (1, M) first index of the largest |x|, like the C loop's strict `>`
+    # (1, M) first index of the largest |x|, like the C loop's strict `>`
+    idx = x.abs().argmax(0, keepdim=True)
     mx = x.gather(0, idx)[0]  # (M,) that value, with its sign
     zero = mx.abs() < f32(GROUP_MAX_EPS)  # (M,)
     w = x * x
@@ -177,13 +192,14 @@ def make_qx_quants(x: torch.Tensor, nmax: int):
     return torch.where(zero, 0.0, scale), torch.where(zero, 0, L)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Q4_K / Q5_K: shared scale packing and requantization
 
 
 def _pack_scales_k4(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     """(N, 8) six-bit scales and mins -> (N, 12) bytes, the layout `get_scale_min_k4` reads:
-    bytes 0-3: sc0-3 | (sc4-7 >> 4) << 6,  bytes 4-7: m0-3 | (m4-7 >> 4) << 6,  bytes 8-11: sc4-7 & 15 | m4-7 << 4."""
+    bytes 0-3: sc0-3 | (sc4-7 >> 4) << 6,  bytes 4-7: m0-3 | (m4-7 >> 4) << 6,
+    bytes 8-11: sc4-7 & 15 | m4-7 << 4."""
     lo = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
     mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
     hi = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
@@ -199,8 +215,8 @@ def _unpack_scales_k4(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _quantize_qk(xb: torch.Tensor, nmax: int, rmin: float, nstep: int):
-    """Shared body of quantize_row_q4_K_ref / q5_K_ref: (N, 256) -> (d, dmin fp16 bytes (N, 4), scales (N, 12),
-    L (N, 256) int32 in 0..nmax)."""
+    """Shared body of quantize_row_q4_K_ref / q5_K_ref: (N, 256) -> (d, dmin fp16 bytes (N, 4),
+    scales (N, 12), L (N, 256) int32 in 0..nmax)."""
     N = xb.shape[0]
     x = xb.reshape(N * 8, 32).t().contiguous()  # (32, M) values × sub-blocks, M = 8N
     sum_x2 = sum_in_order(x * x)  # (M,)
@@ -214,11 +230,13 @@ def _quantize_qk(xb: torch.Tensor, nmax: int, rmin: float, nstep: int):
     max_min = torch.where(max_min > 0, max_min, 0.0)
     inv_scale = torch.where(max_scale > 0, f32(63.0) / max_scale, 0.0)
     inv_min = torch.where(max_min > 0, f32(63.0) / max_min, 0.0)
-    ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)  # (uint8_t) cast, then MIN(63, .)
+    # (uint8_t) cast, then MIN(63, .)
+    ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     d16 = (max_scale / 63).half()  # (N,)
     dmin16 = (max_min / 63).half()
-    # requantize with the stored (fp16-rounded) scales; a sub-block whose d·sc is 0 keeps the fit's L
+    # requantize with the stored (fp16-rounded) scales; a sub-block whose d·sc is 0 keeps the
+    # fit's L
     d = d16.float()[:, None] * ls.float()  # (N, 8)
     dm = dmin16.float()[:, None] * lm.float()
     d_t, dm_t = d.reshape(-1), dm.reshape(-1)  # (M,)
@@ -277,11 +295,12 @@ def dequantize_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     qh = blocks[:, 16:48]  # (N, 32)
     ql = blocks[:, 48:].reshape(-1, 4, 1, 32)
     low = torch.cat([ql & 0xF, ql >> 4], 2).reshape(-1, 8, 32)  # (N, sub-block 2c + half, l)
-    high = (qh[:, None, :] >> torch.arange(8, dtype=torch.uint8)[None, :, None]) & 1  # bit j of qh[l]
+    # bit j of qh[l]
+    high = (qh[:, None, :] >> torch.arange(8, dtype=torch.uint8)[None, :, None]) & 1
     return _dequantize_qk(blocks[:, :4], blocks[:, 4:16], (low | (high << 4)).float())
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Q6_K
 
 
@@ -298,12 +317,16 @@ def _encode_q6_k(xb: torch.Tensor) -> torch.Tensor:
     sc = nearest_int(iscale[:, None] * scales).clamp_(max=127).to(torch.int8)  # (N, 16)
     d = (d16.float()[:, None] * sc.float()).reshape(-1)  # (M,)
     requant = nearest_int(x / d).clamp_(-32, 31) + 32
-    L = torch.where(d != 0, requant, L).t().reshape(N, 2, 4, 32).to(torch.uint8)  # (N, half h, quarter, l)
+    # (N, half h, quarter, l)
+    L = torch.where(d != 0, requant, L).t().reshape(N, 2, 4, 32).to(torch.uint8)
     low, high = L & 0xF, L >> 4
-    # per 128-value half h: ql[64h + l] = L[l] | L[l+64] << 4, ql[64h + 32 + l] = L[l+32] | L[l+96] << 4,
+    # per 128-value half h: ql[64h + l] = L[l] | L[l+64] << 4,
+    # ql[64h + 32 + l] = L[l+32] | L[l+96] << 4,
     # qh[32h + l] = high bits of L[l], L[l+32], L[l+64], L[l+96] at bit 0, 2, 4, 6
-    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], 2).reshape(N, 128)
-    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(N, 64)
+    ql = torch.cat([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)],
+                   2).reshape(N, 128)
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4)
+          | (high[:, :, 3] << 6)).reshape(N, 64)
     out = torch.cat([ql, qh, sc.view(torch.uint8), d16[:, None].view(torch.uint8)], 1)  # (N, 210)
     return torch.where(zero[:, None], 0, out).to(torch.uint8)
 
@@ -319,7 +342,8 @@ def dequantize_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     qh = blocks[:, 128:192].reshape(-1, 2, 1, 32)
     sc = blocks[:, 192:208].contiguous().view(torch.int8).float().reshape(-1, 16, 1)
     d = blocks[:, 208:210].contiguous().view(torch.float16).float()[:, :, None]  # (N, 1, 1)
-    low = torch.cat([ql & 0xF, ql >> 4], 2)  # (N, half, quarter 0..3, l): quarters 0,1 low nibbles, 2,3 high
+    # (N, half, quarter 0..3, l): quarters 0,1 low nibbles, 2,3 high
+    low = torch.cat([ql & 0xF, ql >> 4], 2)
     high = (qh >> (2 * torch.arange(4, dtype=torch.uint8))[None, None, :, None]) & 3
     q = (low | (high << 4)).reshape(-1, 16, 16).float() - 32  # (N, sub-block, 16)
     return ((d * sc) * q).reshape(-1, QK_K)

@@ -2,14 +2,17 @@
 `load_tokenizer(path)` finds the tokenizer that belongs to it.
 
     model.gguf                     GGUF file (gguf_reader.py)
-    dir/minillm_config.json        minillm: model.safetensors (our key names) + ModelConfig JSON (native.py)
+    dir/minillm_config.json        minillm: model.safetensors (our key names) + ModelConfig JSON
+                                   (native.py)
     dir/config.json                HF / OpenLLaMA: model.safetensors[.index.json] or
-                                   pytorch_model.bin[.index.json] (shards listed in the index's weight_map)
+                                   pytorch_model.bin[.index.json] (shards listed in the index's
+                                   weight_map)
     dir/params.json                Meta: consolidated.00.pth (meta.py)
 
 Every format builds the Llama on the meta device and fills it tensor by tensor (weights.py), so a 7B
-model never sits in memory twice. A `linear_hook` (finetune/nf4_linear.py's `nf4_hook`) may take each
-projection weight as it streams in, e.g. to quantize it: the loaders know nothing of quantization.
+model never sits in memory twice. A `linear_hook` (finetune/nf4_linear.py's `nf4_hook`) may take
+each projection weight as it streams in, e.g. to quantize it: the loaders know nothing of
+quantization.
 """
 
 from __future__ import annotations
@@ -28,18 +31,21 @@ from minillm.tokenizer.sentencepiece import Tokenizer
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", linear_hook=None) -> Llama:
-    """Load any supported checkpoint into a Llama (see the module docstring for the formats), in eval mode.
+    """Load any supported checkpoint into a Llama (see the module docstring for the formats), in
+    eval mode.
 
-    dtype None keeps the dtype the weights are stored in (what export uses: no rounding before quantizing).
-    linear_hook(model, key, weight) -> bool may consume each weight as it streams in (weights.fill_model),
-    e.g. `nf4_hook(...)` stores every block projection as an NF4Linear (QLoRA's frozen base).
+    dtype None keeps the dtype the weights are stored in (what export uses: no rounding before
+    quantizing). linear_hook(model, key, weight) -> bool may consume each weight as it streams in
+    (weights.fill_model), e.g. `nf4_hook(...)` stores every block projection as an NF4Linear
+    (QLoRA's frozen base).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint path does not exist")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path}: a checkpoint file must be .gguf; for HF/minillm weights pass the directory")
+            raise ValueError(f"{path}: a checkpoint file must be .gguf; "
+                             f"for HF/minillm weights pass the directory")
         cfg, state, _ = load_gguf_model(path)
         with torch.device("meta"):
             model = Llama(cfg)
@@ -52,15 +58,14 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", linear_hook=None) -
     elif (path / "params.json").is_file():
         model = load_meta(path, dtype, device, linear_hook)
     else:
-        raise FileNotFoundError(
-            f"{path}: not a checkpoint directory (expected {MINILLM_CONFIG}, config.json or params.json)"
-        )
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (expected {MINILLM_CONFIG}, "
+                                f"config.json or params.json)")
     return model.eval()
 
 
 def load_tokenizer(checkpoint, tokenizer_path=None):
-    """The tokenizer for a checkpoint: an explicit tokenizer_path, the tokenizer.model beside it, or for a
-    GGUF file the SentencePiece model rebuilt from its metadata."""
+    """The tokenizer for a checkpoint: an explicit tokenizer_path, the tokenizer.model beside it, or
+    for a GGUF file the SentencePiece model rebuilt from its metadata."""
     if tokenizer_path is not None:
         return Tokenizer(tokenizer_path)
     checkpoint = Path(checkpoint)
@@ -70,5 +75,6 @@ def load_tokenizer(checkpoint, tokenizer_path=None):
         return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
     path = checkpoint / "tokenizer.model"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing tokenizer.model beside the checkpoint (pass a tokenizer path)")
+        raise FileNotFoundError(f"{path}: missing tokenizer.model beside the checkpoint "
+                                f"(pass a tokenizer path)")
     return Tokenizer(path)

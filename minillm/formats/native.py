@@ -1,6 +1,6 @@
-"""minillm's own checkpoint directory: `model.safetensors` (our key names) + `minillm_config.json` (the
-ModelConfig fields, read strictly) + `tokenizer.model`; what training writes beside ckpt.pt and what
-generate.py reads back.
+"""minillm's own checkpoint directory: `model.safetensors` (our key names) + `minillm_config.json`
+(the ModelConfig fields, read strictly) + `tokenizer.model`; what training writes beside ckpt.pt and
+what generate.py reads back.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
     weights = dirpath / "model.safetensors"
     with torch.device("meta"):
         model = Llama(cfg)
-    return fill_model(model, ((str(weights), k, t) for k, t in iter_shard(weights)), dtype, device, linear_hook,
-                      where=str(weights))
+    return fill_model(model, ((str(weights), k, t) for k, t in iter_shard(weights)), dtype, device,
+                      linear_hook, where=str(weights))
 
 
 
 def save_model(model: Llama, dirpath, tokenizer_path=None):
-    """Write model.safetensors (our key names) + minillm_config.json (+ tokenizer.model), each atomically.
+    """Write model.safetensors (our key names) + minillm_config.json (+ tokenizer.model), each
+    atomically.
 
-    A tied lm_head is stored once (as the embedding). Every file is written under a temp name and renamed,
-    so an interrupted save leaves the previous files intact.
+    A tied lm_head is stored once (as the embedding). Every file is written under a temp name and
+    renamed, so an interrupted save leaves the previous files intact.
     """
     from safetensors.torch import save
 
@@ -43,6 +44,8 @@ def save_model(model: Llama, dirpath, tokenizer_path=None):
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     atomic_write_bytes(dirpath / "model.safetensors", save(state))
-    atomic_write_bytes(dirpath / MINILLM_CONFIG, json.dumps(model.config.to_dict(), indent=2).encode())
-    if tokenizer_path is not None and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve():
+    atomic_write_bytes(dirpath / MINILLM_CONFIG,
+                       json.dumps(model.config.to_dict(), indent=2).encode())
+    if (tokenizer_path is not None
+            and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve()):
         atomic_write_bytes(dirpath / "tokenizer.model", Path(tokenizer_path).read_bytes())

@@ -1,15 +1,17 @@
-"""Weight files in, tensors out: reading `.bin` and `.safetensors` shards safely, and filling a model
-built on the meta device with them, one tensor at a time.
+"""Weight files in, tensors out: reading `.bin` and `.safetensors` shards safely, and filling a
+model built on the meta device with them, one tensor at a time.
 
     iter_shard(path)          (key, tensor) pairs of one file; `.bin` through
-                              torch.load(weights_only=True, mmap=True): nothing but tensors is unpickled
-    fill_model(model, ...)    put (file, our key, tensor) triples into a meta-device Llama, checking every
-                              name, shape and dtype; a linear_hook may take a weight instead (NF4 on load)
+                              torch.load(weights_only=True, mmap=True): nothing but tensors is
+                              unpickled
+    fill_model(model, ...)    put (file, our key, tensor) triples into a meta-device Llama,
+                              checking every name, shape and dtype; a linear_hook may take a weight
+                              instead (NF4 on load)
 
-How a big model loads without two copies in RAM: the Llama is built on the meta device (shapes only, no
-memory), then each shard is opened in turn and each tensor is converted to the target dtype and device
-and put in place of its meta parameter. Peak memory is about one copy of the weights in the target dtype
-plus one tensor. Every inconsistency raises one error that names the file and the key.
+How a big model loads without two copies in RAM: the Llama is built on the meta device (shapes only,
+no memory), then each shard is opened in turn and each tensor is converted to the target dtype and
+device and put in place of its meta parameter. Peak memory is about one copy of the weights in the
+target dtype plus one tensor. Every inconsistency raises one error that names the file and the key.
 """
 
 from __future__ import annotations
@@ -24,38 +26,46 @@ import torch.nn as nn
 
 from minillm.model import Llama
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reading tensors from shard files
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive since PyTorch 1.6
-LEGACY_TORCH_MAGIC = b"\x80\x02\x8a"  # before 1.6: a bare pickle stream (protocol 2, then a long magic)
-LFS_POINTER = b"version https://git-lfs"  # a clone without `git lfs pull` has these small text files
+# before 1.6: a bare pickle stream (protocol 2, then a long magic)
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a"
+# a clone without `git lfs pull` has these small text files
+LFS_POINTER = b"version https://git-lfs"
 
 
 def load_torch_weights(path: Path) -> dict:
-    """torch.load(weights_only=True) of a .bin, memory-mapped, with every failure one line naming the file.
+    """torch.load(weights_only=True) of a .bin, memory-mapped, with every failure one line naming
+    the file.
 
-    The first bytes tell what the file is before torch parses it. torch's own errors suggest retrying
-    with weights_only=False, i.e. running whatever code the file asks for: minillm never does, and its
-    messages never suggest it (they keep only torch's reason, e.g. the global it refused).
+    The first bytes tell what the file is before torch parses it. torch's own errors suggest
+    retrying with weights_only=False, i.e. running whatever code the file asks for: minillm never
+    does, and its messages never suggest it (they keep only torch's reason, e.g. the global it
+    refused).
     """
     with open(path, "rb") as f:
         head = f.read(64)
-    legacy = head.startswith(LEGACY_TORCH_MAGIC)  # loadable, but a bare pickle stream cannot be mmapped
+    # loadable, but a bare pickle stream cannot be mmapped
+    legacy = head.startswith(LEGACY_TORCH_MAGIC)
     if not head.startswith(ZIP_MAGIC) and not legacy:
-        what = "a Git LFS pointer, not the weights (run `git lfs pull`)" if head.startswith(LFS_POINTER) else \
-            f"its {path.stat().st_size} bytes start with {head[:16]!r}"
-        raise ValueError(f"{path}: not a PyTorch zip checkpoint (expected a zip archive starting with "
-                         f"{ZIP_MAGIC!r}, as torch.save writes): {what}")
+        what = ("a Git LFS pointer, not the weights (run `git lfs pull`)"
+                if head.startswith(LFS_POINTER)
+                else f"its {path.stat().st_size} bytes start with {head[:16]!r}")
+        raise ValueError(f"{path}: not a PyTorch zip checkpoint (expected a zip archive "
+                         f"starting with {ZIP_MAGIC!r}, as torch.save writes): {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
     except pickle.UnpicklingError as e:
         reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(e))
-        raise ValueError(f"{path}: holds more than tensors, which minillm does not load "
-                         f"({reason[1] if reason else 'refused by the weights-only unpickler'})") from None
+        raise ValueError(
+            f"{path}: holds more than tensors, which minillm does not load "
+            f"({reason[1] if reason else 'refused by the weights-only unpickler'})") from None
     except Exception as e:  # RuntimeError from the zip reader, EOFError, ...
         first = str(e).split(". ")[0].split("\n")[0]
-        raise ValueError(f"{path}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{path}: truncated or corrupt PyTorch checkpoint "
+                         f"({type(e).__name__}: {first})") from None
 
 
 def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -87,7 +97,7 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield k, t
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # filling a meta-device model
 
 
@@ -106,16 +116,18 @@ def fill_model(
     where: str = "",
     name_in_file: Callable[[str], str] = str,
 ):
-    """Put (source file, our key, tensor) triples into a meta-device model, checking names and shapes.
+    """Put (source file, our key, tensor) triples into a meta-device model, checking names and
+    shapes.
 
     dtype None keeps each tensor's stored dtype (with a memory-mapped .bin that is zero-copy).
 
-    A weight none of the files held is reported as `{where}: missing weights: <name_in_file(key)>`, where
-    names the file(s) that should hold it. With tied embeddings a stored lm_head.weight (a `.bin` saved
-    by torch.save keeps both names of a shared tensor) is accepted if it equals the embedding.
+    A weight none of the files held is reported as `{where}: missing weights: <name_in_file(key)>`,
+    where names the file(s) that should hold it. With tied embeddings a stored lm_head.weight (a
+    `.bin` saved by torch.save keeps both names of a shared tensor) is accepted if it equals the
+    embedding.
 
-    linear_hook(model, key, weight) may consume a 2-D linear weight (e.g. quantize it into an NF4 layer)
-    and return True; the weight then never exists in `dtype` on `device`.
+    linear_hook(model, key, weight) may consume a 2-D linear weight (e.g. quantize it into an NF4
+    layer) and return True; the weight then never exists in `dtype` on `device`.
     """
     expected = {k: p.shape for k, p in model.named_parameters()}  # a tied lm_head is not listed
     seen: dict[str, str] = {}
@@ -127,16 +139,16 @@ def fill_model(
             tied_head = (source, t)  # checked against the embedding below
             continue
         if key not in expected:
-            raise ValueError(f"{source}: unexpected weight {key!r} (not a parameter of this Llama config)")
+            raise ValueError(f"{source}: unexpected weight {key!r} "
+                             f"(not a parameter of this Llama config)")
         if key in seen:
             raise ValueError(f"{source}: weight {key!r} appears twice (also in {seen[key]})")
         if tuple(t.shape) != tuple(expected[key]):
-            raise ValueError(
-                f"{source}: weight {key!r} has shape {tuple(t.shape)}, expected {tuple(expected[key])} "
-                "from the config"
-            )
+            raise ValueError(f"{source}: weight {key!r} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(expected[key])} from the config")
         if not t.is_floating_point():
-            raise ValueError(f"{source}: weight {key!r} has dtype {t.dtype}, expected a floating point tensor")
+            raise ValueError(f"{source}: weight {key!r} has dtype {t.dtype}, "
+                             f"expected a floating point tensor")
         seen[key] = source
         if linear_hook is not None and linear_hook(model, key, t):
             continue
@@ -150,8 +162,8 @@ def fill_model(
     if model.config.tie_embeddings:
         if tied_head is not None and not torch.equal(tied_head[1].to(device=device, dtype=dtype),
                                                      model.embed_tokens.weight.detach()):
-            raise ValueError(f"{tied_head[0]}: holds an lm_head.weight that differs from the embedding, but the "
-                             f"config ties them (tie_word_embeddings)")
+            raise ValueError(f"{tied_head[0]}: holds an lm_head.weight that differs from the "
+                             f"embedding, but the config ties them (tie_word_embeddings)")
         model.lm_head.weight = model.embed_tokens.weight
     model.init_rope(torch.device(device))
     return model
