@@ -1,39 +1,42 @@
 """Instruction data for supervised fine-tuning: read → validate → template → tokenize with a loss
 mask → split → batch (padded, or packed with a block-diagonal attention mask).
 
-Formats (one JSON array, or JSONL with one object per line; detected per file from the first record):
+Formats (one JSON array, or JSONL with one object per line;
+detected per file from the first record):
 
     alpaca      {"instruction": str, "input": str (optional, may be ""), "output": str}
     sharegpt    {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
                 (an optional system turn first, then human/gpt alternating, ending with gpt)
     completion  {"text": str}                       (plain text, every token trained)
 
-Bad data raises one ValueError naming the file and the JSONL line (`data.jsonl:7`) or the array index
-(`data.json[6]`) and what was expected: invalid JSON, a missing or non-string field, an empty response,
-an unknown role.
+Bad data raises one ValueError naming the file and the JSONL line (`data.jsonl:7`) or the array
+index (`data.json[6]`) and what was expected: invalid JSON, a missing or non-string field, an empty
+response, an unknown role.
 
-Tokens and labels. An example is a list of segments (text, is_response) from templates.py; each segment is
-encoded on its own, so the prompt tokens are exactly those `generate` will be given:
+Tokens and labels. An example is a list of segments (text, is_response) from templates.py; each
+segment is encoded on its own, so the prompt tokens are exactly those `generate` will be given:
 
     ids    = BOS  prompt…          response… EOS
-    labels = -100 -100 … -100      response… EOS        (train_on_inputs=True: labels = ids, BOS excepted)
-    x = ids[:-1], y = labels[1:]   so y[t] is the target of position t, and -100 positions add no loss
+    labels = -100 -100 … -100      response… EOS  (train_on_inputs=True: labels = ids, BOS excepted)
+    x = ids[:-1], y = labels[1:]   so y[t] is the target of position t,
+                                   and -100 positions add no loss
 
-Truncation to max_seq_len (the number of positions T the model sees, so ≤ max_seq_len + 1 ids): keep BOS
-and the last max_seq_len ids, i.e. cut the prompt from its start first, then the start of the response;
-the response's end and its EOS always survive (a model that never sees EOS never learns to stop).
-Truncated examples are counted in `InstructData.n_truncated`.
+Truncation to max_seq_len (the number of positions T the model sees, so ≤ max_seq_len + 1 ids): keep
+BOS and the last max_seq_len ids, i.e. cut the prompt from its start first, then the start of the
+response; the response's end and its EOS always survive (a model that never sees EOS never learns to
+stop). Truncated examples are counted in `InstructData.n_truncated`.
 
-Padding: x is padded with pad_id, y with -100; pads come after the real tokens, so causal attention never
-lets a real token see them, and the loss ignores them.
+Padding: x is padded with pad_id, y with -100; pads come after the real tokens, so causal attention
+never lets a real token see them, and the loss ignores them.
 
-Packing: examples are concatenated into rows of ≤ max_seq_len positions, each as its own (x, y) pair, so no
-position's target is the next example's first token; the attention mask is block-diagonal and causal
+Packing: examples are concatenated into rows of ≤ max_seq_len positions, each as its own (x, y)
+pair, so no position's target is the next example's first token; the attention mask is
+block-diagonal and causal
 
     mask[b, 0, i, j] = doc[i] == doc[j] and j <= i       (B, 1, T, T), True = may attend
 
-so neither attention nor loss crosses examples. RoPE makes attention depend only on relative positions,
-so a packed example's logits equal its unpacked logits (up to float rounding).
+so neither attention nor loss crosses examples. RoPE makes attention depend only on relative
+positions, so a packed example's logits equal its unpacked logits (up to float rounding).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class TokenizedExample:
     example: Example
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reading and validating
 
 
@@ -84,11 +87,13 @@ def detect_format(rec: dict, where: str) -> str:
         return "alpaca"
     if "text" in rec:
         return "completion"
-    raise ValueError(f"{where}: cannot tell the data format; expected a key 'instruction' (Alpaca), "
-                     f"'conversations' (ShareGPT) or 'text' (completion), found keys {sorted(rec)}")
+    raise ValueError(f"{where}: cannot tell the data format; expected a key 'instruction' "
+                     "(Alpaca), 'conversations' (ShareGPT) or 'text' (completion), "
+                     f"found keys {sorted(rec)}")
 
 
-def _string(rec: dict, key: str, where: str, kind: str, required: bool = True, nonempty: bool = False) -> str:
+def _string(rec: dict, key: str, where: str, kind: str, required: bool = True,
+            nonempty: bool = False) -> str:
     if key not in rec or rec[key] is None:
         if required:
             raise ValueError(f"{where}: {kind} record is missing the string field {key!r}")
@@ -106,7 +111,8 @@ def parse_record(rec, kind: str, where: str) -> Example:
         raise ValueError(f"{where}: expected a JSON object, found {type(rec).__name__}")
     if kind == "alpaca":
         known = ("instruction", "input", "output")
-        ex = Example("alpaca", where, instruction=_string(rec, "instruction", where, kind, nonempty=True),
+        ex = Example("alpaca", where,
+                     instruction=_string(rec, "instruction", where, kind, nonempty=True),
                      input=_string(rec, "input", where, kind, required=False),
                      output=_string(rec, "output", where, kind, nonempty=True))
     elif kind == "completion":
@@ -135,8 +141,8 @@ def parse_record(rec, kind: str, where: str) -> Example:
                 continue
             expected = "human" if len(ex.turns) % 2 == 0 else "gpt"
             if role != expected:
-                raise ValueError(f"{at}: role {role!r} out of order; expected {expected!r} (turns alternate "
-                                 "human, gpt)")
+                raise ValueError(f"{at}: role {role!r} out of order; expected {expected!r} "
+                                 "(turns alternate human, gpt)")
             ex.turns.append((role, value))
         if not ex.turns or ex.turns[-1][0] != "gpt":
             raise ValueError(f"{where}: the conversation must end with a 'gpt' turn "
@@ -166,7 +172,7 @@ def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
     return out
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # templating and tokenizing
 
 
@@ -195,7 +201,8 @@ def prompt_text(ex: Example, template: str | None = None) -> str:
     if ex.kind == "completion":
         return ""
     if ex.kind == "sharegpt" and len(segments) > 2:
-        raise ValueError(f"{ex.source}: multi-turn conversations have no single prompt to generate from")
+        raise ValueError(f"{ex.source}: multi-turn conversations have no single prompt "
+                         "to generate from")
     return segments[0][0]
 
 
@@ -224,7 +231,8 @@ def tokenize_example(ex: Example, tokenizer, template: str | None, max_seq_len: 
 
 def split_examples(items: list, test_frac: float = 0.0, test_count: int | None = None,
                    seed: int = 1337) -> tuple[list, list]:
-    """Deterministic split: a seeded permutation picks the test items; both splits keep file order."""
+    """Deterministic split: a seeded permutation picks the test items;
+    both splits keep file order."""
     n = len(items)
     k = test_count if test_count is not None else round(n * test_frac)
     if not 0 <= k < n:
@@ -255,9 +263,11 @@ class InstructData:
 
 
 def load_instruct_data(paths, tokenizer, template: str | None = None, fmt: str = "auto",
-                       max_seq_len: int = 512, train_on_inputs: bool = False, test_frac: float = 0.05,
-                       test_count: int | None = None, test_paths=None, seed: int = 1337) -> InstructData:
-    """Read `paths` (one or several files), split off a test set (or read it from `test_paths`), tokenize."""
+                       max_seq_len: int = 512, train_on_inputs: bool = False,
+                       test_frac: float = 0.05, test_count: int | None = None, test_paths=None,
+                       seed: int = 1337) -> InstructData:
+    """Read `paths` (one or several files),
+    split off a test set (or read it from `test_paths`), tokenize."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     examples = [ex for p in paths for ex in read_examples(p, fmt)]
     if test_paths is not None:
@@ -265,18 +275,20 @@ def load_instruct_data(paths, tokenizer, template: str | None = None, fmt: str =
         train, test = examples, [ex for p in test_paths for ex in read_examples(p, fmt)]
     else:
         train, test = split_examples(examples, test_frac, test_count, seed)
-    tok = {split: [tokenize_example(ex, tokenizer, template, max_seq_len, train_on_inputs) for ex in exs]
+    tok = {split: [tokenize_example(ex, tokenizer, template, max_seq_len, train_on_inputs)
+                   for ex in exs]
            for split, exs in (("train", train), ("test", test))}
     n_truncated = {split: sum(e.truncated for e in exs) for split, exs in tok.items()}
     return InstructData(tok["train"], tok["test"], template, max_seq_len, n_truncated)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # batches
 
 
 def collate(rows: list[TokenizedExample], pad_id: int, pad_to: int | None = None):
-    """One example per row → x (B, T) pad_id-padded, y (B, T) -100-padded; T = longest, or pad_to."""
+    """One example per row → x (B, T) pad_id-padded, y (B, T) -100-padded;
+    T = longest, or pad_to."""
     T = max(len(e.ids) - 1 for e in rows)
     T = max(T, pad_to or 0)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
@@ -304,25 +316,30 @@ def collate_packed(rows: list[list[TokenizedExample]], pad_id: int, pad_to: int 
             doc[b, t:t + n] = j
             t += n
     same = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()  # (T, T); the diagonal keeps every row non-empty
+    # (T, T); the diagonal keeps every row non-empty
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
     return x, y, (same & causal)[:, None]  # (B, 1, T, T)
 
 
-def get_instruct_batch(examples: list[TokenizedExample], batch_size: int, generator: torch.Generator,
-                       pad_id: int, packing: bool = False, max_seq_len: int | None = None,
-                       pad_to_max: bool = False, rank: int = 0, world_size: int = 1):
-    """A random batch → (x (B/W, T) long, y (B/W, T) long with -100, attn_mask (B/W, 1, T, T) or None).
+def get_instruct_batch(examples: list[TokenizedExample], batch_size: int,
+                       generator: torch.Generator, pad_id: int, packing: bool = False,
+                       max_seq_len: int | None = None, pad_to_max: bool = False, rank: int = 0,
+                       world_size: int = 1):
+    """A random batch → (x (B/W, T) long, y (B/W, T) long with -100,
+    attn_mask (B/W, 1, T, T) or None).
 
     The batch is a pure function of the generator's state (save `generator.get_state()` to resume
-    exactly). Unpacked: B indices from one torch.randint call. Packed: indices are drawn one at a time and
-    appended to the current row while it has room for max_seq_len positions, else they open the next
-    row; the draw that would open row B+1 is dropped. pad_to_max pads T to max_seq_len (fixed shapes for
-    torch.compile). Data parallel: every rank draws the same global batch and keeps its B/W rows.
+    exactly). Unpacked: B indices from one torch.randint call. Packed: indices are drawn one at a
+    time and appended to the current row while it has room for max_seq_len positions, else they open
+    the next row; the draw that would open row B+1 is dropped. pad_to_max pads T to max_seq_len
+    (fixed shapes for torch.compile). Data parallel: every rank draws the same global batch and
+    keeps its B/W rows.
     """
     if not examples:
         raise ValueError("get_instruct_batch: no examples")
     if batch_size % world_size != 0 or not 0 <= rank < world_size:
-        raise ValueError(f"get_instruct_batch: need batch_size % world_size == 0 and 0 <= rank < world_size, "
+        raise ValueError("get_instruct_batch: need batch_size % world_size == 0 "
+                         "and 0 <= rank < world_size, "
                          f"found batch_size={batch_size}, world_size={world_size}, rank={rank}")
     if (packing or pad_to_max) and max_seq_len is None:
         raise ValueError("get_instruct_batch: packing and pad_to_max need max_seq_len")
@@ -352,6 +369,7 @@ def get_instruct_batch(examples: list[TokenizedExample], batch_size: int, genera
 
 
 def iter_batches(examples: list[TokenizedExample], batch_size: int, pad_id: int) -> Iterator[tuple]:
-    """The examples in order, `batch_size` at a time (the last batch may be smaller) → (x, y), for eval."""
+    """The examples in order, `batch_size` at a time (the last batch may be smaller)
+    → (x, y), for eval."""
     for i in range(0, len(examples), batch_size):
         yield collate(examples[i:i + batch_size], pad_id)

@@ -1,28 +1,29 @@
 """Data pipeline: a text corpus -> token ids in a flat file on disk -> random training windows.
 
-    corpus (text file | directory glob | JSONL | the Python stdlib)       read_corpus -> Corpus
-      -> [BOS] doc [EOS] [BOS] doc [EOS] ... as uint16/uint32 ids          prepare_dataset (parallel, cached)
-      -> cache_dir/train.bin, val.bin, meta.json                           load_split -> np.memmap
-      -> x, y = (B, T) int64 windows, y shifted by one                     get_batch
+    corpus (text file | directory glob | JSONL | the Python stdlib)   read_corpus -> Corpus
+      -> [BOS] doc [EOS] [BOS] doc [EOS] ... as uint16/uint32 ids     prepare_dataset
+                                                                      (parallel, cached)
+      -> cache_dir/train.bin, val.bin, meta.json                      load_split -> np.memmap
+      -> x, y = (B, T) int64 windows, y shifted by one                get_batch
 
-This is nanoGPT's `prepare.py` + `get_batch`: the whole corpus is one long stream of token ids, stored raw
-(no header) so `np.memmap` maps it without reading it, and a batch is B random windows of T+1 tokens.
-BOS/EOS between documents tell the model where one file ends and the next begins.
+This is nanoGPT's `prepare.py` + `get_batch`: the whole corpus is one long stream of token ids,
+stored raw (no header) so `np.memmap` maps it without reading it, and a batch is B random windows of
+T+1 tokens. BOS/EOS between documents tell the model where one file ends and the next begins.
 
-The default corpus is embedded in every Python install: the standard library's own source (~610 files,
-~10.7 MB of `*.py` once `site-packages`, the test suites and `encodings/` are left out), so a from-scratch model can be
-trained with no download.
+The default corpus is embedded in every Python install: the standard library's own source (~610
+files, ~10.7 MB of `*.py` once `site-packages`, the test suites and `encodings/` are left out), so a
+from-scratch model can be trained with no download.
 
 Train/val split (by tokens, after a seeded shuffle of documents): documents are ordered by
-sha256(f"{seed}:{name}") — a shuffle that does not depend on any RNG implementation — then concatenated,
-and the last `val_frac` of the tokens is the validation split. The shuffle mixes modules, so val is not
-"the files that sort last"; cutting the token stream (not whole documents) makes val exactly `val_frac`
-and works for a corpus of one file. One document straddles the cut.
+sha256(f"{seed}:{name}") — a shuffle that does not depend on any RNG implementation — then
+concatenated, and the last `val_frac` of the tokens is the validation split. The shuffle mixes
+modules, so val is not "the files that sort last"; cutting the token stream (not whole documents)
+makes val exactly `val_frac` and works for a corpus of one file. One document straddles the cut.
 
 Caching: meta.json records what the .bin files were built from (source fingerprint = sha256 over the
 document names and raw bytes; tokenizer sha256; val_frac; seed). The same inputs reuse the files;
-anything different rebuilds them. meta.json is written last and deleted first, so a crash mid-build can
-never leave a meta that vouches for half-written data.
+anything different rebuilds them. meta.json is written last and deleted first, so a crash mid-build
+can never leave a meta that vouches for half-written data.
 """
 
 from __future__ import annotations
@@ -41,17 +42,24 @@ import torch
 from tqdm import tqdm
 
 from minillm.tokenizer.sentencepiece import Tokenizer, train_tokenizer
-from minillm.util.fileio import atomic_write, atomic_write_bytes, read_json_object, read_jsonl, remove_stale_temp_files
+from minillm.util.fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    read_json_object,
+    read_jsonl,
+    remove_stale_temp_files,
+)
 
 FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
 DEFAULT_PATTERNS = ("**/*.py", "**/*.txt", "**/*.md")
-# stdlib folders that are not "the standard library" as code to learn from: installed packages, the test
-# suites (their data includes files that are deliberately malformed or in legacy encodings), bytecode
-# caches, and `encodings/` (~100 machine-generated codec tables that would teach a small model to babble
-# hex tables instead of Python)
-STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"})
+# stdlib folders that are not "the standard library" as code to learn from: installed packages, the
+# test suites (their data includes files that are deliberately malformed or in legacy encodings),
+# bytecode caches, and `encodings/` (~100 machine-generated codec tables that would teach a small
+# model to babble hex tables instead of Python)
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__",
+                              "encodings"})
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # corpus sources
 
 
@@ -71,9 +79,9 @@ def _new_hash(kind: str, options: str) -> hashlib._Hash:
 
 
 def _read_files(files: list[Path], root: Path, source: str, h: hashlib._Hash) -> Corpus:
-    """Read each file as one document; names are paths relative to `root`, the hash covers raw bytes.
-    Files that are not UTF-8 are skipped with a warning; if none is left, the error names the first one
-    and the byte offset where decoding failed."""
+    """Read each file as one document; names are paths relative to `root`, the hash covers raw
+    bytes. Files that are not UTF-8 are skipped with a warning; if none is left, the error names the
+    first one and the byte offset where decoding failed."""
     names, texts, skipped, first_error = [], [], [], None
     for path in files:
         name = path.relative_to(root).as_posix()
@@ -93,7 +101,8 @@ def _read_files(files: list[Path], root: Path, source: str, h: hashlib._Hash) ->
             stacklevel=3,
         )
     if not texts:
-        raise ValueError(f"{source}: no readable UTF-8 documents among {len(files)} files; {first_error}")
+        raise ValueError(f"{source}: no readable UTF-8 documents among {len(files)} files; "
+                         f"{first_error}")
     return Corpus(source, names, texts, h.hexdigest(), skipped)
 
 
@@ -104,7 +113,8 @@ def read_text_file(path: str | Path) -> Corpus:
 
 
 def read_directory(root: str | Path, patterns: tuple[str, ...] = DEFAULT_PATTERNS) -> Corpus:
-    """Every file under `root` matching any glob pattern, one document each, sorted by relative path."""
+    """Every file under `root` matching any glob pattern,
+    one document each, sorted by relative path."""
     root = Path(root)
     files = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
     if not files:
@@ -120,7 +130,8 @@ def stdlib_dir() -> Path:
 def read_stdlib(root: str | Path | None = None) -> Corpus:
     """The embedded default corpus: every `*.py` under the stdlib folder, minus STDLIB_SKIP_DIRS.
 
-    Names are relative to the stdlib root, so the same Python version fingerprints the same anywhere.
+    Names are relative to the stdlib root,
+    so the same Python version fingerprints the same anywhere.
     """
     root = Path(root) if root is not None else stdlib_dir()
     if not root.is_dir():
@@ -139,8 +150,8 @@ def read_stdlib(root: str | Path | None = None) -> Corpus:
 def read_jsonl_corpus(path: str | Path, field: str = "text") -> Corpus:
     """One JSON object per line, the document in its string field `field`; blank lines are skipped.
 
-    Fails (naming the file and 1-based line) on a line that is not UTF-8, not JSON, not an object, or
-    lacks a string `field` — a corpus with holes in it is a bug to fix, not to train on.
+    Fails (naming the file and 1-based line) on a line that is not UTF-8, not JSON, not an object,
+    or lacks a string `field` — a corpus with holes in it is a bug to fix, not to train on.
     """
     path = Path(path)
     h = _new_hash("jsonl", field)
@@ -148,14 +159,16 @@ def read_jsonl_corpus(path: str | Path, field: str = "text") -> Corpus:
     for where, obj in read_jsonl(path, "corpus file"):
         if not isinstance(obj, dict):
             raise ValueError(
-                f"{where}: expected a JSON object with a string field {field!r}, found {type(obj).__name__}"
+                f"{where}: expected a JSON object with a string field {field!r}, "
+                f"found {type(obj).__name__}"
             )
         if field not in obj:
             raise ValueError(f"{where}: missing field {field!r} (found keys {sorted(obj)})")
         if not isinstance(obj[field], str):
             value = repr(obj[field])[:60]
             raise ValueError(
-                f"{where}: field {field!r} must be a string, found {type(obj[field]).__name__} {value}"
+                f"{where}: field {field!r} must be a string, "
+                f"found {type(obj[field]).__name__} {value}"
             )
         names.append(f"{path.name}:{where.rpartition(':')[2]}")
         texts.append(obj[field])
@@ -170,7 +183,8 @@ def read_jsonl_corpus(path: str | Path, field: str = "text") -> Corpus:
 def read_corpus(
     source: str | Path, patterns: tuple[str, ...] = DEFAULT_PATTERNS, field: str = "text"
 ) -> Corpus:
-    """Dispatch on `source`: "stdlib", a *.jsonl file, any other file (one document) or a directory."""
+    """Dispatch on `source`: "stdlib", a *.jsonl file,
+    any other file (one document) or a directory."""
     if str(source) == "stdlib":
         return read_stdlib()
     path = Path(source)
@@ -184,11 +198,13 @@ def read_corpus(
 
 
 def document_order(names: list[str], seed: int) -> list[int]:
-    """Indices of `names` sorted by sha256(f"{seed}:{name}"): a shuffle any language can reproduce."""
-    return sorted(range(len(names)), key=lambda i: hashlib.sha256(f"{seed}:{names[i]}".encode()).hexdigest())
+    """Indices of `names` sorted by sha256(f"{seed}:{name}"):
+    a shuffle any language can reproduce."""
+    return sorted(range(len(names)),
+                  key=lambda i: hashlib.sha256(f"{seed}:{names[i]}".encode()).hexdigest())
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokenizing in parallel
 
 
@@ -224,7 +240,8 @@ def _encode_in_worker(text: str) -> np.ndarray:
 
 
 def default_num_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1))
 
 
 def tokenize_documents(
@@ -234,22 +251,24 @@ def tokenize_documents(
     chunksize: int = 4,
     verbose: bool = True,
 ) -> list[np.ndarray]:
-    """[BOS] + encode(doc) + [EOS] for every document, in order, over a pool of `num_workers` processes.
+    """[BOS] + encode(doc) + [EOS] for every document,
+    in order, over a pool of `num_workers` processes.
 
-    `pool.imap` keeps the input order, so the result does not depend on the worker count. Workers get
-    documents `chunksize` at a time: larger chunks cost less IPC but balance worse (stdlib files range
-    from 0 bytes to 750 KB). num_workers <= 1 runs in this process with `tokenizer` itself.
+    `pool.imap` keeps the input order, so the result does not depend on the worker count. Workers
+    get documents `chunksize` at a time: larger chunks cost less IPC but balance worse (stdlib files
+    range from 0 bytes to 750 KB). num_workers <= 1 runs in this process with `tokenizer` itself.
     """
     dtype = token_dtype(tokenizer.vocab_size)
     num_workers = default_num_workers() if num_workers is None else num_workers
     bar = dict(total=len(texts), desc="tokenizing", unit="doc", disable=not verbose)
     if num_workers <= 1:
         return [_encode(tokenizer, t, dtype) for t in tqdm(texts, **bar)]
-    with mp.Pool(num_workers, initializer=_init_worker, initargs=(str(tokenizer.path), dtype)) as pool:
+    with mp.Pool(num_workers, initializer=_init_worker,
+                 initargs=(str(tokenizer.path), dtype)) as pool:
         return list(tqdm(pool.imap(_encode_in_worker, texts, chunksize=chunksize), **bar))
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the cached train.bin / val.bin
 
 
@@ -304,7 +323,8 @@ def load_split(cache_dir: str | Path, split: str) -> np.memmap:
     data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     if len(data) != meta[split]["n_tokens"]:
         raise ValueError(
-            f"{path}: holds {len(data)} tokens, {cache_dir / 'meta.json'} says {meta[split]['n_tokens']}"
+            f"{path}: holds {len(data)} tokens, "
+            f"{cache_dir / 'meta.json'} says {meta[split]['n_tokens']}"
         )
     return data
 
@@ -318,8 +338,8 @@ def prepare_dataset(
     num_workers: int | None = None,
     verbose: bool = True,
 ) -> TokenizedData:
-    """Tokenize `corpus` into cache_dir/{train,val}.bin + meta.json, or reuse them if built from the same
-    corpus, tokenizer, val_frac and seed. See the module docstring for the split rule."""
+    """Tokenize `corpus` into cache_dir/{train,val}.bin + meta.json, or reuse them if built from the
+    same corpus, tokenizer, val_frac and seed. See the module docstring for the split rule."""
     if not 0.0 < val_frac < 1.0:
         raise ValueError(f"prepare_dataset: val_frac must be in (0, 1), found {val_frac}")
     cache_dir = Path(cache_dir)
@@ -346,7 +366,8 @@ def prepare_dataset(
         raise ValueError(
             f"{corpus.source}: {len(stream)} tokens are too few to split with val_frac={val_frac}"
         )
-    # each file lands whole or not at all: readers see the old file or the new one (fileio.atomic_write)
+    # each file lands whole or not at all:
+    # readers see the old file or the new one (fileio.atomic_write)
     for name, part in (("train.bin", stream[:split_at]), ("val.bin", stream[split_at:])):
         with atomic_write(cache_dir / name) as f:
             part.tofile(f)
@@ -359,8 +380,8 @@ def prepare_dataset(
         dtype=stream.dtype.name,
         n_docs=len(corpus.texts),
         n_tokens=len(stream),
-        split_rule="documents ordered by sha256(f'{seed}:{name}') and concatenated; the last val_frac of "
-        "the tokens is val",
+        split_rule="documents ordered by sha256(f'{seed}:{name}') and concatenated; "
+        "the last val_frac of the tokens is val",
         split_at=split_at,
         train=dict(file="train.bin", n_tokens=split_at),
         val=dict(file="val.bin", n_tokens=len(stream) - split_at),
@@ -371,18 +392,21 @@ def prepare_dataset(
 
 
 def train_corpus_tokenizer(
-    corpus: Corpus, out_path: str | Path, vocab_size: int, max_chars: int = 4_000_000, seed: int = 1337
+    corpus: Corpus, out_path: str | Path, vocab_size: int, max_chars: int = 4_000_000,
+    seed: int = 1337
 ) -> Tokenizer:
     """Train a SentencePiece BPE tokenizer on a sample of `corpus`, or reuse the one at `out_path`.
 
     The sample is whole documents in document_order(seed) until `max_chars` characters (at least one
     document): BPE merges stabilise long before 10 MB, and training time grows with the sample. A
-    sidecar `<out_path>.json` (e.g. tokenizer.model.json) records the corpus fingerprint, vocab_size,
-    max_chars, seed and the model's sha256; any difference (or a hand-edited model) retrains.
+    sidecar `<out_path>.json` (e.g. tokenizer.model.json) records the corpus fingerprint,
+    vocab_size, max_chars, seed and the model's sha256; any difference (or a hand-edited model)
+    retrains.
     """
     out_path = Path(out_path)
     sidecar = out_path.with_name(out_path.name + ".json")
-    key = dict(source_fingerprint=corpus.fingerprint, vocab_size=vocab_size, max_chars=max_chars, seed=seed)
+    key = dict(source_fingerprint=corpus.fingerprint, vocab_size=vocab_size, max_chars=max_chars,
+               seed=seed)
     if out_path.is_file() and sidecar.is_file():
         saved = read_json_object(sidecar, "tokenizer record")
         if saved == dict(key, tokenizer_sha256=file_sha256(out_path)):
@@ -399,7 +423,7 @@ def train_corpus_tokenizer(
     return tokenizer
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # batches
 
 
@@ -415,14 +439,16 @@ def get_batch(
 
     Offsets i are drawn uniformly from [0, len(data) - T - 1] by ONE call
     torch.randint(len(data) - T, (B,), generator=generator), so the batch is a pure function of the
-    generator state: save `generator.get_state()` in the checkpoint and resume draws the same batches.
+    generator state: save `generator.get_state()` in
+    the checkpoint and resume draws the same batches.
 
-    Data parallel: every rank holds a generator seeded alike and draws the same B global offsets, then
-    keeps rows [rank * B/W, (rank+1) * B/W). The W shards concatenated in rank order are exactly the
-    batch one process with batch B would see, and all generators stay in step.
+    Data parallel: every rank holds a generator seeded alike and draws the same B global offsets,
+    then keeps rows [rank * B/W, (rank+1) * B/W). The W shards concatenated in rank order are
+    exactly the batch one process with batch B would see, and all generators stay in step.
     """
     if len(data) <= block_size:
-        raise ValueError(f"get_batch: need more than block_size={block_size} tokens, found {len(data)}")
+        raise ValueError(f"get_batch: need more than block_size={block_size} tokens, "
+                         f"found {len(data)}")
     if batch_size % world_size != 0 or not 0 <= rank < world_size:
         raise ValueError(
             f"get_batch: need batch_size % world_size == 0 and 0 <= rank < world_size, "
@@ -443,8 +469,8 @@ def get_batch(
 def unigram_entropy(data: np.ndarray) -> float:
     """H = -sum_v p(v) ln p(v) in nats/token, p the token frequencies of `data`.
 
-    The loss of the best model that ignores context (it predicts the frequencies). A val loss below this
-    means the model uses the context; at init a model sits near ln(vocab_size), above it.
+    The loss of the best model that ignores context (it predicts the frequencies). A val loss below
+    this means the model uses the context; at init a model sits near ln(vocab_size), above it.
     """
     counts = np.bincount(np.asarray(data).ravel())
     if counts.sum() == 0:

@@ -1,29 +1,32 @@
-"""Prompt templates: the one place that turns an instruction (or a conversation) into the text a model sees.
+"""Prompt templates: the one place that turns an instruction
+(or a conversation) into the text a model sees.
 
-Training data (instruct.py) and generation (`generate.py --template`) both call `format_prompt`, so the
-prompt a fine-tuned model is queried with is byte for byte the prompt it was trained on.
+Training data (instruct.py) and generation (`generate.py --template`) both call `format_prompt`, so
+the prompt a fine-tuned model is queried with is byte for byte the prompt it was trained on.
 
 Templates:
 
     none     the instruction as is (plus "\\n\\n" + input when there is one): plain completion
     alpaca   Stanford Alpaca's prompt, exactly as tloen/alpaca-lora's templates/alpaca.json:
-             prompt_input    "Below is an instruction that describes a task, paired with an input that
-                             provides further context. Write a response that appropriately completes
-                             the request.\\n\\n### Instruction:\\n{instruction}\\n\\n
+             prompt_input    "Below is an instruction that describes a task, paired with an input
+                             that provides further context. Write a response that appropriately
+                             completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n
                              ### Input:\\n{input}\\n\\n### Response:\\n"
              prompt_no_input "Below is an instruction that describes a task. Write a response that
-                             appropriately completes the request.\\n\\n### Instruction:\\n{instruction}\\n\\n
-                             ### Response:\\n"
+                             appropriately completes the request.\\n\\n### Instruction:\\n
+                             {instruction}\\n\\n### Response:\\n"
              (https://github.com/tloen/alpaca-lora/blob/main/templates/alpaca.json)
-    vicuna   multi-turn chat, FastChat's "vicuna_v1.1" conversation template (the format ShareGPT data was
-             trained in by Vicuna, https://lmsys.org/blog/2023-03-30-vicuna/):
-                 "{system} USER: {human_1} ASSISTANT: {gpt_1}</s>USER: {human_2} ASSISTANT: {gpt_2}</s>"
-             Chosen because it needs no new special tokens (LLaMA's vocabulary has only <s>, </s>, <unk>),
-             so it works on any base checkpoint; "</s>" is the tokenizer's EOS id, never the literal text.
+    vicuna   multi-turn chat, FastChat's "vicuna_v1.1" conversation template (the format ShareGPT
+             data was trained in by Vicuna, https://lmsys.org/blog/2023-03-30-vicuna/):
+                 "{system} USER: {human_1} ASSISTANT: {gpt_1}</s>"
+                 "USER: {human_2} ASSISTANT: {gpt_2}</s>"
+             Chosen because it needs no new special tokens (LLaMA's vocabulary has only <s>, </s>,
+             <unk>), so it works on any base checkpoint; "</s>" is the tokenizer's EOS id, never the
+             literal text.
 
-The response is never part of a template: it is appended after the prompt (with EOS), so that the prompt's
-tokens at training time are exactly the tokens `generate` is given (see instruct.py, where each segment is
-tokenized on its own).
+The response is never part of a template: it is appended after the prompt (with EOS), so that the
+prompt's tokens at training time are exactly the tokens `generate` is given (see instruct.py, where
+each segment is tokenized on its own).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from minillm.util.fileio import atomic_write_bytes, read_json_object
 TEMPLATES = ("none", "alpaca", "vicuna")
 
 ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Below is an instruction that describes a task, paired with an input that "
+    "provides further context. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
@@ -74,14 +78,17 @@ def format_prompt(template_name: str, instruction: str, input: str | None = None
 
 def conversation_segments(turns: list[tuple[str, str]], template_name: str = "vicuna",
                           system: str | None = None) -> list[tuple[str, bool]]:
-    """A conversation [(role, text)], roles alternating "human", "gpt" (human first, gpt last), → the
-    segments [(text, is_response)] to tokenize one by one; an EOS follows every response segment.
+    """A conversation [(role, text)], roles alternating "human", "gpt" (human first, gpt last), →
+    the segments [(text, is_response)] to tokenize one by one; an EOS follows every response
+    segment.
 
-    Vicuna v1.1: "{system} USER: {h1} ASSISTANT:" | "{g1}" </s> | "USER: {h2} ASSISTANT:" | "{g2}" </s>
+    Vicuna v1.1: "{system} USER: {h1} ASSISTANT:" | "{g1}" </s> |
+                 "USER: {h2} ASSISTANT:" | "{g2}" </s>
     The response text carries no leading space: SentencePiece's dummy prefix supplies it ("▁Paris").
     """
     if template_name != "vicuna":
-        raise ValueError(f"conversations need the multi-turn template 'vicuna', found {template_name!r}")
+        raise ValueError("conversations need the multi-turn template 'vicuna', "
+                         f"found {template_name!r}")
     system = VICUNA_SYSTEM if system is None else system
     segments = []
     for i, (role, text) in enumerate(turns):
@@ -95,27 +102,33 @@ def conversation_segments(turns: list[tuple[str, str]], template_name: str = "vi
     return segments
 
 
-# -----------------------------------------------------------------------------------------------------
-# Chat: the same templates over a list of messages, as Jinja for llama.cpp / transformers and in Python
+# --------------------------------------------------------------------------------------------------
+# Chat: the same templates over a list of messages,
+# as Jinja for llama.cpp / transformers and in Python
 #
-# A chat template turns [{"role": "system" | "user" | "assistant", "content": str}, …] into one string.
-# HF's tokenizer_config.json "chat_template" and GGUF's `tokenizer.chat_template` hold it as Jinja, which
-# transformers' `apply_chat_template` and llama.cpp render with `messages`, `add_generation_prompt`,
-# `bos_token` and `eos_token`. The Jinja below is built from the same constants as `format_prompt`, and
-# `render_chat` is its Python twin (tests pin both to the same strings).
+# A chat template turns [{"role": "system" | "user" | "assistant", "content": str}, …] into one
+# string. HF's tokenizer_config.json "chat_template" and GGUF's `tokenizer.chat_template` hold it as
+# Jinja, which transformers' `apply_chat_template` and llama.cpp render with `messages`,
+# `add_generation_prompt`, `bos_token` and `eos_token`. The Jinja below is built from the same
+# constants as `format_prompt`, and `render_chat` is its Python twin (tests pin both to the same
+# strings).
 #
-# Training tokenizes each segment on its own, so every response gets SentencePiece's dummy-prefix "▁";
-# the single-string form writes that as a space before the response. llama.cpp re-adds the space prefix
-# after every special token (</s>), so tokenizing the rendered string with special tokens parsed gives
-# exactly the training token ids (`chat_token_ids`; see tests/test_templates.py).
+# Training tokenizes each segment on its own, so every response gets SentencePiece's dummy-prefix
+# "▁"; the single-string form writes that as a space before the response. llama.cpp re-adds the
+# space prefix after every special token (</s>), so tokenizing the rendered string with special
+# tokens parsed gives exactly the training token ids (`chat_token_ids`; see
+# tests/test_templates.py).
 #
-#     alpaca   <s>{alpaca prompt, no input}### Response:\n {answer}</s>{next alpaca prompt}…### Response:\n
+#     alpaca   <s>{alpaca prompt, no input}### Response:\n {answer}</s>
+#              {next alpaca prompt}…### Response:\n
 #     vicuna   <s>{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
 
 CHAT_TEMPLATES = ("alpaca", "vicuna")
-TEMPLATE_RECORD = "prompt_template.json"  # {"template": name}, written beside a fine-tuned model / adapter
+# {"template": name}, written beside a fine-tuned model / adapter
+TEMPLATE_RECORD = "prompt_template.json"
 
-_ALPACA_HEAD, _ALPACA_TAIL = ALPACA_PROMPT_NO_INPUT.split("{instruction}")  # tail "\n\n### Response:\n"
+# tail "\n\n### Response:\n"
+_ALPACA_HEAD, _ALPACA_TAIL = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
 _ALPACA_SEP, _ALPACA_RESPONSE = "\n\n", "### Response:\n"
 assert _ALPACA_TAIL == _ALPACA_SEP + _ALPACA_RESPONSE
 
@@ -127,7 +140,8 @@ def _lit(s: str) -> str:
 
 def _alternation_check(name: str) -> str:
     return ("{%- if m['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
-            "{{ raise_exception(" + _lit(f"{name}: roles must alternate user, assistant, user, …") + ") }}"
+            "{{ raise_exception("
+            + _lit(f"{name}: roles must alternate user, assistant, user, …") + ") }}"
             "{%- endif -%}")
 
 
@@ -170,9 +184,11 @@ JINJA = {"alpaca": ALPACA_JINJA, "vicuna": VICUNA_JINJA}
 
 
 def _split_system(template_name: str, messages: list[dict]) -> tuple[str | None, list[dict]]:
-    """(system text or None, the alternating user/assistant turns), checked as the Jinja checks them."""
+    """(system text or None, the alternating user/assistant turns),
+    checked as the Jinja checks them."""
     if template_name not in CHAT_TEMPLATES:
-        raise ValueError(f"template {template_name!r} has no chat form; expected one of {list(CHAT_TEMPLATES)}")
+        raise ValueError(f"template {template_name!r} has no chat form; "
+                         f"expected one of {list(CHAT_TEMPLATES)}")
     system = None
     if messages and messages[0]["role"] == "system":
         if template_name == "alpaca":
@@ -180,8 +196,8 @@ def _split_system(template_name: str, messages: list[dict]) -> tuple[str | None,
         system, messages = messages[0]["content"], messages[1:]
     for i, m in enumerate(messages):
         if m["role"] != ("user" if i % 2 == 0 else "assistant"):
-            raise ValueError(f"{template_name}: roles must alternate user, assistant, user, …; message {i} "
-                             f"(after any system message) has role {m['role']!r}")
+            raise ValueError(f"{template_name}: roles must alternate user, assistant, user, …; "
+                             f"message {i} (after any system message) has role {m['role']!r}")
     return system, messages
 
 
@@ -206,15 +222,18 @@ def render_chat(template_name: str, messages: list[dict], add_generation_prompt:
 
 
 def chat_segments(template_name: str, messages: list[dict]) -> list[tuple[str, bool]]:
-    """A conversation ending with a user message → [(text, is_response)] exactly as training segments it
-    (format_prompt per user turn for alpaca, conversation_segments for vicuna), ready for the answer."""
+    """A conversation ending with a user message → [(text, is_response)] exactly as training
+    segments it (format_prompt per user turn for alpaca, conversation_segments for vicuna), ready
+    for the answer."""
     system, turns = _split_system(template_name, messages)
     if not turns or turns[-1]["role"] != "user":
         raise ValueError(f"{template_name}: a chat prompt must end with a user message")
     if template_name == "vicuna":
         roles = {"user": "human", "assistant": "gpt"}
-        return conversation_segments([(roles[m["role"]], m["content"]) for m in turns], "vicuna", system)
-    return [(format_prompt("alpaca", m["content"]), False) if m["role"] == "user" else (m["content"], True)
+        return conversation_segments([(roles[m["role"]], m["content"]) for m in turns], "vicuna",
+                                     system)
+    return [(format_prompt("alpaca", m["content"]), False) if m["role"] == "user"
+            else (m["content"], True)
             for m in turns]
 
 
@@ -227,9 +246,9 @@ def chat_token_ids(tokenizer, template_name: str, messages: list[dict]) -> list[
 
 
 def trained_template(configured: str, kinds) -> str | None:
-    """The template an instruction run trained with: `configured` if set, else the natural one of the
-    examples' kind (alpaca → alpaca, sharegpt → vicuna, as instruct.example_segments picks); None for
-    plain-completion data or a mix of kinds that trained with different templates."""
+    """The template an instruction run trained with: `configured` if set, else the natural one of
+    the examples' kind (alpaca → alpaca, sharegpt → vicuna, as instruct.example_segments picks);
+    None for plain-completion data or a mix of kinds that trained with different templates."""
     if configured:
         return configured
     found = {{"alpaca": "alpaca", "sharegpt": "vicuna"}.get(k) for k in kinds}
@@ -237,9 +256,11 @@ def trained_template(configured: str, kinds) -> str | None:
 
 
 def write_template_record(dirpath, template_name: str):
-    """Record the template a model was fine-tuned with, so export and `generate.py --chat` use it."""
+    """Record the template a model was fine-tuned with,
+    so export and `generate.py --chat` use it."""
     _check(template_name)
-    atomic_write_bytes(Path(dirpath) / TEMPLATE_RECORD, (json.dumps({"template": template_name}) + "\n").encode())
+    atomic_write_bytes(Path(dirpath) / TEMPLATE_RECORD,
+                       (json.dumps({"template": template_name}) + "\n").encode())
 
 
 def read_template_record(*dirs) -> str | None:

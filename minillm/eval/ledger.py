@@ -1,23 +1,27 @@
-"""The fidelity ledger: what each step from a fine-tuned adapter to a small GGUF costs, as one table.
+"""The fidelity ledger: what each step from a fine-tuned adapter to a small GGUF costs,
+as one table.
 
-    python3 run.py ledger --base out/tiny --adapter out/lora/adapter --data test.jsonl --template alpaca
+    python3 run.py ledger --base out/tiny --adapter out/lora/adapter --data test.jsonl \\
+        --template alpaca
 
 Chain (each row is the model one step further from the trained one):
 
-    adapter   the base with the LoRA adapter applied, unmerged, float32 (a QLoRA adapter's base rounded
-              through the NF4 settings it recorded): the model as trained, the reference
+    adapter   the base with the LoRA adapter applied, unmerged, float32 (a QLoRA adapter's base
+              rounded through the NF4 settings it recorded): the model as trained, the reference
     merged    W + (α/r)·B·A folded into a dense model (ship/convert.py's load_merged), float32
-    f16 … q4_0  the merged model exported as GGUF of that type and loaded back, dequantized (what llama.cpp
-              holds in memory; its matmuls then round activations too, which this table does not see)
+    f16 … q4_0  the merged model exported as GGUF of that type and loaded back, dequantized (what
+              llama.cpp holds in memory; its matmuls then round activations too, which this table
+              does not see)
 
-The GGUF rows are the chain f16 → q8_0 → q6_k → q5_k_m → q4_k_m → q4_0 (llama-quantize's mixes for the
-K-quant names), each as soon as the writer knows the type (gguf_writer.OUTTYPES).
+The GGUF rows are the chain f16 → q8_0 → q6_k → q5_k_m → q4_k_m → q4_0 (llama-quantize's mixes for
+the K-quant names), each as soon as the writer knows the type (gguf_writer.OUTTYPES).
 
 Columns, over the response tokens of held-out examples (positions whose label is not -100):
 
     loss    mean cross-entropy (training/loss.py's held_out_loss)
-    KL      mean KL(p_ref ‖ p_row) in nats/token: how far the row's next-token distribution moved from the
-            reference's, 0 for the reference itself; unlike Δloss it cannot cancel out across tokens
+    KL      mean KL(p_ref ‖ p_row) in nats/token: how far the row's next-token distribution moved
+            from the reference's, 0 for the reference itself; unlike Δloss it cannot cancel out
+            across tokens
     top-1   fraction of positions where the row's most likely token is the reference's
     size    bytes on disk / bits per weight (GGUF rows)
 """
@@ -44,8 +48,9 @@ LEDGER_CHAIN = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # most bits 
 
 
 def ledger_outtypes() -> list[str]:
-    """The GGUF rows of the ledger: the types of LEDGER_CHAIN the writer knows (gguf_writer.OUTTYPES), so
-    a type added to the writer joins the ledger without an edit here; --outtypes picks any others."""
+    """The GGUF rows of the ledger: the types of LEDGER_CHAIN the writer knows
+    (gguf_writer.OUTTYPES), so a type added to the writer joins the ledger without an edit here;
+    --outtypes picks any others."""
     return [t for t in LEDGER_CHAIN if t in OUTTYPES]
 
 
@@ -62,13 +67,15 @@ class LedgerRow:
 @torch.no_grad()
 def kl_and_top1(reference: Llama, model: Llama, examples: list[TokenizedExample], pad_id: int,
                 batch_size: int = 16) -> tuple[float, float]:
-    """(mean KL(p_reference ‖ p_model), top-1 agreement) over the target positions of the examples."""
+    """(mean KL(p_reference ‖ p_model), top-1 agreement)
+    over the target positions of the examples."""
     kl = agree = 0.0
     n = 0
     for x, y in iter_batches(examples, batch_size, pad_id):
         mask = y != IGNORE  # (B, T)
-        lp_ref = F.log_softmax(reference(x)[0][mask].double(), dim=-1)  # (N, V), float64: a KL near 0
-        lp = F.log_softmax(model(x)[0][mask].double(), dim=-1)  # (N, V)    stays ≥ 0 after rounding
+        # float64: a KL near 0 stays ≥ 0 after rounding
+        lp_ref = F.log_softmax(reference(x)[0][mask].double(), dim=-1)  # (N, V)
+        lp = F.log_softmax(model(x)[0][mask].double(), dim=-1)  # (N, V)
         kl += float((lp_ref.exp() * (lp_ref - lp)).sum())
         agree += float((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
         n += int(mask.sum())
@@ -77,29 +84,33 @@ def kl_and_top1(reference: Llama, model: Llama, examples: list[TokenizedExample]
     return kl / n, agree / n
 
 
-def ledger_row(stage: str, reference: Llama, model: Llama, examples: list[TokenizedExample], pad_id: int,
-               path: Path | None = None, n_params: int = 0) -> LedgerRow:
-    """One row: the model's held-out loss (training/loss.py), its KL and top-1 against the reference, and
-    for a GGUF its size and bits per weight."""
+def ledger_row(stage: str, reference: Llama, model: Llama, examples: list[TokenizedExample],
+               pad_id: int, path: Path | None = None, n_params: int = 0) -> LedgerRow:
+    """One row: the model's held-out loss (training/loss.py), its KL and top-1 against the
+    reference, and for a GGUF its size and bits per weight."""
     loss = held_out_loss(model, iter_batches(examples, 16, pad_id))["loss"]
     size = path.stat().st_size if path is not None else None
     bpw = 8 * size / n_params if path is not None else None
     return LedgerRow(stage, loss, *kl_and_top1(reference, model, examples, pad_id), size, bpw)
 
 
-def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[TokenizedExample], pad_id: int,
-                    out_dir: str | Path, outtypes: list[str] | None = None) -> list[LedgerRow]:
-    """The ledger rows for one base + adapter; GGUF files are written to out_dir/ledger-<type>.gguf."""
+def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[TokenizedExample],
+                    pad_id: int, out_dir: str | Path,
+                    outtypes: list[str] | None = None) -> list[LedgerRow]:
+    """The ledger rows for one base + adapter;
+    GGUF files are written to out_dir/ledger-<type>.gguf."""
     from minillm.finetune.nf4_linear import nf4_hook
     from minillm.finetune.peft_io import load_adapter, read_base_quantization
     from minillm.formats.load import load_pretrained
 
     out_dir = Path(out_dir)
-    nf4 = read_base_quantization(adapter)  # a QLoRA adapter trained on an NF4 base: the reference is that
+    # a QLoRA adapter trained on an NF4 base: the reference is that
+    nf4 = read_base_quantization(adapter)
     hook = nf4_hook(**nf4, compute_dtype=torch.float32) if nf4 else None
     reference = load_pretrained(base, linear_hook=hook)
     load_adapter(reference, adapter)
-    merged = load_merged(ExportConfig(checkpoint=str(base), out=str(out_dir / "unused"), adapter=str(adapter)))
+    merged = load_merged(ExportConfig(checkpoint=str(base), out=str(out_dir / "unused"),
+                                      adapter=str(adapter)))
     merged = merged.float().eval()
     n_params = sum(p.numel() for p in merged.parameters())
     rows = [ledger_row("adapter", reference, reference, examples, pad_id),
@@ -107,19 +118,22 @@ def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[Tokeni
     for outtype in outtypes or ledger_outtypes():
         path = export(ExportConfig(checkpoint=str(base), adapter=str(adapter), outtype=outtype,
                                    out=str(out_dir / f"ledger-{outtype}.gguf")))
-        rows.append(ledger_row(outtype, reference, load_pretrained(path), examples, pad_id, path, n_params))
+        rows.append(ledger_row(outtype, reference, load_pretrained(path), examples, pad_id, path,
+                               n_params))
     return rows
 
 
 def format_ledger(rows: list[LedgerRow]) -> str:
-    """A Markdown table: stage, held-out loss (and its change from the reference), KL, top-1, size."""
+    """A Markdown table: stage, held-out loss (and its change from the reference),
+    KL, top-1, size."""
     ref = rows[0].loss
-    out = ["| stage | held-out loss | Δ loss | KL vs adapter (nats/token) | top-1 agreement | GGUF size "
-           "| bits/weight |", "|---|---|---|---|---|---|---|"]
+    out = ["| stage | held-out loss | Δ loss | KL vs adapter (nats/token) | top-1 agreement "
+           "| GGUF size | bits/weight |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         size = f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes is not None else "–"
         bpw = f"{r.bits_per_weight:.2f}" if r.bits_per_weight is not None else "–"
-        out.append(f"| {r.stage} | {r.loss:.4f} | {r.loss - ref:+.4f} | {r.kl:.2e} | {r.top1:.2%} | {size} | {bpw} |")
+        out.append(f"| {r.stage} | {r.loss:.4f} | {r.loss - ref:+.4f} | {r.kl:.2e} | {r.top1:.2%} "
+                   f"| {size} | {bpw} |")
     return "\n".join(out)
 
 
@@ -131,13 +145,17 @@ def main(argv=None) -> list[LedgerRow]:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the base checkpoint the adapter was trained on")
     p.add_argument("--adapter", required=True, help="the PEFT-format LoRA adapter directory")
-    p.add_argument("--data", required=True, help="held-out instruction data (alpaca / sharegpt JSON or JSONL)")
+    p.add_argument("--data", required=True,
+                   help="held-out instruction data (alpaca / sharegpt JSON or JSONL)")
     p.add_argument("--template", default=None,
-                   help="prompt template of the fine-tuning (default: the adapter's prompt_template.json, else "
-                        "the data's natural one)")
-    p.add_argument("--max-examples", type=int, default=64, help="held-out examples scored (default 64)")
-    p.add_argument("--max-seq-len", type=int, default=256, help="tokens per example at most (default 256)")
-    p.add_argument("--out", default=None, help="folder for the GGUF files (default: beside the adapter)")
+                   help="prompt template of the fine-tuning (default: the adapter's "
+                        "prompt_template.json, else the data's natural one)")
+    p.add_argument("--max-examples", type=int, default=64,
+                   help="held-out examples scored (default 64)")
+    p.add_argument("--max-seq-len", type=int, default=256,
+                   help="tokens per example at most (default 256)")
+    p.add_argument("--out", default=None,
+                   help="folder for the GGUF files (default: beside the adapter)")
     p.add_argument("--outtypes", nargs="+", default=None, choices=sorted(OUTTYPES),
                    help=f"GGUF rows (default: {' '.join(ledger_outtypes())})")
     args = p.parse_args(argv)
@@ -147,8 +165,8 @@ def main(argv=None) -> list[LedgerRow]:
                 for ex in read_examples(args.data)[: args.max_examples]]
     rows = fidelity_ledger(args.base, args.adapter, examples, tokenizer.pad_id,
                            args.out or Path(args.adapter).parent, args.outtypes)
-    print(f"fidelity ledger over {sum(len(e.ids) for e in examples):,d} tokens of {len(examples)} held-out "
-          f"examples (loss and KL on response tokens)\n")
+    print(f"fidelity ledger over {sum(len(e.ids) for e in examples):,d} tokens of "
+          f"{len(examples)} held-out examples (loss and KL on response tokens)\n")
     print(format_ledger(rows))
     print(f"\nperplexity of the reference: {math.exp(rows[0].loss):.2f}")
     return rows

@@ -1,10 +1,10 @@
-"""Evaluating a fine-tuned model: held-out loss and perplexity, short-answer accuracy by greedy decoding,
-and a Markdown side-by-side report of base vs fine-tuned generations.
+"""Evaluating a fine-tuned model: held-out loss and perplexity, short-answer accuracy by greedy
+decoding, and a Markdown side-by-side report of base vs fine-tuned generations.
 
-Loss and perplexity over a test split are training/loss.py's `held_out_loss` over the examples' batches
-(`held_out_loss(model, iter_batches(examples, 16, pad_id))`), weighted by tokens:
+Loss and perplexity over a test split are training/loss.py's `held_out_loss` over the examples'
+batches (`held_out_loss(model, iter_batches(examples, 16, pad_id))`), weighted by tokens:
 
-    loss = Σ_t CE(logits_t, y_t) / N,   the sum over every position t with y_t != -100, N their count
+    loss = Σ_t CE(logits_t, y_t) / N,  the sum over every position t with y_t != -100, N their count
     ppl  = exp(loss)
 
 Short answers (e.g. stdlib_qa's "Which module defines `X`?"): generate greedily from the templated
@@ -39,23 +39,24 @@ def contains(prediction: str, reference: str) -> bool:
 def short_answer_accuracy(model, tokenizer, examples, template: str | None = None,
                           max_new_tokens: int = 32) -> dict:
     """Greedy answers for instruct Examples → {"exact", "contains", "n", "rows": [prompt, reference,
-    prediction, exact, contains]}; exact and contains are fractions in [0, 1]. Answers are greedy (BOS +
-    prompt, as in training) until EOS or max_new_tokens, stripped."""
+    prediction, exact, contains]}; exact and contains are fractions in [0, 1]. Answers are greedy
+    (BOS + prompt, as in training) until EOS or max_new_tokens, stripped."""
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None)
     rows = []
     for ex in examples:
         prompt, ref = prompt_text(ex, template), reference_text(ex)
         pred = generate_text(model, tokenizer, prompt, greedy).strip()
-        rows.append(dict(instruction=ex.instruction or prompt, prompt=prompt, reference=ref, prediction=pred,
-                         exact=exact_match(pred, ref), contains=contains(pred, ref)))
+        rows.append(dict(instruction=ex.instruction or prompt, prompt=prompt, reference=ref,
+                         prediction=pred, exact=exact_match(pred, ref),
+                         contains=contains(pred, ref)))
     n = len(rows)
     if n == 0:
         raise ValueError("short_answer_accuracy: no examples")
-    return {"exact": sum(r["exact"] for r in rows) / n, "contains": sum(r["contains"] for r in rows) / n,
-            "n": n, "rows": rows}
+    return {"exact": sum(r["exact"] for r in rows) / n,
+            "contains": sum(r["contains"] for r in rows) / n, "n": n, "rows": rows}
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the side-by-side report
 
 
@@ -66,15 +67,17 @@ def _cell(s: str) -> str:
 
 def side_by_side(base: dict, tuned: dict) -> list[dict]:
     """The rows of write_report from two short_answer_accuracy results on the same examples:
-    [{instruction, reference, base, tuned}], the base and the fine-tuned model's answers side by side."""
-    return [dict(instruction=b["instruction"], reference=b["reference"], base=b["prediction"], tuned=t["prediction"])
+    [{instruction, reference, base, tuned}], the base and the fine-tuned model's answers side by
+    side."""
+    return [dict(instruction=b["instruction"], reference=b["reference"], base=b["prediction"],
+                 tuned=t["prediction"])
             for b, t in zip(base["rows"], tuned["rows"], strict=True)]
 
 
 def write_report(path: str | Path, rows: list[dict], title: str = "Base vs fine-tuned",
                  metrics: dict | None = None) -> Path:
-    """A Markdown file: optional metrics table, then one row per prompt | reference | base | fine-tuned,
-    with ✓ marking exact matches. Written to a temp name and renamed (atomic)."""
+    """A Markdown file: optional metrics table, then one row per prompt | reference | base |
+    fine-tuned, with ✓ marking exact matches. Written to a temp name and renamed (atomic)."""
     path = Path(path)
     lines = [f"# {title}", ""]
     if metrics:

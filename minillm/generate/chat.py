@@ -1,15 +1,16 @@
-"""Multi-turn chat with a fine-tuned model (`generate.py --chat`), in the template it was trained with.
+"""Multi-turn chat with a fine-tuned model (`generate.py --chat`),
+in the template it was trained with.
 
-Each turn re-tokenizes the whole conversation the way training did (templates.chat_token_ids: BOS, then
-every segment on its own, EOS after each answer), so the model sees exactly the token ids of its training
-conversations, not a re-tokenized string. The answer is decoded until the model emits EOS (or the token
-budget runs out), then appended to the conversation:
+Each turn re-tokenizes the whole conversation the way training did (templates.chat_token_ids: BOS,
+then every segment on its own, EOS after each answer), so the model sees exactly the token ids of
+its training conversations, not a re-tokenized string. The answer is decoded until the model emits
+EOS (or the token budget runs out), then appended to the conversation:
 
     messages = [user q1]                → ids(<s> … USER: q1 ASSISTANT:)            → a1 </s>
     messages = [user q1, asst a1, user q2] → ids(… a1 </s> USER: q2 ASSISTANT:)     → a2 </s>
 
-The same conversation rendered as one string (templates.render_chat) is what llama.cpp and transformers
-produce from the Jinja shipped in the GGUF / tokenizer_config.json.
+The same conversation rendered as one string (templates.render_chat) is what llama.cpp and
+transformers produce from the Jinja shipped in the GGUF / tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def _write_stdout(text: str):
     sys.stdout.flush()
 
 
-def chat_loop(model: Llama, tokenizer, template: str, cfg: SamplingConfig, read: Callable[[str], str] = input,
-              write: Callable[[str], None] = _write_stdout, system: str | None = None) -> list[dict]:
-    """Read user turns with `read` (prompt "> ") until EOF or an empty line, stream each answer to `write`;
-    returns the conversation."""
+def chat_loop(model: Llama, tokenizer, template: str, cfg: SamplingConfig,
+              read: Callable[[str], str] = input, write: Callable[[str], None] = _write_stdout,
+              system: str | None = None) -> list[dict]:
+    """Read user turns with `read` (prompt "> ") until EOF or an empty line, stream each answer to
+    `write`; returns the conversation."""
     messages = [] if system is None else [{"role": "system", "content": system}]
     while True:
         try:

@@ -3,11 +3,11 @@
     prompt ids ──prefill──▶ logits of the last position ──sample──▶ token t
     token t ──decode_one_token (cache at position p)──▶ logits ──sample──▶ token t+1 …
 
-`prefill` and `decode_one_token` are the model calls; `decode_one_token` has fixed shapes, so it is the
-function worth `torch.compile`-ing. `decoding` is the scaffold every decode loop shares (this file's
-batch-1 loop, batched.py's and speculative.py's): it sets up each model's KV cache for the run, puts the
-models in eval mode, and undoes both when the loop ends or is abandoned; `Clock` times the prefill, the
-first decode step and the rest into `GenerationStats`.
+`prefill` and `decode_one_token` are the model calls; `decode_one_token` has fixed shapes, so it is
+the function worth `torch.compile`-ing. `decoding` is the scaffold every decode loop shares (this
+file's batch-1 loop, batched.py's and speculative.py's): it sets up each model's KV cache for the
+run, puts the models in eval mode, and undoes both when the loop ends or is abandoned; `Clock` times
+the prefill, the first decode step and the rest into `GenerationStats`.
 """
 
 from __future__ import annotations
@@ -24,20 +24,22 @@ from minillm.model import Llama
 
 
 def prefill(model: Llama, ids: torch.Tensor, input_pos: torch.Tensor, **row_args) -> torch.Tensor:
-    """Run the prompt ids (B, T) through the model at cache slots input_pos (T,), filling the KV cache
-    → the last position's logits (B, V). row_args: batched.py's per-row `positions` and `mask`."""
+    """Run the prompt ids (B, T) through the model at cache slots input_pos (T,), filling the KV
+    cache → the last position's logits (B, V). row_args: batched.py's per-row `positions` and
+    `mask`."""
     logits, _ = model(ids, input_pos=input_pos, **row_args)
     return logits[:, -1]
 
 
-def decode_one_token(model: Llama, token: torch.Tensor, input_pos: torch.Tensor, **row_args) -> torch.Tensor:
-    """One step: token (B, 1) at cache slot input_pos (1,) → logits (B, V). Fixed shapes, so this is the
-    function worth `torch.compile`-ing (mode="reduce-overhead" captures it as a CUDA graph)."""
+def decode_one_token(model: Llama, token: torch.Tensor, input_pos: torch.Tensor,
+                     **row_args) -> torch.Tensor:
+    """One step: token (B, 1) at cache slot input_pos (1,) → logits (B, V). Fixed shapes, so this is
+    the function worth `torch.compile`-ing (mode="reduce-overhead" captures it as a CUDA graph)."""
     logits, _ = model(token, input_pos=input_pos, **row_args)
     return logits[:, -1]
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # what every decode loop shares
 
 
@@ -47,14 +49,16 @@ class GenerationStats:
     new_tokens: int = 0  # the first comes from the prefill, each later one from one decode step
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # all decode steps
-    first_step_seconds: float = 0.0  # the first decode step alone: it compiles the step under --compile
-    drafted: int = 0  # speculative decoding: draft tokens proposed, and how many the target accepted
+    # the first decode step alone: it compiles the step under --compile
+    first_step_seconds: float = 0.0
+    # speculative decoding: draft tokens proposed, and how many the target accepted
+    drafted: int = 0
     accepted: int = 0
 
     def summary(self) -> str:
-        """Prefill and decode rates. The decode rate leaves out the first step when there are others: with
-        torch.compile that step includes compilation and CUDA graph capture (seconds), which is reported
-        on its own rather than folded into tokens/s."""
+        """Prefill and decode rates. The decode rate leaves out the first step when there are
+        others: with torch.compile that step includes compilation and CUDA graph capture (seconds),
+        which is reported on its own rather than folded into tokens/s."""
         pf = self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
         steps, seconds = self.new_tokens - 1, self.decode_seconds
         if steps > 1 and self.first_step_seconds:
@@ -65,7 +69,8 @@ class GenerationStats:
             first = f" (first step {self.first_step_seconds:.2f} s)"
         spec = ""
         if self.drafted:
-            spec = f" | draft tokens accepted: {self.accepted}/{self.drafted} ({self.accepted / self.drafted:.0%})"
+            spec = (f" | draft tokens accepted: {self.accepted}/{self.drafted} "
+                    f"({self.accepted / self.drafted:.0%})")
         return (f"prefill: {self.prompt_tokens} tokens at {pf:.1f} tok/s | "
                 f"decode: {self.new_tokens} tokens at {dc:.1f} tok/s{first}{spec}")
 
@@ -99,9 +104,9 @@ class Clock:
 
 @contextmanager
 def decoding(models: list[Llama], batch_size: int, total: int):
-    """A KV cache of `total` slots for `batch_size` rows in each model, eval mode, for the duration of one
-    generation; the caches are freed and the training flags restored however the loop ends (a consumer
-    that stops iterating early closes the generator, which runs this exit too)."""
+    """A KV cache of `total` slots for `batch_size` rows in each model, eval mode, for the duration
+    of one generation; the caches are freed and the training flags restored however the loop ends (a
+    consumer that stops iterating early closes the generator, which runs this exit too)."""
     was_training = [m.training for m in models]
     for m in models:
         m.eval()
@@ -121,16 +126,19 @@ def check_prompt_length(T: int, max_seq_len: int):
         raise ValueError(f"prompt of {T} tokens leaves no room in max_seq_len={max_seq_len}")
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the batch-1 loop
 
 
-# inference_mode, not no_grad: no version counters or autograd metadata on any tensor; 1.5x the decode
-# tok/s of the tiny model on a CPU (bench/cpu.py), where per-op overhead is most of a decode step
+# inference_mode, not no_grad: no version counters or autograd metadata on any tensor;
+# 1.5x the decode tok/s of the tiny model on a CPU (bench/cpu.py), where per-op overhead is most of
+# a decode step
 @torch.inference_mode()
-def generate_tokens(model: Llama, prompt_ids: list[int], cfg: SamplingConfig, eos_id: int | None = None,
-                    stats: GenerationStats | None = None, decode_fn=decode_one_token) -> Iterator[int]:
-    """Yield new token ids one at a time (batch 1) until max_new_tokens or EOS (EOS is not yielded)."""
+def generate_tokens(model: Llama, prompt_ids: list[int], cfg: SamplingConfig,
+                    eos_id: int | None = None, stats: GenerationStats | None = None,
+                    decode_fn=decode_one_token) -> Iterator[int]:
+    """Yield new token ids one at a time (batch 1) until max_new_tokens or EOS
+    (EOS is not yielded)."""
     device = model.embed_tokens.weight.device
     T = len(prompt_ids)
     check_prompt_length(T, model.config.max_seq_len)
@@ -141,7 +149,8 @@ def generate_tokens(model: Llama, prompt_ids: list[int], cfg: SamplingConfig, eo
     with decoding([model], 1, total):
         clock = Clock(stats, device)
         context = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-        token = sample(prefill(model, context, torch.arange(T, device=device)), context, cfg, generator)
+        token = sample(prefill(model, context, torch.arange(T, device=device)), context, cfg,
+                       generator)
         clock.prefill_done()
         for pos in range(T, total):
             tok = int(token)  # (1, 1) → int

@@ -1,5 +1,5 @@
-"""Prompts as a user types them: the escapes a shell cannot type easily, and a file of prompts for a batch
-(`generate.py --prompts FILE`)."""
+"""Prompts as a user types them: the escapes a shell cannot type easily, and a file of prompts for a
+batch (`generate.py --prompts FILE`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ def unescape(text: str) -> str:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """A .jsonl file: one object per line with a "prompt" string. Any other file: one prompt per line,
-    with the escapes of `unescape`. Blank lines are skipped."""
+    """A .jsonl file: one object per line with a "prompt" string. Any other file: one prompt per
+    line, with the escapes of `unescape`. Blank lines are skipped."""
     if path.suffix != ".jsonl":
         lines = read_text(path, "prompts file").split("\n")
         prompts = [unescape(line.removesuffix("\r")) for line in lines if line.strip()]
@@ -24,7 +24,8 @@ def read_prompts(path: Path) -> list[str]:
         prompts = []
         for where, record in read_jsonl(path, "prompts file"):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{where}: expected an object with a \"prompt\" string, found {str(record)[:60]!r}")
+                raise ValueError(f"{where}: expected an object with a \"prompt\" string, "
+                                 f"found {str(record)[:60]!r}")
             prompts.append(record["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty)")

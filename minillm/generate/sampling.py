@@ -1,13 +1,14 @@
-"""From the logits of the last position to the next token: the sampling knobs, as small pure functions.
+"""From the logits of the last position to the next token:
+the sampling knobs, as small pure functions.
 
 Applied in this order to the logits (B, V) of each row's last position:
-  1. repetition penalty (CTRL, Keskar et al. 2019, https://arxiv.org/abs/1909.05858): a token already
-     in the context has its logit divided by the penalty when positive, multiplied when negative (HF's
-     convention);
+  1. repetition penalty (CTRL, Keskar et al. 2019, https://arxiv.org/abs/1909.05858): a token
+     already in the context has its logit divided by the penalty when positive, multiplied when
+     negative (HF's convention);
   2. temperature 0 → greedy argmax; otherwise logits / temperature;
   3. top-k keeps the k largest logits; top-p (nucleus, Holtzman et al. 2019,
-     https://arxiv.org/abs/1904.09751) keeps the smallest set of tokens whose probability mass reaches p
-     (the token that crosses p is kept).
+     https://arxiv.org/abs/1904.09751) keeps the smallest set of tokens whose probability mass
+     reaches p (the token that crosses p is kept).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 0, found {self.max_new_tokens}")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor,
+                             penalty: float) -> torch.Tensor:
     """logits (B, V), context (B, S) ids already seen → penalized logits (B, V)."""
     if penalty == 1.0:
         return logits
@@ -49,7 +51,8 @@ def apply_repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalt
     return logits.scatter(1, context, seen)
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None):
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None,
+                    top_p: float | None):
     """logits (B, V) → probabilities (B, V) after temperature, top-k and top-p filtering."""
     logits = logits.float() / max(temperature, 1e-5)
     if top_k is not None and top_k < logits.size(-1):
@@ -66,14 +69,15 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 def next_token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """logits (N, V) → the distribution `sample` draws from (N, V), repetition penalty aside; temperature 0
-    gives the argmax one-hot (what speculative decoding's rejection rule compares)."""
+    """logits (N, V) → the distribution `sample` draws from (N, V), repetition penalty aside;
+    temperature 0 gives the argmax one-hot (what speculative decoding's rejection rule compares)."""
     if cfg.temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
     return logits_to_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
 
 
-def sample(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig, generator=None) -> torch.Tensor:
+def sample(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig,
+           generator=None) -> torch.Tensor:
     """logits (B, V) of the last position → next ids (B, 1)."""
     logits = apply_repetition_penalty(logits, context, cfg.repetition_penalty)
     if cfg.temperature == 0:
@@ -83,5 +87,6 @@ def sample(logits: torch.Tensor, context: torch.Tensor, cfg: SamplingConfig, gen
 
 
 def sampling_generator(cfg: SamplingConfig, device) -> torch.Generator | None:
-    """The random generator a generation draws from: seeded by cfg.seed (reproducible), or None (torch's)."""
+    """The random generator a generation draws from:
+    seeded by cfg.seed (reproducible), or None (torch's)."""
     return None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)

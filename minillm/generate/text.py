@@ -1,10 +1,10 @@
-"""Text in, text out: the one prompt → text helper every caller uses (generate.py, chat, the trainer's
-samples, evaluation's answers), and the incremental detokenizer behind streaming.
+"""Text in, text out: the one prompt → text helper every caller uses (generate.py, chat, the
+trainer's samples, evaluation's answers), and the incremental detokenizer behind streaming.
 
-`TextStream` turns ids back into text as they come, for any tokenizer: a character split over several
-tokens (SentencePiece's byte-fallback pieces `<0xE2>`, or byte-level BPE's) is held until complete. Stop strings
-end a generation; text that could still become a stop string is held back from the stream until it is
-known not to.
+`TextStream` turns ids back into text as they come, for any tokenizer: a character split over
+several tokens (SentencePiece's byte-fallback pieces `<0xE2>`, or byte-level BPE's) is held until
+complete. Stop strings end a generation; text that could still become a stop string is held back
+from the stream until it is known not to.
 """
 
 from __future__ import annotations
@@ -18,15 +18,17 @@ from minillm.model import Llama
 
 class TextStream:
     """Incremental detokenizer over any tokenizer's `decode(ids) -> str`, the way HF tokenizers'
-    DecodeStream works: what `push(id)` returns, joined, is exactly decode(all ids pushed), piece by piece.
+    DecodeStream works: what `push(id)` returns, joined,
+    is exactly decode(all ids pushed), piece by piece.
 
-    Each push decodes only the ids since the last emitted text plus the ones just before them, and returns
-    the difference, so it costs O(1) per token. The ids before give the context decoding needs:
-    SentencePiece drops the dummy-prefix space of a text's first piece, so a piece shows its space only
-    after another piece. `prefix` ids (the prompt's last token) make the first new piece a continuation,
-    space included; without them it starts a text (an answer, shown without its leading space). A
-    character split over byte-fallback tokens decodes to U+FFFD until it is complete, so text ending in
-    U+FFFD is held back until a later token completes it; `flush()` returns whatever is left.
+    Each push decodes only the ids since the last emitted text plus the ones just before them, and
+    returns the difference, so it costs O(1) per token. The ids before give the context decoding
+    needs: SentencePiece drops the dummy-prefix space of a text's first piece, so a piece shows its
+    space only after another piece. `prefix` ids (the prompt's last token) make the first new piece
+    a continuation, space included; without them it starts a text (an answer, shown without its
+    leading space). A character split over byte-fallback tokens decodes to U+FFFD until it is
+    complete, so text ending in U+FFFD is held back until a later token completes it; `flush()`
+    returns whatever is left.
     """
 
     def __init__(self, tokenizer, prefix: list[int] | tuple[int, ...] = ()):
@@ -58,19 +60,20 @@ def stop_index(text: str, stop: list[str]) -> int:
     return min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
 
 
-def generate_text(model: Llama, tokenizer, prompt: str | list[int], cfg: SamplingConfig, stream=None,
-                  stats: GenerationStats | None = None, decode_fn=decode_one_token,
-                  draft: Llama | None = None, speculate_k: int = 5, continues_prompt: bool | None = None) -> str:
+def generate_text(model: Llama, tokenizer, prompt: str | list[int], cfg: SamplingConfig,
+                  stream=None, stats: GenerationStats | None = None, decode_fn=decode_one_token,
+                  draft: Llama | None = None, speculate_k: int = 5,
+                  continues_prompt: bool | None = None) -> str:
     """The continuation of `prompt` (without the prompt), decoded until EOS, a stop string or
     cfg.max_new_tokens.
 
     prompt: a text (encoded with a BOS, as in training), or the token ids themselves (e.g. a chat
-    conversation from its template). continues_prompt: the text goes on from the prompt's, so its first
-    piece keeps its space, as decoding prompt + continuation would (default: for a non-empty text prompt;
-    not for ids, e.g. a chat answer, which starts a text of its own).
-    stream: optional callable receiving text pieces as they are produced. Stop strings end generation;
-    the text is cut before the stop string. draft: a small model sharing the tokenizer, for speculative
-    decoding with `speculate_k` proposals per target pass.
+    conversation from its template). continues_prompt: the text goes on from the prompt's, so its
+    first piece keeps its space, as decoding prompt + continuation would (default: for a non-empty
+    text prompt; not for ids, e.g. a chat answer, which starts a text of its own).
+    stream: optional callable receiving text pieces as they are produced. Stop strings end
+    generation; the text is cut before the stop string. draft: a small model sharing the tokenizer,
+    for speculative decoding with `speculate_k` proposals per target pass.
     """
     is_text = isinstance(prompt, str)
     ids = tokenizer.encode(prompt, bos=True) if is_text else list(prompt)
@@ -79,9 +82,11 @@ def generate_text(model: Llama, tokenizer, prompt: str | list[int], cfg: Samplin
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     out, emitted = "", 0
     if draft is None:
-        tokens = generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id, stats=stats, decode_fn=decode_fn)
+        tokens = generate_tokens(model, ids, cfg, eos_id=tokenizer.eos_id, stats=stats,
+                                 decode_fn=decode_fn)
     else:
-        tokens = speculative_generate_tokens(model, draft, ids, cfg, speculate_k, tokenizer.eos_id, stats)
+        tokens = speculative_generate_tokens(model, draft, ids, cfg, speculate_k, tokenizer.eos_id,
+                                             stats)
     for tok in tokens:
         out += detok.push(tok)
         cut = stop_index(out, cfg.stop)
@@ -99,21 +104,25 @@ def generate_text(model: Llama, tokenizer, prompt: str | list[int], cfg: Samplin
     return out
 
 
-def generate_text_batch(model: Llama, tokenizer, prompts: list[str], cfg: SamplingConfig, on_done=None,
-                        stats: GenerationStats | None = None, decode_fn=None) -> list[str]:
-    """Continuations of several prompts decoded together (generate_tokens_batch) → one text per prompt.
+def generate_text_batch(model: Llama, tokenizer, prompts: list[str], cfg: SamplingConfig,
+                        on_done=None, stats: GenerationStats | None = None,
+                        decode_fn=None) -> list[str]:
+    """Continuations of several prompts decoded together (generate_tokens_batch)
+    → one text per prompt.
 
-    on_done(row, text): optional callable, called as each row finishes (EOS, a stop string, or the token
-    limit), so a caller can print rows in the order they complete. Stop strings cut each row as in
-    generate_text.
+    on_done(row, text): optional callable, called as each row finishes (EOS, a stop string, or the
+    token limit), so a caller can print rows in the order they complete. Stop strings cut each row
+    as in generate_text.
     """
     ids = [tokenizer.encode(p, bos=True) for p in prompts]
-    detoks = [TextStream(tokenizer, prefix=i[-1:] if p and len(i) > 1 else ()) for p, i in zip(prompts, ids, strict=True)]
+    detoks = [TextStream(tokenizer, prefix=i[-1:] if p and len(i) > 1 else ())
+              for p, i in zip(prompts, ids, strict=True)]
     outs = [""] * len(prompts)
     stopped = [False] * len(prompts)
     done = []
     step = {} if decode_fn is None else {"decode_fn": decode_fn}
-    for row, tok in generate_tokens_batch(model, ids, cfg, tokenizer.eos_id, stats, stopped, **step):
+    for row, tok in generate_tokens_batch(model, ids, cfg, tokenizer.eos_id, stats, stopped,
+                                          **step):
         if tok is None:  # EOS or the token limit
             outs[row] += detoks[row].flush()
         else:

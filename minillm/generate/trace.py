@@ -2,9 +2,9 @@
 
     python generate.py --checkpoint out/tiny --prompt "x = 1" --trace
 
-It is the picture most tutorials leave out: which tensor is (B, T, C), where heads appear, how wide the
-MLP gets, what comes out of lm_head. Implemented with forward hooks, so it works on any checkpoint and on
-swapped modules (LoRA, NF4) without touching model.py.
+It is the picture most tutorials leave out: which tensor is (B, T, C), where heads appear, how wide
+the MLP gets, what comes out of lm_head. Implemented with forward hooks, so it works on any
+checkpoint and on swapped modules (LoRA, NF4) without touching model.py.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ def _describe(x) -> str:
 
 
 @torch.no_grad()
-def trace_forward(model: nn.Module, idx: torch.Tensor, out=sys.stdout, max_depth: int | None = None) -> list[str]:
-    """Run model(idx) once with a hook on every submodule; print and return one line per module call,
-    in execution order: qualified name, module class, input shape(s) → output shape(s)."""
+def trace_forward(model: nn.Module, idx: torch.Tensor, out=sys.stdout,
+                  max_depth: int | None = None) -> list[str]:
+    """Run model(idx) once with a hook on every submodule; print and return one line per module
+    call, in execution order: qualified name, module class, input shape(s) → output shape(s)."""
     lines: list[str] = []
     handles = []
     for name, module in model.named_modules():
@@ -34,7 +35,8 @@ def trace_forward(model: nn.Module, idx: torch.Tensor, out=sys.stdout, max_depth
             continue
 
         def hook(mod, inputs, output, name=name):
-            lines.append(f"{name:<40} {type(mod).__name__:<12} {_describe(inputs[:1])} -> {_describe(output)}")
+            lines.append(f"{name:<40} {type(mod).__name__:<12} {_describe(inputs[:1])} -> "
+                         f"{_describe(output)}")
 
         handles.append(module.register_forward_hook(hook))
     try:

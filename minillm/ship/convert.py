@@ -1,8 +1,10 @@
-"""Export: merge an adapter into its base and write the model as GGUF (llama.cpp), HF safetensors or Meta's
-consolidated layout — the last steps of the tutorial path ("merge the adapter, convert to GGUF, quantize").
+"""Export: merge an adapter into its base and write the model as GGUF (llama.cpp), HF safetensors or
+Meta's consolidated layout — the last steps of the tutorial path ("merge the adapter, convert to
+GGUF, quantize").
 
     base checkpoint ──load (stored dtype, memory-mapped)──▶ Llama
-        [--adapter: LoRA onto it; --qlora: the base is first rounded through NF4, as QLoRA trained on it]
+        [--adapter: LoRA onto it; --qlora: the base is first rounded through NF4,
+         as QLoRA trained on it]
         ──merge W += (α/r)·B·A──▶ dense Llama ──▶ write_gguf / save_hf / save_meta
     --format gguf-lora: the adapter alone, unmerged, as llama.cpp's LoRA GGUF (gguf_lora.py)
 
@@ -11,9 +13,10 @@ directory, or --template) goes into the GGUF as `tokenizer.chat_template` and in
 tokenizer_config.json as "chat_template" (Jinja from templates.py).
 
 Nothing here holds a second full copy of the model: the base stays in the dtype it is stored in (no
-rounding before quantizing, and a memory-mapped `.bin` is never copied), and the GGUF writer converts one
-tensor at a time. Directory outputs are built in a temp folder beside the target and renamed into place
-(fileio.atomic_directory, with the usual permissions); a failed export leaves no partial output behind.
+rounding before quantizing, and a memory-mapped `.bin` is never copied), and the GGUF writer
+converts one tensor at a time. Directory outputs are built in a temp folder beside the target and
+renamed into place (fileio.atomic_directory, with the usual permissions); a failed export leaves no
+partial output behind.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from minillm.ship.gguf_lora import LORA_OUTTYPES, write_lora_gguf
 from minillm.util.device import DTYPES
 from minillm.util.fileio import atomic_directory, atomic_write_bytes, read_json_object
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q4_k", "q5_k",
-              "q4_1", "q5_0", "q5_1")  # from q4_k_m on: llama-quantize's file types (quant_mix.py)
+# from q4_k_m on: llama-quantize's file types (quant_mix.py)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s",
+              "q4_k", "q5_k", "q4_1", "q5_0", "q5_1")
 TORCH_TYPES = ("auto", "f32", "f16", "bf16")  # hf/meta outtypes: auto keeps the stored dtype
 
 
@@ -45,41 +49,47 @@ class ExportConfig:
     checkpoint: str  # HF/OpenLLaMA directory, minillm checkpoint, Meta directory or .gguf
     out: str  # .gguf file (format gguf) or a directory (hf, meta)
     format: str = "gguf"  # gguf | hf | meta | gguf-lora (the adapter alone, for llama.cpp's --lora)
-    outtype: str | None = None  # gguf: one of GGUF_TYPES, f16 by default; hf/meta: auto (as stored) f32 f16 bf16
+    # gguf: one of GGUF_TYPES, f16 by default; hf/meta: auto (as stored) f32 f16 bf16
+    outtype: str | None = None
     adapter: str | None = None  # a PEFT-format LoRA adapter directory to merge first
-    qlora: bool = False  # the adapter was trained on an NF4 base: merge into the NF4-rounded weights
+    # the adapter was trained on an NF4 base: merge into the NF4-rounded weights
+    qlora: bool = False
     tokenizer: str | None = None  # tokenizer.model (default: the one beside the checkpoint)
     name: str | None = None  # general.name in GGUF (default: the output's stem)
-    template: str | None = None  # chat template (templates.py); default: the recorded prompt_template.json
+    # chat template (templates.py); default: the recorded prompt_template.json
+    template: str | None = None
 
     def __post_init__(self):
         if self.format not in ("gguf", "hf", "meta", "gguf-lora"):
             raise ValueError(f"format must be gguf, hf, meta or gguf-lora, found {self.format!r}")
         if self.outtype is None:
             self.outtype = {"gguf": "f16", "gguf-lora": "f32"}.get(self.format, "auto")
-        allowed = {"gguf": GGUF_TYPES, "gguf-lora": tuple(LORA_OUTTYPES)}.get(self.format, TORCH_TYPES)
+        allowed = {"gguf": GGUF_TYPES,
+                   "gguf-lora": tuple(LORA_OUTTYPES)}.get(self.format, TORCH_TYPES)
         if self.outtype not in allowed:
-            raise ValueError(f"outtype {self.outtype!r} is not supported for {self.format}; expected one of {allowed}")
+            raise ValueError(f"outtype {self.outtype!r} is not supported for {self.format}; "
+                             f"expected one of {allowed}")
         if self.qlora and self.adapter is None:
             raise ValueError("qlora=True needs an adapter to merge")
         if self.format == "gguf-lora" and (self.adapter is None or self.qlora):
-            raise ValueError("format gguf-lora writes an adapter: give --adapter (and no --qlora: llama.cpp "
-                             "applies it to whatever base file it is given)")
+            raise ValueError("format gguf-lora writes an adapter: give --adapter (and no --qlora: "
+                             "llama.cpp applies it to whatever base file it is given)")
         if self.template is not None and self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {list(TEMPLATES)}, found {self.template!r}")
 
 
 def load_merged(cfg: ExportConfig) -> Llama:
-    """The base model with the adapter (if any) merged in, in the dtype the base is stored in. A QLoRA
-    adapter records the NF4 settings it trained on (base_quantization.json): the base is rounded through
-    exactly those (with or without --qlora); --qlora on an adapter without the record assumes QLoRA's
-    defaults (blocksize 64, no double quantization)."""
+    """The base model with the adapter (if any) merged in, in the dtype the base is stored in. A
+    QLoRA adapter records the NF4 settings it trained on (base_quantization.json): the base is
+    rounded through exactly those (with or without --qlora); --qlora on an adapter without the
+    record assumes QLoRA's defaults (blocksize 64, no double quantization)."""
     from minillm.finetune.peft_io import read_base_quantization
 
     nf4 = read_base_quantization(cfg.adapter) if cfg.adapter is not None else None
     if nf4 is None and cfg.qlora:
         nf4 = {"blocksize": 64, "double_quant": False}
-        print(f"{cfg.adapter} records no NF4 settings: assuming blocksize 64, no double quantization")
+        print(f"{cfg.adapter} records no NF4 settings: "
+              "assuming blocksize 64, no double quantization")
     elif nf4 is not None:
         print(f"merging into the NF4 base the adapter was trained on: {nf4}")
     hook = nf4_hook(**nf4, compute_dtype=torch.float32) if nf4 else None
@@ -103,11 +113,13 @@ def _check_writable(target: Path):
 
 
 def chat_template(cfg: ExportConfig) -> str | None:
-    """The Jinja chat template to ship: --template, else the adapter's or checkpoint's recorded one."""
+    """The Jinja chat template to ship: --template, else the adapter's or checkpoint's recorded
+    one."""
     dirs = [d for d in (cfg.adapter, cfg.checkpoint) if d is not None and Path(d).is_dir()]
     name = cfg.template or read_template_record(*dirs)
     if name is not None:
-        print(f"chat template: {name}" + ("" if name in JINJA else " (plain completion: no chat template)"))
+        print(f"chat template: {name}"
+              + ("" if name in JINJA else " (plain completion: no chat template)"))
     return JINJA.get(name)
 
 
@@ -116,11 +128,14 @@ def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
 
     if out.suffix != ".gguf":
         raise ValueError(f"{out}: a GGUF output file must end in .gguf")
-    whole = read_json_object(Path(cfg.adapter) / ADAPTER_CONFIG, "adapter config").get("modules_to_save")
+    whole = read_json_object(Path(cfg.adapter) / ADAPTER_CONFIG,
+                             "adapter config").get("modules_to_save")
     if whole:
-        raise ValueError(f"{cfg.adapter}: trains {whole} in full (modules_to_save); llama.cpp's LoRA GGUF holds "
-                         "only lora_a / lora_b pairs: export the merged model instead")
-    model = load_pretrained(cfg.checkpoint, dtype=None)  # the base's config and shapes check the adapter
+        raise ValueError(f"{cfg.adapter}: trains {whole} in full (modules_to_save); "
+                         "llama.cpp's LoRA GGUF holds only lora_a / lora_b pairs: "
+                         "export the merged model instead")
+    # the base's config and shapes check the adapter
+    model = load_pretrained(cfg.checkpoint, dtype=None)
     load_adapter(model, cfg.adapter)
     write_lora_gguf(out, model, cfg.outtype, name=cfg.name or out.stem)
     return out
@@ -134,9 +149,12 @@ def export(cfg: ExportConfig) -> Path:
         return _export_lora_gguf(cfg, out)
     template = chat_template(cfg)
     tokenizer_path = cfg.tokenizer
-    if tokenizer_path is None and cfg.adapter is not None and (Path(cfg.adapter) / "tokenizer.model").is_file():
-        tokenizer_path = Path(cfg.adapter) / "tokenizer.model"  # the adapter's vocabulary has new pieces
-    tokenizer = load_tokenizer(cfg.checkpoint, tokenizer_path)  # fail early, before loading gigabytes
+    if (tokenizer_path is None and cfg.adapter is not None
+            and (Path(cfg.adapter) / "tokenizer.model").is_file()):
+        # the adapter's vocabulary has new pieces
+        tokenizer_path = Path(cfg.adapter) / "tokenizer.model"
+    # fail early, before loading gigabytes
+    tokenizer = load_tokenizer(cfg.checkpoint, tokenizer_path)
     model = load_merged(cfg)
     if cfg.format == "gguf":
         from minillm.ship.gguf_writer import write_gguf
@@ -145,7 +163,8 @@ def export(cfg: ExportConfig) -> Path:
             raise ValueError(f"{out}: a GGUF output file must end in .gguf")
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model has "
-                             f"{model.config.vocab_size} embedding rows; llama.cpp needs them equal")
+                             f"{model.config.vocab_size} embedding rows; "
+                             "llama.cpp needs them equal")
         write_gguf(out, model.config, model.state_dict().items(), tokenizer, cfg.outtype,
                    name=cfg.name or out.stem, chat_template=template)
         return out
@@ -155,12 +174,15 @@ def export(cfg: ExportConfig) -> Path:
     save = save_hf if cfg.format == "hf" else save_meta
     kwargs = {"dtype": dtype} if cfg.format == "hf" else {}
 
-    with atomic_directory(out) as d:  # replaces an older export at `out` only once this one is complete
+    # replaces an older export at `out` only once this one is complete
+    with atomic_directory(out) as d:
         save(model, d, **kwargs)
         # the tokenizer's bytes (from its file, or rebuilt from GGUF metadata) go beside the weights
         atomic_write_bytes(d / "tokenizer.model", tokenizer.model_bytes())
-        if template is not None and cfg.format == "hf":  # transformers' apply_chat_template reads it here
+        # transformers' apply_chat_template reads it here
+        if template is not None and cfg.format == "hf":
             tok_cfg = read_json_object(d / "tokenizer_config.json", "tokenizer config")
-            atomic_write_bytes(d / "tokenizer_config.json", json.dumps({**tok_cfg, "chat_template": template},
-                                                                       indent=2).encode())
+            atomic_write_bytes(d / "tokenizer_config.json",
+                               json.dumps({**tok_cfg, "chat_template": template},
+                                          indent=2).encode())
     return out

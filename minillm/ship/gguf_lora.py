@@ -1,6 +1,7 @@
 """A LoRA adapter as a GGUF file for llama.cpp (`llama-cli -m base.gguf --lora adapter.gguf`).
 
-The layout is the one llama.cpp's `convert_lora_to_gguf.py` writes and `src/llama-adapter.cpp` reads:
+The layout is the one llama.cpp's `convert_lora_to_gguf.py`
+writes and `src/llama-adapter.cpp` reads:
 
     general.architecture = "llama"       must equal the base model's (llama.cpp refuses a mismatch)
     general.type         = "adapter"
@@ -10,16 +11,18 @@ The layout is the one llama.cpp's `convert_lora_to_gguf.py` writes and `src/llam
         W.lora_a   A, PyTorch (r, in)    file dims [in, r]     (llama.cpp checks in  = W's ne[0])
         W.lora_b   B, PyTorch (out, r)   file dims [r, out]    (llama.cpp checks out = W's ne[1])
 
-llama.cpp computes y = W x + (α / r) · B (A x), the same as minillm's LoRALinear (lora.py). Two details:
+llama.cpp computes y = W x + (α / r) · B (A x),
+the same as minillm's LoRALinear (lora.py). Two details:
 
-- RoPE: the base's q / k rows are permuted from HF's rotate-half layout to llama.cpp's interleaved pairs
-  (names.hf_to_interleaved). W + s·BA permuted row-wise is P·W + s·(P·B)·A, so only B's rows are
-  permuted (with the KV head count for k), A is written as is: what the converter's LoraTorchTensor does.
-- Scale: llama.cpp always divides α by r. rsLoRA scales by α / √r, so we write α' = scaling · r, which
-  gives llama.cpp's α' / r = our scaling exactly for either kind.
+- RoPE: the base's q / k rows are permuted from HF's rotate-half layout to llama.cpp's interleaved
+  pairs (names.hf_to_interleaved). W + s·BA permuted row-wise is P·W + s·(P·B)·A, so only B's rows
+  are permuted (with the KV head count for k), A is written as is: what the converter's
+  LoraTorchTensor does.
+- Scale: llama.cpp always divides α by r. rsLoRA scales by α / √r, so we write α' = scaling · r,
+  which gives llama.cpp's α' / r = our scaling exactly for either kind.
 
-What llama.cpp's format cannot carry is an error: DoRA's magnitude vectors, and modules trained in full
-(PEFT's modules_to_save, e.g. the embedding of new tokens). Export the merged model for those.
+What llama.cpp's format cannot carry is an error: DoRA's magnitude vectors, and modules trained in
+full (PEFT's modules_to_save, e.g. the embedding of new tokens). Export the merged model for those.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from minillm.formats.gguf_layout import FLOAT32, STRING, UINT32
 from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
 from minillm.ship.gguf_writer import write_tensors
 
-LORA_OUTTYPES = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1)}  # outtype -> (ggml type, general.file_type)
+# outtype -> (ggml type, general.file_type)
+LORA_OUTTYPES = {"f32": (GGML_F32, 0), "f16": (GGML_F16, 1)}
 
 
 def _heads(config: ModelConfig, key: str) -> int:
@@ -46,18 +50,21 @@ def _heads(config: ModelConfig, key: str) -> int:
 
 def lora_gguf_tensors(model: nn.Module) -> tuple[float, list[tuple[str, torch.Tensor]]]:
     """(α for adapter.lora.alpha, [(GGUF tensor name, tensor in PyTorch shape)]) of a model whose
-    adapters were loaded with peft_io.load_adapter. q/k lora_b rows are permuted for llama.cpp's RoPE."""
+    adapters were loaded with peft_io.load_adapter.
+    q/k lora_b rows are permuted for llama.cpp's RoPE."""
     modules = lora_modules(model)
     if not modules:
         raise ValueError("gguf-lora: the model has no LoRA adapters to write")
     scalings = {m.scaling * m.r for m in modules.values()}
     if len(scalings) != 1:
-        raise ValueError(f"gguf-lora: llama.cpp has one α per file, but the adapters' α·(scaling·r) differ: {scalings}")
+        raise ValueError("gguf-lora: llama.cpp has one α per file, "
+                         f"but the adapters' α·(scaling·r) differ: {scalings}")
     tensors = []
     for name, m in modules.items():
         if isinstance(m, DoRALinear):
-            raise ValueError(f"gguf-lora: {name} is a DoRA adapter; llama.cpp's LoRA GGUF has no magnitude "
-                             "vectors (export the merged model instead)")
+            raise ValueError(f"gguf-lora: {name} is a DoRA adapter; "
+                             "llama.cpp's LoRA GGUF has no magnitude vectors "
+                             "(export the merged model instead)")
         key = name + ".weight"
         a = m.lora_A.weight.detach().float().cpu()  # (r, in)
         b = m.lora_B.weight.detach().float().cpu()  # (out, r)
@@ -67,10 +74,12 @@ def lora_gguf_tensors(model: nn.Module) -> tuple[float, list[tuple[str, torch.Te
     return scalings.pop(), tensors
 
 
-def write_lora_gguf(path: str | os.PathLike, model: nn.Module, outtype: str = "f32", name: str = "minillm-lora"):
+def write_lora_gguf(path: str | os.PathLike, model: nn.Module, outtype: str = "f32",
+                    name: str = "minillm-lora"):
     """Write the model's LoRA adapters (all sharing one scaling) as llama.cpp's LoRA GGUF."""
     if outtype not in LORA_OUTTYPES:
-        raise ValueError(f"gguf-lora outtype must be one of {sorted(LORA_OUTTYPES)}, found {outtype!r}")
+        raise ValueError(f"gguf-lora outtype must be one of {sorted(LORA_OUTTYPES)}, "
+                         f"found {outtype!r}")
     ggml_type, file_type = LORA_OUTTYPES[outtype]
     alpha, tensors = lora_gguf_tensors(model)
     kvs = [

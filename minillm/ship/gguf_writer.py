@@ -1,31 +1,35 @@
-"""GGUF writer: a minillm Llama (weights + SentencePiece tokenizer) as a GGUF v3 file llama.cpp loads.
+"""GGUF writer: a minillm Llama (weights + SentencePiece tokenizer)
+as a GGUF v3 file llama.cpp loads.
 
-The byte layout is in formats/gguf_layout.py. Design (streaming, one pass): every tensor's name, shape and ggml
-type follow from the `ModelConfig` and the outtype, so the header (with all offsets) is written first;
-then the weights are consumed one at a time from the caller's iterator, each seeked to its precomputed
-offset, converted in row chunks and written. A 7B export never holds more than one source tensor plus one
-chunk, and the iterator may yield tensors in any order.
+The byte layout is in formats/gguf_layout.py. Design (streaming, one pass): every tensor's name,
+shape and ggml type follow from the `ModelConfig` and the outtype, so the header (with all offsets)
+is written first; then the weights are consumed one at a time from the caller's iterator, each
+seeked to its precomputed offset, converted in row chunks and written. A 7B export never holds more
+than one source tensor plus one chunk, and the iterator may yield tensors in any order.
 
 Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` for q4_0):
-- 1-D tensors (norms) stay F32; a 2-D tensor whose rows are not a multiple of the block size falls back
-  to F16 with a printed notice.
-- q/k rows are permuted from HF's rotate-half layout to llama.cpp's interleaved RoPE pairs (k with the
-  number of KV heads); the reader permutes them back.
-- q4_0: `llama-quantize` gives the output matrix (or the tied embedding) Q6_K; minillm's q4_0 predates
-  its Q6_K and writes Q8_0 there. Everything else 2-D is Q4_0; general.file_type is MOSTLY_Q4_0.
+- 1-D tensors (norms) stay F32; a 2-D tensor whose rows are not a multiple of the block size falls
+  back to F16 with a printed notice.
+- q/k rows are permuted from HF's rotate-half layout to llama.cpp's interleaved RoPE pairs (k with
+  the number of KV heads); the reader permutes them back.
+- q4_0: `llama-quantize` gives the output matrix (or the tied embedding) Q6_K; minillm's q4_0
+  predates its Q6_K and writes Q8_0 there. Everything else 2-D is Q4_0; general.file_type is
+  MOSTLY_Q4_0.
 - llama-quantize's file types (q4_k_m, q5_k_m, q6_k, q4_k_s, q5_k_s, q4_1, q5_0, q5_1; quant_mix.py)
-  give each tensor the type llama-quantize gives it, fallbacks included, and record its file type. Every
-  quantized export prints a per-tensor table to stderr: type, bits per weight, RMS error against the f32
-  weights.
-- Tokenizer piece types come from the SentencePiece API as the converter does: UNKNOWN, CONTROL, UNUSED,
-  BYTE, else NORMAL. Whitespace user-defined pieces (our "\\n", "\\t") are written NORMAL, like the
-  converter: llama.cpp splits USER_DEFINED tokens out of the text first and then re-adds a "▁" prefix
-  after each of them, which SentencePiece does not, so USER_DEFINED would change the ids of "a\\nb".
-  Other user-defined pieces (added tokens such as "<|im_start|>", new_tokens.py) are written
-  USER_DEFINED, as the converter writes added tokens: llama.cpp can only produce them by matching them
-  whole, since its SentencePiece merges never build a piece like "<|im_start|>" from characters.
+  give each tensor the type llama-quantize gives it, fallbacks included, and record its file type.
+  Every quantized export prints a per-tensor table to stderr: type, bits per weight, RMS error
+  against the f32 weights.
+- Tokenizer piece types come from the SentencePiece API as the converter does: UNKNOWN, CONTROL,
+  UNUSED, BYTE, else NORMAL. Whitespace user-defined pieces (our "\\n", "\\t") are written NORMAL,
+  like the converter: llama.cpp splits USER_DEFINED tokens out of the text first and then re-adds a
+  "▁" prefix after each of them, which SentencePiece does not, so USER_DEFINED would change the ids
+  of "a\\nb". Other user-defined pieces (added tokens such as "<|im_start|>", new_tokens.py) are
+  written USER_DEFINED, as the converter writes added tokens: llama.cpp can only produce them by
+  matching them whole, since its SentencePiece merges never build a piece like "<|im_start|>" from
+  characters.
 - `chat_template` (Jinja, templates.py) becomes `tokenizer.chat_template`.
-- The file is written with fileio.atomic_write: on any error the old file stays and no temp file is left.
+- The file is written with fileio.atomic_write:
+  on any error the old file stays and no temp file is left.
 """
 
 from __future__ import annotations
@@ -83,8 +87,8 @@ from minillm.tokenizer.sentencepiece import Tokenizer
 from minillm.tokenizer.spm_proto import add_dummy_prefix, piece_types
 from minillm.util.fileio import atomic_write
 
-# outtype -> (ggml type of the 2-D weights, general.file_type: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q4_0 2,
-# MOSTLY_Q8_0 7, MOSTLY_BF16 32)
+# outtype -> (ggml type of the 2-D weights, general.file_type: ALL_F32 0, MOSTLY_F16 1,
+# MOSTLY_Q4_0 2, MOSTLY_Q8_0 7, MOSTLY_BF16 32)
 OUTTYPES = {
     "f32": (GGML_F32, 0),
     "f16": (GGML_F16, 1),
@@ -95,10 +99,11 @@ OUTTYPES = {
 MIXES = (*quant_mix.FILE_TYPES, *quant_mix.ALIASES)  # llama-quantize's file types: per-tensor types
 OUTTYPES.update({m: (quant_mix.file_type(m).default, quant_mix.file_type(m).ftype) for m in MIXES})
 
-_CHUNK_VALUES = 1 << 22  # values converted at once while streaming (bounds the quantizers' temporaries)
+# values converted at once while streaming (bounds the quantizers' temporaries)
+_CHUNK_VALUES = 1 << 22
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tensor plan: names, shapes and types, all known from the config before any weight is seen
 
 
@@ -112,7 +117,8 @@ class TensorPlan:
     nbytes: int  # unpadded
 
 
-def plan_tensors(config: ModelConfig, outtype: str, alignment: int = GGUF_DEFAULT_ALIGNMENT) -> list[TensorPlan]:
+def plan_tensors(config: ModelConfig, outtype: str,
+                 alignment: int = GGUF_DEFAULT_ALIGNMENT) -> list[TensorPlan]:
     """The tensor infos of the file `write_gguf` produces; prints a notice for each F16 fallback."""
     if outtype not in OUTTYPES:
         raise ValueError(f"unknown GGUF outtype {outtype!r}; expected one of {sorted(OUTTYPES)}")
@@ -122,18 +128,22 @@ def plan_tensors(config: ModelConfig, outtype: str, alignment: int = GGUF_DEFAUL
         if len(shape) == 1:
             ggml_type = GGML_F32  # norms stay F32 in every llama.cpp file type
         elif outtype in MIXES:
-            ggml_type = quant_mix.tensor_type(ours_to_gguf(key), shape, outtype, config.n_layers, config.n_heads,
-                                              config.n_kv_heads, tied=config.tie_embeddings)
+            ggml_type = quant_mix.tensor_type(ours_to_gguf(key), shape, outtype, config.n_layers,
+                                              config.n_heads, config.n_kv_heads,
+                                              tied=config.tie_embeddings)
         else:
             ggml_type = target
-            # the matrix that produces the logits: llama-quantize uses Q6_K there; we use Q8_0 (see top)
-            is_output = key == "lm_head.weight" or (config.tie_embeddings and key == "embed_tokens.weight")
+            # the matrix that produces the logits:
+            # llama-quantize uses Q6_K there; we use Q8_0 (see top)
+            is_output = (key == "lm_head.weight"
+                         or (config.tie_embeddings and key == "embed_tokens.weight"))
             if outtype == "q4_0" and is_output:
                 ggml_type = GGML_Q8_0
             block = GGML_TYPES[ggml_type][1]
             if shape[-1] % block != 0:
                 print(f"gguf: {ours_to_gguf(key)} rows have {shape[-1]} values, not a multiple of "
-                      f"{type_name(ggml_type)}'s block of {block}; writing it as F16", file=sys.stderr)
+                      f"{type_name(ggml_type)}'s block of {block}; writing it as F16",
+                      file=sys.stderr)
                 ggml_type = GGML_F16
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         nbytes = rows * row_bytes(ggml_type, shape[-1])
@@ -142,7 +152,7 @@ def plan_tensors(config: ModelConfig, outtype: str, alignment: int = GGUF_DEFAUL
     return plans
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metadata encoding
 
 
@@ -173,11 +183,13 @@ def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:
 
 
 def tokenizer_metadata(tokenizer: Tokenizer) -> list[tuple]:
-    """(key, value type, value[, element type]) for llama.cpp's SentencePiece ("llama") tokenizer."""
+    """(key, value type, value[, element type]) for
+    llama.cpp's SentencePiece ("llama") tokenizer."""
     sp = tokenizer.sp
     n = sp.GetPieceSize()
     tokens, scores, types = [], [], []
-    proto_types = piece_types(tokenizer.model_bytes(), str(tokenizer.path))  # for USER_DEFINED, see the top
+    # for USER_DEFINED, see the top
+    proto_types = piece_types(tokenizer.model_bytes(), str(tokenizer.path))
     for i in range(n):
         tokens.append(sp.IdToPiece(i))  # keeps "▁" and the "<0x0A>" byte spellings as they are
         scores.append(sp.GetScore(i))
@@ -190,7 +202,8 @@ def tokenizer_metadata(tokenizer: Tokenizer) -> list[tuple]:
         elif sp.IsByte(i):
             types.append(TOKEN_BYTE)
         elif proto_types[i] == TOKEN_USER_DEFINED and sp.IdToPiece(i).strip():
-            types.append(TOKEN_USER_DEFINED)  # an added token; whitespace ones stay NORMAL (see the top)
+            # an added token; whitespace ones stay NORMAL (see the top)
+            types.append(TOKEN_USER_DEFINED)
         else:
             types.append(TOKEN_NORMAL)
     add_space_prefix = add_dummy_prefix(tokenizer.model_bytes(), str(tokenizer.path))
@@ -247,7 +260,7 @@ def _header(kvs: list[tuple], plans: list[TensorPlan], alignment: int) -> bytes:
     return out + b"\0" * (align(len(out), alignment) - len(out))  # the data section starts aligned
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Writer
 
 
@@ -264,24 +277,26 @@ def write_gguf(
     """Write a llama.cpp-loadable GGUF; returns the tensor plan that was written.
 
     `tensors` yields (minillm key, tensor) pairs, one at a time, in any order; q/k in HF rotate-half
-    layout, any float dtype, any device. With tied embeddings a `lm_head.weight` is skipped. Errors (all
-    before the output exists): unknown outtype, vocab of tokenizer != config.vocab_size, an unknown,
-    duplicate, missing or mis-shaped tensor.
+    layout, any float dtype, any device. With tied embeddings a `lm_head.weight` is skipped. Errors
+    (all before the output exists): unknown outtype, vocab of tokenizer != config.vocab_size, an
+    unknown, duplicate, missing or mis-shaped tensor.
     """
     path = Path(path)
     plans = plan_tensors(config, outtype)
     tok = _as_tokenizer(tokenizer)
     if tok.vocab_size != config.vocab_size:
-        raise ValueError(f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the model's embedding has "
-                         f"{config.vocab_size} rows; llama.cpp requires them equal")
+        raise ValueError(f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the model's "
+                         f"embedding has {config.vocab_size} rows; llama.cpp requires them equal")
     kvs = llama_metadata(config, outtype, name) + tokenizer_metadata(tok)
-    if chat_template is not None:  # Jinja, as HF's tokenizer_config.json "chat_template" (templates.py)
+    # Jinja, as HF's tokenizer_config.json "chat_template" (templates.py)
+    if chat_template is not None:
         kvs.append(("tokenizer.chat_template", STRING, chat_template))
     header = _header(kvs, plans, GGUF_DEFAULT_ALIGNMENT)
     by_key = {p.key: p for p in plans}
     total = align(plans[-1].offset + plans[-1].nbytes, GGUF_DEFAULT_ALIGNMENT)
     stream = tensors() if callable(tensors) else tensors
-    if config.tie_embeddings:  # tied: llama.cpp reuses token_embd.weight for the logits (no output.weight)
+    # tied: llama.cpp reuses token_embd.weight for the logits (no output.weight)
+    if config.tie_embeddings:
         stream = ((key, tensor) for key, tensor in stream if key != "lm_head.weight")
 
     with atomic_write(path) as f:  # on any error below, the old file stays and no temp file is left
@@ -296,8 +311,8 @@ def write_gguf(
                 raise ValueError(f"{path}: tensor {key!r} was yielded twice")
             p = by_key[key]
             if tuple(tensor.shape) != p.shape:
-                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected "
-                                 f"{p.shape} for this config")
+                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {p.shape} for this config")
             seen.add(key)
             f.seek(len(header) + p.offset)
             errors[p.name] = _write_tensor(f, key, tensor, p, config)
@@ -305,18 +320,21 @@ def write_gguf(
         if missing:
             raise ValueError(f"{path}: {len(missing)} tensors never arrived, e.g. {missing[:3]}")
         f.truncate(len(header) + total)  # zero padding after the last tensor
-    if progress and outtype not in ("f32", "f16", "bf16"):  # a report, like the progress bar: on stderr
+    # a report, like the progress bar: on stderr
+    if progress and outtype not in ("f32", "f16", "bf16"):
         rows = [(p.name, p.ggml_type, int(np.prod(p.shape)), errors[p.name]) for p in plans]
         print(quant_mix.summary(rows), file=sys.stderr)
     return plans
 
 
 def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: ModelConfig) -> float:
-    """Convert and write one tensor at the file position; returns its RMS error against the f32 values."""
+    """Convert and write one tensor at the file position;
+    returns its RMS error against the f32 values."""
     w = tensor.detach().cpu()
     if is_rope_rotated(key):
         heads = config.n_heads if key.endswith("q_proj.weight") else config.n_kv_heads
-        w = hf_to_interleaved(w, heads)  # rotate-half rows -> interleaved pairs, as llama.cpp's RoPE wants
+        # rotate-half rows -> interleaved pairs, as llama.cpp's RoPE wants
+        w = hf_to_interleaved(w, heads)
     w = w.reshape(-1, p.shape[-1])  # (rows, K); 1-D tensors become one row
     step = max(1, _CHUNK_VALUES // p.shape[-1])
     written, sq_err = 0, 0.0
@@ -326,7 +344,8 @@ def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: Mode
         f.write(data.numpy().tobytes())
         written += data.numel()
         if p.ggml_type != GGML_F32:
-            sq_err += (dequantize(data, p.ggml_type, p.shape[-1]) - chunk).double().pow(2).sum().item()
+            sq_err += ((dequantize(data, p.ggml_type, p.shape[-1]) - chunk)
+                       .double().pow(2).sum().item())
     assert written == p.nbytes, f"{key}: wrote {written} bytes, planned {p.nbytes}"
     f.write(b"\0" * (align(p.nbytes, GGUF_DEFAULT_ALIGNMENT) - p.nbytes))
     return (sq_err / w.numel()) ** 0.5
@@ -334,16 +353,17 @@ def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: Mode
 
 def write_tensors(path: str | os.PathLike, kvs: list[tuple],
                   tensors: list[tuple[str, torch.Tensor, int]]) -> list[TensorPlan]:
-    """Write a small GGUF whose tensors are all in memory: `kvs` as (key, value type, value[, element
-    type]) and `tensors` as (GGUF name, tensor already in file layout, ggml type), in file order. Used
-    for LoRA adapters (gguf_lora.py); a whole model goes through the streaming `write_gguf`."""
+    """Write a small GGUF whose tensors are all in memory: `kvs` as
+    (key, value type, value[, element type]) and `tensors` as (GGUF name, tensor already in file
+    layout, ggml type), in file order. Used for LoRA adapters (gguf_lora.py); a whole model goes
+    through the streaming `write_gguf`."""
     plans, offset = [], 0
     for name, t, ggml_type in tensors:
         shape = tuple(t.shape)
         block = GGML_TYPES[ggml_type][1]
         if shape[-1] % block:
-            raise ValueError(f"{path}: tensor {name!r} rows hold {shape[-1]} values, not a multiple of "
-                             f"{type_name(ggml_type)}'s block of {block}")
+            raise ValueError(f"{path}: tensor {name!r} rows hold {shape[-1]} values, "
+                             f"not a multiple of {type_name(ggml_type)}'s block of {block}")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         nbytes = rows * row_bytes(ggml_type, shape[-1])
         plans.append(TensorPlan(name, name, shape, ggml_type, offset, nbytes))
@@ -352,7 +372,8 @@ def write_tensors(path: str | os.PathLike, kvs: list[tuple],
     with atomic_write(path) as f:
         f.write(header)
         for (_, t, _), p in zip(tensors, plans, strict=True):
-            data = quantize(t.detach().cpu().float().reshape(-1, p.shape[-1]), p.ggml_type)  # (rows, row bytes)
+            data = quantize(t.detach().cpu().float().reshape(-1, p.shape[-1]),
+                            p.ggml_type)  # (rows, row bytes)
             f.write(data.numpy().tobytes())
             f.write(b"\0" * (align(p.nbytes, GGUF_DEFAULT_ALIGNMENT) - p.nbytes))
     return plans

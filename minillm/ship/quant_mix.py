@@ -1,29 +1,34 @@
-"""llama-quantize's file types for Llama: which ggml type each tensor of a Q4_K_M (Q5_K_M, Q6_K, ...) file gets.
+"""llama-quantize's file types for Llama:
+which ggml type each tensor of a Q4_K_M (Q5_K_M, Q6_K, ...) file gets.
 
-Spec: `llama_tensor_get_type` and `tensor_type_fallback` in llama.cpp's src/llama-quant.cpp, the ftype enum
-`llama_ftype` in include/llama.h, and llama-quantize's option table in tools/quantize/quantize.cpp
-(https://github.com/ggml-org/llama.cpp). llama-quantize does not give every tensor the file's type:
+Spec: `llama_tensor_get_type` and `tensor_type_fallback` in llama.cpp's src/llama-quant.cpp, the
+ftype enum `llama_ftype` in include/llama.h, and llama-quantize's option table in
+tools/quantize/quantize.cpp (https://github.com/ggml-org/llama.cpp). llama-quantize does not give
+every tensor the file's type:
 
     1-D tensors (norms)            keep their type (F32 in minillm's files)
     output.weight                  Q6_K; Q8_0 when its rows are not a multiple of that type's block
                                    (with tied embeddings, token_embd.weight takes this rule instead)
-    blk.i.attn_v.weight            Q4_K_M / Q5_K_M: Q6_K where use_more_bits(i, n_layer);  Q4_K_S: Q5_K for i < 4
-    blk.i.ffn_down.weight          Q4_K_M / Q5_K_M: Q6_K where use_more_bits(i, n_layer);  Q4_K_S: Q5_K for i < n/8
+    blk.i.attn_v.weight            Q4_K_M / Q5_K_M: Q6_K where use_more_bits(i, n_layer);
+                                   Q4_K_S: Q5_K for i < 4
+    blk.i.ffn_down.weight          Q4_K_M / Q5_K_M: Q6_K where use_more_bits(i, n_layer);
+                                   Q4_K_S: Q5_K for i < n/8
     every other 2-D weight         the file type's own tensor type (Q4_K for Q4_K_M, ...)
     then, a row length that is not a multiple of the chosen type's block falls back:
-                                   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 if still not a multiple
+                                   Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+                                   and to F16 if still not a multiple
                                    (a 32-value type such as Q5_0 goes to F16 directly)
 
     use_more_bits(i, n) = i < n/8  or  i >= 7n/8  or  (i - n/8) % 3 == 2        (integer division)
 
-so a Q4_K_M model spends 6 bits on the first and last eighth of its attn_v / ffn_down layers and on every
-third layer between them. llama.cpp counts attn_v and ffn_down tensors in the order it visits them, which
-is by layer number (its loader sorts names by `blk.N`), so the counter is the layer index `i` here.
-The 70B rule (80 layers with grouped-query attention: attn_v Q3_K/Q4_K -> Q5_K) is kept; the GQA and
-expert rules of the other file types (Q2_K, IQ*) do not touch these.
+so a Q4_K_M model spends 6 bits on the first and last eighth of its attn_v / ffn_down layers and on
+every third layer between them. llama.cpp counts attn_v and ffn_down tensors in the order it visits
+them, which is by layer number (its loader sorts names by `blk.N`), so the counter is the layer
+index `i` here. The 70B rule (80 layers with grouped-query attention: attn_v Q3_K/Q4_K -> Q5_K) is
+kept; the GQA and expert rules of the other file types (Q2_K, IQ*) do not touch these.
 
-`general.file_type` records the llama_ftype; the names are llama-quantize's (q4_k and q5_k are its aliases
-for q4_k_m and q5_k_m).
+`general.file_type` records the llama_ftype; the names are llama-quantize's (q4_k and q5_k are its
+aliases for q4_k_m and q5_k_m).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ FILE_TYPES = {
     "q6_k": FileType(18, GGML_Q6_K),  # LLAMA_FTYPE_MOSTLY_Q6_K
 }
 ALIASES = {"q4_k": "q4_k_m", "q5_k": "q5_k_m"}  # llama-quantize's own aliases
-FALLBACK = {GGML_Q4_K: GGML_Q5_0, GGML_Q5_K: GGML_Q5_1, GGML_Q6_K: GGML_Q8_0}  # for rows not a multiple of 256
+# for rows not a multiple of 256
+FALLBACK = {GGML_Q4_K: GGML_Q5_0, GGML_Q5_K: GGML_Q5_1, GGML_Q6_K: GGML_Q8_0}
 
 
 def file_type(name: str) -> FileType:
@@ -74,7 +80,8 @@ def file_type(name: str) -> FileType:
 
 
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
-    return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
+    return (i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8
+            or (i_layer - n_layer // 8) % 3 == 2)
 
 
 def _layer(name: str) -> int:
@@ -88,9 +95,10 @@ def _block(ggml_type: int) -> int:
     return GGML_TYPES[ggml_type][1]
 
 
-def tensor_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, n_head: int, n_head_kv: int,
-                tied: bool = False) -> int:
-    """The ggml type llama-quantize gives GGUF tensor `name` of PyTorch `shape` (rows last) in file type `mix`.
+def tensor_type(name: str, shape: tuple[int, ...], mix: str, n_layer: int, n_head: int,
+                n_head_kv: int, tied: bool = False) -> int:
+    """The ggml type llama-quantize gives GGUF tensor `name`
+    of PyTorch `shape` (rows last) in file type `mix`.
 
     `tied`: the model has no output.weight, so token_embd.weight also makes the logits.
     """
@@ -128,13 +136,15 @@ def bits_per_weight(ggml_type: int) -> float:
 
 
 def summary(rows: list[tuple[str, int, int, float]]) -> str:
-    """Per-tensor table of (GGUF name, ggml type, element count, RMS error vs the f32 weights) plus a total
-    line with the file's average bits per weight."""
+    """Per-tensor table of (GGUF name, ggml type, element count, RMS error vs the f32 weights) plus
+    a total line with the file's average bits per weight."""
     lines = [f"{'tensor':<32} {'type':<5} {'bits/w':>6} {'rms error':>10}"]
     total_bits = total_n = 0
     for name, ggml_type, n, rms in rows:
-        lines.append(f"{name:<32} {type_name(ggml_type):<5} {bits_per_weight(ggml_type):>6.2f} {rms:>10.3e}")
+        lines.append(f"{name:<32} {type_name(ggml_type):<5} {bits_per_weight(ggml_type):>6.2f} "
+                     f"{rms:>10.3e}")
         total_bits += bits_per_weight(ggml_type) * n
         total_n += n
-    lines.append(f"{'all ' + str(len(rows)) + ' tensors':<32} {'':<5} {total_bits / max(total_n, 1):>6.2f}")
+    lines.append(f"{'all ' + str(len(rows)) + ' tensors':<32} {'':<5} "
+                 f"{total_bits / max(total_n, 1):>6.2f}")
     return "\n".join(lines)
