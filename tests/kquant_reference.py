@@ -1,9 +1,10 @@
-"""Slow, obvious transcriptions of ggml's K-quant reference quantizers (ggml/src/ggml-quants.c), one block at a
-time, for the tests to hold minillm/formats/kquants.py against.
+"""Slow, obvious transcriptions of ggml's K-quant reference quantizers (ggml/src/ggml-quants.c), one
+block at a time, for the tests to hold minillm/formats/kquants.py against.
 
-Each function follows the C line by line. Every float is a numpy float32 scalar, so each operation rounds
-to float32 as the C code does (no fused multiply-add, like an x86-64 build of ggml-base); integers are Python
-ints, and `u8` / `i8` are the C casts to uint8_t / int8_t. `x` is a list of 256 float32 values.
+Each function follows the C line by line. Every float is a numpy float32 scalar, so each
+operation rounds to float32 as the C code does (no fused multiply-add, like an x86-64 build
+of ggml-base); integers are Python ints, and `u8` / `i8` are the C casts to uint8_t / int8_t.
+`x` is a list of 256 float32 values.
 """
 
 import struct
@@ -147,7 +148,8 @@ def get_scale_min_k4(j, q):
 
 
 def _q45_k_common(x, nmax, rmin, nstep):
-    """The shared part of quantize_row_q4_K_ref / q5_K_ref: returns (d+dmin bytes, scales[12], L[256])."""
+    """The shared part of quantize_row_q4_K_ref / q5_K_ref: returns (d+dmin
+    bytes, scales[12], L[256])."""
     L = [0] * 256
     scales, mins = [F(0)] * 8, [F(0)] * 8
     max_scale = max_min = F(0)
@@ -158,7 +160,8 @@ def _q45_k_common(x, nmax, rmin, nstep):
             sum_x2 += v * v
         av_x = F(np.sqrt(sum_x2 / F(32)))
         weights = [av_x + abs(v) for v in xs]
-        scales[j], mins[j], L[32 * j : 32 * j + 32] = make_qkx2_quants(32, nmax, xs, weights, rmin, 0.1, nstep)
+        scales[j], mins[j], L[32 * j : 32 * j + 32] = make_qkx2_quants(32, nmax, xs, weights, rmin,
+                                                                       0.1, nstep)
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -254,7 +257,8 @@ def awkward_blocks() -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     rows = [torch.randn(256, generator=g) * s for s in (1e-3, 1.0, 50.0)]
     rows.append(torch.zeros(256))  # every scale 0: d = dmin = 0, Q6_K all-zero bytes
-    rows.append(torch.full((256,), 0.37))  # constant: flat sub-blocks with a positive min clipped to 0
+    # constant: flat sub-blocks with a positive min clipped to 0
+    rows.append(torch.full((256,), 0.37))
     rows.append(-torch.rand(256, generator=g))  # negative only: min < 0, max < 0
     rows.append(torch.rand(256, generator=g) * 1e-20)  # tiny: fp16 d and dmin underflow to 0
     r = torch.randn(256, generator=g)
@@ -269,5 +273,6 @@ def awkward_blocks() -> torch.Tensor:
     r = torch.randn(256, generator=g)
     r[::2] = 0.0  # half zeros: ties in max |x| and many exact zero codes
     rows.append(r)
-    rows.append(torch.round(torch.randn(256, generator=g) * 4) / 4)  # coarse grid: exact halves on the fit
+    # coarse grid: exact halves on the fit
+    rows.append(torch.round(torch.randn(256, generator=g) * 4) / 4)
     return torch.stack(rows)

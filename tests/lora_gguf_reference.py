@@ -1,5 +1,6 @@
-"""The test oracle for ship/gguf_lora.py: read a LoRA GGUF back and merge it into a state dict the way
-llama.cpp applies it (W + (α / r) · B A), so the tests can check what llama.cpp would compute."""
+"""The test oracle for ship/gguf_lora.py: read a LoRA GGUF back and merge it into a state
+dict the way llama.cpp applies it (W + (α / r) · B A), so the tests can check what
+llama.cpp would compute."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ def _heads(config: ModelConfig, key: str) -> int:
     return config.n_heads if key.endswith("q_proj.weight") else config.n_kv_heads
 
 
-def read_lora_gguf(path: str | os.PathLike, config: ModelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def read_lora_gguf(path: str | os.PathLike,
+                   config: ModelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """{our weight key: (A (r, in), B (out, r) in HF row order, scaling α / r)} from a LoRA GGUF.
 
-    Raises ValueError naming the file for a GGUF that is not a llama LoRA adapter, a lora_a without its
-    lora_b (or the reverse), or a tensor of no Llama weight."""
+    Raises ValueError naming the file for a GGUF that is not a llama LoRA adapter, a lora_a without
+    its lora_b (or the reverse), or a tensor of no Llama weight."""
     g = read_gguf(path)
-    for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", "llama")):
+    for key, want in (("general.type", "adapter"), ("adapter.type", "lora"),
+                      ("general.architecture", "llama")):
         if g.metadata.get(key) != want:
-            raise ValueError(f"{g.path}: {key} is {g.metadata.get(key)!r}, expected {want!r} for a LoRA adapter")
+            raise ValueError(f"{g.path}: {key} is {g.metadata.get(key)!r}, expected {want!r} for a "
+                             "LoRA adapter")
     alpha = float(g.metadata.get("adapter.lora.alpha", 0.0))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for tname in g.tensors:
@@ -35,7 +39,8 @@ def read_lora_gguf(path: str | os.PathLike, config: ModelConfig) -> dict[str, tu
     out = {}
     for base, ab in pairs.items():
         if set(ab) != {"lora_a", "lora_b"}:
-            raise ValueError(f"{g.path}: {base} has only {sorted(ab)}; llama.cpp needs both lora_a and lora_b")
+            raise ValueError(f"{g.path}: {base} has only {sorted(ab)}; llama.cpp needs both lora_a "
+                             "and lora_b")
         try:
             key = gguf_to_ours(base)
         except KeyError:
@@ -48,8 +53,10 @@ def read_lora_gguf(path: str | os.PathLike, config: ModelConfig) -> dict[str, tu
     return out
 
 
-def merge_lora_gguf(state: dict[str, torch.Tensor], lora: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """W + s · B A for every adapted weight (float32, as LoRALinear.delta_weight), others unchanged."""
+def merge_lora_gguf(state: dict[str, torch.Tensor],
+                    lora: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """W + s · B A for every adapted weight (float32, as
+    LoRALinear.delta_weight), others unchanged."""
     merged = dict(state)
     for key, (a, b, scaling) in lora.items():
         merged[key] = state[key].float() + (b.float() @ a.float()) * scaling

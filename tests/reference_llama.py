@@ -1,12 +1,14 @@
-"""An independent, plain forward pass of an HF-layout Llama, written from the equations in the test
-suite's own words: loops over heads, explicit softmax, no KV cache, no SDPA. Used to check model.py."""
+"""An independent, plain forward pass of an HF-layout Llama, written from the equations
+in the test suite's own words: loops over heads, explicit softmax, no KV cache, no SDPA.
+Used to check model.py."""
 
 import math
 
 import torch
 
 
-def reference_forward(state: dict[str, torch.Tensor], hf_cfg: dict, idx: torch.Tensor) -> torch.Tensor:
+def reference_forward(state: dict[str, torch.Tensor], hf_cfg: dict,
+                      idx: torch.Tensor) -> torch.Tensor:
     """state: HF key names, float32. idx (B, T) → logits (B, T, V)."""
     C = hf_cfg["hidden_size"]
     H = hf_cfg["num_attention_heads"]
@@ -21,7 +23,8 @@ def reference_forward(state: dict[str, torch.Tensor], hf_cfg: dict, idx: torch.T
 
     # rotate-half RoPE: dimension i pairs with i + D/2, angle pos * theta^(-2i/D)
     pos = torch.arange(T, dtype=torch.float64)[:, None]
-    ang = pos * theta ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2 / D)[None, :]  # (T, D/2)
+    # (T, D/2)
+    ang = pos * theta ** (-torch.arange(0, D // 2, dtype=torch.float64) * 2 / D)[None, :]
     cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
 
     def rope(x):  # x (T, D)

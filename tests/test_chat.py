@@ -1,5 +1,5 @@
-"""generate.py --chat: each turn feeds the model exactly the training token ids of the conversation so far,
-and the answer is what greedy decoding from those ids gives, cut at EOS."""
+"""generate.py --chat: each turn feeds the model exactly the training token ids of the conversation
+so far, and the answer is what greedy decoding from those ids gives, cut at EOS."""
 
 import io
 import sys
@@ -21,8 +21,8 @@ generate_cli = script("generate")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("chat")
     tok = tiny_tokenizer(d / "tokenizer.model")
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
-                      max_seq_len=256)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      vocab_size=tok.vocab_size, max_seq_len=256)
     write_hf_checkpoint(d, cfg, seed=3, fmt="safetensors", tokenizer=tok)
     return d, tok, Llama.from_pretrained(d).eval()
 
@@ -34,7 +34,8 @@ GREEDY = SamplingConfig(max_new_tokens=12, temperature=0.0, seed=0)
 def test_reply_is_greedy_decoding_of_the_training_ids(tiny, template):
     _, tok, model = tiny
     messages = [{"role": "user", "content": "def f(x):"}]
-    want = list(generate_tokens(model, chat_token_ids(tok, template, messages), GREEDY, eos_id=tok.eos_id))
+    want = list(generate_tokens(model, chat_token_ids(tok, template, messages), GREEDY,
+                                eos_id=tok.eos_id))
     pieces = []
     got = reply(model, tok, template, messages, GREEDY, stream=pieces.append)
     assert got == "".join(pieces) == tok.decode(want)
@@ -69,7 +70,7 @@ def test_generate_cli_chat_uses_the_recorded_template(tiny, tmp_path, monkeypatc
     assert "--chat needs a chat template" in capsys.readouterr().err
     write_template_record(d, "alpaca")
     monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n\n"))
-    generate_cli.main(["--checkpoint", str(d), "--chat", "--temperature", "0", "--max-new-tokens", "12",
-                       "--device", "cpu", "--dtype", "float32"])
+    generate_cli.main(["--checkpoint", str(d), "--chat", "--temperature", "0",
+                       "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"])
     want = reply(model, tok, "alpaca", [{"role": "user", "content": "def f(x):"}], GREEDY)
     assert want and capsys.readouterr().out == "> " + want + "\n> "  # input()'s prompts, the answer

@@ -1,5 +1,6 @@
-"""train.py, generate.py and export.py: a user's error is one line `error: <message>` on stderr and exit
-status 1; the traceback only with --debug or MINILLM_DEBUG=1; negative numbers are values, not flags."""
+"""train.py, generate.py and export.py: a user's error is one line `error: <message>` on
+stderr and exit status 1; the traceback only with --debug or MINILLM_DEBUG=1; negative numbers
+are values, not flags."""
 
 import importlib.util
 import re
@@ -31,19 +32,21 @@ def run(capsys, name: str, argv: list[str]) -> tuple[int, str]:
 def test_negative_numbers_are_values():
     parser = ArgumentParser()
     add_config_flags(parser)
-    args = vars(parser.parse_args(["--schedule.max_lr", "-1e-3", "--seed", "-7", "--optim.eps", "-inf",
-                                   "--log.peak_flops=-2.5E3", "--data.corpus", "-"]))
-    assert args == {"schedule.max_lr": -1e-3, "seed": -7, "optim.eps": float("-inf"), "log.peak_flops": -2500.0,
-                    "data.corpus": "-", "debug": False}
+    args = vars(parser.parse_args(["--schedule.max_lr", "-1e-3", "--seed", "-7",
+                                   "--optim.eps", "-inf", "--log.peak_flops=-2.5E3",
+                                   "--data.corpus", "-"]))
+    assert args == {"schedule.max_lr": -1e-3, "seed": -7, "optim.eps": float("-inf"),
+                    "log.peak_flops": -2500.0, "data.corpus": "-", "debug": False}
     with pytest.raises(SystemExit):  # a flag without its value is still argparse's error
         parser.parse_args(["--schedule.max_lr", "--seed", "1"])
 
 
 @pytest.mark.parametrize("name", ["train", "generate", "export"])
 def test_each_script_runs_its_main_through_run_cli(capsys, monkeypatch, name):
-    # as a user runs it (`python train.py ...`: the script's __main__ block), without paying for a new
-    # interpreter; train.py gets the negative learning rate of the issue
-    argv = {"train": ["--schedule.max_lr", "-1e-3"], "generate": ["--checkpoint", "nowhere", "--device", "cpu"],
+    # as a user runs it (`python train.py ...`: the script's __main__ block), without paying for a
+    # new interpreter; train.py gets the negative learning rate of the issue
+    argv = {"train": ["--schedule.max_lr", "-1e-3"],
+            "generate": ["--checkpoint", "nowhere", "--device", "cpu"],
             "export": ["--checkpoint", "nowhere", "--out", "x.gguf", "--outtype", "q3_k"]}[name]
     monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
     with pytest.raises(SystemExit) as e:
@@ -53,7 +56,8 @@ def test_each_script_runs_its_main_through_run_cli(capsys, monkeypatch, name):
     expected = {  # one line; the loader's own wording for a missing checkpoint is not pinned here
         "train": r"error: command line: ScheduleConfig\.max_lr must be > 0, found -0\.001",
         "generate": r"error: nowhere: [^\n]+",
-        "export": r"error: outtype 'q3_k' is not supported for gguf; expected one of \('f32', [^\n]+\)",
+        "export": r"error: outtype 'q3_k' is not supported for gguf; expected one of "
+                  r"\('f32', [^\n]+\)",
     }[name]
     assert re.fullmatch(expected + "\n", captured.err)
 
@@ -61,9 +65,10 @@ def test_each_script_runs_its_main_through_run_cli(capsys, monkeypatch, name):
 @pytest.mark.parametrize("argv, line", [
     (["nope.toml"], "error: nope.toml: config file not found"),
     (["--eval.iters", "0"], "error: command line: eval.iters must be >= 1, found 0"),
-    (["--optim.weight_decay", "-0.1"], "error: command line: optim.weight_decay must be >= 0 (0: no decay), "
-                                       "found -0.1"),
-    (["--device", "gpu"], "error: command line: device must be auto, cpu, cuda, cuda:N or mps, found 'gpu'"),
+    (["--optim.weight_decay", "-0.1"], "error: command line: optim.weight_decay must be >= 0 "
+                                       "(0: no decay), found -0.1"),
+    (["--device", "gpu"], "error: command line: device must be auto, cpu, cuda, cuda:N or mps, "
+                          "found 'gpu'"),
 ])
 def test_train_user_errors(capsys, argv, line):
     assert run(capsys, "train", argv) == (1, line + "\n")
@@ -73,16 +78,20 @@ def test_train_unknown_key_in_a_toml_has_no_keyerror_quotes(capsys, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text("[optim]\nlr = 1e-3\n")
     status, err = run(capsys, "train", [str(toml)])
-    assert status == 1 and err.startswith(f"error: {toml}: unknown config key 'optim.lr' ('lr' is not a field")
+    assert status == 1 and err.startswith(f"error: {toml}: unknown config key 'optim.lr' ('lr' is "
+                                          "not a field")
     assert err.count("\n") == 1
 
 
 def test_export_and_generate_user_errors(capsys, tmp_path):
-    status, err = run(capsys, "export", ["--checkpoint", str(tmp_path), "--out", "x.gguf", "--outtype", "q3_k"])
-    assert status == 1 and err.startswith("error: outtype 'q3_k' is not supported for gguf; expected one of "
-                                          "('f32', 'f16', 'bf16', 'q8_0', 'q4_0', 'q4_k_m'")
+    status, err = run(capsys, "export", ["--checkpoint", str(tmp_path), "--out", "x.gguf",
+                                         "--outtype", "q3_k"])
+    assert status == 1 and err.startswith("error: outtype 'q3_k' is not supported for gguf; "
+                                          "expected one of ('f32', 'f16', 'bf16', 'q8_0', "
+                                          "'q4_0', 'q4_k_m'")
     assert err.count("\n") == 1
-    status, err = run(capsys, "generate", ["--checkpoint", str(tmp_path / "missing"), "--device", "cpu"])
+    status, err = run(capsys, "generate",
+                      ["--checkpoint", str(tmp_path / "missing"), "--device", "cpu"])
     assert status == 1 and err.startswith("error: ") and str(tmp_path / "missing") in err
     assert err.count("\n") == 1
 

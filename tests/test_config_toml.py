@@ -1,4 +1,5 @@
-"""TrainConfig loading: TOML overrides, command-line flags, and the errors for unknown keys and types."""
+"""TrainConfig loading: TOML overrides, command-line flags, and the errors for
+unknown keys and types."""
 
 import argparse
 from pathlib import Path
@@ -32,19 +33,22 @@ def parse_flags(argv: list[str]) -> dict:
 
 
 def test_toml_overrides_only_what_it_names(tmp_path):
-    p = write(tmp_path, 'batch_size = 4\n[optim]\nweight_decay = 0.0\n[schedule]\nmax_lr = 1\nname = "wsd"\n'
-                        '[finetune]\nlora_targets = ["q_proj", "o_proj"]\n')
+    p = write(tmp_path, 'batch_size = 4\n[optim]\nweight_decay = 0.0\n[schedule]\nmax_lr = 1\n'
+                        'name = "wsd"\n[finetune]\nlora_targets = ["q_proj", "o_proj"]\n')
     cfg = load_config(p)
     assert cfg.batch_size == 4 and cfg.optim.weight_decay == 0.0
-    assert cfg.schedule.max_lr == 1.0 and type(cfg.schedule.max_lr) is float  # TOML int widened to float
+    # TOML int widened to float
+    assert cfg.schedule.max_lr == 1.0 and type(cfg.schedule.max_lr) is float
     assert cfg.schedule.name == "wsd" and cfg.finetune.lora_targets == ["q_proj", "o_proj"]
     default = TrainConfig()
-    assert cfg.block_size == default.block_size and cfg.model == default.model and cfg.optim.beta2 == 0.95
+    assert (cfg.block_size == default.block_size and cfg.model == default.model
+            and cfg.optim.beta2 == 0.95)
 
 
 @pytest.mark.parametrize("text, message", [
     ("batchsize = 4\n", r"run\.toml: unknown config key 'batchsize'"),
-    ("[optim]\nlr = 3e-4\n", r"run\.toml: unknown config key 'optim\.lr' \('lr' is not a field of optim"),
+    ("[optim]\nlr = 3e-4\n", r"run\.toml: unknown config key 'optim\.lr' \('lr' is not a "
+                             r"field of optim"),
     ("[modle]\ndim = 4\n", r"run\.toml: unknown config key 'modle\.dim'"),
     ("[model.dim]\nx = 1\n", r"run\.toml: unknown config key 'model\.dim\.x'"),
 ])
@@ -58,7 +62,8 @@ def test_unknown_keys_name_the_key_and_file(tmp_path, text, message):
     ("batch_size = 4.0\n", r"run\.toml: batch_size must be int, found float 4\.0"),
     ("compile = 1\n", r"run\.toml: compile must be bool, found int 1"),
     ("[model]\nn_layers = true\n", r"run\.toml: model\.n_layers must be int, found bool True"),
-    ('[finetune]\nlora_targets = "q_proj"\n', r"run\.toml: finetune\.lora_targets must be a list of str"),
+    ('[finetune]\nlora_targets = "q_proj"\n', r"run\.toml: finetune\.lora_targets must be a "
+                                              r"list of str"),
     ("model = 3\n", r"run\.toml: model is a section \(\[model\] in TOML\), found value 3"),
 ])
 def test_wrong_types_name_the_key_and_file(tmp_path, text, message):
@@ -74,7 +79,8 @@ def test_cross_field_checks_name_the_file(tmp_path):
         load_config(write(tmp_path, 'dtype = "fp8"\n'))
     with pytest.raises(ValueError, match=r"run\.toml: .*unknown schedule 'cosin'"):
         load_config(write(tmp_path, '[schedule]\nname = "cosin"\n'))
-    with pytest.raises(ValueError, match=r"run\.toml: ModelConfig: dim=100 is not divisible by n_heads=3"):
+    with pytest.raises(ValueError, match=r"run\.toml: ModelConfig: dim=100 is not divisible "
+                                         r"by n_heads=3"):
         load_config(write(tmp_path, "[model]\ndim = 100\nn_heads = 3\n"))
     with pytest.raises(ValueError, match=r"run\.toml: cannot parse"):
         load_config(write(tmp_path, "batch_size = \n"))
@@ -121,10 +127,12 @@ def test_a_toml_that_is_not_utf8_names_file_and_offset(tmp_path):
 
 def test_command_line_beats_toml(tmp_path):
     p = write(tmp_path, "batch_size = 4\n[schedule]\nmax_lr = 1e-3\n")
-    flags = parse_flags(["--schedule.max_lr", "5e-4", "--optim.weight_decay=0.05", "--compile", "true",
-                         "--finetune.lora_targets", "q_proj,v_proj,o_proj", "--model.n_kv_heads", "none"])
+    flags = parse_flags(["--schedule.max_lr", "5e-4", "--optim.weight_decay=0.05",
+                         "--compile", "true", "--finetune.lora_targets", "q_proj,v_proj,o_proj",
+                         "--model.n_kv_heads", "none"])
     assert flags == {"schedule.max_lr": 5e-4, "optim.weight_decay": 0.05, "compile": True,
-                     "finetune.lora_targets": ["q_proj", "v_proj", "o_proj"], "model.n_kv_heads": None}
+                     "finetune.lora_targets": ["q_proj", "v_proj", "o_proj"],
+                     "model.n_kv_heads": None}
     cfg = load_config(p, flags)
     assert cfg.batch_size == 4 and cfg.schedule.max_lr == 5e-4 and cfg.optim.weight_decay == 0.05
     assert cfg.compile is True and cfg.finetune.lora_targets == ["q_proj", "v_proj", "o_proj"]
@@ -157,7 +165,8 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_resume_mismatches_allow_only_harmless_changes():
     saved = to_dict(TrainConfig())
-    now = apply_overrides(TrainConfig(), {"max_steps": 10, "eval.interval": 5, "log.tensorboard": False}, "t")
+    now = apply_overrides(TrainConfig(),
+                          {"max_steps": 10, "eval.interval": 5, "log.tensorboard": False}, "t")
     assert resume_mismatches(saved, now) == []
     now = apply_overrides(TrainConfig(), {"batch_size": 4, "optim.beta2": 0.99}, "t")
     assert resume_mismatches(saved, now) == [

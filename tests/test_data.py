@@ -1,7 +1,9 @@
-"""Data pipeline: corpus sources, the cached train/val token files, batches and the unigram baseline.
+"""Data pipeline: corpus sources, the cached train/val token files,
+batches and the unigram baseline.
 
-Expected token streams are rebuilt here the slow obvious way (encode each document, order documents by
-sha256 with hashlib directly, concatenate) and compared with the files on disk element for element.
+Expected token streams are rebuilt here the slow obvious way (encode each document, order
+documents by sha256 with hashlib directly, concatenate) and compared with the files on
+disk element for element.
 """
 
 import hashlib
@@ -48,7 +50,8 @@ def write_tree(root, docs=DOCS):
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    # the vocab must hold 261 fixed pieces (unk, bos, eos, "\n", "\t", 256 bytes) plus every character seen
+    # the vocab must hold 261 fixed pieces (unk, bos, eos, "\n", "\t", 256 bytes)
+    # plus every character seen
     texts = list(DOCS.values()) * 20 + ["the quick brown fox jumps over the lazy dog\n"] * 20
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tiny.model", vocab_size=350)
 
@@ -68,7 +71,7 @@ def expected_stream(corpus, tok, seed):
     return np.array(out)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # sources
 
 
@@ -88,7 +91,8 @@ def test_read_directory_globs_sorted(tree):
     only_py = read_directory(tree, patterns=("**/*.py",))
     assert only_py.names == ["a.py", "b.py", "pkg/c.py", "pkg/d.py"]
     assert only_py.fingerprint != c.fingerprint
-    assert read_corpus(tree).fingerprint == c.fingerprint  # deterministic, and dispatched on a directory
+    # deterministic, and dispatched on a directory
+    assert read_corpus(tree).fingerprint == c.fingerprint
     with pytest.raises(ValueError, match=r"corpus: no files match \['\*\*/\*.rs'\]"):
         read_directory(tree, patterns=("**/*.rs",))
 
@@ -148,7 +152,8 @@ def test_read_jsonl(tmp_path):
         # only our own words: json's message and even its column for this one differ in Python 3.13
         ('{"text": "a",}', r"c.jsonl:2: invalid JSON at column 1[34] \(.+\)$"),
         ('{"text" 1}', r"c.jsonl:2: invalid JSON at column 9 \("),
-        ('{"body": "a", "id": 1}', r"c.jsonl:2: missing field 'text' \(found keys \['body', 'id'\]\)"),
+        ('{"body": "a", "id": 1}', r"c.jsonl:2: missing field 'text' \(found keys "
+                                   r"\['body', 'id'\]\)"),
         ('{"text": 3}', r"c.jsonl:2: field 'text' must be a string, found int 3"),
         ('{"text": null}', r"c.jsonl:2: field 'text' must be a string, found NoneType None"),
         ('["text"]', r"c.jsonl:2: expected a JSON object with a string field 'text', found list"),
@@ -163,7 +168,8 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, line, message):
 
 def test_read_jsonl_too_deeply_nested_names_file_and_line(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")  # RecursionError in json
+    # RecursionError in json
+    path.write_text('{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(ValueError) as e:
         read_jsonl_corpus(path)
     assert str(e.value) == f"{path}:2: invalid JSON (nested too deeply to parse)"
@@ -178,7 +184,7 @@ def test_read_jsonl_not_utf8_and_missing_sources(tmp_path):
         read_corpus(tmp_path / "nope")
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # cached train.bin / val.bin
 
 
@@ -190,7 +196,8 @@ def test_token_dtype():
 
 def test_prepare_dataset_content_and_meta(tree, tok, tmp_path):
     corpus = read_directory(tree)
-    d = prepare_dataset(corpus, tok, tmp_path / "cache", val_frac=0.2, seed=7, num_workers=1, verbose=False)
+    d = prepare_dataset(corpus, tok, tmp_path / "cache", val_frac=0.2, seed=7, num_workers=1,
+                        verbose=False)
     stream = expected_stream(corpus, tok, seed=7)
     n = len(stream)
     split_at = n - int(n * 0.2)
@@ -207,7 +214,8 @@ def test_prepare_dataset_content_and_meta(tree, tok, tmp_path):
     assert meta["train"] == {"file": "train.bin", "n_tokens": split_at}
     assert meta["val"] == {"file": "val.bin", "n_tokens": n - split_at}
     assert (meta["val_frac"], meta["seed"], meta["skipped_files"]) == (0.2, 7, [])
-    assert (tmp_path / "cache" / "train.bin").stat().st_size == 2 * split_at  # raw uint16, no header
+    # raw uint16, no header
+    assert (tmp_path / "cache" / "train.bin").stat().st_size == 2 * split_at
     np.testing.assert_array_equal(load_split(tmp_path / "cache", "val"), stream[split_at:])
 
 
@@ -217,14 +225,16 @@ def test_parallel_equals_serial(tree, tok, tmp_path):
     two = prepare_dataset(corpus, tok, tmp_path / "w2", num_workers=2, verbose=False)
     np.testing.assert_array_equal(one.train, two.train)
     np.testing.assert_array_equal(one.val, two.val)
-    assert (tmp_path / "w1" / "train.bin").read_bytes() == (tmp_path / "w2" / "train.bin").read_bytes()
+    assert ((tmp_path / "w1" / "train.bin").read_bytes()
+            == (tmp_path / "w2" / "train.bin").read_bytes())
 
 
 def test_cache_reused_then_invalidated(tree, tok, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     calls = []
     real = data.tokenize_documents
-    monkeypatch.setattr(data, "tokenize_documents", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(data, "tokenize_documents",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     kw = dict(num_workers=1, verbose=False)
     first = prepare_dataset(read_directory(tree), tok, cache, **kw)
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
@@ -246,7 +256,8 @@ def test_cache_reused_then_invalidated(tree, tok, tmp_path, monkeypatch):
     # different tokenizer -> rebuild
     tok2 = train_tokenizer(DOCS.values(), tmp_path / "other.model", vocab_size=320)
     assert (
-        prepare_dataset(read_directory(tree), tok2, cache, val_frac=0.3, seed=1, **kw).meta["vocab_size"]
+        prepare_dataset(read_directory(tree), tok2, cache, val_frac=0.3, seed=1,
+                        **kw).meta["vocab_size"]
         == 320
     )
     assert len(calls) == 5
@@ -278,12 +289,15 @@ def test_temp_files_of_a_killed_build_are_removed(tree, tok, tmp_path):
     cache = tmp_path / "cache"
     prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)
     dead = 4194305  # above the largest pid Linux can hand out (2**22): no process has it
-    stale = [cache / f".train.bin.tmp.{dead}", cache / ".val.bin.tmp12345678", cache / ".meta.json.tmp"]
+    stale = [cache / f".train.bin.tmp.{dead}", cache / ".val.bin.tmp12345678",
+             cache / ".meta.json.tmp"]
     live = cache / f".val.bin.tmp.{os.getppid()}"  # another process still writing: kept
     for p in stale + [live]:
         p.write_bytes(b"half a file")
-    prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)  # reuses the cache
-    assert sorted(p.name for p in cache.iterdir()) == sorted(["meta.json", "train.bin", "val.bin", live.name])
+    # reuses the cache
+    prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)
+    assert (sorted(p.name for p in cache.iterdir())
+            == sorted(["meta.json", "train.bin", "val.bin", live.name]))
 
 
 def test_uint32_when_vocab_exceeds_uint16(tree, tmp_path):
@@ -295,9 +309,11 @@ def test_uint32_when_vocab_exceeds_uint16(tree, tmp_path):
             return [1, 65_536 + len(text), 2]
 
     corpus = read_directory(tree, patterns=("**/*.py",))
-    d = prepare_dataset(corpus, BigVocab(), tmp_path / "cache", val_frac=0.25, num_workers=1, verbose=False)
+    d = prepare_dataset(corpus, BigVocab(), tmp_path / "cache", val_frac=0.25, num_workers=1,
+                        verbose=False)
     assert d.meta["dtype"] == "uint32" and d.train.dtype == np.uint32
-    assert (tmp_path / "cache" / "train.bin").stat().st_size == 4 * 9  # 12 tokens, the last 3 are val
+    # 12 tokens, the last 3 are val
+    assert (tmp_path / "cache" / "train.bin").stat().st_size == 4 * 9
     assert sorted(np.concatenate([d.train, d.val]).tolist()) == sorted(
         [1, 2] * 4 + [65_536 + len(DOCS[n]) for n in ("a.py", "b.py", "pkg/c.py", "pkg/d.py")]
     )
@@ -324,7 +340,7 @@ def test_train_corpus_tokenizer_is_cached(tree, tmp_path, monkeypatch):
     assert calls == [1]
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # batches and the unigram baseline
 
 
@@ -342,7 +358,8 @@ def test_get_batch_exact_windows_and_resume():
     assert x2[:, 0].tolist() == [711, 345, 295, 666]
     # restoring the generator state replays both batches exactly
     g.set_state(state)
-    assert torch.equal(get_batch(arr, 4, 8, g)[0], x) and torch.equal(get_batch(arr, 4, 8, g)[0], x2)
+    assert (torch.equal(get_batch(arr, 4, 8, g)[0], x)
+            and torch.equal(get_batch(arr, 4, 8, g)[0], x2))
     # the last window that fits ends at the last token
     xs, ys = get_batch(np.arange(9, dtype=np.uint16), 3, 8, torch.Generator().manual_seed(0))
     assert xs.tolist() == [list(range(8))] * 3 and ys.tolist() == [list(range(1, 9))] * 3
@@ -378,6 +395,7 @@ def test_unigram_entropy():
     assert unigram_entropy(np.array([7] * 10)) == 0.0
     # p = (3/4, 1/4) on ids 5 and 9: H = -(0.75 ln 0.75 + 0.25 ln 0.25)
     expected = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
-    assert unigram_entropy(np.array([5, 5, 9, 5], dtype=np.uint32)) == pytest.approx(expected, abs=1e-12)
+    assert (unigram_entropy(np.array([5, 5, 9, 5], dtype=np.uint32))
+            == pytest.approx(expected, abs=1e-12))
     with pytest.raises(ValueError, match="empty token array"):
         unigram_entropy(np.array([], dtype=np.uint16))

@@ -1,22 +1,25 @@
-"""The docs stay true: every ```bash runnable block in docs/*.md (and README.md) runs and exits 0, every
-relative link points at a file that exists, and every link to a name in the code lands on the line that
-defines it.
+"""The docs stay true: every ```bash runnable block in docs/*.md (and README.md) runs and exits 0,
+every relative link points at a file that exists, and every link to a name in the code lands on
+the line that defines it.
 
-Links to code are written [`name`](../minillm/file.py#L123), where `name` is a function, class, method
-(`Class.method`) or module-level constant, and L123 the line of its `def` / `class` / assignment, so a
-reader's click opens the definition. Code moves, so the anchors are generated, not typed:
+Links to code are written [`name`](../minillm/file.py#L123), where `name` is a function, class,
+method (`Class.method`) or module-level constant, and L123 the line of its `def` / `class` /
+assignment, so a reader's click opens the definition. Code moves, so the anchors are generated, not
+typed:
 
-    python -m tests.test_docs --fix       # rewrite every anchor (and the file, if the name moved to one
-                                          # other file) in docs/*.md and README.md, and list what changed
+    # rewrite every anchor (and the file, if the name moved to one other file) in docs/*.md and
+    # README.md, and list what changed
+    python -m tests.test_docs --fix
 
-How a runnable block is run: as one bash script (`set -e`, so every line must succeed) from the repository
-root, with the venv's bin directory first on PATH (so `python` is the interpreter running these tests) and
-`/tmp/minillm-docs` replaced by a temporary folder. Nothing else is rewritten or appended: the commands
-in the docs are already small. Blocks run in file order, then block order, sharing that folder, because a
-chapter's later commands use its earlier outputs. TRITON_INTERPRET is removed from the environment (the
-conftest sets it for in-process kernel tests; a user's shell does not have it), and OMP_NUM_THREADS=1 keeps
-each command on one core: on a busy machine, several processes each spinning OpenMP threads on every core
-slow down by 10x or more, and these models are too small to gain from threads.
+How a runnable block is run: as one bash script (`set -e`, so every line must succeed) from the
+repository root, with the venv's bin directory first on PATH (so `python` is the interpreter running
+these tests) and `/tmp/minillm-docs` replaced by a temporary folder. Nothing else is rewritten or
+appended: the commands in the docs are already small. Blocks run in file order, then block order,
+sharing that folder, because a chapter's later commands use its earlier outputs. TRITON_INTERPRET is
+removed from the environment (the conftest sets it for in-process kernel tests; a user's shell does
+not have it), and OMP_NUM_THREADS=1 keeps each command on one core: on a busy machine, several
+processes each spinning OpenMP threads on every core slow down by 10x or more, and these models are
+too small to gain from threads.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ DOCS_TMP = "/tmp/minillm-docs"
 RUNNABLE = re.compile(r"^```bash runnable\n(.*?)^```", re.S | re.M)
 LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
 CODE_NAME = re.compile(r"^`([A-Za-z_][\w.]*)`$")  # [`Llama.forward`](../minillm/model.py#L123)
-CODE_DIRS = ("minillm", "kernels", "bench", "tests", ".")  # where a name that left its file is looked for
+# where a name that left its file is looked for
+CODE_DIRS = ("minillm", "kernels", "bench", "tests", ".")
 
 
 def runnable_blocks() -> list[tuple[str, int, str]]:
@@ -53,9 +57,11 @@ BLOCKS = runnable_blocks()
 EXPECTED = {
     ("docs/01-transformer.md", 0): ["embed_tokens Embedding", "lm_head Linear", "512) float32"],
     ("docs/02-setup-and-inference.md", 0): ["def forward(self", "prefill:", "decode:"],
-    ("docs/03-training-from-scratch.md", 0): ["at step 10", "done: 20 steps", "vs unigram baseline"],
+    ("docs/03-training-from-scratch.md", 0): ["at step 10", "done: 20 steps",
+                                              "vs unigram baseline"],
     ("docs/04-instruction-data.md", 0): ["train |", "short-answer", "False), (", "True)]"],
-    ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)", "adapter_config.json adapter_model.safetensors"],
+    ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)",
+                                       "adapter_config.json adapter_model.safetensors"],
     ("docs/07-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
     ("docs/09-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
                                     "| dequantize | 64x130 | bfloat16 | 0 | ✅ |"],
@@ -80,7 +86,8 @@ def test_docs_exist_and_have_runnable_commands():
     assert len(files_with_blocks) >= 6, files_with_blocks
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
-        assert "## Run it" in text or path.name == "README.md", f"{path.name} has no '## Run it' section"
+        assert "## Run it" in text or path.name == "README.md", \
+            f"{path.name} has no '## Run it' section"
 
 
 @pytest.mark.parametrize("source,index,script", BLOCKS, ids=[f"{f}#{i}" for f, i, _ in BLOCKS])
@@ -92,18 +99,21 @@ def test_runnable_block(source, index, script, docs_tmp):
     script = script.replace(DOCS_TMP, str(docs_tmp))
     proc = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", script], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (f"{source} block {index} failed (exit {proc.returncode}):\n{script}\n"
-                                  f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, (f"{source} block {index} failed (exit {proc.returncode}):\n"
+                                  f"{script}\n--- stdout ---\n{proc.stdout[-3000:]}\n"
+                                  f"--- stderr ---\n{proc.stderr[-3000:]}")
     seen = " ".join((proc.stdout + proc.stderr).split())
     for want in EXPECTED.get((source, index), []):
-        assert want in seen, f"{source} block {index}: expected {want!r} in the output:\n{seen[-3000:]}"
+        assert want in seen, (f"{source} block {index}: expected {want!r} in the output:\n"
+                              f"{seen[-3000:]}")
 
 
 def _links() -> list[tuple[Path, str, str]]:
     out = []
     for path in SOURCES:
         text = path.read_text(encoding="utf-8")
-        text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)  # links inside code blocks are not links
+        # links inside code blocks are not links
+        text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
         for text_part, target in LINK.findall(text):
             if re.match(r"^[a-z]+:", target) or target.startswith("#"):
                 continue  # http(s), mailto, in-page anchors
@@ -119,13 +129,14 @@ def test_relative_links_point_to_existing_files():
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Links land on the line
 
 
 def definitions(file: Path) -> dict[str, int]:
-    """{qualified name: line} for what a Python file defines: functions, classes, methods as
-    "Class.method", module-level constants, and (by their bare name) functions nested in functions."""
+    """{qualified name: line} for what a Python file defines: functions, classes,
+    methods as "Class.method", module-level constants, and (by their bare name)
+    functions nested in functions."""
     tree = ast.parse(file.read_text(encoding="utf-8"))
     found: dict[str, int] = {}
 
@@ -144,7 +155,8 @@ def definitions(file: Path) -> dict[str, int]:
 
 
 def code_links(text: str):
-    """(match, name, file part, anchor line or None) for each [`name`](file.py#Ln) link outside code blocks."""
+    """(match, name, file part, anchor line or None) for each [`name`](file.py#Ln)
+    link outside code blocks."""
     fenced = [m.span() for m in re.finditer(r"^```.*?^```", text, flags=re.S | re.M)]
     for m in LINK.finditer(text):
         name, target = m.group(1), m.group(2)
@@ -163,8 +175,9 @@ def _defining_files(name: str) -> list[Path]:
 
 
 def fix_text(text: str, base: Path, doc_name: str) -> tuple[str, list[str]]:
-    """Markdown `text` (of a file in folder `base`) with its code links landing on their definitions, and
-    notes on what changed or could not be fixed (a name defined nowhere, or in several files)."""
+    """Markdown `text` (of a file in folder `base`) with its code links landing on their
+    definitions, and notes on what changed or could not be fixed (a name defined
+    nowhere, or in several files)."""
     notes, pieces, last = [], [], 0
     for m, name, file_part, _ in code_links(text):
         file = (base / file_part).resolve()
@@ -172,7 +185,8 @@ def fix_text(text: str, base: Path, doc_name: str) -> tuple[str, list[str]]:
         if name not in defs:
             homes = _defining_files(name)
             if len(homes) != 1:
-                notes.append(f"{doc_name}: `{name}` is not in {file_part}; defined in {homes or 'no file'}")
+                notes.append(f"{doc_name}: `{name}` is not in {file_part}; defined in "
+                             f"{homes or 'no file'}")
                 continue
             file = homes[0]
             file_part = os.path.relpath(file, base)
@@ -207,20 +221,24 @@ def test_code_links_land_on_the_definition():
                 wrong.append(f"{at}: `{name}` is not defined in {file_part}")
             elif line != right:
                 wrong.append(f"{at}: should end #L{right}, where `{name}` is defined")
-    assert not wrong, "\n".join(wrong) + "\n(`python -m tests.test_docs --fix` rewrites the anchors)"
+    assert not wrong, ("\n".join(wrong)
+                       + "\n(`python -m tests.test_docs --fix` rewrites the anchors)")
 
 
 def test_anchor_checker_and_fixer(tmp_path):
     code = tmp_path / "code"
     code.mkdir()
-    (code / "m.py").write_text("X = 1\n\n\nclass A:\n    def f(self):\n        def inner():\n            pass\n")
+    (code / "m.py").write_text("X = 1\n\n\nclass A:\n    def f(self):\n"
+                               "        def inner():\n            pass\n")
     assert definitions(code / "m.py") == {"X": 1, "A": 4, "A.f": 5, "inner": 6}
     doc = tmp_path / "doc.md"
-    doc.write_text("[`A.f`](code/m.py#L1) and [`X`](code/m.py), [`m.py`](code/m.py)\n```\n[`A`](code/m.py)\n```\n")
-    assert [(n, f, line) for _, n, f, line in code_links(doc.read_text())] == [("A.f", "code/m.py", 1),
-                                                                                ("X", "code/m.py", None)]
+    doc.write_text("[`A.f`](code/m.py#L1) and [`X`](code/m.py), [`m.py`](code/m.py)\n"
+                   "```\n[`A`](code/m.py)\n```\n")
+    assert ([(n, f, line) for _, n, f, line in code_links(doc.read_text())]
+            == [("A.f", "code/m.py", 1), ("X", "code/m.py", None)])
     assert len(fix_links(doc)) == 2
-    assert doc.read_text().startswith("[`A.f`](code/m.py#L5) and [`X`](code/m.py#L1), [`m.py`](code/m.py)")
+    assert doc.read_text().startswith("[`A.f`](code/m.py#L5) and [`X`](code/m.py#L1), "
+                                      "[`m.py`](code/m.py)")
     assert fix_links(doc) == []  # already right
 
 
@@ -236,7 +254,8 @@ def test_figures_are_pngs():
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--fix"]:
-        sys.exit("usage: python -m tests.test_docs --fix    (rewrites the #L anchors of code links in the docs)")
+        sys.exit("usage: python -m tests.test_docs --fix    (rewrites the #L anchors of code links "
+                 "in the docs)")
     for source in SOURCES:
         for note in fix_links(source):
             print(note)

@@ -1,5 +1,6 @@
-"""DoRA (lora.DoRALinear): the forward and its gradients against the paper's equations transcribed, PEFT's
-dropout rule, merge / unmerge, an NF4 base, and the PEFT adapter files (lora_magnitude_vector, use_dora)."""
+"""DoRA (lora.DoRALinear): the forward and its gradients against the paper's equations transcribed,
+PEFT's dropout rule, merge / unmerge, an NF4 base, and the PEFT adapter files
+(lora_magnitude_vector, use_dora)."""
 
 import json
 
@@ -21,12 +22,13 @@ from minillm.finetune.nf4_linear import NF4Linear
 from minillm.finetune.peft_io import load_adapter, read_base_quantization, save_adapter
 from minillm.model import Llama
 
-CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
+CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71,
+                  max_seq_len=32)
 
 
 def reference_dora(x, W, b, A, B, m, scaling):
-    """Liu et al. 2024, eq. (5) with §4.3's detached norm: W' = m · V / ‖V‖_c, V = W0 + s·BA, one norm per
-    output row (torch's (out, in) layout: the paper's column norm); y = x W'^T + b."""
+    """Liu et al. 2024, eq. (5) with §4.3's detached norm: W' = m · V / ‖V‖_c, V = W0 + s·BA, one
+    norm per output row (torch's (out, in) layout: the paper's column norm); y = x W'^T + b."""
     V = W + scaling * (B @ A)  # (out, in)
     norm = torch.linalg.norm(V, dim=1, keepdim=True).detach()  # (out, 1)
     y = x @ (m[:, None] * V / norm).T
@@ -55,9 +57,11 @@ def test_init_magnitude_is_row_norm_and_output_is_the_base_exactly():
     torch.manual_seed(0)
     base = nn.Linear(37, 23, bias=True)
     dora = DoRALinear(base, r=8, alpha=16)
-    torch.testing.assert_close(dora.lora_magnitude_vector, base.weight.norm(dim=1), atol=0, rtol=1e-6)
+    torch.testing.assert_close(dora.lora_magnitude_vector, base.weight.norm(dim=1), atol=0,
+                               rtol=1e-6)
     x = torch.randn(3, 5, 37)
-    assert torch.equal(dora(x), base(x))  # s = m / ‖W0‖ = 1 and B = 0: the correction is exactly zero
+    # s = m / ‖W0‖ = 1 and B = 0: the correction is exactly zero
+    assert torch.equal(dora(x), base(x))
 
 
 @pytest.mark.parametrize("rslora,bias", [(False, True), (True, False)])
@@ -76,13 +80,15 @@ def test_forward_and_gradients_match_the_equations(rslora, bias):
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (ref * g).sum().backward()
-    for ours, theirs in ((dora.lora_A.weight, A), (dora.lora_B.weight, B), (dora.lora_magnitude_vector, m)):
+    for ours, theirs in ((dora.lora_A.weight, A), (dora.lora_B.weight, B),
+                         (dora.lora_magnitude_vector, m)):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4)
     assert base.weight.grad is None
 
 
 def test_training_dropout_applies_to_both_terms_of_the_update_as_peft():
-    """PEFT, DoraLinearVariant.forward: with dropout in training, y = W0 x + b + (s-1) W0 x̃ + s·(α/r)·BA x̃."""
+    """PEFT, DoraLinearVariant.forward: with dropout in training, y = W0 x + b + (s-1)
+    W0 x̃ + s·(α/r)·BA x̃."""
     torch.manual_seed(0)
     base = nn.Linear(16, 8, bias=True)
     dora = randomized(DoRALinear(base, r=4, alpha=8, dropout=0.5).train())
@@ -153,7 +159,8 @@ def test_only_adapters_and_magnitudes_train():
     apply_lora(model, targets=["q", "v"], r=4, alpha=8, use_dora=True)
     mark_only_lora_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"layers.{i}.self_attn.{p}.{w}" for i in range(2) for p in ("q_proj", "v_proj")
+    assert trainable == {f"layers.{i}.self_attn.{p}.{w}" for i in range(2)
+                         for p in ("q_proj", "v_proj")
                          for w in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}
 
 
@@ -164,7 +171,8 @@ def test_save_load_peft_keys_config_and_logits(tmp_path):
         randomized(m)
     save_adapter(model, tmp_path)
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
-    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"  # PEFT's: no ".weight"
+    # PEFT's: no ".weight"
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_magnitude_vector"
     assert state[key].shape == (20,)
     assert torch.equal(state[key], model.layers[1].self_attn.v_proj.lora_magnitude_vector.detach())
     assert len(state) == 2 * 3 * 3
@@ -173,14 +181,16 @@ def test_save_load_peft_keys_config_and_logits(tmp_path):
     assert read_base_quantization(tmp_path) is None  # a dense base: nothing to record
     fresh = tiny_llama()
     assert load_adapter(fresh, tmp_path) == list(lora_modules(model))
-    assert all(isinstance(m, DoRALinear) and m.scaling == 8 / 2 for m in lora_modules(fresh).values())
+    assert all(isinstance(m, DoRALinear) and m.scaling == 8 / 2
+               for m in lora_modules(fresh).values())
     with torch.no_grad():
         assert torch.equal(model(idx())[0], fresh(idx())[0])
     del state[key]
     from safetensors.torch import save_file
 
     save_file(state, str(tmp_path / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"'.*layers.1.self_attn.v_proj.lora_magnitude_vector' is missing"):
+    with pytest.raises(ValueError, match=r"'.*layers.1.self_attn.v_proj.lora_magnitude_vector' "
+                                         r"is missing"):
         load_adapter(tiny_llama(), tmp_path)
 
 
@@ -202,11 +212,13 @@ def test_finetune_config_switches():
     qdora = load_config(overrides={"finetune.method": "qlora", "finetune.use_dora": True}).finetune
     assert qdora.use_dora and qdora.method == "qlora"
     assert not load_config(overrides={"finetune.method": "lora"}).finetune.use_dora
-    with pytest.raises(ValueError, match=r"finetune.method must be one of \('full', 'lora', 'qlora'\)"):
+    with pytest.raises(ValueError, match=r"finetune.method must be one of \('full', "
+                                         r"'lora', 'qlora'\)"):
         load_config(overrides={"finetune.method": "dora"})
     with pytest.raises(ValueError, match="finetune.use_dora must be false with method 'full'"):
         load_config(overrides={"finetune.use_dora": True})
-    with pytest.raises(ValueError, match=r"finetune.modules_to_save must be \['embed_tokens', 'lm_head'\] when"):
+    with pytest.raises(ValueError, match=r"finetune.modules_to_save must be \['embed_tokens', "
+                                         r"'lm_head'\] when"):
         load_config(overrides={"finetune.method": "lora", "finetune.new_tokens": ["<x>"]})
     with pytest.raises(ValueError, match="finetune.modules_to_save must be a subset"):
         load_config(overrides={"finetune.method": "lora", "finetune.modules_to_save": ["norm"]})

@@ -1,5 +1,6 @@
-"""eval/metrics.py and training/loss.py: token-weighted held-out loss / perplexity by hand, greedy answers
-against a plain argmax loop, exact-match / contains on fixed strings, and the Markdown report's rows."""
+"""eval/metrics.py and training/loss.py: token-weighted held-out loss / perplexity by hand,
+greedy answers against a plain argmax loop, exact-match / contains on fixed strings, and the
+Markdown report's rows."""
 
 import json
 import math
@@ -23,7 +24,8 @@ from minillm.model import Llama
 from minillm.training.loss import held_out_loss, token_loss_sum
 
 TOK = CharTokenizer()
-CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=TOK.vocab_size, max_seq_len=96)
+CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=TOK.vocab_size,
+                  max_seq_len=96)
 
 
 def tiny_model(seed=0):
@@ -39,7 +41,8 @@ def data(tmp_path, records):
 
 def test_perplexity_is_exp_of_token_weighted_mean_loss(tmp_path):
     model = tiny_model()
-    exs = data(tmp_path, [{"instruction": "ab", "output": "c"}, {"instruction": "d", "output": "efghij"}])
+    exs = data(tmp_path,
+               [{"instruction": "ab", "output": "c"}, {"instruction": "d", "output": "efghij"}])
     nll, n = 0.0, 0
     with torch.no_grad():  # by hand: one example, one position at a time
         for e in exs:
@@ -78,7 +81,8 @@ def test_exact_match_and_contains_fixed_strings():
 
 
 def greedy_by_hand(model, prompt, n):
-    """Argmax over a full forward each step (no KV cache): the obvious version of greedy decoding."""
+    """Argmax over a full forward each step (no KV cache): the obvious
+    version of greedy decoding."""
     ids = TOK.encode(prompt, bos=True)
     out = []
     with torch.no_grad():
@@ -127,10 +131,12 @@ def test_side_by_side_with_lora_disabled_and_report_rows(tmp_path):
     assert rows[0]["reference"] == "ok" and rows[0]["instruction"] == "Hi"
 
     fixed = [
-        dict(instruction="Which module defines `dumps`?", reference="json", base="pickle", tuned="json"),
+        dict(instruction="Which module defines `dumps`?", reference="json", base="pickle",
+             tuned="json"),
         dict(instruction="a | b", reference="x\ny", base="", tuned="x y"),
     ]
-    out = write_report(tmp_path / "r" / "report.md", fixed, title="stdlib", metrics={"exact": (0.0, 0.5)})
+    out = write_report(tmp_path / "r" / "report.md", fixed, title="stdlib",
+                       metrics={"exact": (0.0, 0.5)})
     assert out.read_text(encoding="utf-8").splitlines() == [
         "# stdlib",
         "",

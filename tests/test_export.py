@@ -1,4 +1,5 @@
-"""export.py end to end: adapters merged, GGUF / HF / Meta written, each loads back with the same logits."""
+"""export.py end to end: adapters merged, GGUF / HF / Meta written, each loads
+back with the same logits."""
 
 import os
 import stat
@@ -23,8 +24,8 @@ export_cli = script("export")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
     tok = tiny_tokenizer(d / "tokenizer.model")
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
-                      max_seq_len=64)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      vocab_size=tok.vocab_size, max_seq_len=64)
     write_hf_checkpoint(d, cfg, seed=5, fmt="safetensors-sharded", tokenizer=tok)
     return d
 
@@ -74,7 +75,8 @@ def test_gguf_quantized_close_to_base(base, tmp_path, outtype, tol):
 
 
 def test_hf_export_round_trip_and_tokenizer(base, adapter, tmp_path):
-    umask = os.umask(0o022)  # the usual one: a directory gets 0755 (mkdtemp's was 0700), a file 0644
+    # the usual one: a directory gets 0755 (mkdtemp's was 0700), a file 0644
+    umask = os.umask(0o022)
     try:
         out = export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "hf"), format="hf",
                                   adapter=str(adapter[0])))
@@ -101,7 +103,8 @@ def test_gguf_to_generate_uses_rebuilt_tokenizer(base, tmp_path, capsys):
                    "--max-new-tokens", "5"])
     assert capsys.readouterr().out.startswith("import json")
     tok = Tokenizer(base / "tokenizer.model")
-    assert load_tokenizer(out).encode("def f():\n\treturn  'é'") == tok.encode("def f():\n\treturn  'é'")
+    assert (load_tokenizer(out).encode("def f():\n\treturn  'é'")
+            == tok.encode("def f():\n\treturn  'é'"))
 
 
 def test_qlora_merge_uses_nf4_weights(base, adapter, tmp_path):
@@ -120,11 +123,13 @@ def test_qlora_merge_uses_nf4_weights(base, adapter, tmp_path):
 
 def test_bad_inputs(base, tmp_path):
     with pytest.raises(ValueError, match="outtype 'q3_k' is not supported for gguf"):
-        export_cli.main(["--checkpoint", str(base), "--out", str(tmp_path / "x.gguf"), "--outtype", "q3_k"])
+        export_cli.main(["--checkpoint", str(base), "--out", str(tmp_path / "x.gguf"),
+                         "--outtype", "q3_k"])
     with pytest.raises(FileNotFoundError, match="output directory .* does not exist"):
         export(ExportConfig(checkpoint=str(base), out=str(tmp_path / "nodir" / "x.gguf")))
     notok = tmp_path / "notok"
-    write_hf_checkpoint(notok, ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=50), fmt="bin")
+    write_hf_checkpoint(notok, ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                           vocab_size=50), fmt="bin")
     with pytest.raises(FileNotFoundError, match="missing tokenizer"):
         export(ExportConfig(checkpoint=str(notok), out=str(tmp_path / "x.gguf")))
     other = tmp_path / "other"

@@ -1,6 +1,7 @@
-"""generate/fast_linear.py: the batch-1 CPU GEMV split over the threads, as a module swap, computes what
-nn.Linear computes (values and gradients), takes its bmm path exactly when it should, and decodes a model
-to the full forward's logits; the swap keeps the parameters (and a tied lm_head) shared."""
+"""generate/fast_linear.py: the batch-1 CPU GEMV split over the threads, as a module swap,
+computes what nn.Linear computes (values and gradients), takes its bmm path exactly when it
+should, and decodes a model to the full forward's logits; the swap keeps the parameters (and
+a tied lm_head) shared."""
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def test_linear_one_row_splits_over_threads(split_every_gemv, shape):
     torch.testing.assert_close(y, F.linear(x, layer.weight), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("rows, n_in, n_out, bias", [(2, 64, 96, False), (1, 64, 90, False), (1, 64, 96, True)])
+@pytest.mark.parametrize("rows, n_in, n_out, bias", [(2, 64, 96, False), (1, 64, 90, False),
+                                                     (1, 64, 96, True)])
 def test_linear_keeps_f_linear_otherwise(split_every_gemv, rows, n_in, n_out, bias):
     # several rows (prefill, training), rows not divisible into 4 chunks, or a bias: plain F.linear
     torch.manual_seed(0)
@@ -63,8 +65,8 @@ def test_linear_split_is_differentiable(split_every_gemv):
 
 def test_batch1_decoding_with_split_gemvs_equals_full_forward(split_every_gemv):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=200, vocab_size=131, max_seq_len=64,
-                      rope_theta=500000.0)
+    cfg = ModelConfig(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=200, vocab_size=131,
+                      max_seq_len=64, rope_theta=500000.0)
     model = Llama(cfg).eval()
     assert use_row_split_linears(model) == 7 * cfg.n_layers + 1  # every projection, and lm_head
     idx = torch.randint(0, cfg.vocab_size, (1, 12))

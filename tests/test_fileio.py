@@ -1,5 +1,5 @@
-"""fileio: atomic writes keep the old file on any failure, leave no temp file, clean up after a killed writer,
-and name the file when the disk is full."""
+"""fileio: atomic writes keep the old file on any failure, leave no temp file, clean up after a
+killed writer, and name the file when the disk is full."""
 
 import errno
 import os
@@ -35,13 +35,16 @@ def test_writes_fsyncs_and_replaces(tmp_path, monkeypatch):
     path.write_bytes(b"old")
     synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+                                                 or real_fsync(fd)))
     with atomic_write(path) as f:
         f.write(b"new ")
         torch.save({"x": torch.arange(3)}, f)  # torch.save takes the open file too
-        assert temp_path(path).exists() and path.read_bytes() == b"old"  # nothing visible before the end
+        # nothing visible before the end
+        assert temp_path(path).exists() and path.read_bytes() == b"old"
     assert path.read_bytes()[:4] == b"new " and names(tmp_path) == ["a.bin"]
-    assert synced == [False, True]  # the file, then its directory (so the rename survives a power cut)
+    # the file, then its directory (so the rename survives a power cut)
+    assert synced == [False, True]
     assert stat.S_IMODE(path.stat().st_mode) == normal_mode("file")
 
 
@@ -68,14 +71,16 @@ def test_stale_temp_files_of_a_killed_writer_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"x" * 100)
     atomic_write_bytes(path, b"new")
     assert names(tmp_path) == sorted([live, other, "ckpt.pt"])
-    # a whole-directory sweep (what training does on out_dir at start) takes every target's stale ones
+    # a whole-directory sweep (what training does on out_dir at start) takes
+    # every target's stale ones
     assert [p.name for p in remove_stale_temp_files(tmp_path)] == [other]
     assert names(tmp_path) == sorted([live, "ckpt.pt"])
 
 
 @pytest.mark.parametrize("error", [
     OSError(errno.ENOSPC, "No space left on device"),
-    RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4224 vs 4160"),  # torch.save
+    # torch.save
+    RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4224 vs 4160"),
 ])
 def test_a_full_disk_names_the_file(tmp_path, error):
     path = tmp_path / "ckpt.pt"
@@ -86,12 +91,14 @@ def test_a_full_disk_names_the_file(tmp_path, error):
             raise error
     assert str(e.value) == (f"{path}: the disk is full (no space left on device); free some space "
                             f"and retry (the previous file, if any, is unchanged)")
-    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path) and e.value.__cause__ is error
+    assert (e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+            and e.value.__cause__ is error)
     assert path.read_bytes() == b"old" and names(tmp_path) == ["ckpt.pt"]
 
 
 def test_a_missing_directory_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'no'}/x.bin: directory {tmp_path / 'no'} does not"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'no'}/x.bin: directory "
+                                                f"{tmp_path / 'no'} does not"):
         atomic_write_bytes(tmp_path / "no" / "x.bin", b"")
 
 

@@ -1,11 +1,12 @@
 """minillm.training.flops: parameter, FLOP and memory estimates against the real model.
 
-The activation estimate is checked against what autograd actually keeps: a saved_tensors_hooks pack hook
-sees every tensor saved for backward during the forward pass; we sum the bytes of their distinct storages
-(views of one tensor count once, parameters are excluded and counted as weights), and add the logits the
-forward returns. On a CPU there is no torch.cuda.max_memory_allocated, and an RSS delta is dominated by
-the allocator's caching; the saved tensors are the exact quantity the estimate models — the memory held
-between the end of the forward pass and the start of the backward pass.
+The activation estimate is checked against what autograd actually keeps: a saved_tensors_hooks pack
+hook sees every tensor saved for backward during the forward pass; we sum the bytes of their
+distinct storages (views of one tensor count once, parameters are excluded and counted as weights),
+and add the logits the forward returns. On a CPU there is no torch.cuda.max_memory_allocated, and an
+RSS delta is dominated by the allocator's caching; the saved tensors are the exact quantity the
+estimate models — the memory held between the end of the forward pass and the start of the backward
+pass.
 """
 
 import dataclasses
@@ -35,16 +36,20 @@ def test_params_and_flops_match_the_model(name):
 
 
 def test_tiny_preset_is_the_model_the_main_job_trains():
-    """One "tiny": the preset, the default TrainConfig and configs/tiny.toml (what `python3 run.py train`
-    trains) are the same 1.33M-parameter model; ModelConfig's defaults are its shape, untied."""
+    """One "tiny": the preset, the default TrainConfig and configs/tiny.toml (what
+    `python3 run.py train` trains) are the same 1.33M-parameter model; ModelConfig's
+    defaults are its shape, untied."""
     tiny = ModelConfig.from_name("tiny")
     assert tiny == TrainConfig().model == load_config(ROOT / "configs" / "tiny.toml").model
     assert tiny == dataclasses.replace(ModelConfig(), tie_embeddings=True)
-    assert (tiny.dim, tiny.n_layers, tiny.n_heads, tiny.hidden_dim, tiny.vocab_size) == (128, 4, 4, 352, 4096)
-    # 4096 · 128 (the embedding, which is also lm_head) + 4 · (4 · 128² + 3 · 128 · 352 + 2 · 128) + 128
+    assert ((tiny.dim, tiny.n_layers, tiny.n_heads, tiny.hidden_dim, tiny.vocab_size)
+            == (128, 4, 4, 352, 4096))
+    # 4096 · 128 (the embedding, which is also lm_head)
+    # + 4 · (4 · 128² + 3 · 128 · 352 + 2 · 128) + 128
     report = flops.main(["--preset", "tiny"])
     assert "parameters                   1,328,256" in report
-    assert "method full, batch 1, seq 256" in report  # the default 1024 capped at the model's context
+    # the default 1024 capped at the model's context
+    assert "method full, batch 1, seq 256" in report
 
 
 def test_tied_lm_head_still_costs_its_matmul():
@@ -63,12 +68,14 @@ def test_openllama_7b_numbers():
     assert (full.weights, full.gradients, full.optimizer) == (4 * n, 4 * n, 8 * n)
     assert full.kv_cache == 2 * 32 * 4 * 1024 * 4096 * 2  # 2 GiB
     assert full.flops_per_token == 6 * (n - 32000 * 4096) + 12 * 32 * 4096 * 1024
-    lora = flops.estimate(cfg, "lora", batch=4, seq=1024, lora_r=8, lora_targets=("q_proj", "v_proj"))
+    lora = flops.estimate(cfg, "lora", batch=4, seq=1024, lora_r=8,
+                          lora_targets=("q_proj", "v_proj"))
     adapters = 32 * 2 * 8 * (4096 + 4096)
     assert lora.trainable == adapters == 4_194_304
     assert lora.weights == 2 * n + 4 * adapters
     assert (lora.gradients, lora.optimizer) == (4 * adapters, 8 * adapters)
-    qlora = flops.estimate(cfg, "qlora", batch=4, seq=1024, lora_r=8, lora_targets=("q_proj", "v_proj"))
+    qlora = flops.estimate(cfg, "qlora", batch=4, seq=1024, lora_r=8,
+                           lora_targets=("q_proj", "v_proj"))
     block_linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert qlora.weights == block_linear * 9 // 16 + 2 * (n - block_linear) + 4 * adapters
     assert qlora.activations_checkpointed < qlora.activations
@@ -80,13 +87,15 @@ def test_lora_and_nf4_counts_match_the_modules():
     model = Llama(cfg)
     apply_lora(model, ["q_proj", "k_proj", "down_proj"], r=4)
     mark_only_lora_trainable(model)
-    assert flops.model_params(model)[1] == flops.lora_params(cfg, 4, ["q_proj", "k_proj", "down_proj"])
+    assert (flops.model_params(model)[1]
+            == flops.lora_params(cfg, 4, ["q_proj", "k_proj", "down_proj"]))
     base = Llama(cfg)
     quantize_model_(base)
-    nf4_bytes = sum(b.numel() * b.element_size() for name, b in base.named_buffers() if "layers." in name)
+    nf4_bytes = sum(b.numel() * b.element_size() for name, b in base.named_buffers()
+                    if "layers." in name)
     assert nf4_bytes == flops.count_params(cfg)["block_linear"] * flops.NF4_BITS_PER_PARAM / 8
-    # double quantization, on a 7B projection's buffers (allocated, not quantized): the formula misses only
-    # the layer's one float32 offset
+    # double quantization, on a 7B projection's buffers (allocated, not quantized): the formula
+    # misses only the layer's one float32 offset
     layer = NF4Linear(4096, 4096, double_quant=True)
     dq_bytes = sum(b.numel() * b.element_size() for b in layer.buffers())
     assert dq_bytes - 4096 * 4096 * flops.NF4_DQ_BITS_PER_PARAM / 8 == 4
@@ -94,8 +103,9 @@ def test_lora_and_nf4_counts_match_the_modules():
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_adapted_model_count_and_flops_agree_with_the_estimator(method):
-    """A model built as the trainer builds it (NF4 base for qlora, adapters on three projections): its
-    parameter count (NF4 weights counted as in·out) and its training FLOPs are the estimator's."""
+    """A model built as the trainer builds it (NF4 base for qlora, adapters on three projections):
+    its parameter count (NF4 weights counted as in·out) and its training FLOPs are the
+    estimator's."""
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=96,
                       max_seq_len=32)
     targets = ("q_proj", "v_proj", "down_proj")
@@ -105,7 +115,8 @@ def test_adapted_model_count_and_flops_agree_with_the_estimator(method):
         assert isinstance(model.layers[0].self_attn.k_proj, NF4Linear)  # its weight is no parameter
     apply_lora(model, list(targets), r=4)
     mark_only_lora_trainable(model)
-    est = flops.estimate(cfg, method, batch=2, seq=32, lora_r=4, lora_targets=targets, double_quant=True)
+    est = flops.estimate(cfg, method, batch=2, seq=32, lora_r=4, lora_targets=targets,
+                         double_quant=True)
     n = flops.count_params(cfg)["total"]
     adapters = 2 * 4 * ((64 + 64) + (64 + 32) + (128 + 64))  # L · r · (in + out) per target
     assert flops.model_params(model) == (est.params, est.trainable) == (n + adapters, adapters)
@@ -115,7 +126,8 @@ def test_adapted_model_count_and_flops_agree_with_the_estimator(method):
 
 
 def saved_bytes(model: Llama, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes autograd saves for backward (distinct storages, parameters excluded) + the returned logits."""
+    """Bytes autograd saves for backward (distinct storages,
+    parameters excluded) + the returned logits."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -127,7 +139,8 @@ def saved_bytes(model: Llama, x: torch.Tensor, y: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1),
+                               reduction="sum")
     storages[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()
     loss.backward()
     return sum(storages.values())
@@ -146,20 +159,22 @@ def test_activation_and_weight_estimate_within_15_percent(checkpointing):
     est = flops.estimate(cfg, "full", B, T, act_bytes=4)
     act = est.activations
     if checkpointing:
-        # at the end of the forward only the block inputs are held; the block recomputed in backward,
-        # which the estimate also counts, is not allocated yet
+        # at the end of the forward only the block inputs are held; the block recomputed in
+        # backward, which the estimate also counts, is not allocated yet
         act = est.activations_checkpointed - 4 * flops.layer_activation_elements(cfg, B, T)
     predicted = est.weights + act
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 
 def test_cli_prints_the_breakdown(capsys, tmp_path):
-    report = flops.main(["--preset", "openllama-7b", "--method", "qlora", "--seq", "1024", "--batch", "4"])
+    report = flops.main(["--preset", "openllama-7b", "--method", "qlora", "--seq", "1024",
+                         "--batch", "4"])
     assert capsys.readouterr().out.strip() == report
     # all seven projections at r=8: 32 · 8 · (4·(4096+4096) + 3·(4096+11008)) adapter parameters
     assert "parameters               6,758,404,096   (trainable 19,988,480)" in report
     # 4N + 6N_adapter + 12·L·C·T = 4·6,607,343,616 + 6·19,988,480 + 12·32·4096·1024
     assert f"training FLOPs/token   {28_159_918_080:>15.4g}" in report
     assert "KV cache (inference)        2.00 GiB" in report
-    report = flops.main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "1b.toml")])
+    report = flops.main(["--config",
+                         str(Path(__file__).resolve().parents[1] / "configs" / "1b.toml")])
     assert "method full, batch 8, seq 2048" in report

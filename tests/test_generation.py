@@ -23,8 +23,8 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tok):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
-                      max_seq_len=128)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      vocab_size=tok.vocab_size, max_seq_len=128)
     return Llama(cfg).eval()
 
 
@@ -61,23 +61,25 @@ def test_text_stream_matches_decode(tok):
 
 
 def test_text_stream_matches_decode_on_any_ids(tok):
-    # The stream is decode, piece by piece: only the first piece that has text loses its dummy-prefix
-    # space (a byte piece first, as a random model emits, keeps the space of the word piece after it),
-    # and invalid UTF-8 comes out exactly as SentencePiece decodes it. 200 random sequences over every
-    # piece, plus one that continues a prompt (its last token as the prefix).
+    # The stream is decode, piece by piece: only the first piece that has text loses its
+    # dummy-prefix space (a byte piece first, as a random model emits, keeps the space of the word
+    # piece after it), and invalid UTF-8 comes out exactly as SentencePiece decodes it. 200 random
+    # sequences over every piece, plus one that continues a prompt (its last token as the prefix).
     g = torch.Generator().manual_seed(0)
     sp = tok.sp
     space_piece = next(i for i in range(tok.vocab_size) if sp.IdToPiece(i).startswith("\u2581"))
-    byte_piece = next(i for i in range(tok.vocab_size) if sp.IsByte(i) and sp.IdToPiece(i) == "<0x41>")
-    cases = [[byte_piece, space_piece]] + [torch.randint(0, tok.vocab_size, (12,), generator=g).tolist()
-                                          for _ in range(200)]
+    byte_piece = next(i for i in range(tok.vocab_size)
+                      if sp.IsByte(i) and sp.IdToPiece(i) == "<0x41>")
+    cases = [[byte_piece, space_piece]] + [
+        torch.randint(0, tok.vocab_size, (12,), generator=g).tolist() for _ in range(200)]
     for ids in cases:
         stream = TextStream(tok)
         assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids), ids
     prompt = tok.encode("x =", bos=True)
     stream = TextStream(tok, prefix=prompt[-1:])
     cont = tok.encode(" 1 + 2", bos=False)
-    assert "".join(stream.push(i) for i in cont) + stream.flush() == tok.decode(prompt + cont)[len("x ="):]
+    assert ("".join(stream.push(i) for i in cont) + stream.flush()
+            == tok.decode(prompt + cont)[len("x ="):])
 
 
 def test_greedy_is_deterministic_and_matches_argmax_loop(model):
@@ -105,7 +107,8 @@ def test_stop_string_cuts_output_and_stream(model, tok):
     assert len(full) > 4
     stop = full[2:4]
     streamed = []
-    cut = generate_text(model, tok, "import json", SamplingConfig(max_new_tokens=40, temperature=0.0, stop=[stop]),
+    cut = generate_text(model, tok, "import json",
+                        SamplingConfig(max_new_tokens=40, temperature=0.0, stop=[stop]),
                         stream=streamed.append)
     assert cut == full[: full.find(stop)]
     assert "".join(streamed) == cut
@@ -115,10 +118,11 @@ def test_generate_cli_end_to_end(tmp_path, model, tok, capsys):
     generate = script("generate")
 
     save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
-    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def f(x):\\n", "--temperature", "0",
-                   "--max-new-tokens", "8"])
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def f(x):\\n",
+                   "--temperature", "0", "--max-new-tokens", "8"])
     out = capsys.readouterr()
-    expected = generate_text(model, tok, "def f(x):\n", SamplingConfig(max_new_tokens=8, temperature=0.0))
+    expected = generate_text(model, tok, "def f(x):\n",
+                             SamplingConfig(max_new_tokens=8, temperature=0.0))
     assert out.out == "def f(x):\n" + expected + "\n"
     assert "prefill:" in out.err and "decode:" in out.err
 
@@ -130,15 +134,18 @@ def test_trace_prints_shapes(tmp_path, model, tok, capsys):
     generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x = 1", "--trace"])
     out = capsys.readouterr().out
     T = len(tok.encode("x = 1"))
-    assert f"layers.0.self_attn.k_proj                Linear       (1, {T}, 64) float32 -> (1, {T}, 32) float32" in out
-    assert f"logits                                                (1, {T}, {tok.vocab_size}) float32" in out
+    assert (f"layers.0.self_attn.k_proj                Linear       (1, {T}, 64) float32 "
+            f"-> (1, {T}, 32) float32") in out
+    assert (f"logits                                                "
+            f"(1, {T}, {tok.vocab_size}) float32") in out
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["gemv", "split-gemv"])
 def test_compiled_decode_step_matches_eager(model, split, request):
-    # the GPU decode goal relies on torch.compile capturing decode_one_token whole (static KV cache):
-    # fullgraph=True fails on any graph break, and the tokens must equal the eager ones exactly.
-    # split: RowSplitLinear's CPU batch-1 path (bmm over 2 threads' row chunks) taken for every weight
+    # the GPU decode goal relies on torch.compile capturing decode_one_token whole
+    # (static KV cache): fullgraph=True fails on any graph break, and the tokens must
+    # equal the eager ones exactly. split: RowSplitLinear's CPU batch-1 path (bmm over 2
+    # threads' row chunks) taken for every weight
     from minillm.generate.decode import decode_one_token
     from minillm.generate.fast_linear import use_row_split_linears
 
@@ -159,7 +166,8 @@ def test_decode_rate_leaves_out_the_first_step():
 
     stats = GenerationStats(prompt_tokens=4, new_tokens=5, prefill_seconds=0.5, decode_seconds=4.0,
                             first_step_seconds=3.0)
-    assert stats.summary() == "prefill: 4 tokens at 8.0 tok/s | decode: 5 tokens at 3.0 tok/s (first step 3.00 s)"
+    assert stats.summary() == ("prefill: 4 tokens at 8.0 tok/s | decode: 5 tokens at 3.0 tok/s "
+                               "(first step 3.00 s)")
     two = GenerationStats(prompt_tokens=4, new_tokens=2, prefill_seconds=0.5, decode_seconds=0.25,
                           first_step_seconds=0.25)
     assert two.summary() == "prefill: 4 tokens at 8.0 tok/s | decode: 2 tokens at 4.0 tok/s"
@@ -169,11 +177,12 @@ def test_generation_times_the_first_decode_step(model):
     from minillm.generate.decode import GenerationStats
 
     stats = GenerationStats()
-    list(generate_tokens(model, [1, 5, 9], SamplingConfig(max_new_tokens=6, temperature=0.0), stats=stats))
+    list(generate_tokens(model, [1, 5, 9], SamplingConfig(max_new_tokens=6, temperature=0.0),
+                         stats=stats))
     assert stats.new_tokens == 6 and 0 < stats.first_step_seconds <= stats.decode_seconds
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # batched generation
 
 
@@ -213,7 +222,8 @@ def test_batched_greedy_equals_each_row_alone_with_eos_per_row(model):
         else:
             rows[row].append(tok)
     assert rows == alone and sorted(ended) == [0, 1, 2, 3]
-    assert ended == sorted(range(4), key=lambda b: len(alone[b]))  # in the order they finish (ties: row order)
+    # in the order they finish (ties: row order)
+    assert ended == sorted(range(4), key=lambda b: len(alone[b]))
 
 
 def test_batched_text_stop_strings_and_on_done(model, tok):
@@ -226,7 +236,8 @@ def test_batched_text_stop_strings_and_on_done(model, tok):
     cfg_stop = SamplingConfig(max_new_tokens=20, temperature=0.0, stop=[stop])
     expected = [generate_text(model, tok, p, cfg_stop) for p in prompts]
     done = []
-    outs = generate_text_batch(model, tok, prompts, cfg_stop, on_done=lambda r, t: done.append((r, t)))
+    outs = generate_text_batch(model, tok, prompts, cfg_stop,
+                               on_done=lambda r, t: done.append((r, t)))
     assert outs == expected and sorted(done) == sorted(enumerate(expected))
     assert done[0] == (1, full[1][:full[1].find(stop)])  # the stopped row is reported first
     done = []
@@ -257,9 +268,11 @@ def test_generate_cli_unescapes_stop_strings_like_the_prompt(tmp_path, model, to
     generate = script("generate")
 
     seen = {}
-    monkeypatch.setattr(generate, "generate_text", lambda m, t, prompt, cfg, **kw: seen.update(cfg=cfg) or "")
+    monkeypatch.setattr(generate, "generate_text",
+                        lambda m, t, prompt, cfg, **kw: seen.update(cfg=cfg) or "")
     save_model(model, tmp_path / "ckpt", tokenizer_path=tok.path)
-    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x", "--stop", "\\n\\n", "--stop", "a\\tb"])
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x", "--stop", "\\n\\n",
+                   "--stop", "a\\tb"])
     assert seen["cfg"].stop == ["\n\n", "a\tb"]
     assert generate.unescape("a\\\\n") == "a\\n"  # an escaped backslash stays one backslash
 

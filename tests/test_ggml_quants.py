@@ -1,9 +1,11 @@
-"""ggml Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / BF16 codecs against slow per-element transcriptions of ggml's C.
+"""ggml Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / BF16 codecs against slow per-element
+transcriptions of ggml's C.
 
-The references below follow `quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref`, the dequantizers and
-`ggml_compute_fp32_to_bf16` line by line, in Python floats with explicit float32 roundings (`f32`).
-The golden Q4_0 blocks are llama.cpp's own bytes (`ggml_quantize_chunk` of llama-cpp-python's libggml-base,
-x86-64, no FMA); the same C compiled with `gcc -O2 -march=native` fuses `x0 + 8.5f` and differs there.
+The references below follow `quantize_row_{q8_0,q4_0,q4_1,q5_0,q5_1}_ref`, the
+dequantizers and `ggml_compute_fp32_to_bf16` line by line, in Python floats with
+explicit float32 roundings (`f32`). The golden Q4_0 blocks are llama.cpp's own bytes
+(`ggml_quantize_chunk` of llama-cpp-python's libggml-base, x86-64, no FMA); the same C
+compiled with `gcc -O2 -march=native` fuses `x0 + 8.5f` and differs there.
 """
 
 import math
@@ -78,7 +80,8 @@ def ref_q5_0_block(xs: list[float]) -> bytes:
     inv = f32(1.0 / d) if d else 0.0
     q = [min(31, int(f32(f32(v * inv) + 16.5))) for v in xs]  # x0 = x*id, then (int8_t)(x0 + 16.5f)
     qh = sum(((q[j] & 0x10) >> 4) << j for j in range(32))
-    return fp16_bytes(d) + struct.pack("<I", qh) + bytes((q[j] & 15) | ((q[j + 16] & 15) << 4) for j in range(16))
+    return fp16_bytes(d) + struct.pack("<I", qh) + bytes((q[j] & 15) | ((q[j + 16] & 15) << 4)
+                                                         for j in range(16))
 
 
 def ref_type1_block(xs: list[float], nmax: int) -> bytes:
@@ -97,7 +100,8 @@ def ref_type1_block(xs: list[float], nmax: int) -> bytes:
         q = [min(15, c) for c in q]
         return head + bytes(q[j] | (q[j + 16] << 4) for j in range(16))
     qh = sum(((q[j] & 0x10) >> 4) << j for j in range(32))
-    return head + struct.pack("<I", qh) + bytes((q[j] & 15) | ((q[j + 16] & 15) << 4) for j in range(16))
+    return head + struct.pack("<I", qh) + bytes((q[j] & 15) | ((q[j + 16] & 15) << 4)
+                                                for j in range(16))
 
 
 def ref_dequant(block: bytes, kind: str) -> list[float]:
@@ -113,7 +117,8 @@ def ref_dequant(block: bytes, kind: str) -> list[float]:
         return [f32(f32(c * d) + m) for c in q]  # x0*d + m
     if kind == "q4_1":
         m = struct.unpack("<e", block[2:4])[0]
-        return [f32(f32(q * d) + m) for q in [b & 15 for b in block[4:]] + [b >> 4 for b in block[4:]]]
+        return [f32(f32(q * d) + m)
+                for q in [b & 15 for b in block[4:]] + [b >> 4 for b in block[4:]]]
     if kind == "q8_0":
         return [f32(q * d) for q in struct.unpack("<32b", block[2:])]
     lo = [(b & 0x0F) - 8 for b in block[2:]]
@@ -146,7 +151,8 @@ def special_blocks() -> torch.Tensor:
     b = torch.randn(32, generator=g)
     b[3], b[20] = 4.0, -4.0
     blocks.append(b)
-    blocks.append(torch.randn(32, generator=g) * 0.3337)  # d not representable in fp16: rounding matters
+    # d not representable in fp16: rounding matters
+    blocks.append(torch.randn(32, generator=g) * 0.3337)
     blocks.append(torch.randn(32, generator=g) * 1e-6)  # fp16 subnormal scales
     blocks.append(torch.full((32,), 1.0 / 3.0))  # all equal
     # Q4_0 ties: m = -8 gives d = 1, id = 1, so x*id + 8.5 lands on integers and halves
@@ -157,7 +163,8 @@ def special_blocks() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def values() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(9, 96, generator=g) * torch.logspace(-3, 2, 9)[:, None]  # awkward (9, 96), many scales
+    # awkward (9, 96), many scales
+    return torch.randn(9, 96, generator=g) * torch.logspace(-3, 2, 9)[:, None]
 
 
 def blocks_of(x: torch.Tensor) -> list[list[float]]:
@@ -169,7 +176,8 @@ def test_q8_0_matches_reference(values):
     got = quantize_q8_0(x)
     expected = b"".join(ref_q8_0_block(b) for b in blocks_of(x))
     assert got.numpy().tobytes() == expected
-    # the tie block: 2.5 -> 3 and -3.5 -> -4, 0.5 -> 1, -0.5 -> -1, 126.5 -> 127 (torch.round: 2, -4, 0, 0, 126)
+    # the tie block: 2.5 -> 3 and -3.5 -> -4, 0.5 -> 1, -0.5 -> -1, 126.5 -> 127
+    # (torch.round: 2, -4, 0, 0, 126)
     tie = quantize_q8_0(special_blocks()[:1]).numpy().tobytes()
     assert tie[:2] == fp16_bytes(1.0)
     assert list(struct.unpack("<6b", tie[2:8])) == [3, -4, 1, -1, 127, 127]
@@ -199,7 +207,8 @@ def test_q4_0_edge_cases_exact_bytes():
 
 
 def test_q4_0_golden_llama_cpp_blocks():
-    """Two blocks where rounding twice and a fused multiply-add disagree: llama.cpp's bytes (x86-64 build)."""
+    """Two blocks where rounding twice and a fused multiply-add disagree:
+    llama.cpp's bytes (x86-64 build)."""
     x = torch.zeros(2, 32)
     bits = [(0xC04816BE, 0x3F16110B), (0xBFFDA677, 0xBF5DF1A8)]
     for i, (m, v) in enumerate(bits):
@@ -214,11 +223,13 @@ def test_q4_0_golden_llama_cpp_blocks():
 def type1_blocks() -> torch.Tensor:
     """Blocks where Q4_1 / Q5_1 / Q5_0 go wrong in plausible ways."""
     g = torch.Generator().manual_seed(4)
-    b = [torch.zeros(32), torch.full((32,), -2.5), torch.rand(32, generator=g) + 3.0, -torch.rand(32, generator=g)]
+    b = [torch.zeros(32), torch.full((32,), -2.5), torch.rand(32, generator=g) + 3.0,
+         -torch.rand(32, generator=g)]
     z = torch.rand(32, generator=g)
     z[4], z[9] = -0.0, 0.0  # the min is zero: the first zero's sign goes into m
     b.append(z)
-    t = torch.arange(32.0)  # max - min = 31: d = 1, so (x - min)*id + 0.5 lands on halves; 31 -> code 31.5
+    # max - min = 31: d = 1, so (x - min)*id + 0.5 lands on halves; 31 -> code 31.5
+    t = torch.arange(32.0)
     b.append(t)
     b.append(torch.linspace(-1, 1, 32) * 1e-6)  # fp16 subnormal d
     e = torch.randn(32, generator=g)
@@ -230,7 +241,8 @@ def type1_blocks() -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["q4_1", "q5_0", "q5_1"])
 def test_type1_and_q5_0_match_reference(values, kind):
     quant = {"q4_1": quantize_q4_1, "q5_0": quantize_q5_0, "q5_1": quantize_q5_1}[kind]
-    ref = {"q4_1": lambda b: ref_type1_block(b, 15), "q5_0": ref_q5_0_block, "q5_1": lambda b: ref_type1_block(b, 31)}
+    ref = {"q4_1": lambda b: ref_type1_block(b, 15), "q5_0": ref_q5_0_block,
+           "q5_1": lambda b: ref_type1_block(b, 31)}
     x = torch.cat([values.reshape(-1, 32), special_blocks(), type1_blocks()])
     got = quant(x).numpy().tobytes()
     assert got == b"".join(ref[kind](b) for b in blocks_of(x))
@@ -251,7 +263,8 @@ def test_dequantize_matches_reference(values, kind):
     assert got.shape == (9, 96)
     assert got.reshape(-1).tolist() == expected
     if kind not in ("q8_0", "q4_0"):
-        # asymmetric / 5-bit types: within half a step (plus the fp16 rounding of d and m) of the input
+        # asymmetric / 5-bit types: within half a step (plus the fp16
+        # rounding of d and m) of the input
         amax = values.abs().reshape(-1, 32).amax(dim=1)
         span = values.reshape(-1, 32).amax(1) - values.reshape(-1, 32).amin(1)
         steps = {"q4_1": 15, "q5_0": 16, "q5_1": 31}[kind]
@@ -261,7 +274,8 @@ def test_dequantize_matches_reference(values, kind):
         return
     # error per block: half a step for Q8_0, one step for Q4_0 (x = -m clamps to code 15 = 7 steps),
     # plus what rounding d to fp16 costs at the largest code
-    d16 = torch.tensor([struct.unpack("<e", raw[i : i + 2])[0] for i in range(0, len(raw), size)]).abs()
+    d16 = torch.tensor([struct.unpack("<e", raw[i : i + 2])[0]
+                        for i in range(0, len(raw), size)]).abs()
     amax = values.abs().reshape(-1, 32).amax(dim=1)
     d32, qmax, step = (amax / 127, 127, 0.5) if kind == "q8_0" else (amax / 8, 8, 1.0)
     err = (got - values).abs().reshape(-1, 32).amax(dim=1)
@@ -278,7 +292,8 @@ def test_bf16_matches_ggml_including_nan():
     expected = [ref_bf16_bits(float(v)) for v in x[:-3]]
     expected += [ref_bf16_bits(struct.unpack("<f", struct.pack("<i", int(b)))[0]) for b in nan_bits]
     assert [b & 0xFFFF for b in got] == expected
-    assert expected[-3:] == [0x7FC0, 0xFFC1, 0x7FC0]  # quiet bit forced, sign and payload top bits kept
+    # quiet bit forced, sign and payload top bits kept
+    assert expected[-3:] == [0x7FC0, 0xFFC1, 0x7FC0]
     # ties to even: 1 + 2^-8 rounds down to 1.0, 1 + 3*2^-8 up to 1 + 2^-6
     assert expected[301:303] == [0x3F80, 0x3F82]
     # torch agrees on every non-NaN value
@@ -304,5 +319,6 @@ def test_errors():
         row_bytes(GGML_Q4_0, 48)
     with pytest.raises(ValueError, match="no encoder for ggml type Q3_K"):
         quantize(torch.ones(1, 256), 11)
-    with pytest.raises(ValueError, match="Q4_K: row length 96 is not a multiple of the block size 256"):
+    with pytest.raises(ValueError, match="Q4_K: row length 96 is not a multiple of the "
+                                         "block size 256"):
         quantize(torch.ones(1, 96), 12)

@@ -1,5 +1,5 @@
-"""GGUF export/import: exact bytes of the header, typed metadata, tensor layout, q/k permutation, the
-SentencePiece round trip, and a reader that fails cleanly on truncated or corrupted files."""
+"""GGUF export/import: exact bytes of the header, typed metadata, tensor layout, q/k permutation,
+the SentencePiece round trip, and a reader that fails cleanly on truncated or corrupted files."""
 
 import os
 import random
@@ -27,7 +27,8 @@ from minillm.formats.gguf_reader import load_gguf_model, read_gguf, sentencepiec
 from minillm.names import gguf_to_ours, hf_to_interleaved, interleaved_to_hf
 from minillm.ship.gguf_writer import write_gguf
 
-TEXTS = ["def f(x):\n\treturn x  +  1\n", "héllo → 世界", "  two  spaces\n\n\nand\ttabs\t\t", "a\nb", "\nabc", ""]
+TEXTS = ["def f(x):\n\treturn x  +  1\n", "héllo → 世界", "  two  spaces\n\n\nand\ttabs\t\t",
+         "a\nb", "\nabc", ""]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def tok(tmp_path_factory):
 
 
 def make_config(tok, **kw) -> ModelConfig:
-    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=tok.vocab_size,
-                max_seq_len=128, norm_eps=1e-5, rope_theta=500000.0)
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                vocab_size=tok.vocab_size, max_seq_len=128, norm_eps=1e-5, rope_theta=500000.0)
     return ModelConfig(**{**base, **kw})
 
 
@@ -76,7 +77,7 @@ def pstr(s: str) -> bytes:
     return struct.pack("<Q", len(s.encode())) + s.encode()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # header, metadata, layout
 
 
@@ -85,10 +86,12 @@ def test_header_bytes(files, model):
     raw = files["f32"].read_bytes()
     n_tensors = 2 + 9 * cfg.n_layers + 1  # token_embd, blocks, output_norm, output
     n_kv = 14 + 11  # general.* + llama.* keys, then tokenizer keys (no pad id in our tokenizer)
-    assert raw[:24] == b"GGUF" + struct.pack("<I", 3) + struct.pack("<Q", n_tensors) + struct.pack("<Q", n_kv)
+    assert raw[:24] == (b"GGUF" + struct.pack("<I", 3) + struct.pack("<Q", n_tensors)
+                        + struct.pack("<Q", n_kv))
     first_kv = pstr("general.architecture") + struct.pack("<I", 8) + pstr("llama")
     assert raw[24 : 24 + len(first_kv)] == first_kv
-    assert raw[24 + len(first_kv) :].startswith(pstr("general.name") + struct.pack("<I", 8) + pstr("minillm"))
+    assert raw[24 + len(first_kv) :].startswith(pstr("general.name") + struct.pack("<I", 8)
+                                                + pstr("minillm"))
 
 
 def test_metadata_types_and_values(files, model, tok):
@@ -137,9 +140,11 @@ def test_tokenizer_metadata_matches_sentencepiece(files, tok):
     types = g.metadata["tokenizer.ggml.token_type"].tolist()
     assert types[:3] == [2, 3, 3]  # <unk> UNKNOWN, <s> </s> CONTROL
     pieces = g.metadata["tokenizer.ggml.tokens"]
-    assert types[pieces.index("\n")] == 1  # user-defined, written NORMAL as llama.cpp's converter does
+    # user-defined, written NORMAL as llama.cpp's converter does
+    assert types[pieces.index("\n")] == 1
     assert types[pieces.index("<0x0A>")] == 6  # byte fallback pieces
-    assert "▁" in pieces and all(t == 1 for t, p in zip(types, pieces, strict=True) if p.startswith("▁"))
+    assert "▁" in pieces and all(t == 1 for t, p in zip(types, pieces, strict=True)
+                                 if p.startswith("▁"))
     assert types.count(6) == 256
 
 
@@ -149,7 +154,8 @@ def test_tensor_infos_offsets_and_dims(files, model):
         g = read_gguf(path)
         assert g.data_start % 32 == 0
         assert all(t.offset % 32 == 0 for t in g.tensors.values())
-        assert os.path.getsize(path) == g.data_start + sum((t.nbytes + 31) // 32 * 32 for t in g.tensors.values())
+        assert os.path.getsize(path) == g.data_start + sum((t.nbytes + 31) // 32 * 32
+                                                           for t in g.tensors.values())
     # dims are stored innermost first: find token_embd's info in the raw bytes and decode it by hand
     raw = files["f32"].read_bytes()
     at = raw.index(pstr("token_embd.weight")) + len(pstr("token_embd.weight"))
@@ -160,7 +166,8 @@ def test_tensor_infos_offsets_and_dims(files, model):
 
 
 def test_types_per_outtype(files, tok):
-    expect = {"f32": GGML_F32, "f16": GGML_F16, "bf16": GGML_BF16, "q8_0": GGML_Q8_0, "q4_0": GGML_Q4_0}
+    expect = {"f32": GGML_F32, "f16": GGML_F16, "bf16": GGML_BF16, "q8_0": GGML_Q8_0,
+              "q4_0": GGML_Q4_0}
     for outtype, path in files.items():
         g = read_gguf(path)
         for name, t in g.tensors.items():
@@ -170,7 +177,7 @@ def test_types_per_outtype(files, tok):
             assert t.ggml_type == want, (outtype, name)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tensor data
 
 
@@ -183,8 +190,10 @@ def test_f32_round_trip_exact(files, model):
         assert torch.equal(sd2[k], sd[k]), k
     # on disk q/k are in the interleaved layout
     g = read_gguf(files["f32"])
-    assert torch.equal(g.tensor("blk.1.attn_k.weight"), hf_to_interleaved(sd["layers.1.self_attn.k_proj.weight"], 2))
-    assert torch.equal(g.tensor("blk.0.attn_q.weight"), hf_to_interleaved(sd["layers.0.self_attn.q_proj.weight"], 4))
+    assert torch.equal(g.tensor("blk.1.attn_k.weight"),
+                       hf_to_interleaved(sd["layers.1.self_attn.k_proj.weight"], 2))
+    assert torch.equal(g.tensor("blk.0.attn_q.weight"),
+                       hf_to_interleaved(sd["layers.0.self_attn.q_proj.weight"], 4))
 
 
 @pytest.mark.parametrize("outtype,convert", [("f16", torch.float16), ("bf16", torch.bfloat16)])
@@ -215,7 +224,8 @@ def test_quantized_bytes_and_values(files, model, outtype):
         b = raw[2:18]
         q = np.concatenate([b & 0x0F, b >> 4]).astype(np.float32) - 8
     assert sd2["layers.0.mlp.up_proj.weight"][0, :32].tolist() == (q * np.float32(d)).tolist()
-    err = (sd2["layers.0.mlp.up_proj.weight"] - sd["layers.0.mlp.up_proj.weight"]).abs().max().item()
+    err = (sd2["layers.0.mlp.up_proj.weight"]
+           - sd["layers.0.mlp.up_proj.weight"]).abs().max().item()
     assert err < (0.02 if outtype == "q8_0" else 0.3)
 
 
@@ -227,9 +237,11 @@ def test_f16_fallback_for_rows_not_multiple_of_block(tok, tmp_path, capsys):
     assert "blk.0.ffn_down.weight rows have 80 values" in capsys.readouterr().err
     g = read_gguf(path)
     assert g.tensors["blk.0.ffn_down.weight"].ggml_type == GGML_F16
-    assert g.tensors["blk.0.ffn_up.weight"].ggml_type == GGML_Q4_0  # rows of dim=64 quantize normally
+    # rows of dim=64 quantize normally
+    assert g.tensors["blk.0.ffn_up.weight"].ggml_type == GGML_Q4_0
     _, sd2, _ = load_gguf_model(path)
-    assert torch.equal(sd2["layers.0.mlp.down_proj.weight"], sd["layers.0.mlp.down_proj.weight"].half().float())
+    assert torch.equal(sd2["layers.0.mlp.down_proj.weight"],
+                       sd["layers.0.mlp.down_proj.weight"].half().float())
 
 
 def test_tied_embeddings_and_any_order_callable_stream(tok, tmp_path):
@@ -249,17 +261,19 @@ def test_tied_embeddings_and_any_order_callable_stream(tok, tmp_path):
 
 def _q4_round_trip(w_hf, n_heads):
     w = hf_to_interleaved(w_hf, n_heads)
-    return interleaved_to_hf(dequantize(quantize(w, GGML_Q4_0), GGML_Q4_0, w.shape[1]).reshape(w.shape), n_heads)
+    return interleaved_to_hf(dequantize(quantize(w, GGML_Q4_0), GGML_Q4_0,
+                                        w.shape[1]).reshape(w.shape), n_heads)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # RoPE: rotate-half on HF weights == interleaved RoPE on the permuted weights in the file
 
 
 def rope_rotate_half(x, pos, theta):  # x (T, H, Dh)
     Dh = x.shape[-1]
     ang = pos[:, None] * theta ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)  # (T, Dh/2)
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None], torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+    cos, sin = (torch.cat([ang.cos(), ang.cos()], -1)[:, None],
+                torch.cat([ang.sin(), ang.sin()], -1)[:, None])
     x1, x2 = x[..., : Dh // 2], x[..., Dh // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -268,7 +282,8 @@ def rope_interleaved(x, pos, theta):  # pairs (2i, 2i+1), as llama.cpp's LLAMA r
     T, H, Dh = x.shape
     ang = pos[:, None] * theta ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)  # (T, Dh/2)
     xc = torch.view_as_complex(x.reshape(T, H, Dh // 2, 2).contiguous())  # (T, H, Dh/2)
-    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)[:, None]).reshape(T, H, Dh)
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)[:, None]).reshape(
+        T, H, Dh)
 
 
 def attention_scores(x, wq, wk, cfg, rope):
@@ -286,8 +301,8 @@ def test_qk_permutation_preserves_rope_attention(files, model):
     x = torch.randn(7, cfg.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     hf = attention_scores(x, sd["layers.1.self_attn.q_proj.weight"].double(),
                           sd["layers.1.self_attn.k_proj.weight"].double(), cfg, rope_rotate_half)
-    gg = attention_scores(x, g.tensor("blk.1.attn_q.weight").double(), g.tensor("blk.1.attn_k.weight").double(),
-                          cfg, rope_interleaved)
+    gg = attention_scores(x, g.tensor("blk.1.attn_q.weight").double(),
+                          g.tensor("blk.1.attn_k.weight").double(), cfg, rope_interleaved)
     assert (gg - hf).abs().max() < 1e-10 * hf.abs().max()
     # without the permutation the scores differ: the test can tell
     wrong = attention_scores(x, sd["layers.1.self_attn.q_proj.weight"].double(),
@@ -295,7 +310,7 @@ def test_qk_permutation_preserves_rope_attention(files, model):
     assert (wrong - hf).abs().max() > 1e-2
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokenizer rebuilt from metadata
 
 
@@ -311,7 +326,7 @@ def test_rebuilt_tokenizer_encodes_like_original(files, tok):
     assert sentencepiece_model_from_gguf(read_gguf(files["f32"])) == model_bytes
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # errors and atomic writes
 
 
@@ -323,7 +338,8 @@ def test_bad_outtype_and_mismatches(tok, model, tmp_path):
     with pytest.raises(ValueError, match="384 pieces but the model's embedding has 400 rows"):
         write_gguf(path, make_config(tok, vocab_size=400), sd.items(), tok, "f32", progress=False)
     bad = dict(sd, **{"layers.0.mlp.up_proj.weight": torch.zeros(96, 65)})
-    with pytest.raises(ValueError, match=r"up_proj.weight' has shape \(96, 65\), expected \(96, 64\)"):
+    with pytest.raises(ValueError, match=r"up_proj.weight' has shape \(96, 65\), expected "
+                                         r"\(96, 64\)"):
         write_gguf(path, cfg, bad.items(), tok, "f32", progress=False)
     with pytest.raises(ValueError, match="tensors never arrived"):
         write_gguf(path, cfg, list(sd.items())[:-1], tok, "f32", progress=False)
@@ -381,8 +397,10 @@ def test_truncated_and_corrupted_files_fail_cleanly(tok, tmp_path):
     good = src.read_bytes()
     header_end = read_gguf(src).data_start
     rng = random.Random(0)
-    cut_points = sorted(set(range(0, header_end, 37)) | {rng.randrange(header_end, len(good)) for _ in range(20)})
-    flip_points = sorted(rng.sample(range(header_end), 200) + rng.sample(range(header_end, len(good)), 20))
+    cut_points = sorted(set(range(0, header_end, 37))
+                        | {rng.randrange(header_end, len(good)) for _ in range(20)})
+    flip_points = sorted(rng.sample(range(header_end), 200)
+                         + rng.sample(range(header_end, len(good)), 20))
     p = tmp_path / "fuzz.gguf"
     outcomes = {"loaded": 0, "rejected": 0}
 
@@ -406,8 +424,9 @@ def test_truncated_and_corrupted_files_fail_cleanly(tok, tmp_path):
 
 
 def test_added_tokens_are_user_defined_and_chat_template_is_written(tok, tmp_path):
-    """A non-whitespace USER_DEFINED piece (an added token) is written USER_DEFINED (4), whitespace ones
-    NORMAL (1); the Jinja chat template is stored verbatim; the rebuilt tokenizer keeps the added token whole."""
+    """A non-whitespace USER_DEFINED piece (an added token) is written USER_DEFINED (4),
+    whitespace ones NORMAL (1); the Jinja chat template is stored verbatim; the rebuilt
+    tokenizer keeps the added token whole."""
     from minillm.data.templates import JINJA
     from minillm.tokenizer.sentencepiece import Tokenizer
     from minillm.tokenizer.spm_proto import bpe_model_proto, piece_types
@@ -421,10 +440,12 @@ def test_added_tokens_are_user_defined_and_chat_template_is_written(tok, tmp_pat
     tok2 = Tokenizer(model_bytes=bpe_model_proto(pieces, scores, types, ids, add_dummy_prefix=True))
     cfg = make_config(tok2)
     path = tmp_path / "added.gguf"
-    write_gguf(path, cfg, random_state(cfg).items(), tok2, "f32", progress=False, chat_template=JINJA["vicuna"])
+    write_gguf(path, cfg, random_state(cfg).items(), tok2, "f32", progress=False,
+               chat_template=JINJA["vicuna"])
     g = read_gguf(path)
     written = g.metadata["tokenizer.ggml.token_type"].tolist()
-    assert written[-1] == 4 and written[pieces.index("\n")] == 1 and written[pieces.index("\t")] == 1
+    assert (written[-1] == 4 and written[pieces.index("\n")] == 1
+            and written[pieces.index("\t")] == 1)
     assert g.metadata["tokenizer.chat_template"] == JINJA["vicuna"]
     assert g.value_types["tokenizer.chat_template"] == (STRING, None)
     rebuilt = spm.SentencePieceProcessor()

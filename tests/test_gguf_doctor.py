@@ -1,4 +1,5 @@
-"""The GGUF doctor on good files (verdict OK) and on files broken on purpose: each verdict names the fault."""
+"""The GGUF doctor on good files (verdict OK) and on files broken on purpose: each
+verdict names the fault."""
 
 import dataclasses
 
@@ -20,8 +21,8 @@ from minillm.util.cli import run_cli
 def hf(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
     tok = tiny_tokenizer(d / "tokenizer.model")
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
-                      max_seq_len=64, norm_eps=1e-6)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      vocab_size=tok.vocab_size, max_seq_len=64, norm_eps=1e-6)
     write_hf_checkpoint(d, cfg, seed=7, fmt="safetensors", tokenizer=tok)
     model = load_pretrained(d)
     return d, tok, model.config, {k: v.detach() for k, v in model.state_dict().items()}
@@ -57,7 +58,8 @@ def qk_rewritten(hf, fn):
     return out
 
 
-# the writer permutes once more, so feeding it these gives files permuted 0 times, 2 times, or k with 4 heads
+# the writer permutes once more, so feeding it these gives files permuted 0 times,
+# 2 times, or k with 4 heads
 BROKEN_QK = {
     "unpermuted": (lambda w, h, hq: interleaved_to_hf(w, h), "unpermuted (HF's rotate-half rows)"),
     "twice": (lambda w, h, hq: hf_to_interleaved(w, h), "permuted twice"),
@@ -76,17 +78,20 @@ def test_qk_layout_faults_are_named(hf, tmp_path, case):
 
 
 def test_wrong_tokenizer(hf, tmp_path):
-    other = train_tokenizer(stdlib_texts(("textwrap.py", "string.py", "json/encoder.py")) + ["other text"],
-                            tmp_path / "other.model", hf[1].vocab_size)
+    other = train_tokenizer(stdlib_texts(("textwrap.py", "string.py", "json/encoder.py"))
+                            + ["other text"], tmp_path / "other.model", hf[1].vocab_size)
     v = verdict(write(tmp_path / "tok.gguf", hf, tok=other), hf)
     assert v.startswith("VERDICT: FAULT: tokenizer:") and "pieces differ from HF's" in v, v
 
 
 def test_wrong_eps_and_rope_theta(hf, tmp_path):
-    v = verdict(write(tmp_path / "eps.gguf", hf, config=dataclasses.replace(hf[2], norm_eps=1e-5)), hf)
-    assert v.startswith("VERDICT: FAULT: metadata: llama.attention.layer_norm_rms_epsilon is 9.99"), v
+    v = verdict(write(tmp_path / "eps.gguf", hf,
+                      config=dataclasses.replace(hf[2], norm_eps=1e-5)), hf)
+    assert v.startswith("VERDICT: FAULT: metadata: llama.attention.layer_norm_rms_epsilon "
+                        "is 9.99"), v
     assert "HF's config gives 1e-06" in v
-    v = verdict(write(tmp_path / "theta.gguf", hf, config=dataclasses.replace(hf[2], rope_theta=500000.0)), hf)
+    v = verdict(write(tmp_path / "theta.gguf", hf,
+                      config=dataclasses.replace(hf[2], rope_theta=500000.0)), hf)
     assert v.startswith("VERDICT: FAULT: metadata: llama.rope.freq_base is 500000"), v
     # the CLI (run.py doctor) exits 1 on a fault
     assert run_cli(doctor_main, [str(tmp_path / "theta.gguf"), "--against", str(hf[0])]) == 1

@@ -1,6 +1,6 @@
-"""The config.json files that exist load into the exact ModelConfig; untrusted sizes and values get one
-clear error naming the file and the key (HF config.json and GGUF metadata through config.check_model_values);
-broken weight files are named without torch's advice to unpickle them.
+"""The config.json files that exist load into the exact ModelConfig; untrusted sizes and values get
+one clear error naming the file and the key (HF config.json and GGUF metadata through
+config.check_model_values); broken weight files are named without torch's advice to unpickle them.
 
 Fixtures: tests/fixtures/configs/ (README.md there says where each file comes from).
 """
@@ -21,8 +21,8 @@ from minillm.config import ModelConfig
 from minillm.util.fileio import read_json_object
 
 FIXTURES = Path(__file__).parent / "fixtures" / "configs"
-TINY_T5 = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=96, max_seq_len=128,
-               norm_eps=1e-5, rope_theta=50000.0)
+TINY_T5 = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=96,
+               max_seq_len=128, norm_eps=1e-5, rope_theta=50000.0)
 EXPECTED = {
     "openllama_3b_v1.json": ModelConfig.from_name("openllama-3b"),
     "openllama_7b_v1.json": ModelConfig.from_name("openllama-7b"),
@@ -30,10 +30,12 @@ EXPECTED = {
     "openllama_3b_v2.json": ModelConfig.from_name("openllama-3b"),
     "openllama_7b_v2.json": ModelConfig.from_name("openllama-7b"),
     "transformers4_to_dict.json": ModelConfig.from_name("openllama-3b"),
-    "llama2_7b_hf.json": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
-                                     vocab_size=32000, max_seq_len=4096, norm_eps=1e-5, rope_theta=10000.0),
-    "tinyllama_1.1b.json": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
-                                       vocab_size=32000, max_seq_len=2048, norm_eps=1e-5, rope_theta=10000.0),
+    "llama2_7b_hf.json": ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                                     hidden_dim=11008, vocab_size=32000, max_seq_len=4096,
+                                     norm_eps=1e-5, rope_theta=10000.0),
+    "tinyllama_1.1b.json": ModelConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                       hidden_dim=5632, vocab_size=32000, max_seq_len=2048,
+                                       norm_eps=1e-5, rope_theta=10000.0),
     "transformers5_save_pretrained.json": ModelConfig(**TINY_T5),
     "transformers5_to_dict.json": ModelConfig(**TINY_T5),
     "transformers5_save_pretrained_tied.json": ModelConfig(**TINY_T5, tie_embeddings=True),
@@ -49,7 +51,7 @@ def t5_config() -> dict:
     return json.loads((FIXTURES / "transformers5_save_pretrained.json").read_text())
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the files that exist
 
 
@@ -58,7 +60,8 @@ def test_real_configs_map_to_the_exact_model_config(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every key of these files is known: not even a warning
         cfg = ModelConfig.from_hf_config(FIXTURES / name)
-    assert cfg == EXPECTED[name]  # every field: dims, heads, kv heads, eps, theta, vocab, positions, tying
+    # every field: dims, heads, kv heads, eps, theta, vocab, positions, tying
+    assert cfg == EXPECTED[name]
 
 
 def test_tinyllama_is_gqa_with_four_kv_heads():
@@ -70,13 +73,15 @@ def test_tinyllama_is_gqa_with_four_kv_heads():
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_checkpoint_saved_by_transformers5_loads_and_matches_reference(tmp_path, tied):
-    # config.json exactly as transformers 5.24 `save_pretrained` wrote it; the weights are ours, under the
-    # key set it wrote (20 tensors when tied: no lm_head.weight, 21 otherwise), with its side files beside
+    # config.json exactly as transformers 5.24 `save_pretrained` wrote it; the weights are
+    # ours, under the key set it wrote (20 tensors when tied: no lm_head.weight, 21 otherwise),
+    # with its side files beside
     from safetensors.torch import save_file
 
     name = "transformers5_save_pretrained" + ("_tied" if tied else "")
     (tmp_path / "config.json").write_bytes((FIXTURES / f"{name}.json").read_bytes())
-    (tmp_path / "generation_config.json").write_bytes((FIXTURES / "transformers5_generation_config.json").read_bytes())
+    (tmp_path / "generation_config.json").write_bytes(
+        (FIXTURES / "transformers5_generation_config.json").read_bytes())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
         "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "LlamaTokenizer",
@@ -90,12 +95,13 @@ def test_checkpoint_saved_by_transformers5_loads_and_matches_reference(tmp_path,
     idx = torch.randint(0, expected.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits, _ = model(idx)
-    torch.testing.assert_close(logits, reference_forward(state, expected.to_hf_config(), idx), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, reference_forward(state, expected.to_hf_config(), idx),
+                               atol=1e-5, rtol=0)
 
 
 def test_side_files_are_never_read(tmp_path):
-    # generation_config.json / tokenizer_config.json are the tokenizer's and generate()'s business: even
-    # broken ones beside a good checkpoint change nothing
+    # generation_config.json / tokenizer_config.json are the tokenizer's and generate()'s business:
+    # even broken ones beside a good checkpoint change nothing
     write_hf_checkpoint(tmp_path, ModelConfig(**TINY_T5), fmt="safetensors")
     (tmp_path / "generation_config.json").write_text("{not json")
     (tmp_path / "tokenizer_config.json").write_bytes(b"\xff\xfe garbage")
@@ -103,7 +109,8 @@ def test_side_files_are_never_read(tmp_path):
 
 
 def test_bin_with_tied_lm_head_copy(tmp_path):
-    # torch.save keeps both names of a tied tensor, so older .bin files of tied models hold lm_head.weight
+    # torch.save keeps both names of a tied tensor, so older .bin files of tied
+    # models hold lm_head.weight
     cfg = ModelConfig(**TINY_T5, tie_embeddings=True)
     state = write_hf_checkpoint(tmp_path, cfg, fmt="bin")
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -112,12 +119,12 @@ def test_bin_with_tied_lm_head_copy(tmp_path):
     assert model.lm_head.weight is model.embed_tokens.weight
     state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"pytorch_model.bin: holds an lm_head.weight that differs from the "
-                                         r"embedding, but the config ties them"):
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: holds an lm_head.weight that "
+                                         r"differs from the embedding, but the config ties them"):
         Llama.from_pretrained(tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # keys: bookkeeping ignored, unknown warned, maths-changing refused
 
 
@@ -127,7 +134,8 @@ def test_unknown_key_gets_one_warning_naming_it(tmp_path):
         cfg = load_dict(d, tmp_path)
     assert cfg == ModelConfig(**TINY_T5)
     assert [str(w.message) for w in record] == [
-        f"{tmp_path / 'config.json'}: ignoring unknown config key 'my_new_knob' (not a Llama setting minillm knows)"]
+        f"{tmp_path / 'config.json'}: ignoring unknown config key 'my_new_knob' (not a Llama "
+        "setting minillm knows)"]
 
 
 def test_pretraining_tp_is_bookkeeping(tmp_path):
@@ -139,25 +147,26 @@ def test_pretraining_tp_is_bookkeeping(tmp_path):
 
 def test_old_defaults_and_null_kv_heads(tmp_path):
     # OpenLLaMA v1 files have no rope_theta and no num_key_value_heads: LlamaConfig's defaults apply
-    d = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 160,
-         "num_key_value_heads": None}
+    d = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 160, "num_key_value_heads": None}
     cfg = load_dict(d, tmp_path)
-    assert (cfg.n_kv_heads, cfg.vocab_size, cfg.max_seq_len, cfg.norm_eps, cfg.rope_theta, cfg.tie_embeddings) == (
-        4, 32000, 2048, 1e-6, 10000.0, False)
+    assert ((cfg.n_kv_heads, cfg.vocab_size, cfg.max_seq_len, cfg.norm_eps, cfg.rope_theta,
+             cfg.tie_embeddings) == (4, 32000, 2048, 1e-6, 10000.0, False))
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("attention_bias", True, r"config key 'attention_bias' = true is not supported \(minillm implements "
-                             r"attention_bias = false\)"),
+    ("attention_bias", True, r"config key 'attention_bias' = true is not supported \(minillm "
+                             r"implements attention_bias = false\)"),
     ("mlp_bias", True, r"config key 'mlp_bias' = true is not supported"),
     ("hidden_act", "gelu", r"config key 'hidden_act' = \"gelu\" is not supported"),
     ("model_type", "mistral", r"config key 'model_type' = \"mistral\" is not supported"),
     ("sliding_window", 4096, r"config key 'sliding_window' = 4096 is not supported"),
     ("pruned_heads", {"0": [1]}, r"config key 'pruned_heads' = \{\"0\": \[1\]\} is not supported"),
     ("attention_dropout", 0.1, r"config key 'attention_dropout' = 0.1 is not supported"),
-    ("head_dim", 32, r"head_dim = 32 is not supported: minillm's heads are hidden_size / num_attention_heads "
-                     r"= 16 wide"),
-    ("quantization_config", {"quant_method": "gptq"}, r"config key 'quantization_config': quantized checkpoints"),
+    ("head_dim", 32, r"head_dim = 32 is not supported: minillm's heads are hidden_size / "
+                     r"num_attention_heads = 16 wide"),
+    ("quantization_config", {"quant_method": "gptq"},
+     r"config key 'quantization_config': quantized checkpoints"),
 ])
 def test_keys_that_change_the_maths_are_refused(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=r"config.json: " + message):
@@ -173,46 +182,53 @@ def test_keys_that_change_the_maths_are_refused(tmp_path, key, value, message):
     ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0}, "longrope"),
 ])
 def test_rope_scaling_is_not_supported(tmp_path, key, spec, kind):
-    with pytest.raises(ValueError, match=rf"config.json: config key '{key}' = .*: RoPE scaling '{kind}' is not "
-                                         r"supported \(minillm implements plain RoPE"):
+    with pytest.raises(ValueError, match=rf"config.json: config key '{key}' = .*: RoPE scaling "
+                                         rf"'{kind}' is not supported \(minillm implements "
+                                         r"plain RoPE"):
         load_dict(t5_config() | {key: spec}, tmp_path)
 
 
 def test_llama32_config_is_refused_for_its_rope_scaling():
-    with pytest.raises(ValueError, match=r"llama3.2_1b.json: config key 'rope_scaling' = .*\"rope_type\": "
+    with pytest.raises(ValueError, match=r"llama3.2_1b.json: config key 'rope_scaling' = "
+                                         r".*\"rope_type\": "
                                          r"\"llama3\"\}: RoPE scaling 'llama3' is not supported"):
         ModelConfig.from_hf_config(FIXTURES / "llama3.2_1b.json")
 
 
 def test_transformers_445_key_set_loads_without_its_scaling(tmp_path):
-    # Llama-3.2-1B's file minus rope_scaling: every key transformers 4.45 writes (head_dim, mlp_bias, …)
+    # Llama-3.2-1B's file minus rope_scaling: every key transformers 4.45
+    # writes (head_dim, mlp_bias, …)
     d = json.loads((FIXTURES / "llama3.2_1b.json").read_text()) | {"rope_scaling": None}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = load_dict(d, tmp_path)
-    assert cfg == ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, vocab_size=128256,
-                              max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0, tie_embeddings=True)
+    assert cfg == ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                              vocab_size=128256, max_seq_len=131072, norm_eps=1e-5,
+                              rope_theta=500000.0, tie_embeddings=True)
 
 
 def test_early_2023_conversion_loads(tmp_path):
-    # the first LLaMA conversions (transformers 4.27.0.dev0) spelled the class LLaMAForCausalLM and wrote
-    # max_sequence_length, which transformers ignores (max_position_embeddings then defaults to 2048)
-    d = {"architectures": ["LLaMAForCausalLM"], "bos_token_id": 0, "eos_token_id": 1, "hidden_act": "silu",
-         "hidden_size": 64, "intermediate_size": 160, "initializer_range": 0.02, "max_sequence_length": 2048,
-         "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": -1,
+    # the first LLaMA conversions (transformers 4.27.0.dev0) spelled the class
+    # LLaMAForCausalLM and wrote max_sequence_length, which transformers ignores
+    # (max_position_embeddings then defaults to 2048)
+    d = {"architectures": ["LLaMAForCausalLM"], "bos_token_id": 0, "eos_token_id": 1,
+         "hidden_act": "silu", "hidden_size": 64, "intermediate_size": 160,
+         "initializer_range": 0.02, "max_sequence_length": 2048, "model_type": "llama",
+         "num_attention_heads": 4, "num_hidden_layers": 2, "pad_token_id": -1,
          "rms_norm_eps": 1e-06, "torch_dtype": "float16", "transformers_version": "4.27.0.dev0",
          "use_cache": True, "vocab_size": 32000}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cfg = load_dict(d, tmp_path)
-    assert cfg == ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=32000, max_seq_len=2048,
-                              norm_eps=1e-6, rope_theta=10000.0)
+    assert cfg == ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=32000,
+                              max_seq_len=2048, norm_eps=1e-6, rope_theta=10000.0)
 
 
 def test_partial_rotary_is_refused(tmp_path):
     d = t5_config()
     d["rope_parameters"]["partial_rotary_factor"] = 0.5
-    with pytest.raises(ValueError, match=r"config key 'rope_parameters.partial_rotary_factor' = 0.5 is not "):
+    with pytest.raises(ValueError, match=r"config key 'rope_parameters.partial_rotary_factor' = "
+                                         r"0.5 is not "):
         load_dict(d, tmp_path)
 
 
@@ -224,12 +240,12 @@ def test_rope_theta_from_either_key(tmp_path):
     d["rope_theta"] = 250000.0
     assert load_dict(d, tmp_path).rope_theta == 250000.0
     d["rope_parameters"] = {"rope_theta": 1e6, "rope_type": "default"}
-    with pytest.raises(ValueError, match=r"config.json: rope_theta = 250000.0 and rope_parameters.rope_theta = "
-                                         r"1000000.0 disagree"):
+    with pytest.raises(ValueError, match=r"config.json: rope_theta = 250000.0 and "
+                                         r"rope_parameters.rope_theta = 1000000.0 disagree"):
         load_dict(d, tmp_path)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # untrusted values and sizes
 
 
@@ -242,19 +258,22 @@ def test_bad_eps_and_theta_named_by_key(tmp_path, where, bad):
     elif where == "rope_parameters.rope_theta":
         text = text.replace('"rope_theta": 50000.0', f'"rope_theta": {bad}')
     else:
-        text = text.replace('"rope_parameters": {\n    "rope_theta": 50000.0,\n', f'"rope_theta": {bad},\n'
+        text = text.replace('"rope_parameters": {\n    "rope_theta": 50000.0,\n',
+                            f'"rope_theta": {bad},\n'
                             '  "rope_parameters": {\n')
     (tmp_path / "config.json").write_text(text)
     shown = {"NaN": "nan", "Infinity": "inf", "0": "0", "-1e-5": "-1e-05"}[bad]
-    with pytest.raises(ValueError, match=rf"config.json: {where} must be a finite number > 0, found {shown}$"):
+    with pytest.raises(ValueError, match=rf"config.json: {where} must be a finite number > 0, "
+                                         rf"found {shown}$"):
         ModelConfig.from_hf_config(tmp_path / "config.json")
 
 
-@pytest.mark.parametrize("key,value", [("num_hidden_layers", 2**31), ("vocab_size", 2**40), ("hidden_size", 0),
-                                       ("intermediate_size", -1), ("num_attention_heads", 4.0)])
+@pytest.mark.parametrize("key,value", [("num_hidden_layers", 2**31), ("vocab_size", 2**40),
+                                       ("hidden_size", 0), ("intermediate_size", -1),
+                                       ("num_attention_heads", 4.0)])
 def test_absurd_sizes_named_by_key(tmp_path, key, value):
-    with pytest.raises(ValueError, match=rf"config.json: {key} must be a positive int \(at most \d+\), "
-                                         rf"found {value!r}$"):
+    with pytest.raises(ValueError, match=rf"config.json: {key} must be a positive int "
+                                         rf"\(at most \d+\), found {value!r}$"):
         load_dict(t5_config() | {key: value}, tmp_path)
 
 
@@ -263,12 +282,15 @@ def test_huge_context_length_allocates_no_huge_rope_table(tmp_path):
     state = write_hf_checkpoint(tmp_path, cfg, fmt="safetensors")
     assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == 2**31
     model = Llama.from_pretrained(tmp_path)
-    assert model.config.max_seq_len == 2**31 and model.rope_cos.numel() == 0  # nothing built at load
+    # nothing built at load
+    assert model.config.max_seq_len == 2**31 and model.rope_cos.numel() == 0
     idx = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits, _ = model(idx)
-    assert model.rope_cos.shape == model.rope_sin.shape == (9, cfg.head_dim)  # grown to the length run
-    torch.testing.assert_close(logits, reference_forward(state, cfg.to_hf_config(), idx), atol=1e-5, rtol=0)
+    # grown to the length run
+    assert model.rope_cos.shape == model.rope_sin.shape == (9, cfg.head_dim)
+    torch.testing.assert_close(logits, reference_forward(state, cfg.to_hf_config(), idx), atol=1e-5,
+                               rtol=0)
     model.setup_caches(batch_size=1, max_seq_len=16)
     assert model.rope_cos.shape == (16, cfg.head_dim)
 
@@ -280,7 +302,8 @@ def test_meta_params_json_bad_values_named(tmp_path):
     save_meta(Llama(ModelConfig(**TINY_T5)), tmp_path)
     params = json.loads((tmp_path / "params.json").read_text())
     (tmp_path / "params.json").write_text(json.dumps(params | {"norm_eps": math.nan}))
-    with pytest.raises(ValueError, match=r"params.json: norm_eps must be a finite number > 0, found nan$"):
+    with pytest.raises(ValueError, match=r"params.json: norm_eps must be a finite number > 0, "
+                                         r"found nan$"):
         Llama.from_pretrained(tmp_path)
 
 
@@ -291,8 +314,9 @@ def gguf_file(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("gguf")
     tok = tiny_tokenizer(d / "tokenizer.model", vocab_size=384)
-    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=tok.vocab_size,
-                      max_seq_len=2**31, norm_eps=1e-5, rope_theta=10000.0)
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=96,
+                      vocab_size=tok.vocab_size, max_seq_len=2**31, norm_eps=1e-5,
+                      rope_theta=10000.0)
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(s, generator=g) * 0.3 for k, s in expected_shapes(cfg).items()}
     write_gguf(d / "m.gguf", cfg, iter(state.items()), tok, "f32", progress=False)
@@ -337,42 +361,52 @@ def test_gguf_rope_scaling_is_refused(tmp_path):
     from minillm.ship.gguf_writer import write_gguf
 
     tok = tiny_tokenizer(tmp_path / "tokenizer.model", vocab_size=384)
-    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=tok.vocab_size, max_seq_len=64)
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=tok.vocab_size,
+                      max_seq_len=64)
     state = {k: torch.zeros(s) for k, s in expected_shapes(cfg).items()}
-    write_gguf(tmp_path / "m.gguf", cfg, iter(state.items()), tok, "f32", progress=False, chat_template="yarn")
-    # the one extra STRING key the writer can add has a name exactly as long as llama.cpp's scaling key
-    data = (tmp_path / "m.gguf").read_bytes().replace(b"tokenizer.chat_template", b"llama.rope.scaling.type")
+    write_gguf(tmp_path / "m.gguf", cfg, iter(state.items()), tok, "f32", progress=False,
+               chat_template="yarn")
+    # the one extra STRING key the writer can add has a name exactly as long
+    # as llama.cpp's scaling key
+    data = (tmp_path / "m.gguf").read_bytes().replace(b"tokenizer.chat_template",
+                                                      b"llama.rope.scaling.type")
     (tmp_path / "scaled.gguf").write_bytes(data)
-    with pytest.raises(ValueError, match=r"scaled.gguf: llama.rope.scaling.type = 'yarn': RoPE scaling is not "):
+    with pytest.raises(ValueError, match=r"scaled.gguf: llama.rope.scaling.type = 'yarn': RoPE "
+                                         r"scaling is not "):
         Llama.from_pretrained(tmp_path / "scaled.gguf")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # broken files: one line naming the file
 
 
 def test_deeply_nested_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("[" * 200_000 + "]" * 200_000)
-    with pytest.raises(ValueError, match=r"config.json: invalid JSON \(nested too deeply to parse\)$"):
+    with pytest.raises(ValueError, match=r"config.json: invalid JSON \(nested too deeply "
+                                         r"to parse\)$"):
         Llama.from_pretrained(tmp_path)
 
 
 def test_json_that_is_not_utf8_names_the_file(tmp_path):
-    (tmp_path / "config.json").write_bytes(b'{"hidden_size": 64, "name": "caf\xe9"}')  # 0xe9 after 32 bytes
-    with pytest.raises(ValueError, match=r"config.json:1: not UTF-8 text \(byte 0xe9 at offset 32\)$"):
+    # 0xe9 after 32 bytes
+    (tmp_path / "config.json").write_bytes(b'{"hidden_size": 64, "name": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"config.json:1: not UTF-8 text \(byte 0xe9 at "
+                                         r"offset 32\)$"):
         read_json_object(tmp_path / "config.json")
 
 
 @pytest.mark.parametrize("content,found", [
-    (b"\x00\x01garbage bytes that are not a zip", r"its 34 bytes start with b'\\x00\\x01garbage bytes '"),
+    (b"\x00\x01garbage bytes that are not a zip",
+     r"its 34 bytes start with b'\\x00\\x01garbage bytes '"),
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n",
      r"a Git LFS pointer, not the weights \(run `git lfs pull`\)"),
 ])
 def test_bin_that_is_not_a_zip(tmp_path, content, found):
     write_hf_checkpoint(tmp_path, ModelConfig(**TINY_T5), fmt="bin")
     (tmp_path / "pytorch_model.bin").write_bytes(content)
-    with pytest.raises(ValueError, match=r"pytorch_model.bin: not a PyTorch zip checkpoint \(expected a zip archive "
-                                         rf"starting with b'PK\\x03\\x04', as torch.save writes\): {found}$") as e:
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: not a PyTorch zip checkpoint "
+                                         r"\(expected a zip archive starting with b'PK\\x03\\x04', "
+                                         rf"as torch.save writes\): {found}$") as e:
         Llama.from_pretrained(tmp_path)
     assert "weights_only" not in str(e.value)
 
@@ -380,11 +414,13 @@ def test_bin_that_is_not_a_zip(tmp_path, content, found):
 def test_legacy_torch_bin_still_loads(tmp_path):
     cfg = ModelConfig(**TINY_T5)
     state = write_hf_checkpoint(tmp_path, cfg, fmt="bin")
-    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)  # torch < 1.6 format
+    # torch < 1.6 format
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     idx = torch.tensor([[4, 8, 15, 16, 23, 42]])
     with torch.no_grad():
         logits, _ = Llama.from_pretrained(tmp_path)(idx)
-    torch.testing.assert_close(logits, reference_forward(state, cfg.to_hf_config(), idx), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, reference_forward(state, cfg.to_hf_config(), idx), atol=1e-5,
+                               rtol=0)
 
 
 def test_missing_weight_names_the_file_and_its_name_there(tmp_path):
@@ -393,7 +429,8 @@ def test_missing_weight_names_the_file_and_its_name_there(tmp_path):
     state = write_hf_checkpoint(tmp_path, ModelConfig(**TINY_T5), fmt="safetensors")
     del state["model.norm.weight"]
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model.safetensors: missing weights: 'model.norm.weight'$"):
+    with pytest.raises(ValueError,
+                       match=r"model.safetensors: missing weights: 'model.norm.weight'$"):
         Llama.from_pretrained(tmp_path)
 
 
@@ -402,6 +439,7 @@ def test_index_shard_names_stay_in_the_directory(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.norm.weight"] = "../model-00001-of-00003.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"index.json: shard name '../model-00001-of-00003.safetensors' is not a "
+    with pytest.raises(ValueError, match=r"index.json: shard name "
+                                         r"'../model-00001-of-00003.safetensors' is not a "
                                          r"file name in "):
         Llama.from_pretrained(tmp_path)

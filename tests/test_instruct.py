@@ -1,5 +1,6 @@
-"""templates.py, instruct.py and data/stdlib_qa.py: formats, errors with file + line/index, exact templates,
-label masks, truncation, padding, packing (packed logits == unpacked logits), splits, the stdlib dataset."""
+"""templates.py, instruct.py and data/stdlib_qa.py: formats, errors with file + line/index,
+exact templates, label masks, truncation, padding, packing (packed logits == unpacked logits),
+splits, the stdlib dataset."""
 
 import json
 import string
@@ -36,7 +37,8 @@ from minillm.model import Llama  # noqa: E402
 
 TOK = CharTokenizer()
 CFG = ModelConfig(
-    dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=TOK.vocab_size, max_seq_len=64
+    dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=TOK.vocab_size,
+    max_seq_len=64
 )
 
 
@@ -49,34 +51,35 @@ def jsonl(path: Path, records) -> Path:
     return write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # templates
 
 
 def test_alpaca_and_vicuna_templates_exact():
     assert format_prompt("alpaca", "Add the numbers.", "2 and 3") == (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nAdd the numbers.\n\n"
         "### Input:\n2 and 3\n\n### Response:\n"
     )
     assert (
         format_prompt("alpaca", "Say hi.")
         == format_prompt("alpaca", "Say hi.", "")
         == (
-            "Below is an instruction that describes a task. Write a response that appropriately completes "
-            "the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
         )
     )
     assert format_prompt("vicuna", "Hi?") == (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the user's questions. USER: Hi? ASSISTANT:"
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. USER: Hi? ASSISTANT:"
     )
     assert format_prompt("none", "Hi?", "x") == "Hi?\n\nx"
     with pytest.raises(ValueError, match="unknown template 'chatml'"):
         format_prompt("chatml", "Hi?")
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # formats and errors
 
 
@@ -100,7 +103,8 @@ def test_formats_autodetected(tmp_path):
     b = read_examples(
         write(
             tmp_path / "b.jsonl",
-            '{"instruction": "I", "output": "O"}\n\n{"instruction": "J", "input": null, "output": "P"}\n',
+            '{"instruction": "I", "output": "O"}\n\n'
+            '{"instruction": "J", "input": null, "output": "P"}\n',
         )
     )
     assert [(e.instruction, e.input, e.output, e.source) for e in b] == [
@@ -160,7 +164,8 @@ BAD = [
     (
         "bad.jsonl",
         '{"conversations": [{"from": "human", "value": "H"}, {"from": "bot", "value": "G"}]}\n',
-        r"bad.jsonl:1: conversations\[1\]: unknown role 'bot'; expected one of \['system', 'human', 'gpt'\]",
+        r"bad.jsonl:1: conversations\[1\]: unknown role 'bot'; "
+        r"expected one of \['system', 'human', 'gpt'\]",
     ),
     (
         "bad.jsonl",
@@ -197,7 +202,8 @@ def test_bad_data_errors_name_file_and_line(tmp_path, name, content, message):
     ("bad.json", b'[{"text": "\xff"}]', "bad.json:1: not UTF-8 text (byte 0xff at offset 11)"),
     ("bad.jsonl", b'{"text": "a"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n",
      "bad.jsonl:2: invalid JSON (nested too deeply to parse)"),
-    ("bad.json", b"[" * 100_000 + b"]" * 100_000, "bad.json: invalid JSON (nested too deeply to parse)"),
+    ("bad.json", b"[" * 100_000 + b"]" * 100_000,
+     "bad.json: invalid JSON (nested too deeply to parse)"),
 ])
 def test_undecodable_data_names_file_line_and_byte(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -206,12 +212,13 @@ def test_undecodable_data_names_file_line_and_byte(tmp_path, name, content, mess
     assert str(e.value) == f"{tmp_path}/{message}"
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokens and labels
 
 
 def alpaca_example(tmp_path, instruction="ab", output="cd", name="e.jsonl"):
-    return read_examples(jsonl(tmp_path / name, [{"instruction": instruction, "output": output}]))[0]
+    return read_examples(jsonl(tmp_path / name,
+                               [{"instruction": instruction, "output": output}]))[0]
 
 
 def test_label_mask_exact_positions(tmp_path):
@@ -252,16 +259,19 @@ def test_sharegpt_masks_every_human_turn(tmp_path):
     g, j = TOK.encode("g", bos=False)[0], TOK.encode("j", bos=False)[0]
     assert t.ids == [1] + TOK.encode(p1, bos=False) + [g, 2] + TOK.encode(p2, bos=False) + [j, 2]
     assert t.labels == [-100] * (1 + len(p1)) + [g, 2] + [-100] * len(p2) + [j, 2]
-    with pytest.raises(ValueError, match=r"s.jsonl:1: conversations need the multi-turn template 'vicuna'"):
+    with pytest.raises(ValueError, match=r"s.jsonl:1: conversations need the multi-turn "
+                                         r"template 'vicuna'"):
         tokenize_example(ex, TOK, "alpaca", max_seq_len=64)
 
 
 def test_truncation_keeps_eos_and_is_counted(tmp_path):
     jsonl(
-        tmp_path / "t.jsonl", [{"instruction": "x" * 30, "output": "yz"}, {"instruction": "s", "output": "t"}]
+        tmp_path / "t.jsonl", [{"instruction": "x" * 30, "output": "yz"},
+                               {"instruction": "s", "output": "t"}]
     )
     full = tokenize_example(read_examples(tmp_path / "t.jsonl")[0], TOK, "none", max_seq_len=100)
-    data = load_instruct_data(tmp_path / "t.jsonl", TOK, template="none", max_seq_len=8, test_frac=0.0)
+    data = load_instruct_data(tmp_path / "t.jsonl", TOK, template="none", max_seq_len=8,
+                              test_frac=0.0)
     t = data.train[0]
     assert t.truncated and len(t.ids) == 9
     assert t.ids == [1] + full.ids[-8:] and t.ids[-1] == 2 and t.labels[-3:] == full.labels[-3:]
@@ -275,7 +285,8 @@ def tiny_model(seed=0):
 
 
 def some_examples(tmp_path, n=5):
-    records = [{"instruction": "q" * (2 + 3 * i), "output": "a" * (1 + 2 * i) + str(i)} for i in range(n)]
+    records = [{"instruction": "q" * (2 + 3 * i), "output": "a" * (1 + 2 * i) + str(i)}
+               for i in range(n)]
     return load_instruct_data(
         jsonl(tmp_path / "d.jsonl", records), TOK, template="none", max_seq_len=40, test_frac=0.0
     ).train
@@ -320,10 +331,12 @@ def test_packing_matches_unpacked_logits_and_loss(tmp_path):
             li, _ = model(xi)
             torch.testing.assert_close(logits[0, t : t + n], li[0], atol=1e-5, rtol=1e-5)
             unpacked_sum += F.cross_entropy(li[0], yi[0], ignore_index=-100, reduction="sum").item()
-            assert y[0, t + n - 1].item() == 2  # the example's last target is its EOS, not the next BOS
+            # the example's last target is its EOS, not the next BOS
+            assert y[0, t + n - 1].item() == 2
             t += n
         packed_sum = F.cross_entropy(logits[0], y[0], ignore_index=-100, reduction="sum").item()
-    torch.testing.assert_close(packed_sum, unpacked_sum, atol=1e-4, rtol=1e-6)  # loss does not leak either
+    # loss does not leak either
+    torch.testing.assert_close(packed_sum, unpacked_sum, atol=1e-4, rtol=1e-6)
     assert (y != 1).all()  # no position ever predicts a BOS
     assert not mask[0, 0, t - 1, 0]  # the last example of the row cannot see the first
 
@@ -376,7 +389,7 @@ def test_real_sentencepiece_alpaca_roundtrip(tmp_path):
     assert t.labels == [-100] * len(prompt_ids) + t.ids[len(prompt_ids) :]
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the stdlib dataset
 
 
@@ -394,7 +407,8 @@ def test_stdlib_records_known_answers_and_determinism(tmp_path):
     assert records == stdlib_records(root)[0] and stats["modules"] == 4  # _private skipped
     by_question = {r["instruction"]: r for r in records}
     assert (
-        by_question["Write the signature of `textwrap.wrap`."]["output"] == "wrap(text, width=70, **kwargs)"
+        by_question["Write the signature of `textwrap.wrap`."]["output"]
+        == "wrap(text, width=70, **kwargs)"
     )
     assert by_question["Which module defines `dumps`?"]["output"] == "json"
     assert (
@@ -413,7 +427,8 @@ def test_stdlib_dataset_build_and_cache(tmp_path):
     test = read_examples(ds.test_path)
     assert len(train) > 3000 and len(test) > 100, (len(train), len(test))
     assert {e.meta["kind"] for e in train} == {"describe", "signature", "module"}
-    assert not {e.meta["name"] for e in train} & {e.meta["name"] for e in test}  # held out by symbol
+    # held out by symbol
+    assert not {e.meta["name"] for e in train} & {e.meta["name"] for e in test}
     short = short_answer_subset(test)
     assert len(short) == ds.meta["n_test_short"] > 20 and all(len(e.output) <= 100 for e in short)
     mtime = ds.train_path.stat().st_mtime_ns

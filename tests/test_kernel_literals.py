@@ -1,11 +1,12 @@
 """Every float constant inside a Triton kernel has an explicit dtype.
 
-A bare Python float in a `@triton.jit` body gets its type inferred, and Triton versions infer differently:
-Triton 3.8 types `1e-38` (below float32's smallest normal) as fp64, which broke `tl.math.div_rn` in the
-NF4 quantize kernel on the Triton that current torch pins, while Triton 3.9 kept it fp32. This test reads
-the kernel sources (no Triton needed) and fails on any float literal, or module-level float constant
-(`_FLOOR = tl.constexpr(1e-38)`), used in a jit body other than as the value of `tl.full(shape, value,
-dtype)` or a load's `other=` (which `tl.load` casts to the pointer's type).
+A bare Python float in a `@triton.jit` body gets its type inferred, and Triton versions infer
+differently: Triton 3.8 types `1e-38` (below float32's smallest normal) as fp64, which broke
+`tl.math.div_rn` in the NF4 quantize kernel on the Triton that current torch pins, while Triton
+3.9 kept it fp32. This test reads the kernel sources (no Triton needed) and fails on any float
+literal, or module-level float constant (`_FLOOR = tl.constexpr(1e-38)`), used in a jit body
+other than as the value of `tl.full(shape, value, dtype)` or a load's `other=` (which `tl.load`
+casts to the pointer's type).
 """
 
 import ast
@@ -25,7 +26,8 @@ def _is_jit(fn: ast.FunctionDef) -> bool:
 
 
 def _float_value(node: ast.expr, known: dict[str, float]) -> float | None:
-    """The float a module-level `NAME = 1.5`, `NAME = tl.constexpr(1.5)` or `tl.constexpr(OTHER)` binds."""
+    """The float a module-level `NAME = 1.5`, `NAME = tl.constexpr(1.5)` or
+    `tl.constexpr(OTHER)` binds."""
     if isinstance(node, ast.Call) and node.args and getattr(node.func, "attr", "") == "constexpr":
         node = node.args[0]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -40,12 +42,14 @@ def untyped_float_literals(source: str, filename: str = "<kernel>") -> list[str]
     tree = ast.parse(source)
     float_names: dict[str, float] = {}
     for stmt in tree.body:
-        if isinstance(stmt, ast.Assign) and (v := _float_value(stmt.value, float_names)) is not None:
+        if isinstance(stmt, ast.Assign) \
+                and (v := _float_value(stmt.value, float_names)) is not None:
             float_names.update((t.id, v) for t in stmt.targets if isinstance(t, ast.Name))
     allowed: set[int] = set()  # ids of Constant nodes in a typed position
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
-            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            name = (node.func.attr if isinstance(node.func, ast.Attribute)
+                    else getattr(node.func, "id", ""))
             if name == "full" and len(node.args) >= 2:
                 allowed.update(id(n) for n in ast.walk(node.args[1]))
             for kw in node.keywords:
@@ -90,5 +94,6 @@ def test_checker_catches_the_fp64_floor():
         "    safe = tl.maximum(x, tl.full([4], FLOOR, tl.float32))\n"
         "    v = tl.load(p, mask=x > 0, other=0.0)\n"
     )
-    assert untyped_float_literals(broken) == ["<kernel>:5 1e-38", "<kernel>:6 0.0", "<kernel>:7 FLOOR=1e-38"]
+    assert untyped_float_literals(broken) == ["<kernel>:5 1e-38", "<kernel>:6 0.0",
+                                              "<kernel>:7 FLOOR=1e-38"]
     assert untyped_float_literals(fixed) == []

@@ -1,13 +1,13 @@
-"""Every Triton kernel compiles for real GPUs (an H100, sm_90, and an A100, sm_80) — checked ahead of time,
-with no GPU.
+"""Every Triton kernel compiles for real GPUs (an H100, sm_90, and an A100, sm_80) — checked
+ahead of time, with no GPU.
 
 CI runs the kernels through Triton's interpreter, which accepts some programs the compiler rejects
-(constexpr misuse, type mismatches, unsupported ops, a literal typed fp64). Compiling each kernel to a cubin
-for each architecture, for every dtype variant the launchers use and every autotuner tile for sm_90 (the
-default tile of each GEMV loop, plain and paired, for sm_80, to keep the test short), catches those
-without a device; numerics are tested elsewhere. It runs in a fresh
-process: `@triton.jit` decides at import time whether a kernel is interpreted, and the other tests import
-the kernels with the interpreter on.
+(constexpr misuse, type mismatches, unsupported ops, a literal typed fp64). Compiling each kernel to
+a cubin for each architecture, for every dtype variant the launchers use and every autotuner tile
+for sm_90 (the default tile of each GEMV loop, plain and paired, for sm_80, to keep the test short),
+catches those without a device; numerics are tested elsewhere. It runs in a fresh
+process: `@triton.jit` decides at import time whether a kernel is interpreted, and the other tests
+import the kernels with the interpreter on.
 """
 
 import os
@@ -18,18 +18,19 @@ import pytest
 
 SIGNATURES = {
     "quantize": ("minillm.kernels.nf4", "_nf4_quantize_kernel", [
-        ({"w_ptr": f"*{t}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "mid_ptr": "*fp32", "n": "i32",
-          "n_blocks": "i32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROG": "constexpr"},
+        ({"w_ptr": f"*{t}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "mid_ptr": "*fp32",
+          "n": "i32", "n_blocks": "i32", "BLOCKSIZE": "constexpr", "BLOCKS_PER_PROG": "constexpr"},
          {"BLOCKSIZE": 64, "BLOCKS_PER_PROG": 16}) for t in ("fp32", "fp16", "bf16")]),
     "dequantize": ("minillm.kernels.nf4", "_nf4_dequantize_kernel", [
-        ({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{t}", "n": "i32",
-          "n_bytes": "i32", "BLOCKSIZE": "constexpr", "BLOCK_BYTES": "constexpr", "OUT_BF16": "constexpr"},
+        ({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{t}",
+          "n": "i32", "n_bytes": "i32", "BLOCKSIZE": "constexpr", "BLOCK_BYTES": "constexpr",
+          "OUT_BF16": "constexpr"},
          {"BLOCKSIZE": 64, "OUT_BF16": t == "i16"}) for t in ("fp32", "fp16", "i16")]),
     "gemv": ("minillm.kernels.nf4_matmul", "_nf4_gemv_kernel", [
-        ({"x_ptr": f"*{x}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "y_ptr": f"*{y}",
-          "N_OUT": "i32", "N_RED": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32",
-          "BLOCKSIZE": "constexpr", "TRANS_W": "constexpr", "X_BF16": "constexpr", "BLOCK_O": "constexpr",
-          "BLOCK_R": "constexpr"},
+        ({"x_ptr": f"*{x}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+          "y_ptr": f"*{y}", "N_OUT": "i32", "N_RED": "i32", "K": "i32", "stride_xm": "i32",
+          "stride_ym": "i32", "BLOCKSIZE": "constexpr", "TRANS_W": "constexpr",
+          "X_BF16": "constexpr", "BLOCK_O": "constexpr", "BLOCK_R": "constexpr"},
          {"BLOCKSIZE": 64, "TRANS_W": tw, "X_BF16": x == "bf16"})
         for x, y in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "i16")) for tw in (False, True)]),
 }
@@ -47,20 +48,25 @@ if type(fn).__name__ == "Autotuner":
     tiles = [(config.kwargs, config.num_warps) for config in fn.configs]
     assert len(tiles) > 1, "the autotuner was built for the interpreter"
     fn = fn.fn
-if arch != 90:  # every tile for the H100; elsewhere the default tile of each loop (PAIRED or not) suffices
-    tiles = [t for i, t in enumerate(tiles) if t[0].get("PAIRED") not in [u[0].get("PAIRED") for u in tiles[:i]]]
+# every tile for the H100; elsewhere the default tile of each loop (PAIRED or not) suffices
+if arch != 90:
+    tiles = [t for i, t in enumerate(tiles)
+             if t[0].get("PAIRED") not in [u[0].get("PAIRED") for u in tiles[:i]]]
 assert type(fn).__name__ == "JITFunction", type(fn)
 def source(fn, signature, constexprs):
     if "constexprs" in inspect.signature(ASTSource.__init__).parameters:  # Triton >= 3.3
         return ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    # Older Triton: arguments by position, constexprs given as constants and left out of the signature
+    # Older Triton: arguments by position, constexprs given as
+    # constants and left out of the signature
     at = {{name: i for i, name in enumerate(fn.arg_names)}}
-    return ASTSource(fn=fn, signature={{at[k]: v for k, v in signature.items() if v != "constexpr"}},
+    return ASTSource(fn=fn,
+                     signature={{at[k]: v for k, v in signature.items() if v != "constexpr"}},
                      constants={{at[k]: v for k, v in constexprs.items()}})
 for signature, constexprs in variants:
     for tile, num_warps in tiles:
         src = source(fn, signature, {{**constexprs, **tile}})
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={{"num_warps": num_warps}})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={{"num_warps": num_warps}})
         assert compiled.asm["cubin"][:4] == b"\\x7fELF"  # a real device binary came out of ptxas
     print("compiled", name, "sm_%d" % arch, sorted(constexprs.items()), len(tiles), "tiles")
 """

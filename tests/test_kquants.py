@@ -1,7 +1,8 @@
-"""Q4_K / Q5_K / Q6_K: the vectorized encoders of minillm/formats/kquants.py against the block-at-a-time transcription of
-ggml's C in tests/kquant_reference.py, byte for byte, on random and awkward super-blocks; decoding against the
-grid each block defines; and golden rows that llama.cpp's own quantizer produced (tests/data/
-llama_cpp_kquant_golden.json, from the libggml-base of a llama-cpp-python build; see the README's peer checks)."""
+"""Q4_K / Q5_K / Q6_K: the vectorized encoders of minillm/formats/kquants.py against the
+block-at-a-time transcription of ggml's C in tests/kquant_reference.py, byte for byte, on random and
+awkward super-blocks; decoding against the grid each block defines; and golden rows that llama.cpp's
+own quantizer produced (tests/data/llama_cpp_kquant_golden.json, from the libggml-base of a
+llama-cpp-python build; see the README's peer checks)."""
 
 import json
 from pathlib import Path
@@ -24,7 +25,8 @@ GOLDEN = Path(__file__).parent / "data" / "llama_cpp_kquant_golden.json"
 
 
 def reference_bytes(block_fn, x: torch.Tensor) -> bytes:
-    with np.errstate(all="ignore"):  # 0/0 inside the C-style fits is expected and discarded, as in C
+    # 0/0 inside the C-style fits is expected and discarded, as in C
+    with np.errstate(all="ignore"):
         return b"".join(block_fn([ref.F(v) for v in row.tolist()]) for row in x)
 
 
@@ -32,12 +34,14 @@ def reference_bytes(block_fn, x: torch.Tensor) -> bytes:
 def test_encoder_matches_reference_bytes(kind):
     quant, _, block_fn, size = CODECS[kind]
     g = torch.Generator().manual_seed(8)
-    x = torch.cat([awkward_blocks(), torch.randn(3, 256, generator=g) * torch.tensor([[0.02], [1.0], [3.0]])])
+    x = torch.cat([awkward_blocks(),
+                   torch.randn(3, 256, generator=g) * torch.tensor([[0.02], [1.0], [3.0]])])
     got = quant(x)
     assert got.shape == (15, size) and got.dtype == torch.uint8
     expected = reference_bytes(block_fn, x)
     for i in range(x.shape[0]):  # name the first super-block that differs
-        assert got[i].numpy().tobytes() == expected[i * size : (i + 1) * size], f"{kind}: super-block {i} differs"
+        assert got[i].numpy().tobytes() == expected[i * size : (i + 1) * size], \
+            f"{kind}: super-block {i} differs"
 
 
 def test_all_zero_blocks_exact_bytes():
@@ -49,7 +53,8 @@ def test_all_zero_blocks_exact_bytes():
 
 
 def test_vectorized_chunks_and_dispatch(monkeypatch):
-    """Chunking over super-blocks and the (R, K) dispatch give the same bytes as one call per row."""
+    """Chunking over super-blocks and the (R, K) dispatch give the same bytes
+    as one call per row."""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(3, 768, generator=g)  # 3 rows of 3 super-blocks
     monkeypatch.setattr(kquants, "CHUNK", 2)
@@ -62,8 +67,8 @@ def test_vectorized_chunks_and_dispatch(monkeypatch):
 
 @pytest.mark.parametrize("kind", sorted(CODECS))
 def test_decode_is_the_nearest_grid_point(kind):
-    """decode(encode(x)) is, value by value, the grid point d_j·q - m_j (q in the type's range) nearest to x,
-    up to float32 rounding: the requantization step picks exactly that code."""
+    """decode(encode(x)) is, value by value, the grid point d_j·q - m_j (q in the type's range)
+    nearest to x, up to float32 rounding: the requantization step picks exactly that code."""
     quant, dequant, _, _ = CODECS[kind]
     g = torch.Generator().manual_seed(10)
     x = torch.randn(64, 256, generator=g) * torch.logspace(-2, 1, 64)[:, None]
@@ -103,13 +108,17 @@ def test_dequantize_dispatch_shapes():
 
 
 def test_llama_cpp_golden_blocks():
-    """Rows of 256 values quantized by llama.cpp's own code (ggml_quantize_chunk, as llama_model_quantize calls
-    it): our bytes must be identical for every type, the awkward rows included."""
+    """Rows of 256 values quantized by llama.cpp's own code (ggml_quantize_chunk, as
+    llama_model_quantize calls it): our bytes must be identical for every type, the
+    awkward rows included."""
     golden = json.loads(GOLDEN.read_text())
-    x = torch.tensor(np.frombuffer(bytes.fromhex("".join(golden["f32_hex"])), dtype=np.float32).copy())
+    x = torch.tensor(np.frombuffer(bytes.fromhex("".join(golden["f32_hex"])),
+                                   dtype=np.float32).copy())
     x = x.reshape(len(golden["f32_hex"]), 256)
-    assert torch.equal(x[:12], awkward_blocks())  # the fixture's inputs are this file's awkward blocks
-    types = {"Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": GGML_Q4_K, "Q5_K": GGML_Q5_K, "Q6_K": GGML_Q6_K}
+    # the fixture's inputs are this file's awkward blocks
+    assert torch.equal(x[:12], awkward_blocks())
+    types = {"Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q4_K": GGML_Q4_K, "Q5_K": GGML_Q5_K,
+             "Q6_K": GGML_Q6_K}
     assert sorted(golden["llama_cpp_hex"]) == sorted(types)
     for name, expected in golden["llama_cpp_hex"].items():
         got = quantize(x, types[name])

@@ -1,11 +1,12 @@
 """The house a learner walks: one folder per chapter, dependencies pointing one way.
 
 Read from the source with `ast` (every import, lazy ones inside functions included):
-- no import cycle between folders, the one documented lazy edge `Llama.from_pretrained` → formats/ aside;
-- model.py imports only config.py (and that one edge); util/ imports nothing of minillm; kernels/ imports
-  only torch and triton;
-- every folder's __init__.py is a docstring that names each of its files (no re-export shims), and the
-  public face (minillm/__init__.py) exports names that exist.
+- no import cycle between folders, the one documented lazy edge `Llama.from_pretrained` →
+  formats/ aside;
+- model.py imports only config.py (and that one edge); util/ imports nothing of minillm; kernels/
+  imports only torch and triton;
+- every folder's __init__.py is a docstring that names each of its files (no re-export shims), and
+  the public face (minillm/__init__.py) exports names that exist.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ ALLOWED_LAZY = {("model", "formats")}  # Llama.from_pretrained, documented in mo
 
 
 def unit(module: str) -> str | None:
-    """minillm.training.loop -> "train" (a folder); minillm.model -> "model" (a core file); else None."""
+    """minillm.training.loop -> "train" (a folder); minillm.model -> "model"
+    (a core file); else None."""
     parts = module.split(".")
     if parts[0] != "minillm" or len(parts) < 2:
         return None
@@ -53,8 +55,8 @@ def edges() -> dict[str, set[str]]:
 
 
 def test_the_folders_are_the_chapters():
-    assert FOLDERS == ["data", "eval", "finetune", "formats", "generate", "kernels", "ship", "tokenizer", "training",
-                       "util"]
+    assert FOLDERS == ["data", "eval", "finetune", "formats", "generate", "kernels", "ship",
+                       "tokenizer", "training", "util"]
     top = sorted(p.name for p in PKG.glob("*.py"))
     assert top == ["__init__.py", "config.py", "model.py", "names.py", "tour.py"], top
 
@@ -80,12 +82,14 @@ def test_no_import_cycle_between_folders():
 def test_the_bottom_of_the_house():
     model = [(m, line) for m, line in imports(PKG / "model.py") if m.startswith("minillm")]
     assert [m for m, _ in model] == ["minillm.config", "minillm.formats.load"], model
-    assert ("minillm.formats.load", max(line for _, line in model)) in model  # the lazy edge, at the end
+    # the lazy edge, at the end
+    assert ("minillm.formats.load", max(line for _, line in model)) in model
     for path in (PKG / "util").glob("*.py"):
         assert not [m for m, _ in imports(path) if m.startswith("minillm")], path
     for path in (ROOT / "kernels").glob("*.py"):
-        assert {m.split(".")[0] for m, _ in imports(path)} <= {"os", "sys", "time", "math", "torch", "triton",
-                                                               "__future__", "dataclasses", "collections"}, path
+        assert {m.split(".")[0] for m, _ in imports(path)} <= {"os", "sys", "time", "math", "torch",
+                                                               "triton", "__future__",
+                                                               "dataclasses", "collections"}, path
 
 
 def test_each_folder_init_is_its_table_of_contents():

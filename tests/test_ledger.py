@@ -1,5 +1,6 @@
-"""The fidelity ledger: the reference row is exact (KL 0, top-1 100%), the merged row is the reference up to
-float rounding, quantized rows drift in order of their bits, and new writer types join by themselves."""
+"""The fidelity ledger: the reference row is exact (KL 0, top-1 100%), the merged row is the
+reference up to float rounding, quantized rows drift in order of their bits, and new writer
+types join by themselves."""
 
 import json
 
@@ -20,8 +21,8 @@ from minillm.training.loss import held_out_loss
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("ledger")
     tok = tiny_tokenizer(d / "base" / "tokenizer.model")
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=tok.vocab_size,
-                      max_seq_len=128)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      vocab_size=tok.vocab_size, max_seq_len=128)
     write_hf_checkpoint(d / "base", cfg, seed=11, fmt="safetensors", tokenizer=tok)
     model = Llama.from_pretrained(d / "base")
     apply_lora(model, r=4, alpha=8, dropout=0.0)
@@ -46,11 +47,14 @@ def test_ledger_rows(setup):
     assert ref.kl == 0.0 and ref.top1 == 1.0
     assert merged.kl < 1e-6 and abs(merged.loss - ref.loss) < 1e-5  # float32 rounding only
     by = {r.stage: r for r in rows}
-    assert by["f16"].kl < by["q8_0"].kl < by["q4_0"].kl  # fewer bits, further from the trained model
+    # fewer bits, further from the trained model
+    assert by["f16"].kl < by["q8_0"].kl < by["q4_0"].kl
     assert by["q4_0"].bits_per_weight < by["q8_0"].bits_per_weight < by["f16"].bits_per_weight
-    # the loss column is training/loss.py's held_out_loss; KL and top-1 against the adapter: recompute one row
+    # the loss column is training/loss.py's held_out_loss; KL and top-1 against the
+    # adapter: recompute one row
     gguf = Llama.from_pretrained(d / "ledger-q8_0.gguf")
-    assert held_out_loss(gguf, iter_batches(examples, 16, tok.pad_id))["loss"] == pytest.approx(by["q8_0"].loss, abs=1e-6)
+    assert (held_out_loss(gguf, iter_batches(examples, 16, tok.pad_id))["loss"]
+            == pytest.approx(by["q8_0"].loss, abs=1e-6))
     assert kl_and_top1(gguf, gguf, examples, tok.pad_id) == (0.0, 1.0)
     table = format_ledger(rows).splitlines()
     assert table[0].startswith("| stage | held-out loss") and table[2].startswith("| adapter | ")
@@ -63,13 +67,15 @@ def test_new_writer_types_join_the_chain(monkeypatch):
     only_old = {t: ledger.OUTTYPES[t] for t in ("f32", "f16", "bf16", "q8_0", "q4_0")}
     monkeypatch.setattr(ledger, "OUTTYPES", only_old)
     assert ledger.ledger_outtypes() == ["f16", "q8_0", "q4_0"]
-    monkeypatch.setattr(ledger, "OUTTYPES", {**only_old, "q6_k": None, "q4_k_m": None, "q2_k": None})
+    monkeypatch.setattr(ledger, "OUTTYPES", {**only_old, "q6_k": None, "q4_k_m": None,
+                                             "q2_k": None})
     assert ledger.ledger_outtypes() == ["f16", "q8_0", "q6_k", "q4_k_m", "q4_0"]
 
 
 def test_cli(setup, capsys):
     d, _, _ = setup
-    rows = main(["--base", str(d / "base"), "--adapter", str(d / "adapter"), "--data", str(d / "test.jsonl"),
-                 "--template", "alpaca", "--out", str(d), "--max-seq-len", "128", "--outtypes", "q8_0"])
+    rows = main(["--base", str(d / "base"), "--adapter", str(d / "adapter"),
+                 "--data", str(d / "test.jsonl"), "--template", "alpaca", "--out", str(d),
+                 "--max-seq-len", "128", "--outtypes", "q8_0"])
     out = capsys.readouterr().out
     assert "| adapter | " in out and f"| {rows[-1].stage} | " in out

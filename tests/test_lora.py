@@ -1,5 +1,6 @@
-"""lora.py: the LoRALinear formula against a transcribed reference, init, merge/unmerge, trainability,
-PEFT adapter files (exact key names and config fields), load errors, and QLoRA merge over an NF4 base."""
+"""lora.py: the LoRALinear formula against a transcribed reference, init, merge/unmerge,
+trainability, PEFT adapter files (exact key names and config fields), load errors, and QLoRA
+merge over an NF4 base."""
 
 import json
 import math
@@ -23,7 +24,8 @@ from minillm.model import Llama
 from minillm.training.flops import parameter_summary
 
 # awkward widths: dim 40 (head_dim 10), GQA 4/2 heads, hidden 52, vocab 71
-CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71, max_seq_len=32)
+CFG = ModelConfig(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=52, vocab_size=71,
+                  max_seq_len=32)
 
 
 def tiny_llama(seed=0, cfg=CFG, dtype=torch.float32):
@@ -66,7 +68,8 @@ def test_zero_init_equals_base_and_a_is_kaiming_uniform():
 def test_forward_matches_transcribed_formula(rslora):
     torch.manual_seed(0)
     base = nn.Linear(37, 23, bias=False)
-    lora = LoRALinear(base, r=5, alpha=7, dropout=0.1, use_rslora=rslora).eval()  # eval: dropout off
+    # eval: dropout off
+    lora = LoRALinear(base, r=5, alpha=7, dropout=0.1, use_rslora=rslora).eval()
     nn.init.normal_(lora.lora_B.weight)
     x = torch.randn(4, 37)
     r_eff = math.sqrt(5) if rslora else 5  # rsLoRA scales by α/√r
@@ -85,7 +88,8 @@ def test_dropout_applies_to_the_adapter_input_only():
     torch.manual_seed(123)
     xd = nn.functional.dropout(x, 0.5, training=True)
     A, B = lora.lora_A.weight, lora.lora_B.weight
-    torch.testing.assert_close(y, x @ base.weight.T + (8 / 4) * ((xd @ A.T) @ B.T), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, x @ base.weight.T + (8 / 4) * ((xd @ A.T) @ B.T), atol=1e-5,
+                               rtol=1e-5)
 
 
 def test_apply_lora_targets_short_names_and_errors():
@@ -112,9 +116,11 @@ def test_only_lora_trainable_counts_and_summary():
     apply_lora(model, r=4, alpha=8)
     mark_only_lora_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if ".lora_A." in n or ".lora_B." in n}
     C, Hd, KVd, F = 40, 4 * 10, 2 * 10, 52
-    per_layer = 4 * ((C + Hd) + (C + KVd) + (C + KVd) + (Hd + C) + 2 * (C + F) + (F + C))  # r·(in + out)
+    # r·(in + out)
+    per_layer = 4 * ((C + Hd) + (C + KVd) + (C + KVd) + (Hd + C) + 2 * (C + F) + (F + C))
     expected = 2 * per_layer
     pct = 100 * expected / (total_before + expected)
     assert parameter_summary(model) == (
@@ -167,14 +173,16 @@ def test_merge_unmerge_and_merge_lora_fp32():
         assert not torch.allclose(base_logits, ref, atol=1e-3)
         names = merge_lora(model)
         assert len(names) == 14 and not lora_modules(model)
-        assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in names)  # a plain layer again
+        # a plain layer again
+        assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in names)
         assert set(model.state_dict()) == set(tiny_llama().state_dict())
         plain, _ = model(x)
     torch.testing.assert_close(plain, ref, atol=1e-5, rtol=0)
 
 
 def test_bf16_merge_difference_is_bounded():
-    """In bf16, W0 + ΔW rounds to 8 mantissa bits: merged logits differ from the adapter's at that level."""
+    """In bf16, W0 + ΔW rounds to 8 mantissa bits: merged logits differ from the
+    adapter's at that level."""
     model = tiny_llama(dtype=torch.bfloat16)
     apply_lora(model, r=4, alpha=8)
     randomize_lora(model)
@@ -191,7 +199,8 @@ def test_bf16_merge_difference_is_bounded():
 
 def test_save_load_roundtrip_peft_keys_and_config(tmp_path):
     model = tiny_llama()
-    apply_lora(model, targets=["q", "k", "v", "o", "gate", "up", "down"], r=4, alpha=8, dropout=0.05)
+    apply_lora(model, targets=["q", "k", "v", "o", "gate", "up", "down"], r=4, alpha=8,
+               dropout=0.05)
     randomize_lora(model)
     save_adapter(model, tmp_path, base_model_name_or_path="openlm-research/open_llama_3b_v2")
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -203,7 +212,8 @@ def test_save_load_roundtrip_peft_keys_and_config(tmp_path):
         + [("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")]
     }
     assert set(state) == expected_keys
-    assert state["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"].shape == (4, 40)  # (r, in)
+    # (r, in)
+    assert state["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"].shape == (4, 40)
     assert state["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (
         20,
         4,
@@ -218,7 +228,8 @@ def test_save_load_roundtrip_peft_keys_and_config(tmp_path):
         "r": 4,
         "lora_alpha": 8,
         "lora_dropout": 0.05,
-        "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+        "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                           "v_proj"],
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -250,14 +261,17 @@ def test_load_adapter_errors_name_file_and_key(tmp_path):
         r".q_proj.lora_A.weight' has shape \(4, 40\), expected \(4, 48\)",
     ):
         load_adapter(Llama(other), tmp_path)
-    deeper = ModelConfig(dim=40, n_layers=1, n_heads=4, hidden_dim=52, vocab_size=71, max_seq_len=32)
-    with pytest.raises(ValueError, match=r"names module 'layers.1.self_attn.q_proj', which this model"):
+    deeper = ModelConfig(dim=40, n_layers=1, n_heads=4, hidden_dim=52, vocab_size=71,
+                         max_seq_len=32)
+    with pytest.raises(ValueError, match=r"names module 'layers.1.self_attn.q_proj', which "
+                                         r"this model"):
         load_adapter(Llama(deeper), tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     state = load_file(str(path))
     state["base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(1)
     save_file(state, str(path))
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unexpected key '.*lora_C.weight'"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: unexpected key "
+                                         r"'.*lora_C.weight'"):
         load_adapter(tiny_llama(), tmp_path)
     del state["base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"]
     del state["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
@@ -275,7 +289,8 @@ def test_load_adapter_errors_name_file_and_key(tmp_path):
 
 
 def test_qlora_merge_over_nf4_base_matches_lora_on_dequantized_weight():
-    nf4 = pytest.importorskip("minillm.finetune.nf4_linear")  # written alongside; present in this repository
+    # written alongside; present in this repository
+    nf4 = pytest.importorskip("minillm.finetune.nf4_linear")
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=False)
     q = nf4.NF4Linear.from_linear(dense, compute_dtype=torch.float32)

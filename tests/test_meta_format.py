@@ -1,4 +1,5 @@
-"""Meta's consolidated layout: round trip, the FFN-width formula, interleaved q/k, model-parallel shards."""
+"""Meta's consolidated layout: round trip, the FFN-width formula, interleaved q/k,
+model-parallel shards."""
 
 import json
 
@@ -10,7 +11,8 @@ from minillm import Llama
 from minillm.config import ModelConfig
 from minillm.formats.meta import meta_hidden_dim, meta_params, save_meta
 
-GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=200, vocab_size=113, max_seq_len=64)
+GQA = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=200, vocab_size=113,
+                  max_seq_len=64)
 
 
 def test_meta_round_trip_logits_equal(tmp_path):
@@ -21,16 +23,19 @@ def test_meta_round_trip_logits_equal(tmp_path):
     idx = torch.randint(0, GQA.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], again(idx)[0])
-    # the file holds Meta names, and q rows in interleaved order: row 1 of head 0 is HF row head_dim/2
+    # the file holds Meta names, and q rows in interleaved order: row 1 of
+    # head 0 is HF row head_dim/2
     sd = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert "layers.1.feed_forward.w3.weight" in sd and "tok_embeddings.weight" in sd
     D = GQA.head_dim
-    assert torch.equal(sd["layers.0.attention.wq.weight"][1], model.layers[0].self_attn.q_proj.weight[D // 2])
-    assert torch.equal(sd["layers.0.attention.wk.weight"][2], model.layers[0].self_attn.k_proj.weight[1])
+    assert torch.equal(sd["layers.0.attention.wq.weight"][1],
+                       model.layers[0].self_attn.q_proj.weight[D // 2])
+    assert torch.equal(sd["layers.0.attention.wk.weight"][2],
+                       model.layers[0].self_attn.k_proj.weight[1])
 
 
-@pytest.mark.parametrize("dim,hidden", [(3200, 8640), (4096, 11008), (5120, 13824), (96, 200), (256, 688),
-                                        (64, 96), (4096, 14336)])
+@pytest.mark.parametrize("dim,hidden", [(3200, 8640), (4096, 11008), (5120, 13824), (96, 200),
+                                        (256, 688), (64, 96), (4096, 14336)])
 def test_params_reproduce_hidden_dim(dim, hidden):
     cfg = ModelConfig(dim=dim, n_heads=dim // 32, hidden_dim=hidden)
     p = meta_params(cfg)
@@ -66,5 +71,6 @@ def test_meta_bad_params(tmp_path):
     p = json.loads((tmp_path / "meta" / "params.json").read_text())
     p["multiple_of"] = 64
     (tmp_path / "meta" / "params.json").write_text(json.dumps(p))
-    with pytest.raises(ValueError, match="params.json: dim/multiple_of/ffn_dim_multiplier give hidden 256"):
+    with pytest.raises(ValueError, match="params.json: dim/multiple_of/ffn_dim_multiplier give "
+                                         "hidden 256"):
         Llama.from_pretrained(tmp_path / "meta")

@@ -15,7 +15,8 @@ from minillm.names import hf_to_ours
 from minillm.training import flops
 
 CONFIGS = {
-    "mha": ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=97, max_seq_len=64),
+    "mha": ModelConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=160, vocab_size=97,
+                       max_seq_len=64),
     "gqa": ModelConfig(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, hidden_dim=200, vocab_size=131,
                        max_seq_len=64, rope_theta=500000.0),
     "tied": ModelConfig(dim=48, n_layers=1, n_heads=3, hidden_dim=80, vocab_size=61, max_seq_len=32,
@@ -81,7 +82,8 @@ def test_loss_is_mean_ce_ignoring_minus_100():
     targets[0, :4] = -100
     logits, loss = model(idx, targets)
     keep = targets != -100
-    manual = -F.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    manual = -F.log_softmax(logits, -1).gather(
+        -1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
     torch.testing.assert_close(loss, manual, atol=1e-6, rtol=0)
 
 
@@ -107,7 +109,8 @@ def test_attn_mask_block_diagonal_isolates_documents():
 def test_param_count_and_flops():
     cfg = CONFIGS["gqa"]
     model = Llama(cfg)
-    C, L, V, F_, Hkv, D = cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.hidden_dim, cfg.n_kv_heads, cfg.head_dim
+    C, L, V, F_, Hkv, D = (cfg.dim, cfg.n_layers, cfg.vocab_size, cfg.hidden_dim, cfg.n_kv_heads,
+                           cfg.head_dim)
     per_layer = C * C * 2 + 2 * C * Hkv * D + 3 * C * F_ + 2 * C
     expected = V * C + L * per_layer + C + V * C
     assert flops.model_params(model) == (expected, expected)  # (all, trainable)
@@ -119,11 +122,15 @@ def test_param_count_and_flops():
 
 
 def test_openllama_presets():
-    for name, (C, F_, L, H) in {"openllama-3b": (3200, 8640, 26, 32), "openllama-7b": (4096, 11008, 32, 32),
+    for name, (C, F_, L, H) in {"openllama-3b": (3200, 8640, 26, 32),
+                                "openllama-7b": (4096, 11008, 32, 32),
                                 "openllama-13b": (5120, 13824, 40, 40)}.items():
         cfg = ModelConfig.from_name(name)
-        assert (cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) == (C, F_, L, H, H)
-        assert (cfg.vocab_size, cfg.norm_eps, cfg.max_seq_len, cfg.rope_theta) == (32000, 1e-6, 2048, 10000.0)
+        assert ((cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads)
+                == (C, F_, L, H, H))
+        assert ((cfg.vocab_size, cfg.norm_eps, cfg.max_seq_len, cfg.rope_theta)
+                == (32000, 1e-6, 2048, 10000.0))
     assert ModelConfig.from_name("openllama-3b").head_dim == 100
     with torch.device("meta"):
-        assert abs(flops.model_params(Llama(ModelConfig.from_name("openllama-7b")))[0] - 6.74e9) < 0.01e9
+        assert abs(flops.model_params(Llama(ModelConfig.from_name("openllama-7b")))[0]
+                   - 6.74e9) < 0.01e9

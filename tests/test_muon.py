@@ -1,5 +1,5 @@
-"""minillm/training/muon.py against slow obvious versions: Newton–Schulz as a polynomial of the singular values,
-the AdamW groups against torch.optim.AdamW, one Muon step written out by hand."""
+"""minillm/training/muon.py against slow obvious versions: Newton–Schulz as a polynomial of the
+singular values, the AdamW groups against torch.optim.AdamW, one Muon step written out by hand."""
 
 import copy
 import math
@@ -15,8 +15,9 @@ from minillm.training.muon import NS_COEFFICIENTS, muon_adamw, newton_schulz
 
 @pytest.mark.parametrize("shape", [(37, 91), (91, 37), (64, 64)])
 def test_newton_schulz_maps_singular_values_by_its_polynomial(shape):
-    """X ← aX + (bA + cA²)X with A = XXᵀ keeps the singular vectors and maps each singular value s to
-    a·s + b·s³ + c·s⁵, five times, starting from s / ‖G‖_F: the reference does exactly that, in float64."""
+    """X ← aX + (bA + cA²)X with A = XXᵀ keeps the singular vectors and maps each singular
+    value s to a·s + b·s³ + c·s⁵, five times, starting from s / ‖G‖_F: the reference does
+    exactly that, in float64."""
     G = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
     s = S / (G.norm() + 1e-7)
@@ -34,7 +35,8 @@ def test_newton_schulz_maps_singular_values_by_its_polynomial(shape):
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    return Llama(ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=50, max_seq_len=16))
+    return Llama(ModelConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=48, vocab_size=50,
+                             max_seq_len=16))
 
 
 def set_grads(model, seed):
@@ -44,16 +46,18 @@ def set_grads(model, seed):
 
 
 def test_groups_and_adamw_path_match_torch_adamw():
-    """Hidden matrices are Muon's; embeddings / lm_head (decayed) and norms (not decayed) follow AdamW
-    exactly as torch.optim.AdamW does, over three steps."""
+    """Hidden matrices are Muon's; embeddings / lm_head (decayed) and norms (not decayed) follow
+    AdamW exactly as torch.optim.AdamW does, over three steps."""
     ours_model, ref_model = tiny_model(), tiny_model()
     ours = muon_adamw(ours_model, 0.1, 3e-3, (0.9, 0.95), 1e-8)
-    muon_names = {n for n, p in ours_model.named_parameters() if any(p is q for q in ours.param_groups[0]["params"])}
+    muon_names = {n for n, p in ours_model.named_parameters()
+                  if any(p is q for q in ours.param_groups[0]["params"])}
     assert ours.param_groups[0]["muon"] and len(muon_names) == 2 * 7
     assert all(n.startswith("layers.") and n.endswith("_proj.weight") for n in muon_names)
     decay = [p for n, p in ref_model.named_parameters() if p.dim() >= 2 and n not in muon_names]
     no_decay = [p for p in ref_model.parameters() if p.dim() < 2]
-    ref = torch.optim.AdamW([dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0)],
+    ref = torch.optim.AdamW([dict(params=decay, weight_decay=0.1),
+                             dict(params=no_decay, weight_decay=0.0)],
                             lr=3e-3, betas=(0.9, 0.95), eps=1e-8, foreach=False)
     for step in range(3):
         set_grads(ours_model, step)
@@ -67,7 +71,8 @@ def test_groups_and_adamw_path_match_torch_adamw():
 
 
 def test_one_muon_step_by_hand():
-    """Step 1: M = (1−β)G, U = G + β(M − G) = (1 − β²)G; W ← W(1 − lr·wd) − lr·0.2·√max(out, in)·NS(U)."""
+    """Step 1: M = (1−β)G, U = G + β(M − G) = (1 − β²)G;
+    W ← W(1 − lr·wd) − lr·0.2·√max(out, in)·NS(U)."""
     model = tiny_model()
     opt = muon_adamw(model, 0.1, 3e-3, (0.9, 0.95), 1e-8)
     w = model.layers[0].mlp.up_proj.weight  # (48, 32)
@@ -88,7 +93,8 @@ def test_state_dict_round_trip_continues_identically():
     a.step()
     b_model.load_state_dict(a_model.state_dict())
     b = muon_adamw(b_model, 0.1, 3e-3, (0.9, 0.95), 1e-8)
-    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as through a checkpoint file: no shared buffers
+    # as through a checkpoint file: no shared buffers
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
     for opt, model in ((a, a_model), (b, b_model)):
         set_grads(model, 1)
         opt.step()

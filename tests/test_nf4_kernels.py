@@ -1,7 +1,7 @@
-"""NF4 kernels: Triton vs plain-PyTorch reference (bit for bit), the reference vs a slow per-element loop,
-hand-computed golden bytes, the matmul paths with their input gradient (every GEMV tile of both loops),
-and the two runnable tutorials (`python -m minillm.kernels.nf4` / `.nf4_matmul`): all ✅, and ❌ when the
-reference they check against is wrong.
+"""NF4 kernels: Triton vs plain-PyTorch reference (bit for bit), the reference vs a slow per-element
+loop, hand-computed golden bytes, the matmul paths with their input gradient (every GEMV tile of
+both loops), and the two runnable tutorials (`python -m minillm.kernels.nf4` / `.nf4_matmul`): all
+✅, and ❌ when the reference they check against is wrong.
 
 On a CPU-only machine conftest.py turns on TRITON_INTERPRET=1, so the Triton kernels run here too.
 """
@@ -37,8 +37,9 @@ from minillm.kernels.nf4_matmul import (
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# The Triton side runs on the GPU when there is one, else through the interpreter (conftest.py); the
-# references always run on the CPU, so a GPU run checks the compiled kernels against them bit for bit.
+# The Triton side runs on the GPU when there is one, else through the interpreter
+# (conftest.py); the references always run on the CPU, so a GPU run checks the compiled
+# kernels against them bit for bit.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -48,17 +49,20 @@ def tri_quantize(w, blocksize=64):
 
 
 def tri_dequantize(packed, absmax, shape, blocksize=64, dtype=torch.bfloat16):
-    out = dequantize_nf4(packed.to(DEVICE), absmax.to(DEVICE), shape, blocksize, dtype, backend="triton")
+    out = dequantize_nf4(packed.to(DEVICE), absmax.to(DEVICE), shape, blocksize, dtype,
+                         backend="triton")
     return out.cpu()
 
 
 def tri_matmul(fn, x, packed, absmax, n_out, n_in):
     """nf4_matmul or nf4_matmul_backward_input on DEVICE through Triton, result back on the CPU."""
-    return fn(x.to(DEVICE), packed.to(DEVICE), absmax.to(DEVICE), n_out, n_in, backend="triton").cpu()
+    return fn(x.to(DEVICE), packed.to(DEVICE), absmax.to(DEVICE), n_out, n_in,
+              backend="triton").cpu()
 
 
 def awkward_weight(shape, dtype, seed=0):
-    """Gaussian weights whose scale varies 1e-3 .. 1e3 along the flat index, with one all-zero block."""
+    """Gaussian weights whose scale varies 1e-3 .. 1e3 along the flat index,
+    with one all-zero block."""
     g = torch.Generator().manual_seed(seed)
     n = int(np.prod(shape))
     scale = 10.0 ** torch.linspace(-3, 3, n)
@@ -68,7 +72,7 @@ def awkward_weight(shape, dtype, seed=0):
     return w.view(shape).to(dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The reference against a slow, obvious loop that follows the GUIDE's rules one element at a time.
 
 
@@ -86,7 +90,8 @@ def slow_quantize(w, blocksize):
         recip = np.float32(1) / safe
         for v in block:
             s = v / safe if len(block) < blocksize else v * recip  # last partial block divides
-            s = min(max(s, np.float32(-1)), np.float32(1)) if amax > 0 else np.float32(0)  # 0 blocks: code 7
+            # 0 blocks: code 7
+            s = min(max(s, np.float32(-1)), np.float32(1)) if amax > 0 else np.float32(0)
             code_index = 0
             for j in range(15):
                 if s > mids[j]:  # strictly above the midpoint: ties stay on the lower code
@@ -114,7 +119,8 @@ def test_reference_matches_slow_loop(shape):
 
 
 def test_last_partial_block_divides():
-    # Found by search: x * (1/a) lands just above the midpoint between codes 4 and 5, x / a exactly on it.
+    # Found by search: x * (1/a) lands just above the midpoint between codes
+    # 4 and 5, x / a exactly on it.
     a = np.array([1065696927], dtype=np.uint32).view(np.float32)[0]  # 1.0409735
     x = np.array([3195671765], dtype=np.uint32).view(np.float32)[0]  # -0.2442201
     mid = nf4_midpoints()[4].item()
@@ -127,7 +133,7 @@ def test_last_partial_block_divides():
         assert quant(partial)[0][0].item() == 0xF4  # a -> 15, x / a on the midpoint -> code 4
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Golden values by hand
 
 
@@ -136,7 +142,8 @@ def test_known_example_bytes():
     w[:4] = torch.tensor([0.0, 1.0, -1.0, 0.5])
     for quant in (tri_quantize, quantize_nf4_ref):
         packed, absmax = quant(w)
-        # 0.0 -> 7, 1.0 -> 15: 0x7f; -1.0 -> 0, 0.5 -> 12 (0.5 < (0.4407 + 0.5626)/2 = 0.50166): 0x0c
+        # 0.0 -> 7, 1.0 -> 15: 0x7f;
+        # -1.0 -> 0, 0.5 -> 12 (0.5 < (0.4407 + 0.5626)/2 = 0.50166): 0x0c
         assert packed[:2].tolist() == [0x7F, 0x0C]
         assert absmax.tolist() == [1.0]
 
@@ -172,13 +179,15 @@ def test_midpoint_ties_take_lower_code():
         packed, _ = quant(w)
         q = torch.stack([packed >> 4, packed & 15], 1).view(-1).tolist()
         assert q[1:16] == list(range(15))  # exactly on mid_j -> code j, the lower one
-        # NF4 is not symmetric: -mid_j falls between midpoints; its code is #{midpoints strictly below}
+        # NF4 is not symmetric: -mid_j falls between midpoints; its code
+        # is #{midpoints strictly below}
         assert q[32:47] == [int((mids < -m).sum()) for m in mids]
 
 
 def test_all_zero_block_is_code_7_with_denormals_flushed():
-    # The 1e-38 absmax floor is subnormal: with flush-to-zero on (as a -ffast-math library loaded by
-    # torch.compile's C++ kernels leaves it on older torch), 0 * (1 / floor) would be NaN -> code 15.
+    # The 1e-38 absmax floor is subnormal: with flush-to-zero on (as a -ffast-math library loaded
+    # by torch.compile's C++ kernels leaves it on older torch), 0 * (1 / floor) would be NaN ->
+    # code 15.
     w = torch.zeros(2, 64)
     w[1, 3] = -0.25
     was = torch.set_flush_denormal(True)
@@ -201,7 +210,7 @@ def test_all_zero_block_is_code_7():
     assert torch.equal(tri_dequantize(packed, absmax, w.shape, dtype=torch.float32), w)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Triton vs reference
 
 
@@ -227,7 +236,8 @@ def test_quantize_mid_size_and_error():
     assert torch.equal(packed, quantize_nf4_ref(w)[0])
     w_hat = tri_dequantize(packed, absmax, w.shape, dtype=torch.float32)
     assert torch.equal(w_hat.to(torch.bfloat16), dequantize_nf4_ref(packed, absmax, w.shape))
-    # nearest code: |w - w_hat| <= half the widest code gap, (-0.6962 - -1) / 2, times the block's absmax
+    # nearest code: |w - w_hat| <= half the widest code gap,
+    # (-0.6962 - -1) / 2, times the block's absmax
     block_absmax = absmax.repeat_interleave(64)[: w.numel()].view(w.shape)
     assert ((w.float() - w_hat).abs() <= 0.15191 * block_absmax).all()
 
@@ -261,10 +271,11 @@ def test_backend_choice_and_errors():
         dequantize_nf4(packed, absmax, (4, 10))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Matmul: fused GEMV (few rows) and dequantize + matmul (many rows), forward and input gradient
 
-# y differs from the reference only by summation order (and rounding y to x.dtype): explicit tolerances
+# y differs from the reference only by summation order (and rounding
+# y to x.dtype): explicit tolerances
 TOL = TOLERANCE
 
 
@@ -309,11 +320,13 @@ def test_matmul_input_grad_matches_autograd(nf4_weight, rows, dtype):
     torch.testing.assert_close(grad_x, x.grad, **TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", [(37, 129), (36, 130)])  # odd K (blocks straddle rows), even K (pairs)
+# odd K (blocks straddle rows), even K (pairs)
+@pytest.mark.parametrize("shape", [(37, 129), (36, 130)])
 @pytest.mark.parametrize("trans_w", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_gemv_tile_matches_reference(shape, trans_w, dtype):
-    # on a GPU the autotuner may pick any tile; the interpreter runs only the first, so run each by hand
+    # on a GPU the autotuner may pick any tile; the interpreter runs only the
+    # first, so run each by hand
     n_out, n_in = shape
     g = torch.Generator().manual_seed(11)
     packed, absmax = quantize_nf4_ref(torch.randn(shape, generator=g))
@@ -329,7 +342,8 @@ def test_every_gemv_tile_matches_reference(shape, trans_w, dtype):
                   tile=tile.kwargs).cpu()  # fmt: skip
         torch.testing.assert_close(y, expect, **TOL[dtype], msg=lambda m, t=tile: f"{t}: {m}")
         ran += 1
-    assert ran == (len(GEMV_TILES) if n_in % 2 == 0 else sum(not t.kwargs["PAIRED"] for t in GEMV_TILES))
+    assert ran == (len(GEMV_TILES) if n_in % 2 == 0
+                   else sum(not t.kwargs["PAIRED"] for t in GEMV_TILES))
 
 
 def test_matmul_shape_errors(nf4_weight):
@@ -348,14 +362,16 @@ def test_codebook_is_made_once_per_device():
     assert nf4_code().tolist() == list(NF4_CODE)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The runnable tutorials
 
 
-@pytest.mark.parametrize("module,rows", [("minillm.kernels.nf4", 24), ("minillm.kernels.nf4_matmul", 30)])
+@pytest.mark.parametrize("module,rows",
+                         [("minillm.kernels.nf4", 24), ("minillm.kernels.nf4_matmul", 30)])
 def test_tutorial_runs_and_every_row_passes(module, rows):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("✅") == rows and "❌" not in out.stdout, out.stdout
 
@@ -364,7 +380,8 @@ def test_tutorial_without_gpu_or_interpreter_says_how_to_run():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine the tutorial runs the compiled kernels")
-    out = subprocess.run([sys.executable, "-m", "minillm.kernels.nf4"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "minillm.kernels.nf4"], env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 1 and "TRITON_INTERPRET=1 python -m minillm.kernels.nf4" in out.stderr
 
 
@@ -374,7 +391,8 @@ def test_a_wrong_reference_shows_a_cross(capsys):
         packed[0] ^= 1
         return packed, absmax
 
-    def transposed(x, packed, absmax, n_out, n_in, blocksize=64):  # a wrong matmul: the other W layout
+    # a wrong matmul: the other W layout
+    def transposed(x, packed, absmax, n_out, n_in, blocksize=64):
         w = dequantize_nf4_ref(packed, absmax, (n_in, n_out), blocksize, x.dtype)
         return x @ w
 
@@ -384,7 +402,8 @@ def test_a_wrong_reference_shows_a_cross(capsys):
     assert table.count("✅") == 6 and "❌" not in table
     assert not nf4_tutorial.check(device, shapes=[(3, 5)], quantize_ref=off_by_one_code)
     table = capsys.readouterr().out
-    # the wrong code fails quantize (one byte differs) and dequantize (its weight differs), each dtype
+    # the wrong code fails quantize (one byte differs) and dequantize (its
+    # weight differs), each dtype
     assert table.count("❌") == 6 and table.count("✅") == 0
     assert not matmul_tutorial.check(device, shapes=[(6, 6)], matmul_ref=transposed)
     table = capsys.readouterr().out
@@ -398,9 +417,11 @@ def test_benchmarks_report_gbs_against_the_copy_roofline(capsys):
     nf4_tutorial.benchmark(device, shape=(4, 64), timer=fake_clock, copy_bytes=1024)
     matmul_tutorial.benchmark(device, shapes=((4, 64),), timer=fake_clock, copy_bytes=1024)
     out = " ".join(capsys.readouterr().out.split())
-    # copy: 2 * 1024 bytes / 1 ns = 2048 GB/s. Quantize and dequantize of 256 weights move 2*256 bytes of
-    # bf16 + 128 of codes + 4*4 of scales = 656 GB/s, 32% of the copy; a decode step moves the 144 bytes of
-    # NF4 + 2*(64 + 4) of x and y = 280 GB/s (14%), and dense bf16 reads 2*256 + 136 = 648 GB/s (32%).
-    assert "device copy (the roofline) | | 2048 | 100%" in out and "(the roofline): 2048 GB/s" in out
+    # copy: 2 * 1024 bytes / 1 ns = 2048 GB/s. Quantize and dequantize of 256 weights move
+    # 2*256 bytes of bf16 + 128 of codes + 4*4 of scales = 656 GB/s, 32% of the copy; a decode
+    # step moves the 144 bytes of NF4 + 2*(64 + 4) of x and y = 280 GB/s (14%), and dense bf16
+    # reads 2*256 + 136 = 648 GB/s (32%).
+    assert ("device copy (the roofline) | | 2048 | 100%" in out
+            and "(the roofline): 2048 GB/s" in out)
     assert out.count("| 656 | 32% |") == 4, out
     assert out.count("| 280 | 14% |") == 4 and out.count("| 648 | 32% |") == 1, out

@@ -16,7 +16,8 @@ from minillm.finetune.double_quant import (
 from minillm.finetune.nf4_linear import NF4Linear, quantize_model_
 from minillm.kernels.nf4 import quantize_nf4
 
-# y = x @ W^T on identical weights: fp32 differs only by summation order, bf16 by 2 ulps of the output
+# y = x @ W^T on identical weights: fp32 differs only by summation order,
+# bf16 by 2 ulps of the output
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.bfloat16: dict(atol=1.3e-1, rtol=1.6e-2)}
 
 
@@ -27,7 +28,8 @@ def make_linear(in_features, out_features, bias, seed=0):
 
 def dense_twin(layer: NF4Linear, dtype) -> nn.Linear:
     """nn.Linear holding the dequantized weight: what NF4Linear must compute."""
-    twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+    twin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                     dtype=dtype)
     with torch.no_grad():
         twin.weight.copy_(layer.dequantize(dtype))
         if layer.bias is not None:
@@ -92,8 +94,10 @@ def test_from_weight_matches_quantize_nf4():
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
-        self.attn = nn.ModuleDict({"q_proj": nn.Linear(32, 32, bias=False), "o_proj": nn.Linear(32, 32)})
-        self.mlp = nn.Sequential(nn.Linear(32, 80, bias=False), nn.SiLU(), nn.Linear(80, 32, bias=False))
+        self.attn = nn.ModuleDict({"q_proj": nn.Linear(32, 32, bias=False),
+                                   "o_proj": nn.Linear(32, 32)})
+        self.mlp = nn.Sequential(nn.Linear(32, 80, bias=False), nn.SiLU(),
+                                 nn.Linear(80, 32, bias=False))
 
     def forward(self, x):
         x = x + self.attn["o_proj"](self.attn["q_proj"](x))
@@ -144,11 +148,14 @@ def test_state_dict_round_trip(double_quant):
 
 
 def test_double_quant_variant():
-    linear = make_linear(256, 80, bias=False)  # 320 NF4 blocks: two double-quant blocks, one partial
+    # 320 NF4 blocks: two double-quant blocks, one partial
+    linear = make_linear(256, 80, bias=False)
     plain = NF4Linear.from_linear(linear, compute_dtype=torch.float32)
     dq = NF4Linear.from_linear(linear, double_quant=True, compute_dtype=torch.float32)
-    assert torch.equal(dq.packed, plain.packed)  # same codes; only the scales are stored differently
-    assert dq.qabsmax.dtype == torch.uint8 and dq.absmax_scales.shape == (2,) and dq.absmax_offset.dim() == 0
+    # same codes; only the scales are stored differently
+    assert torch.equal(dq.packed, plain.packed)
+    assert (dq.qabsmax.dtype == torch.uint8 and dq.absmax_scales.shape == (2,)
+            and dq.absmax_offset.dim() == 0)
     # scales come back within half a dynamic-map step (0.00704) of the block's double-quant scale
     err = (dq.absmax_f32() - plain.absmax).abs()
     assert (err <= 0.00704 * dq.absmax_scales.repeat_interleave(256)[:320] + 1e-7).all()
@@ -158,9 +165,10 @@ def test_double_quant_variant():
     twin = dense_twin(dq, torch.float32)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(6))
     torch.testing.assert_close(dq(x), twin(x), **TOL[torch.float32])
-    # bits per weight: 4 + 8/64 + 32 per 64*256 weights (one scale; here a partial second one + offset),
-    # i.e. 4.127 for a large weight
-    bits = (dq.packed.numel() * 8 + dq.qabsmax.numel() * 8 + (dq.absmax_scales.numel() + 1) * 32) / (256 * 80)
+    # bits per weight: 4 + 8/64 + 32 per 64*256 weights (one scale; here a partial second one +
+    # offset), i.e. 4.127 for a large weight
+    bits = (dq.packed.numel() * 8 + dq.qabsmax.numel() * 8
+            + (dq.absmax_scales.numel() + 1) * 32) / (256 * 80)
     assert bits == 4 + 8 / 64 + 3 * 32 / (256 * 80)
     assert 4 + 8 / 64 + 32 / (64 * 256) == pytest.approx(4.127, abs=1e-3)
 
@@ -168,8 +176,8 @@ def test_double_quant_variant():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 24])
 def test_custom_ops_pass_opcheck(dtype, rows):
-    # torch.library.opcheck checks the schema, the fake (shape-only) functions torch.compile uses, and
-    # that the registered backward agrees with what autograd sees
+    # torch.library.opcheck checks the schema, the fake (shape-only) functions torch.compile uses,
+    # and that the registered backward agrees with what autograd sees
     from minillm.finetune.nf4_linear import nf4_grad_x_op, nf4_linear_op
 
     layer = NF4Linear.from_linear(make_linear(129, 37, bias=False), compute_dtype=dtype)
@@ -186,8 +194,8 @@ def tiny_qlora_model():
     from minillm.model import Llama
 
     torch.manual_seed(0)
-    model = Llama(ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
-                              max_seq_len=32))
+    model = Llama(ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              hidden_dim=96, max_seq_len=32))
     quantize_model_(model, compute_dtype=torch.float32, double_quant=True)
     apply_lora(model, r=4, alpha=8, dropout=0.0)
     mark_only_lora_trainable(model)
@@ -207,11 +215,13 @@ def test_compiled_nf4_decode_step_has_no_graph_break():
         tok = prefill(model, torch.tensor([[1, 5, 9]]), torch.arange(3)).argmax(-1, keepdim=True)
         eager = decode_one_token(model, tok, torch.tensor([3]))
         compiled = torch.compile(decode_one_token, backend="aot_eager", fullgraph=True)
-        torch.testing.assert_close(compiled(model, tok, torch.tensor([3])), eager, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(compiled(model, tok, torch.tensor([3])), eager, atol=1e-6,
+                                   rtol=1e-6)
 
 
 def test_compiled_qlora_training_step_matches_eager():
-    # a QLoRA step under torch.compile (training.compile = true) goes through the registered backward
+    # a QLoRA step under torch.compile (training.compile = true) goes
+    # through the registered backward
     model = tiny_qlora_model().train()
     idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
     _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -221,11 +231,11 @@ def test_compiled_qlora_training_step_matches_eager():
     _, loss_c = torch.compile(model, backend="aot_eager", fullgraph=True)(idx[:, :-1], idx[:, 1:])
     loss_c.backward()
     torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
-    assert eager and all(torch.allclose(p.grad, eager[n], atol=1e-6) for n, p in model.named_parameters()
-                         if p.requires_grad)
+    assert eager and all(torch.allclose(p.grad, eager[n], atol=1e-6)
+                         for n, p in model.named_parameters() if p.requires_grad)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Double quantization
 
 
@@ -235,11 +245,13 @@ def test_dynamic_map_known_entries():
     assert (code[1:] > code[:-1]).all()  # sorted, no duplicates
     assert code[127].item() == 0.0 and code[255].item() == 1.0
     assert torch.equal(code[:127], -code[128:255].flip(0))  # symmetric apart from 0 and 1.0
-    # decade 1e-6 holds one value, the middle of [0.1, 1]; decade 1e-5 two: middles of [0.1, 0.55, 1]
+    # decade 1e-6 holds one value, the middle of [0.1, 1];
+    # decade 1e-5 two: middles of [0.1, 0.55, 1]
     assert code[128].item() == pytest.approx(0.55e-6, rel=1e-6)
     assert code[129].item() == pytest.approx(3.25e-6, rel=1e-6)
     assert code[130].item() == pytest.approx(7.75e-6, rel=1e-6)
-    # the top decade holds 64 values, the middles of linspace(0.1, 1, 65): the last is (0.9859375 + 1) / 2
+    # the top decade holds 64 values, the middles of linspace(0.1, 1, 65): the last is
+    # (0.9859375 + 1) / 2
     assert code[254].item() == pytest.approx(0.99296875, rel=1e-6)
     assert code[253].item() == pytest.approx(0.97890625, rel=1e-6)
     assert code[0].item() == pytest.approx(-0.99296875, rel=1e-6)
@@ -261,9 +273,11 @@ def test_double_quant_roundtrip():
     qabsmax, scales, offset = double_quantize(absmax)
     assert qabsmax.dtype == torch.uint8 and qabsmax.shape == (1000,)
     assert scales.dtype == torch.float32 and scales.shape == (4,)
-    assert offset.dtype == torch.float32 and offset.item() == pytest.approx(absmax.mean().item(), rel=1e-6)
+    assert (offset.dtype == torch.float32
+            and offset.item() == pytest.approx(absmax.mean().item(), rel=1e-6))
     back = double_dequantize(qabsmax, scales, offset)
-    # the widest gap of the dynamic map is 0.9930 - 0.9789 = 0.01406: error <= half of it times the scale
+    # the widest gap of the dynamic map is 0.9930 - 0.9789 = 0.01406:
+    # error <= half of it times the scale
     bound = 0.00704 * scales.repeat_interleave(256)[:1000] + 1e-7
     assert ((back - absmax).abs() <= bound).all()
     # one multiply then one add, in float32
@@ -272,12 +286,14 @@ def test_double_quant_roundtrip():
 
 
 def test_double_quant_constant_block_is_exact():
-    absmax = torch.full((300,), 0.125)  # centred values all 0: scale 0, NaN -> code 0, back to offset
+    # centred values all 0: scale 0, NaN -> code 0, back to offset
+    absmax = torch.full((300,), 0.125)
     back = double_dequantize(*double_quantize(absmax))
     assert torch.equal(back, absmax)
 
 
 def test_dynamic_map_is_made_once_per_device():
-    # NF4Linear dequantizes its scales on every forward: a host-to-device copy per call would stall the GPU
+    # NF4Linear dequantizes its scales on every forward: a host-to-device copy
+    # per call would stall the GPU
     assert dynamic_code() is dynamic_code("cpu") is dynamic_code(torch.device("cpu"))
     assert torch.equal(dynamic_code(), create_dynamic_map()) and dynamic_code()[127].item() == 0.0

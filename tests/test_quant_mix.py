@@ -1,8 +1,9 @@
-"""llama-quantize's per-tensor type rules (minillm/ship/quant_mix.py) and the GGUF export that follows them.
+"""llama-quantize's per-tensor type rules (minillm/ship/quant_mix.py) and the GGUF
+export that follows them.
 
-The expected types are spelled out from `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp; the
-fixture tests/data/llama_cpp_mix_types.json holds the types llama.cpp itself chose for a tiny model
-(bench/peer_quant_check.py, through llama-cpp-python's `llama_model_quantize`)."""
+The expected types are spelled out from `llama_tensor_get_type` in llama.cpp's src/llama-quant.cpp;
+the fixture tests/data/llama_cpp_mix_types.json holds the types llama.cpp itself chose for a tiny
+model (bench/peer_quant_check.py, through llama-cpp-python's `llama_model_quantize`)."""
 
 import json
 from pathlib import Path
@@ -62,12 +63,14 @@ def test_fallbacks_openllama_3b():
     cfg = ModelConfig.from_name("openllama-3b")
     t = types_of(cfg, "q4_k_m")
     assert t["output.weight"] == "Q8_0" and t["token_embd.weight"] == "Q5_0"
-    assert t["blk.0.attn_v.weight"] == t["blk.0.ffn_down.weight"] == "Q8_0"  # Q6_K layer, fallen back
+    # Q6_K layer, fallen back
+    assert t["blk.0.attn_v.weight"] == t["blk.0.ffn_down.weight"] == "Q8_0"
     assert t["blk.3.attn_v.weight"] == t["blk.3.ffn_down.weight"] == "Q5_0"
     assert t["blk.5.attn_v.weight"] == "Q8_0"  # (5 - 26/8) % 3 == 2
     t = types_of(cfg, "q5_k_s")
     assert {t[f"blk.{i}.attn_q.weight"] for i in range(26)} == {"Q5_1"}
-    assert quant_mix.tensor_type("blk.0.attn_q.weight", (8, 48), "q4_k_m", 1, 1, 1) == GGML_F16  # 48 % 32 != 0
+    # 48 % 32 != 0
+    assert quant_mix.tensor_type("blk.0.attn_q.weight", (8, 48), "q4_k_m", 1, 1, 1) == GGML_F16
     assert quant_mix.tensor_type("blk.0.attn_q.weight", (8, 48), "q5_0", 1, 1, 1) == GGML_F16
 
 
@@ -92,10 +95,11 @@ def test_other_mixes_and_aliases():
         quant_mix.file_type("q3_k_m")
 
 
-@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q4_1", "q5_0", "q5_1"])
+@pytest.mark.parametrize("mix", ["q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s", "q4_1", "q5_0",
+                                 "q5_1"])
 def test_types_match_llama_cpp(mix):
-    """The types llama.cpp's llama_model_quantize chose for the peer-check model (8 layers; rows of 256, 320
-    and 512 values), tensor for tensor."""
+    """The types llama.cpp's llama_model_quantize chose for the peer-check model (8 layers; rows of
+    256, 320 and 512 values), tensor for tensor."""
     fixture = json.loads(FIXTURE.read_text())
     cfg = ModelConfig(**fixture["config"])
     assert types_of(cfg, mix) == fixture["types"][mix]
@@ -106,9 +110,10 @@ def test_types_match_llama_cpp(mix):
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
     tok = tiny_tokenizer(d / "tokenizer.model")
-    # 2 layers: use_more_bits(1, 2) holds and use_more_bits(0, 2) does not; ffn_down rows of 96 fall back
-    cfg = ModelConfig(dim=256, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96, vocab_size=tok.vocab_size,
-                      max_seq_len=64)
+    # 2 layers: use_more_bits(1, 2) holds and use_more_bits(0, 2) does not;
+    # ffn_down rows of 96 fall back
+    cfg = ModelConfig(dim=256, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96,
+                      vocab_size=tok.vocab_size, max_seq_len=64)
     write_hf_checkpoint(d, cfg, seed=3, fmt="safetensors", tokenizer=tok)
     return d
 

@@ -1,9 +1,9 @@
 """LR schedules: exact values at the landmark steps, each worked out by hand from the formulas.
 
-Landmarks for every schedule: step 0, the last warmup step (the peak), the midpoint of the decay, the last
-step (total_steps - 1) and past the end. Unless a test says otherwise: max_lr 1.0, min_lr 0.1,
-warmup_steps 10 (peak at step 9), total_steps 110 (last step 109), so the decay spans 109 - 9 = 100 steps
-and its midpoint is step 59.
+Landmarks for every schedule: step 0, the last warmup step (the peak), the midpoint of the decay,
+the last step (total_steps - 1) and past the end. Unless a test says otherwise: max_lr 1.0,
+min_lr 0.1, warmup_steps 10 (peak at step 9), total_steps 110 (last step 109), so the decay spans
+109 - 9 = 100 steps and its midpoint is step 59.
 """
 
 import math
@@ -43,19 +43,23 @@ def test_constant():
 def test_linear():
     # p = (s - 9) / 100; lr = 1 - 0.9 p
     expected = [0.1, 1.0, 1 - 0.9 * 0.01, 0.55, 1 - 0.9 * 0.75, 0.1, 0.1, 0.1]
-    assert lrs(cfg("linear"), [0, 9, 10, 59, 84, 109, 110, 5000]) == pytest.approx(expected, abs=1e-12)
+    assert (lrs(cfg("linear"), [0, 9, 10, 59, 84, 109, 110, 5000])
+            == pytest.approx(expected, abs=1e-12))
 
 
 def test_cosine():
-    # lr = 0.1 + 0.45 (1 + cos(pi p)); midpoint p = 1/2 -> 0.55; p = 1/4 -> 0.1 + 0.45 (1 + sqrt(2)/2)
+    # lr = 0.1 + 0.45 (1 + cos(pi p)); midpoint p = 1/2 -> 0.55;
+    # p = 1/4 -> 0.1 + 0.45 (1 + sqrt(2)/2)
     quarter = 0.1 + 0.45 * (1 + 0.7071067811865476)
     three_quarters = 0.1 + 0.45 * (1 - 0.7071067811865476)
     expected = [0.1, 1.0, quarter, 0.55, three_quarters, 0.1, 0.1, 0.1]
-    assert lrs(cfg("cosine"), [0, 9, 34, 59, 84, 109, 110, 5000]) == pytest.approx(expected, abs=1e-12)
+    assert (lrs(cfg("cosine"), [0, 9, 34, 59, 84, 109, 110, 5000])
+            == pytest.approx(expected, abs=1e-12))
 
 
 def test_wsd():
-    # total 100, decay_frac 0.2: the last 20 steps cool down; S = 99 - 20 = 79 is the last step at max_lr
+    # total 100, decay_frac 0.2: the last 20 steps cool down; S = 99 - 20 = 79
+    # is the last step at max_lr
     c = cfg("wsd", total_steps=100, decay_frac=0.2)
     assert wsd_decay_start(100, 0.2) == 79
     # q = (s - 79) / 20; lr = 0.1 + 0.9 (1 - sqrt(q)): s=84 -> q=1/4 -> 0.55; s=89 -> q=1/2
@@ -67,7 +71,8 @@ def test_wsd():
 
 
 def test_inv_sqrt():
-    # warmup 4: (s+1)/4, then sqrt(4 / (s+1)) floored at 0.1; no horizon, so past total_steps it goes on
+    # warmup 4: (s+1)/4, then sqrt(4 / (s+1)) floored at 0.1; no horizon, so
+    # past total_steps it goes on
     c = cfg("inv_sqrt", warmup_steps=4, total_steps=100)
     expected = [0.25, 1.0, 0.5, 0.25, 0.2, 0.1, 0.1]
     assert lrs(c, [0, 3, 15, 63, 99, 399, 10**6]) == pytest.approx(expected, abs=1e-12)

@@ -17,7 +17,8 @@ def test_field_types_resolve_the_annotation_strings():
 
 @pytest.mark.parametrize("value, tp, expected", [
     (3, int, 3), (2.5, float, 2.5), (3, float, 3.0), (True, bool, True), ("q", str, "q"),
-    (None, int | None, None), (4, int | None, 4), (["q_proj", "v_proj"], list[str], ["q_proj", "v_proj"]),
+    (None, int | None, None), (4, int | None, 4),
+    (["q_proj", "v_proj"], list[str], ["q_proj", "v_proj"]),
 ])
 def test_values_of_the_annotated_type_pass(value, tp, expected):
     out = check_value("k", value, tp, "src")
@@ -44,7 +45,10 @@ def test_both_loaders_give_the_same_error_and_widening():
         ModelConfig.from_dict({"dim": "128"}, source="x.json")
     with pytest.raises(TypeError, match=r"^run\.toml: model\.dim must be int, found str '128'$"):
         apply_overrides(TrainConfig(), {"model.dim": "128"}, "run.toml")
-    # tie_embeddings spelled out: a TrainConfig starts from the tied tiny preset, a model file from untied
-    from_json = ModelConfig.from_dict({"norm_eps": 1, "rope_theta": 500000, "tie_embeddings": True}, source="x.json")
-    from_toml = apply_overrides(TrainConfig(), {"model.norm_eps": 1, "model.rope_theta": 500000}, "t").model
+    # tie_embeddings spelled out: a TrainConfig starts from the tied tiny
+    # preset, a model file from untied
+    from_json = ModelConfig.from_dict({"norm_eps": 1, "rope_theta": 500000, "tie_embeddings": True},
+                                      source="x.json")
+    from_toml = apply_overrides(TrainConfig(),
+                                {"model.norm_eps": 1, "model.rope_theta": 500000}, "t").model
     assert from_json == from_toml and type(from_json.rope_theta) is float

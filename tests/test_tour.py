@@ -1,10 +1,10 @@
-"""The tour (`python -m minillm.tour --quick`) runs the whole path end to end, and every artifact it reports
-is real: checkpoints and adapters load, the adapter reproduces the merged model, the reports have their
-rows, the GGUF files read back with the right types and generate text through minillm.
+"""The tour (`python -m minillm.tour --quick`) runs the whole path end to end, and every artifact it
+reports is real: checkpoints and adapters load, the adapter reproduces the merged model, the reports
+have their rows, the GGUF files read back with the right types and generate text through minillm.
 
-The tour runs once, as a subprocess like a user's command (without the TRITON_INTERPRET the conftest sets:
-on a CPU the NF4 layers then take the PyTorch path; with OMP_NUM_THREADS=1, which keeps a busy CI machine
-from OpenMP oversubscription); the tests below inspect what it wrote.
+The tour runs once, as a subprocess like a user's command (without the TRITON_INTERPRET the conftest
+sets: on a CPU the NF4 layers then take the PyTorch path; with OMP_NUM_THREADS=1, which keeps a busy
+CI machine from OpenMP oversubscription); the tests below inspect what it wrote.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def tour(tmp_path_factory):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "minillm.tour", "--quick", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "minillm.tour", "--quick", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"tour failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads((out / "summary.json").read_text())
     return dict(out=out, stdout=proc.stdout, summary=summary)
@@ -49,7 +49,8 @@ def test_tour_prints_every_stage_and_the_summary_table(tour):
     for n in range(1, 8):
         assert f"[tour {n}/7]" in text
     assert "| model | held-out loss | perplexity | exact | contains |" in text
-    for label in ("base (pretrained on code)", "LoRA r=16", "QLoRA r=16 (NF4 base)", "GGUF q8_0", "GGUF q4_0"):
+    for label in ("base (pretrained on code)", "LoRA r=16", "QLoRA r=16 (NF4 base)", "GGUF q8_0",
+                  "GGUF q4_0"):
         assert label in text
     assert "python train.py --out_dir" in text and "llama-cli -m" in text
 
@@ -65,14 +66,17 @@ def test_summary_numbers(tour):
         m = s["models"][name]
         assert 0 <= m["exact"] <= m["contains"] <= 1 and m["n_short"] == 4
         assert math.isclose(m["ppl"], math.exp(m["loss"]), rel_tol=1e-9)
-    for name in ("base", "lora", "qlora", "gguf_q8_0", "gguf_q4_0"):  # 16 module questions under --quick
+    # 16 module questions under --quick
+    for name in ("base", "lora", "qlora", "gguf_q8_0", "gguf_q4_0"):
         m = s["models"][name]
-        assert all(0 <= m[k] <= 1 and float(16 * m[k]).is_integer() for k in ("mc_acc", "mc_acc_norm")), m
+        assert all(0 <= m[k] <= 1 and float(16 * m[k]).is_integer()
+                   for k in ("mc_acc", "mc_acc_norm")), m
     # quantizing the merged LoRA model changes its loss a little: q8_0 less than q4_0
     lora = s["models"]["lora"]["loss"]
     assert abs(s["models"]["gguf_q8_0"]["loss"] - lora) < 0.05
     assert abs(s["models"]["gguf_q4_0"]["loss"] - lora) < 0.5
-    assert set(s["seconds"]) >= {"pretrain", "lora", "qlora", "evaluate", "export", "generate", "total"}
+    assert set(s["seconds"]) >= {"pretrain", "lora", "qlora", "evaluate", "export", "generate",
+                                 "total"}
 
 
 def test_checkpoints_and_adapters_load(tour):
@@ -109,7 +113,8 @@ def test_reports_have_a_row_per_question(tour):
 def test_gguf_files_read_back_and_generate(tour, outtype, ggml_type, file_type):
     path = Path(tour["summary"]["artifacts"][f"gguf_{outtype}"])
     g = read_gguf(path)
-    assert g.metadata["general.architecture"] == "llama" and g.metadata["general.file_type"] == file_type
+    assert (g.metadata["general.architecture"] == "llama"
+            and g.metadata["general.file_type"] == file_type)
     assert g.tensors["blk.0.attn_q.weight"].ggml_type == ggml_type
     assert g.tensors["blk.0.attn_norm.weight"].ggml_type == 0  # norms stay F32
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 1024
@@ -123,8 +128,8 @@ def test_gguf_files_read_back_and_generate(tour, outtype, ggml_type, file_type):
 
 
 def test_tour_help_documents_every_flag():
-    proc = subprocess.run([sys.executable, "-m", "minillm.tour", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "minillm.tour", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     for flag in ("--out", "--quick", "--base", "--device", "--eval-examples", "--short-answers"):
         assert flag in proc.stdout

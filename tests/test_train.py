@@ -1,4 +1,5 @@
-"""The training loop: token-normalised accumulation, exact resume, NaN stop, atomic checkpoints, DDP, CLI.
+"""The training loop: token-normalised accumulation, exact resume, NaN stop,
+atomic checkpoints, DDP, CLI.
 
 Every run here is a 2-layer, dim-32 model on five stdlib files with a 384-piece tokenizer, 32-token
 windows, a handful of steps: seconds each on a CPU.
@@ -64,12 +65,13 @@ def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # pieces
 
 
 def test_grad_accumulation_is_token_normalised():
-    """k micro-batches with different numbers of -100 targets give the gradient of the one big batch."""
+    """k micro-batches with different numbers of -100 targets give the gradient
+    of the one big batch."""
     torch.manual_seed(0)
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=96, max_seq_len=32)
     a = Llama(cfg)
@@ -106,14 +108,16 @@ def test_weight_decay_only_on_matrices():
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() == 2}
-    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters() if "norm" in n}
+    assert {id(p) for p in no_decay["params"]} == {id(p) for n, p in model.named_parameters()
+                                                   if "norm" in n}
     assert len(decay["params"]) == 2 * 7 + 2 and len(no_decay["params"]) == 2 * 2 + 1
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     """A save killed mid-write leaves the previous ckpt.pt byte for byte, and no temp file."""
     cfg = TrainConfig()
-    model = Llama(ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=96, max_seq_len=32))
+    model = Llama(ModelConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=96,
+                              max_seq_len=32))
     opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), 1e-8, fused=False)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = tmp_path / "ckpt.pt"
@@ -132,7 +136,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert training.load_checkpoint(path)["step"] == 5
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # whole runs
 
 
@@ -182,8 +186,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch)
 
     monkeypatch.setattr(training, "token_loss_sum", poisoned)
     cfg = tiny_cfg(assets, tmp_path, checkpoint__interval=2, eval__interval=0)
-    for stale in (".ckpt.pt.tmp12345678", ".events.bin.tmp.4194305"):  # an earlier run's, killed (-9)
-        (tmp_path / stale).write_bytes(b"half a file")  # (pids above Linux's 2**22 limit: never alive)
+    # an earlier run's, killed (-9) (pids above Linux's 2**22 limit: never alive)
+    for stale in (".ckpt.pt.tmp12345678", ".events.bin.tmp.4194305"):
+        (tmp_path / stale).write_bytes(b"half a file")
     message = r"step 4: training loss is nan .* last good checkpoint .*ckpt.pt \(step 4\) is kept"
     with pytest.raises(FloatingPointError, match=message):
         train(cfg)
@@ -215,7 +220,8 @@ def test_cli_toml_and_flags(assets, tmp_path):
         lines += [f"{k.split('.')[1]} = {json.dumps(v)}"
                   for k, v in flat.items() if k.startswith(section + ".")]
     toml.write_text("\n".join(lines) + "\n")
-    script.main([str(toml), "--schedule.max_lr", "0.005", "--optim.weight_decay=0.05", "--compile", "false"])
+    script.main([str(toml), "--schedule.max_lr", "0.005", "--optim.weight_decay=0.05",
+                 "--compile", "false"])
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert saved["schedule"]["max_lr"] == 0.005 and saved["optim"]["weight_decay"] == 0.05
     assert saved["max_steps"] == 2 and saved["model"]["dim"] == 32
@@ -228,16 +234,19 @@ def test_cli_toml_and_flags(assets, tmp_path):
 
 
 def test_mixed_precision_tracks_float32_and_fp16_resumes_exactly(assets, tmp_path):
-    """bf16 autocast, and fp16 autocast with a GradScaler, train like float32 to within bf16/fp16 rounding; the
-    scaler's state is saved, so an fp16 run stopped and resumed is bit-identical to the uninterrupted one."""
-    over = dict(schedule__total_steps=4, eval__interval=0, eval__sample_tokens=0, checkpoint__export=False)
+    """bf16 autocast, and fp16 autocast with a GradScaler, train like float32 to within bf16/fp16
+    rounding; the scaler's state is saved, so an fp16 run stopped and resumed is bit-identical to
+    the uninterrupted one."""
+    over = dict(schedule__total_steps=4, eval__interval=0, eval__sample_tokens=0,
+                checkpoint__export=False)
     fp32 = train(tiny_cfg(assets, tmp_path / "fp32", **over))
     bf16 = train(tiny_cfg(assets, tmp_path / "bf16", dtype="bfloat16", **over))
     fp16 = train(tiny_cfg(assets, tmp_path / "fp16", dtype="float16", **over))
     for run in (bf16, fp16):
         assert max(abs(run.losses[s] - fp32.losses[s]) for s in range(4)) < 0.05
     assert fp16.losses != fp32.losses  # the matmuls did run in half precision
-    assert training.load_checkpoint(tmp_path / "bf16" / "ckpt.pt")["scaler"] == {}  # bf16 needs no scaler
+    # bf16 needs no scaler
+    assert training.load_checkpoint(tmp_path / "bf16" / "ckpt.pt")["scaler"] == {}
     assert training.load_checkpoint(tmp_path / "fp16" / "ckpt.pt")["scaler"]["scale"] == 2.0**16
     train(tiny_cfg(assets, tmp_path / "fp16b", dtype="float16", **{**over, "max_steps": 2}))
     second = train(tiny_cfg(assets, tmp_path / "fp16b", dtype="float16", **over), resume=True)
@@ -246,9 +255,10 @@ def test_mixed_precision_tracks_float32_and_fp16_resumes_exactly(assets, tmp_pat
 
 
 def test_compiled_model_trains_like_eager(assets, tmp_path, monkeypatch):
-    """compile = true runs the steps through torch.compile, and the checkpoint still holds the plain Llama's
-    keys (no _orig_mod. prefix). The backend here is aot_eager: dynamo's graph capture and AOT autograd, the
-    parts that can break a training step, without inductor's C++ build, which a CPU test cannot afford."""
+    """compile = true runs the steps through torch.compile, and the checkpoint still holds the plain
+    Llama's keys (no _orig_mod. prefix). The backend here is aot_eager: dynamo's graph capture and
+    AOT autograd, the parts that can break a training step, without inductor's C++ build, which a
+    CPU test cannot afford."""
     real_compile = torch.compile
     compiled_modules = []
 
@@ -257,7 +267,8 @@ def test_compiled_model_trains_like_eager(assets, tmp_path, monkeypatch):
         return real_compile(model, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", compile_aot_eager)
-    over = dict(schedule__total_steps=3, eval__interval=0, eval__sample_tokens=0, checkpoint__export=False)
+    over = dict(schedule__total_steps=3, eval__interval=0, eval__sample_tokens=0,
+                checkpoint__export=False)
     eager = train(tiny_cfg(assets, tmp_path / "eager", **over))
     compiled = train(tiny_cfg(assets, tmp_path / "compiled", compile=True, **over))
     assert compiled_modules == [compiled.model]
@@ -267,7 +278,7 @@ def test_compiled_model_trains_like_eager(assets, tmp_path, monkeypatch):
     assert sorted(ckpt["model"]) == sorted(eager.model.state_dict())
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data parallel: 2 CPU processes over gloo == 1 process with the same global batch
 
 
@@ -278,12 +289,13 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, flat: dict, out_pattern: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
         result = train(apply_overrides(TrainConfig(), flat, "test"))
-        torch.save(dict(losses=result.losses, val=result.val_losses, state=result.model.state_dict()),
+        torch.save(dict(losses=result.losses, val=result.val_losses,
+                        state=result.model.state_dict()),
                    out_pattern.format(rank=rank))
     finally:
         if dist.is_initialized():
@@ -291,8 +303,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, flat: dict, out_pattern: 
 
 
 def test_ddp_two_ranks_match_one_process(assets, tmp_path):
-    over = dict(grad_accum_steps=2, schedule__total_steps=3, eval__interval=0, eval__sample_tokens=0,
-                checkpoint__export=False)
+    over = dict(grad_accum_steps=2, schedule__total_steps=3, eval__interval=0,
+                eval__sample_tokens=0, checkpoint__export=False)
     single = train(tiny_cfg(assets, tmp_path / "single", **over))
     pattern = str(tmp_path / "rank{rank}.pt")
     flat = tiny_flat(assets, tmp_path / "ddp", **over)
@@ -307,13 +319,14 @@ def test_ddp_two_ranks_match_one_process(assets, tmp_path):
     assert max((r0["state"][k] - ref[k]).abs().max().item() for k in ref) < 1e-5
 
 
-# -----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # fine-tuning: LoRA / QLoRA on instruction data, from an HF checkpoint
 
 
 def alpaca_file(path: Path, n: int = 24) -> Path:
     words = ["list", "dict", "tuple", "set", "string", "number", "file", "class"]
-    rows = [dict(instruction=f"Name a Python {words[i % 8]} method.", input="" if i % 3 else "briefly",
+    rows = [dict(instruction=f"Name a Python {words[i % 8]} method.",
+                 input="" if i % 3 else "briefly",
                  output=f"The {words[(i * 5) % 8]} type has {'many ' * (1 + i % 4)}methods.")
             for i in range(n)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -335,9 +348,10 @@ def base_checkpoint(assets, tmp_path_factory):
 def finetune_cfg(assets, base_checkpoint, out_dir, method, **over) -> TrainConfig:
     flat = dict(init_from=str(base_checkpoint), finetune__method=method, finetune__lora_r=4,
                 finetune__lora_targets=["q_proj", "v_proj", "down_proj"], data__format="instruct",
-                data__corpus=str(alpaca_file(Path(out_dir).parent / "alpaca.jsonl")), data__packing=True,
-                data__tokenizer="", data__val_frac=0.2, block_size=48, schedule__total_steps=4,
-                schedule__max_lr=5e-2, eval__interval=2, checkpoint__interval=2)
+                data__corpus=str(alpaca_file(Path(out_dir).parent / "alpaca.jsonl")),
+                data__packing=True, data__tokenizer="", data__val_frac=0.2, block_size=48,
+                schedule__total_steps=4, schedule__max_lr=5e-2, eval__interval=2,
+                checkpoint__interval=2)
     flat.update(over)
     return tiny_cfg(assets, out_dir, **flat)
 
@@ -349,7 +363,8 @@ def test_lora_instruct_finetune_resumes_exactly_and_exports(assets, base_checkpo
     for k, v in base.state_dict().items():  # the base is frozen: every weight as loaded
         assert torch.equal(tuned.get(k, tuned.get(k.replace(".weight", ".base.weight"))), v), k
     lora_b = [v for k, v in tuned.items() if k.endswith("lora_B.weight")]
-    assert len(lora_b) == 2 * 3 and all(v.abs().sum() > 0 for v in lora_b)  # B starts at 0 and trained
+    # B starts at 0 and trained
+    assert len(lora_b) == 2 * 3 and all(v.abs().sum() > 0 for v in lora_b)
     ckpt = training.load_checkpoint(tmp_path / "a" / "ckpt.pt")
     assert sorted(ckpt["model"]) == sorted(k for k in tuned if ".lora_" in k)  # only the adapters
 
@@ -360,8 +375,10 @@ def test_lora_instruct_finetune_resumes_exactly_and_exports(assets, base_checkpo
 
     # exports: the PEFT adapter, and a plain model with the adapters folded in for generate.py
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
-    # the template it trained with (alpaca data, data.template unset → alpaca), for export and --chat
-    assert read_template_record(tmp_path / "a") == read_template_record(tmp_path / "a" / "adapter") == "alpaca"
+    # the template it trained with (alpaca data, data.template
+    # unset → alpaca), for export and --chat
+    assert (read_template_record(tmp_path / "a")
+            == read_template_record(tmp_path / "a" / "adapter") == "alpaca")
     merged = load_pretrained(tmp_path / "a")
     x = torch.randint(0, 384, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -374,15 +391,17 @@ def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_pat
     from minillm.finetune.nf4_linear import NF4Linear
     from minillm.training import flops
 
-    cfg = finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3, eval__interval=0,
-                       eval__sample_tokens=0, finetune__double_quant=True, log__tensorboard=True,
-                       log__interval=1, log__peak_flops=1e12)
+    cfg = finetune_cfg(assets, base_checkpoint, tmp_path, "qlora", schedule__total_steps=3,
+                       eval__interval=0, eval__sample_tokens=0, finetune__double_quant=True,
+                       log__tensorboard=True, log__interval=1, log__peak_flops=1e12)
     result = train(cfg)
-    # the printed count and the MFU are flops.py's: NF4 weights counted, 4N + 6N_adapter FLOPs per token
+    # the printed count and the MFU are flops.py's: NF4 weights counted,
+    # 4N + 6N_adapter FLOPs per token
     est = flops.estimate(result.model.config, "qlora", cfg.batch_size, cfg.block_size, 4,
                          ("q_proj", "v_proj", "down_proj"))
     assert est.flops_per_token < flops.flops_per_token(result.model.config, cfg.block_size, "full")
-    assert (f"model: {est.params / 1e6:.2f}M parameters ({est.trainable / 1e6:.2f}M trained, qlora), "
+    assert (f"model: {est.params / 1e6:.2f}M parameters "
+            f"({est.trainable / 1e6:.2f}M trained, qlora), "
             f"{est.flops_per_token / 1e6:.1f} MFLOPs/token") in capsys.readouterr().out
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     speeds, mfus = events.Scalars("perf/tokens_per_s"), events.Scalars("perf/mfu")
@@ -391,12 +410,14 @@ def test_qlora_trains_adapters_over_an_nf4_base(assets, base_checkpoint, tmp_pat
         assert mfu.value == pytest.approx(speed.value * est.flops_per_token / 1e12, rel=1e-6)
     assert all(math.isfinite(v) for v in result.losses.values()) and len(result.losses) == 3
     assert isinstance(result.model.layers[0].mlp.gate_proj, NF4Linear)  # quantized, not adapted
-    assert result.model.layers[0].mlp.gate_proj.double_quant  # finetune.double_quant reached the loader
+    # finetune.double_quant reached the loader
+    assert result.model.layers[0].mlp.gate_proj.double_quant
     assert isinstance(result.model.layers[0].self_attn.q_proj.base, NF4Linear)
     trained = {k for k, p in result.model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in k for k in trained)
 
 
 def test_adapters_need_a_pretrained_model(assets, tmp_path):
-    with pytest.raises(ValueError, match=r"finetune.method='lora' adapts a pretrained model: set init_from"):
+    with pytest.raises(ValueError, match=r"finetune.method='lora' adapts a pretrained model: "
+                                         r"set init_from"):
         train(tiny_cfg(assets, tmp_path, finetune__method="lora"))
