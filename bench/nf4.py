@@ -3,12 +3,13 @@ bandwidth, and the batched (dequantize + cuBLAS) matmul in TFLOP/s.
 
     python bench/nf4.py                       # Llama-7B projection shapes on CUDA
     python bench/nf4.py --shapes 4096x4096    # one shape
-    python bench/nf4.py --peer                # + bitsandbytes' quantize_4bit / matmul_4bit / dequantize_4bit
+    python bench/nf4.py --peer                # + bitsandbytes' quantize_4bit / matmul_4bit /
+                                              # dequantize_4bit
 
 Roofline for decode: one token reads every weight once, so the fastest possible NF4 GEMV takes
-(packed bytes + absmax bytes) / copy bandwidth, with the copy bandwidth measured here (read + write of a
-large buffer). Without CUDA the script runs small shapes through the plain-PyTorch reference path and
-says so: those numbers describe the reference, not the kernels.
+(packed bytes + absmax bytes) / copy bandwidth, with the copy bandwidth measured here (read + write
+of a large buffer). Without CUDA the script runs small shapes through the plain-PyTorch reference
+path and says so: those numbers describe the reference, not the kernels.
 """
 
 import argparse
@@ -97,7 +98,8 @@ def bench_cuda_shape(cfg: BenchConfig, n_out: int, n_in: int, bw_gbs: float, pee
         "bf16 cuBLAS us": f"{timed(lambda: x @ w.t()):.1f}",  # (1, in) @ (in, out)
         "dequant us": f"{deq_us:.1f}",
         "dequant % of copy BW": f"{deq_gbs / bw_gbs:.0%}",
-        "batched TFLOP/s": f"{flops / timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in)) / 1e6:.0f}",
+        "batched TFLOP/s":
+            f"{flops / timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in)) / 1e6:.0f}",
         "bf16 cuBLAS TFLOP/s": f"{flops / timed(lambda: xb @ w.t()) / 1e6:.0f}",
     }
     if peer:
@@ -113,8 +115,9 @@ def bench_cuda_shape(cfg: BenchConfig, n_out: int, n_in: int, bw_gbs: float, pee
 def bench_cuda(cfg: BenchConfig, peer: bool) -> None:
     bw_gbs = copy_bandwidth_gbs(cfg)
     versions = f"; peer {peers.versions('bitsandbytes')}" if peer else ""
-    title = (f"{torch.cuda.get_device_name()}, copy bandwidth {bw_gbs:.0f} GB/s; decode {cfg.decode_rows} row(s), "
-             f"batched {cfg.batch_rows} rows, bf16{versions}")  # fmt: skip
+    title = (f"{torch.cuda.get_device_name()}, copy bandwidth {bw_gbs:.0f} GB/s; "
+             f"decode {cfg.decode_rows} row(s), batched {cfg.batch_rows} rows, "
+             f"bf16{versions}")  # fmt: skip
     table(title, [bench_cuda_shape(cfg, n_out, n_in, bw_gbs, peer) for n_out, n_in in cfg.shapes])
 
 
@@ -127,10 +130,13 @@ def bench_cpu_shape(cfg: BenchConfig, n_out: int, n_in: int, peer: bool) -> dict
     xb = torch.randn(cfg.batch_rows, n_in)
     row = {
         "out x in": f"{n_out} x {n_in}",
-        "decode us": f"{timed(lambda: nf4_matmul(x, packed, absmax, n_out, n_in, backend='torch')):.1f}",
+        "decode us":
+            f"{timed(lambda: nf4_matmul(x, packed, absmax, n_out, n_in, backend='torch')):.1f}",
         "fp32 us": f"{timed(lambda: x @ w.t()):.1f}",
-        "dequant us": f"{timed(lambda: dequantize_nf4(packed, absmax, (n_out, n_in), backend='torch')):.1f}",
-        "batched us": f"{timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in, backend='torch')):.1f}",
+        "dequant us":
+            f"{timed(lambda: dequantize_nf4(packed, absmax, (n_out, n_in), backend='torch')):.1f}",
+        "batched us":
+            f"{timed(lambda: nf4_matmul(xb, packed, absmax, n_out, n_in, backend='torch')):.1f}",
     }
     if peer:
         bnb_matmul, bnb_dequantize = peers.bnb_nf4_ops(w)
@@ -141,14 +147,16 @@ def bench_cpu_shape(cfg: BenchConfig, n_out: int, n_in: int, peer: bool) -> dict
 
 
 def bench_cpu(cfg: BenchConfig, peer: bool) -> None:
-    title = "CPU run (no CUDA): timing the plain-PyTorch reference path, not the Triton kernels; fp32"
+    title = ("CPU run (no CUDA): timing the plain-PyTorch reference path, "
+             "not the Triton kernels; fp32")
     table(title, [bench_cpu_shape(cfg, n_out, n_in, peer) for n_out, n_in in cfg.shapes])
 
 
 def parse_shape(text: str) -> tuple[int, int]:
     out_features, _, in_features = text.lower().partition("x")
     if not (out_features.isdigit() and in_features.isdigit()):
-        raise argparse.ArgumentTypeError(f"shape must look like 4096x11008 (out x in), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"shape must look like 4096x11008 (out x in), got {text!r}")
     return int(out_features), int(in_features)
 
 
@@ -158,13 +166,16 @@ def main() -> None:
         "--shapes", type=parse_shape, nargs="+", default=None,
         help="weights as OUTxIN (default: Llama-7B shapes on CUDA, small ones on CPU)",
     )  # fmt: skip
-    parser.add_argument("--decode-rows", type=int, default=1, help="input rows of the decode (GEMV) case")
-    parser.add_argument(
-        "--batch-rows", type=int, default=None, help="rows of the batched case (default 2048; 64 on CPU)"
-    )
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 10; 1 on CPU)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 50; 3 on CPU)")
-    parser.add_argument("--peer", action="store_true", help="add bitsandbytes' NF4 timings (bench/peers.py)")
+    parser.add_argument("--decode-rows", type=int, default=1,
+                        help="input rows of the decode (GEMV) case")
+    parser.add_argument("--batch-rows", type=int, default=None,
+                        help="rows of the batched case (default 2048; 64 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls (default 10; 1 on CPU)")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed calls (default 50; 3 on CPU)")
+    parser.add_argument("--peer", action="store_true",
+                        help="add bitsandbytes' NF4 timings (bench/peers.py)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()

@@ -1,13 +1,14 @@
-"""Throwaway peer check: minillm's DoRA adapters against peft's, both ways, on a tiny random Llama, in two
-configurations: plain DoRA, and DoRA + rsLoRA + embed_tokens / lm_head trained in full over a vocabulary
-with two new tokens.
+"""Throwaway peer check: minillm's DoRA adapters against peft's, both ways, on a tiny random Llama,
+in two configurations: plain DoRA, and DoRA + rsLoRA + embed_tokens / lm_head trained in full over a
+vocabulary with two new tokens.
 
-    /path/to/peer-venv/bin/python bench/peer_dora_check.py      # needs torch, transformers, peft
+    /path/to/peer-venv/bin/python bench/peer_dora_check.py  # needs torch, transformers, peft
 
-1. ours → peft: minillm trains nothing, it randomizes lora_B and the magnitudes, saves the adapter; peft
-   loads it (PeftModel.from_pretrained) onto transformers' LlamaForCausalLM built from the same weights.
-2. peft → ours: peft's get_peft_model(use_dora=True), randomized the same way, save_pretrained; minillm's
-   load_adapter reads it.
+1. ours → peft: minillm trains nothing, it randomizes lora_B and the magnitudes, saves the adapter;
+   peft loads it (PeftModel.from_pretrained) onto transformers' LlamaForCausalLM built from the same
+   weights.
+2. peft → ours: peft's get_peft_model(use_dora=True), randomized the same way, save_pretrained;
+   minillm's load_adapter reads it.
 3. merged: peft's merge_and_unload against minillm's merge_lora.
 Each prints the max abs logit difference (float32, eager attention). Not a test: peft is never a
 dependency of minillm.
@@ -23,20 +24,27 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from minillm.config import ModelConfig  # noqa: E402
-from minillm.finetune.adapters import apply_lora, lora_modules, mark_only_lora_trainable, merge_lora  # noqa: E402
+from minillm.finetune.adapters import (  # noqa: E402
+    apply_lora,
+    lora_modules,
+    mark_only_lora_trainable,
+    merge_lora,
+)
 from minillm.finetune.new_tokens import resize_vocab  # noqa: E402
 from minillm.finetune.peft_io import load_adapter, save_adapter  # noqa: E402
 from minillm.formats.hf import save_hf  # noqa: E402
 from minillm.model import Llama  # noqa: E402
 
-CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=101, max_seq_len=64)
+CFG = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=101,
+                  max_seq_len=64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDX = torch.tensor([[1, 5, 99, 100, 7, 98, 42, 3, 64, 17]])
 IDX_NEW = torch.tensor([[1, 5, 99, 101, 7, 102, 42, 3, 64, 17]])  # 101, 102: the two new tokens
 
 
 def perturb(named_params, seed: int, saved):
-    """Make an untrained adapter matter: B random, m = ‖W0‖ · U(0.7, 1.3), saved modules jittered."""
+    """Make an untrained adapter matter: B random, m = ‖W0‖ · U(0.7, 1.3), saved modules
+    jittered."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in named_params:
@@ -49,7 +57,8 @@ def perturb(named_params, seed: int, saved):
 
 
 def hf_model(base_dir: Path, new_tokens: int) -> LlamaForCausalLM:
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                             attn_implementation="eager")
     if new_tokens:  # as a peft user must before loading: the rows themselves come from the adapter
         model.resize_token_embeddings(CFG.vocab_size + new_tokens, mean_resizing=False)
     return model.eval()
@@ -81,7 +90,8 @@ def check(tmp: Path, rslora: bool, saved: list[str], new_tokens: int) -> float:
     mark_only_lora_trainable(ours, saved)
     perturb(ours.named_parameters(), 1, saved)
     save_adapter(ours, tmp / f"ours-{tag}", str(tmp / "base"), modules_to_save=saved)
-    peft_loaded = PeftModel.from_pretrained(hf_model(tmp / "base", new_tokens), tmp / f"ours-{tag}").eval()
+    peft_loaded = PeftModel.from_pretrained(hf_model(tmp / "base", new_tokens),
+                                            tmp / f"ours-{tag}").eval()
     d1 = (logits_hf(peft_loaded, idx) - logits_ours(ours, idx)).abs().max().item()
 
     # 2) peft -> ours
@@ -98,8 +108,10 @@ def check(tmp: Path, rslora: bool, saved: list[str], new_tokens: int) -> float:
     merged_peft = logits_hf(theirs.merge_and_unload(), idx)
     merge_lora(ours2)
     d3 = (merged_peft - logits_ours(ours2, idx)).abs().max().item()
-    print(f"{tag}: {len(lora_modules(ours))} DoRA layers r=8, {len(loaded)} modules read from peft's file")
-    print(f"  ours -> peft {d1:.3e} | peft -> ours {d2:.3e} | peft merge_and_unload vs merge_lora {d3:.3e}")
+    print(f"{tag}: {len(lora_modules(ours))} DoRA layers r=8, "
+          f"{len(loaded)} modules read from peft's file")
+    print(f"  ours -> peft {d1:.3e} | peft -> ours {d2:.3e} "
+          f"| peft merge_and_unload vs merge_lora {d3:.3e}")
     return max(d1, d2, d3)
 
 
@@ -107,8 +119,8 @@ def main():
     import peft
     import transformers
 
-    print(f"peft {peft.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; "
-          "max |logit diff|, float32")
+    print(f"peft {peft.__version__}, transformers {transformers.__version__}, "
+          f"torch {torch.__version__}; max |logit diff|, float32")
     tmp = Path(tempfile.mkdtemp(prefix="peer_dora_"))
     save_hf(ours_model(), tmp / "base")  # the shared base weights, in HF layout
     worst = max(check(tmp, False, [], 0), check(tmp, True, ["embed_tokens", "lm_head"], 2))

@@ -1,13 +1,14 @@
 """The peers the README's GPU tables compare minillm with, measured by the benches in the same run.
 
-    bench/generate_speed.py --peer   transformers' LlamaForCausalLM decoding (eager, its default cache)
+    bench/generate_speed.py --peer   transformers' LlamaForCausalLM decoding (eager, its default
+                                     cache)
     bench/finetune.py --peer         transformers + peft LoRA; + bitsandbytes NF4 for QLoRA
     bench/nf4.py --peer              bitsandbytes' quantize_4bit / matmul_4bit / dequantize_4bit
 
-They are benchmark peers only: imported here, lazily, when a bench is asked for `--peer`, and never a
-dependency of minillm (`pip install transformers peft bitsandbytes` beside it to run them). Each peer gets
-the same model shape, random weights, dtype, batch, sequence length, LoRA rank and targets, activation
-checkpointing and optimizer as the minillm row it sits next to.
+They are benchmark peers only: imported here, lazily, when a bench is asked for `--peer`, and never
+a dependency of minillm (`pip install transformers peft bitsandbytes` beside it to run them). Each
+peer gets the same model shape, random weights, dtype, batch, sequence length, LoRA rank and
+targets, activation checkpointing and optimizer as the minillm row it sits next to.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _require(*names: str):
-    """Import the peer packages or say how to get them (one clear error, not a traceback deep in a bench)."""
+    """Import the peer packages or say how to get them (one clear error, not a traceback deep in a
+    bench)."""
     import importlib
 
     modules = []
@@ -31,7 +33,8 @@ def _require(*names: str):
             modules.append(importlib.import_module(name))
         except ImportError as e:
             raise SystemExit(
-                f"--peer needs {name!r} ({e}); install the peers beside minillm: pip install {' '.join(names)}"
+                f"--peer needs {name!r} ({e}); install the peers beside minillm: "
+                f"pip install {' '.join(names)}"
             ) from e
     return modules
 
@@ -47,7 +50,8 @@ def versions(*names: str) -> str:
 
 
 def hf_llama(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
-    """transformers' LlamaForCausalLM with our config's shape, random weights, on `device` in `dtype`."""
+    """transformers' LlamaForCausalLM with our config's shape, random weights, on `device` in
+    `dtype`."""
     (transformers,) = _require("transformers")
     hf_cfg = transformers.LlamaConfig(**cfg.to_hf_config())
     torch.manual_seed(0)
@@ -57,12 +61,14 @@ def hf_llama(cfg: ModelConfig, device: torch.device, dtype: torch.dtype):
 
 
 def swap_in_bnb_nf4(model, compute_dtype: torch.dtype, double_quant: bool = True) -> None:
-    """Replace every projection nn.Linear (not lm_head) by bitsandbytes' Linear4bit, NF4, blocksize 64 —
-    what `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
-    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))` builds, without a checkpoint on disk."""
+    """Replace every projection nn.Linear (not lm_head) by bitsandbytes' Linear4bit, NF4, blocksize
+    64 — what `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True))` builds, without a checkpoint on
+    disk."""
     (bnb,) = _require("bitsandbytes")
     device = next(model.parameters()).device
-    for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
+    for name, linear in [(n, m) for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)]:
         if name.endswith("lm_head"):
             continue
         layer = bnb.nn.Linear4bit(
@@ -70,23 +76,27 @@ def swap_in_bnb_nf4(model, compute_dtype: torch.dtype, double_quant: bool = True
             compress_statistics=double_quant, quant_type="nf4", device="meta",
         )  # fmt: skip
         layer.weight = bnb.nn.Params4bit(
-            linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=double_quant, quant_type="nf4"
+            linear.weight.data.to("cpu"), requires_grad=False, compress_statistics=double_quant,
+            quant_type="nf4"
         )
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.to(device))  # .to(device) quantizes
+        # .to(device) quantizes
+        setattr(model.get_submodule(parent_name), child, layer.to(device))
         linear.weight = None
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generate_speed: prefill and decode tokens/s
 
 
 @torch.no_grad()
-def hf_generate_speed(cfg: ModelConfig, device, dtype, prompt_len: int, new_tokens: int, nf4: bool = False):
-    """(prefill tok/s, decode tok/s) of transformers at batch 1, greedy, its default (dynamic) KV cache.
+def hf_generate_speed(cfg: ModelConfig, device, dtype, prompt_len: int, new_tokens: int,
+                      nf4: bool = False):
+    """(prefill tok/s, decode tok/s) of transformers at batch 1, greedy, its default (dynamic) KV
+    cache.
 
-    prefill = one forward over the prompt; decode = (generate(prompt, new_tokens) - prefill) per token,
-    which is what a user of `model.generate` gets. The third of three trials is reported.
+    prefill = one forward over the prompt; decode = (generate(prompt, new_tokens) - prefill) per
+    token, which is what a user of `model.generate` gets. The third of three trials is reported.
     """
     model = hf_llama(cfg, device, dtype).eval()
     if nf4:
@@ -102,8 +112,8 @@ def hf_generate_speed(cfg: ModelConfig, device, dtype, prompt_len: int, new_toke
         t_prefill = time.perf_counter() - t0
         t0 = time.perf_counter()
         model.generate(
-            prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0,
+            prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0,
         )  # fmt: skip
         _sync(device)
         t_generate = time.perf_counter() - t0
@@ -112,7 +122,7 @@ def hf_generate_speed(cfg: ModelConfig, device, dtype, prompt_len: int, new_toke
     return result
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # finetune: one LoRA / QLoRA / full step
 
 
@@ -125,8 +135,8 @@ def hf_finetune_model(cfg: ModelConfig, method: str, device, dtype, r: int):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora"):
         (peft,) = _require("peft")
-        lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=LORA_TARGETS,
-                               task_type="CAUSAL_LM")
+        lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05,
+                               target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, lora)
     return model.train()
 
@@ -150,7 +160,7 @@ def hf_step_time(model, device, vocab_size: int, seq: int, steps: int) -> float:
     return rest[len(rest) // 2]
 
 
-# ------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # nf4: the kernels against bitsandbytes'
 
 

@@ -3,12 +3,12 @@
     python bench/speculative.py --target out/big --draft out/tiny          # greedy, k = 1, 2, 4, 6
     python bench/speculative.py --target out/big --draft out/tiny --temperature 0.8
 
-Both checkpoints must share a tokenizer (train the draft with the target's: `--data.tokenizer`, or the
-same `--data.cache_dir`). For each prompt the target decodes --new-tokens tokens alone, then with the
-draft proposing k tokens per target pass (generation.speculative_generate_tokens). Greedy rows also check
-that the tokens are identical to the target's own. acceptance = accepted / proposed draft tokens;
-tokens/target pass = new tokens / target forwards, the prefill included (1 without a draft, up to k + 1
-with one; a bonus token cut by the token limit makes it a slight underestimate).
+Both checkpoints must share a tokenizer (train the draft with the target's: `--data.tokenizer`, or
+the same `--data.cache_dir`). For each prompt the target decodes --new-tokens tokens alone, then
+with the draft proposing k tokens per target pass (generation.speculative_generate_tokens). Greedy
+rows also check that the tokens are identical to the target's own. acceptance = accepted / proposed
+draft tokens; tokens/target pass = new tokens / target forwards, the prefill included (1 without a
+draft, up to k + 1 with one; a bonus token cut by the token limit makes it a slight underestimate).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from minillm.generate.decode import GenerationStats, generate_tokens  # noqa: E4
 from minillm.generate.sampling import SamplingConfig  # noqa: E402
 from minillm.generate.speculative import speculative_generate_tokens  # noqa: E402
 
-PROMPTS = ["def __init__(self", "import os\nimport sys\n\n\ndef main(", "class Parser:\n    def parse(self, text",
-           "    for i in range(len(", "        if not isinstance(value, str):\n            raise"]
+PROMPTS = ["def __init__(self", "import os\nimport sys\n\n\ndef main(",
+           "class Parser:\n    def parse(self, text", "    for i in range(len(",
+           "        if not isinstance(value, str):\n            raise"]
 
 
 def size(model) -> float:
-    return sum(p.numel() for p in model.parameters()) / 1e6  # millions (a tied lm_head counted once)
+    # millions (a tied lm_head counted once)
+    return sum(p.numel() for p in model.parameters()) / 1e6
 
 
 def timed(fn, *args, **kwargs):
@@ -38,12 +40,14 @@ def timed(fn, *args, **kwargs):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the large checkpoint")
     p.add_argument("--draft", required=True, help="the small checkpoint (same tokenizer)")
     p.add_argument("--k", default="1,2,4,6", help="comma-separated draft lengths")
     p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (checked against the target)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (checked against the target)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:
@@ -51,13 +55,16 @@ def main(argv=None):
     target, draft = load_pretrained(args.target), load_pretrained(args.draft)
     tok = load_tokenizer(args.target)
     prompts = [tok.encode(text, bos=True) for text in PROMPTS]
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=None, seed=0)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=None,
+                         seed=0)
     print(f"target {size(target):.2f}M, draft {size(draft):.2f}M parameters; CPU, "
-          f"{torch.get_num_threads()} threads; {len(prompts)} prompts × {args.new_tokens} new tokens, "
-          f"temperature {args.temperature}\n")
-    print("| decoding | acceptance | tokens/target pass | tokens/s | speed-up | same tokens as target |")
+          f"{torch.get_num_threads()} threads; {len(prompts)} prompts × {args.new_tokens} "
+          f"new tokens, temperature {args.temperature}\n")
+    print("| decoding | acceptance | tokens/target pass | tokens/s | speed-up "
+          "| same tokens as target |")
     print("|---|---|---|---|---|---|")
-    list(generate_tokens(target, prompts[0], SamplingConfig(max_new_tokens=4, temperature=0.0)))  # warm-up
+    # warm-up
+    list(generate_tokens(target, prompts[0], SamplingConfig(max_new_tokens=4, temperature=0.0)))
     alone, n, seconds = [], 0, 0.0
     for ids in prompts:
         out, s = timed(generate_tokens, target, ids, cfg)
@@ -77,7 +84,8 @@ def main(argv=None):
             out, s = timed(speculative_generate_tokens, target, draft, ids, cfg, k=k, stats=stats)
             n, seconds, same = n + len(out), seconds + s, same and out == ref
             drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
-            passes += 1 + len(out) - 1 - stats.accepted  # the prefill, then each round adds accepted + 1
+            # the prefill, then each round adds accepted + 1
+            passes += 1 + len(out) - 1 - stats.accepted
         check = ("yes" if same else "NO") if args.temperature == 0 else "– (sampled)"
         print(f"| speculative k={k} | {accepted / drafted:.0%} | {n / passes:.2f} | "
               f"{n / seconds:.0f} | {n / seconds / base:.2f}× | {check} |", flush=True)

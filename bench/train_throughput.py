@@ -1,12 +1,12 @@
 """Training throughput (tokens/s) and MFU of the training step train.py runs, on random tokens.
 
-    python bench/train_throughput.py                       # GPU: 125M @1024 and 1B @2048 (bf16, compile)
-                                                           # CPU: the default tiny config
+    python bench/train_throughput.py  # GPU: 125M @1024 and 1B @2048 (bf16, compile)
+                                      # CPU: the default tiny config
     python bench/train_throughput.py --config configs/1b.toml --seq 2048 --batch 4 --steps 20
 
-One optimizer step = forward_backward over one micro-batch + clip + AdamW (minillm/training/loop.py), timed
-after `--warmup` steps (torch.compile traces during those). Random token ids cost the model the same as
-text, and skip data preparation.
+One optimizer step = forward_backward over one micro-batch + clip + AdamW
+(minillm/training/loop.py), timed after `--warmup` steps (torch.compile traces during those). Random
+token ids cost the model the same as text, and skip data preparation.
 
     MFU = tokens/s × (6N + 12·L·C·T) / peak,   peak = 989e12 (H100 SXM dense bf16) on CUDA
 
@@ -34,9 +34,11 @@ def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> 
     model = Llama(cfg.model).to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     flops_per_token = model_flops_per_token(model, cfg.block_size)
-    optimizer = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), 1e-8, fused=device.type == "cuda")
+    optimizer = configure_optimizer(model, 0.1, 1e-4, (0.9, 0.95), 1e-8,
+                                    fused=device.type == "cuda")
     step_model = torch.compile(model) if cfg.compile else model
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32
+                else nullcontext)
     g = torch.Generator(device=device).manual_seed(0)
     V, B, T = cfg.model.vocab_size, cfg.batch_size, cfg.block_size
     x = torch.randint(0, V, (B, T + 1), device=device, generator=g)  # (B, T+1)
@@ -71,7 +73,8 @@ def main():
     parser.add_argument("--config", action="append", default=None,
                         help="train TOML to measure (repeatable); default: see above")
     parser.add_argument("--seq", type=int, default=None, help="override block_size")
-    parser.add_argument("--batch", type=int, default=None, help="override the micro-batch size (batch_size)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="override the micro-batch size (batch_size)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3,
                         help="untimed steps first (compilation happens here)")
@@ -81,20 +84,23 @@ def main():
     if args.config:
         runs = [(path, load_config(path)) for path in args.config]
     elif device.type == "cuda":  # micro-batches that fit an 80 GB GPU
-        runs = [("configs/small-125m.toml @1024", apply_overrides(load_config("configs/small-125m.toml"),
-                                                                 {"batch_size": 16}, "bench")),
-                ("configs/small-125m.toml @2048", apply_overrides(load_config("configs/small-125m.toml"),
-                                                                 {"batch_size": 8, "block_size": 2048,
-                                                                  "model.max_seq_len": 2048}, "bench")),
-                ("configs/1b.toml @1024", apply_overrides(load_config("configs/1b.toml"),
-                                                         {"batch_size": 8, "block_size": 1024}, "bench")),
-                ("configs/1b.toml @2048", apply_overrides(load_config("configs/1b.toml"), {"batch_size": 4},
-                                                         "bench"))]
+        runs = [("configs/small-125m.toml @1024",
+                 apply_overrides(load_config("configs/small-125m.toml"),
+                                 {"batch_size": 16}, "bench")),
+                ("configs/small-125m.toml @2048",
+                 apply_overrides(load_config("configs/small-125m.toml"),
+                                 {"batch_size": 8, "block_size": 2048, "model.max_seq_len": 2048},
+                                 "bench")),
+                ("configs/1b.toml @1024",
+                 apply_overrides(load_config("configs/1b.toml"),
+                                 {"batch_size": 8, "block_size": 1024}, "bench")),
+                ("configs/1b.toml @2048",
+                 apply_overrides(load_config("configs/1b.toml"), {"batch_size": 4}, "bench"))]
     else:
         runs = [("default tiny (CPU)", TrainConfig())]
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    print(f"{'config':32s} {'params':>9s} {'seq':>5s} {'batch':>5s} {'dtype':>9s} {'compile':>7s} "
-          f"{'tokens/s':>11s} {'MFU':>6s} {'peak mem':>9s}")
+    print(f"{'config':32s} {'params':>9s} {'seq':>5s} {'batch':>5s} {'dtype':>9s} "
+          f"{'compile':>7s} {'tokens/s':>11s} {'MFU':>6s} {'peak mem':>9s}")
     for name, cfg in runs:
         over = {"block_size": args.seq, "batch_size": args.batch}
         over = {k: v for k, v in over.items() if v is not None}
@@ -106,8 +112,9 @@ def main():
         r = measure(cfg, device, args.steps, args.warmup)
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "     -"
         mem = f"{r['mem_gib']:7.1f}G" if r["mem_gib"] is not None else "        -"
-        print(f"{name:32s} {r['params'] / 1e6:8.1f}M {r['seq']:5d} {r['batch']:5d} {r['dtype']:>9s} "
-              f"{str(r['compile']):>7s} {r['tokens_per_s']:11,.0f} {mfu} {mem}", flush=True)
+        print(f"{name:32s} {r['params'] / 1e6:8.1f}M {r['seq']:5d} {r['batch']:5d} "
+              f"{r['dtype']:>9s} {str(r['compile']):>7s} {r['tokens_per_s']:11,.0f} {mfu} {mem}",
+              flush=True)
 
 
 if __name__ == "__main__":
