@@ -242,6 +242,13 @@ def test_anchor_checker_and_fixer(tmp_path):
     assert fix_links(doc) == []  # already right
 
 
+def test_docs_fit_in_100_columns():
+    long = [f"{p.relative_to(ROOT)}:{i}: {len(line)} characters"
+            for p in SOURCES + [ROOT / "kernels" / "README.md", ROOT / "bench" / "README.md"]
+            for i, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1) if len(line) > 100]
+    assert not long, "\n".join(long)
+
+
 def test_figures_are_pngs():
     pngs = sorted((ROOT / "docs").glob("*.png"))
     assert {p.name for p in pngs} >= {"train_loss.png", "train_lr.png"}
