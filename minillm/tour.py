@@ -54,6 +54,7 @@ from minillm.training.loop import train
 from minillm.training.loss import held_out_loss
 from minillm.util.cli import ArgumentParser, run_cli
 from minillm.util.device import pick_device
+from minillm.util.fileio import atomic_write_bytes, claim_directory
 
 TEMPLATE = "alpaca"  # the stdlib dataset is Alpaca-format; generation must use the same template
 
@@ -130,7 +131,7 @@ def main(argv=None) -> dict:
                         "(default 40; 4 with --quick)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_directory(out, "tour", legacy=("summary.json",))
     n_eval = args.eval_examples if args.eval_examples is not None else (64 if args.quick else None)
     n_short = args.short_answers if args.short_answers is not None else (4 if args.quick else 40)
     times: dict[str, float] = {}
@@ -260,7 +261,7 @@ def main(argv=None) -> dict:
                        report_lora=str(reports["lora"]), report_qlora=str(reports["qlora"]),
                        gguf_q8_0=str(ggufs["q8_0"]), gguf_q4_0=str(ggufs["q4_0"])),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     print(f"\n{'=' * 100}\nartifacts")
     for k, v in summary["artifacts"].items():
         print(f"  {k:14s} {v}")

@@ -289,15 +289,15 @@ def test_temp_files_of_a_killed_build_are_removed(tree, tok, tmp_path):
     cache = tmp_path / "cache"
     prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)
     dead = 4194305  # above the largest pid Linux can hand out (2**22): no process has it
-    stale = [cache / f".train.bin.tmp.{dead}", cache / ".val.bin.tmp12345678",
-             cache / ".meta.json.tmp"]
-    live = cache / f".val.bin.tmp.{os.getppid()}"  # another process still writing: kept
-    for p in stale + [live]:
+    stale = [cache / f".minillm-tmp.{dead}.train.bin", cache / f".minillm-tmp.{dead}.meta.json"]
+    live = cache / f".minillm-tmp.{os.getppid()}.val.bin"  # another process still writing: kept
+    user = cache / ".val.bin.tmp"  # not minillm's name: never touched
+    for p in stale + [live, user]:
         p.write_bytes(b"half a file")
     # reuses the cache
     prepare_dataset(read_directory(tree), tok, cache, num_workers=1, verbose=False)
     assert (sorted(p.name for p in cache.iterdir())
-            == sorted(["meta.json", "train.bin", "val.bin", live.name]))
+            == sorted([".minillm", "meta.json", "train.bin", "val.bin", live.name, user.name]))
 
 
 def test_uint32_when_vocab_exceeds_uint16(tree, tmp_path):

@@ -245,7 +245,8 @@ def test_anchor_checker_and_fixer(tmp_path):
 def test_docs_fit_in_100_columns():
     long = [f"{p.relative_to(ROOT)}:{i}: {len(line)} characters"
             for p in SOURCES + [ROOT / "kernels" / "README.md", ROOT / "bench" / "README.md"]
-            for i, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1) if len(line) > 100]
+            for i, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1)
+            if len(line) > 100]
     assert not long, "\n".join(long)
 
 

@@ -85,7 +85,8 @@ def test_header_bytes(files, model):
     cfg, _ = model
     raw = files["f32"].read_bytes()
     n_tensors = 2 + 9 * cfg.n_layers + 1  # token_embd, blocks, output_norm, output
-    n_kv = 14 + 11  # general.* + llama.* keys, then tokenizer keys (no pad id in our tokenizer)
+    # general.* + llama.* keys, then tokenizer keys (no pad id in our tokenizer), then minillm.writer
+    n_kv = 14 + 11 + 1
     assert raw[:24] == (b"GGUF" + struct.pack("<I", 3) + struct.pack("<Q", n_tensors)
                         + struct.pack("<Q", n_kv))
     first_kv = pstr("general.architecture") + struct.pack("<I", 8) + pstr("llama")
@@ -351,7 +352,8 @@ def test_bad_outtype_and_mismatches(tok, model, tmp_path):
 def test_failed_write_leaves_old_file_and_no_temp(tok, model, tmp_path):
     cfg, sd = model
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"old")
+    write_gguf(path, cfg, sd.items(), tok, "f32", progress=False)  # an earlier export of ours
+    old = path.read_bytes()
 
     def exploding():
         for i, item in enumerate(sd.items()):
@@ -361,7 +363,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tok, model, tmp_path):
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_gguf(path, cfg, exploding(), tok, "q8_0", progress=False)
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
     blocker = tmp_path / "not_a_dir"
     blocker.write_bytes(b"")
     with pytest.raises(OSError):
@@ -452,3 +454,21 @@ def test_added_tokens_are_user_defined_and_chat_template_is_written(tok, tmp_pat
     rebuilt.LoadFromSerializedProto(sentencepiece_model_from_gguf(g))
     assert rebuilt.EncodeAsIds("a<|im_start|>b") == tok2.sp.EncodeAsIds("a<|im_start|>b")
     assert n in rebuilt.EncodeAsIds("a<|im_start|>b")
+
+
+def test_a_gguf_is_written_only_over_a_gguf_minillm_wrote(tok, model, tmp_path):
+    cfg, sd = model
+    user = tmp_path / "theirs.gguf"
+    user.write_bytes(b"GGUF from llama.cpp, or a report someone named .gguf")
+    with pytest.raises(FileExistsError, match="theirs.gguf: exists and is a file minillm did not "
+                                              "write"):
+        write_gguf(user, cfg, sd.items(), tok, "f32", progress=False)
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(FileExistsError, match="dir.gguf: exists and is a directory"):
+        write_gguf(tmp_path / "dir.gguf", cfg, sd.items(), tok, "f32", progress=False)
+    assert user.read_bytes().startswith(b"GGUF from") and (tmp_path / "dir.gguf").is_dir()
+    ours = tmp_path / "ours.gguf"
+    write_gguf(ours, cfg, sd.items(), tok, "f32", progress=False)
+    assert read_gguf(ours).metadata["minillm.writer"] == "minillm"
+    write_gguf(ours, cfg, sd.items(), tok, "q8_0", progress=False)  # replacing our own: fine
+    assert read_gguf(ours).metadata["general.file_type"] == 7

@@ -187,7 +187,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch)
     monkeypatch.setattr(training, "token_loss_sum", poisoned)
     cfg = tiny_cfg(assets, tmp_path, checkpoint__interval=2, eval__interval=0)
     # an earlier run's, killed (-9) (pids above Linux's 2**22 limit: never alive)
-    for stale in (".ckpt.pt.tmp12345678", ".events.bin.tmp.4194305"):
+    for stale in (".minillm-tmp.4194305.ckpt.pt", ".minillm-tmp.4194305.events.bin"):
         (tmp_path / stale).write_bytes(b"half a file")
     message = r"step 4: training loss is nan .* last good checkpoint .*ckpt.pt \(step 4\) is kept"
     with pytest.raises(FloatingPointError, match=message):
@@ -195,7 +195,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch)
     ckpt = training.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["step"] == 4
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".minillm-tmp")]
 
 
 def test_diverging_lr_stops_with_the_step(assets, tmp_path):

@@ -45,12 +45,15 @@ from minillm.tokenizer.sentencepiece import Tokenizer, train_tokenizer
 from minillm.util.fileio import (
     atomic_write,
     atomic_write_bytes,
+    claim_directory,
     read_json_object,
     read_jsonl,
     remove_stale_temp_files,
 )
 
 FORMAT_VERSION = 1  # bump when the layout of train.bin / val.bin / meta.json changes
+# what a cache directory of an older minillm (before the .minillm marker) holds: it may be reused
+CACHE_FILES = ("meta.json", "train.bin", "tokenizer.model.json", "stdlib_meta.json")
 DEFAULT_PATTERNS = ("**/*.py", "**/*.txt", "**/*.md")
 # stdlib folders that are not "the standard library" as code to learn from: installed packages, the
 # test suites (their data includes files that are deliberately malformed or in legacy encodings),
@@ -342,8 +345,7 @@ def prepare_dataset(
     same corpus, tokenizer, val_frac and seed. See the module docstring for the split rule."""
     if not 0.0 < val_frac < 1.0:
         raise ValueError(f"prepare_dataset: val_frac must be in (0, 1), found {val_frac}")
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = claim_directory(cache_dir, "data cache", legacy=CACHE_FILES)
     remove_stale_temp_files(cache_dir)  # left by a build that was killed (fileio.py)
     key = _cache_key(corpus, file_sha256(tokenizer.path), val_frac, seed)
     reason = _stale_reason(cache_dir, key)
@@ -407,6 +409,10 @@ def train_corpus_tokenizer(
     sidecar = out_path.with_name(out_path.name + ".json")
     key = dict(source_fingerprint=corpus.fingerprint, vocab_size=vocab_size, max_chars=max_chars,
                seed=seed)
+    if (out_path.exists() or out_path.is_symlink()) and not sidecar.is_file():
+        raise FileExistsError(f"{out_path}: exists and minillm did not train it (no {sidecar.name} "
+                              f"record beside it); minillm never overwrites it: pick another "
+                              f"data.cache_dir, or pass the tokenizer as data.tokenizer")
     if out_path.is_file() and sidecar.is_file():
         saved = read_json_object(sidecar, "tokenizer record")
         if saved == dict(key, tokenizer_sha256=file_sha256(out_path)):

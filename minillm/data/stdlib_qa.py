@@ -38,8 +38,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from minillm.data.pretrain import CACHE_FILES
 from minillm.util.cli import ArgumentParser, run_cli
-from minillm.util.fileio import atomic_write_bytes
+from minillm.util.fileio import atomic_write_bytes, claim_directory
 
 VERSION = 1  # bump when the records change, to invalidate caches
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo",
@@ -199,7 +200,7 @@ def build_stdlib_dataset(out_dir: str | Path, test_frac: float = 0.05,
     atomically), or reuse them when the meta matches (same generator version, Python, stdlib path,
     test_frac) and the files' sha256 match the meta."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_directory(out_dir, "data cache", legacy=CACHE_FILES)
     root = Path(root) if root is not None else stdlib_root()
     train_path, test_path, meta_path = (out_dir / f"stdlib_{s}.jsonl"
                                         for s in ("train", "test", "meta"))

@@ -35,8 +35,14 @@ from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.formats.meta import save_meta
 from minillm.model import Llama
 from minillm.ship.gguf_lora import LORA_OUTTYPES, write_lora_gguf
+from minillm.ship.gguf_writer import check_gguf_output, write_gguf
 from minillm.util.device import DTYPES
-from minillm.util.fileio import atomic_directory, atomic_write_bytes, read_json_object
+from minillm.util.fileio import (
+    atomic_directory,
+    atomic_write_bytes,
+    read_json_object,
+    require_owned,
+)
 
 # from q4_k_m on: llama-quantize's file types (quant_mix.py)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k", "q4_k_s", "q5_k_s",
@@ -104,12 +110,20 @@ def load_merged(cfg: ExportConfig) -> Llama:
     return model
 
 
-def _check_writable(target: Path):
-    parent = target.parent
+def check_output(cfg: ExportConfig, out: Path):
+    """Refuse a bad output path before any gigabyte is read: a missing or read-only parent
+    directory, and anything at `out` that minillm did not write as this kind of export (a GGUF
+    file replaces only a GGUF minillm wrote; an HF or Meta directory only minillm's own export of
+    the same format: util/fileio.py's ownership rule)."""
+    parent = out.parent
     if not parent.is_dir():
-        raise FileNotFoundError(f"{target}: output directory {parent} does not exist")
+        raise FileNotFoundError(f"{out}: output directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{target}: output directory {parent} is not writable")
+        raise PermissionError(f"{out}: output directory {parent} is not writable")
+    if cfg.format in ("gguf", "gguf-lora"):
+        check_gguf_output(out)
+    elif out.exists() or out.is_symlink():
+        require_owned(out, f"{cfg.format} export")
 
 
 def chat_template(cfg: ExportConfig) -> str | None:
@@ -126,8 +140,6 @@ def chat_template(cfg: ExportConfig) -> str | None:
 def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
     from minillm.finetune.peft_io import ADAPTER_CONFIG, load_adapter
 
-    if out.suffix != ".gguf":
-        raise ValueError(f"{out}: a GGUF output file must end in .gguf")
     whole = read_json_object(Path(cfg.adapter) / ADAPTER_CONFIG,
                              "adapter config").get("modules_to_save")
     if whole:
@@ -144,7 +156,7 @@ def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written path."""
     out = Path(cfg.out)
-    _check_writable(out)
+    check_output(cfg, out)
     if cfg.format == "gguf-lora":
         return _export_lora_gguf(cfg, out)
     template = chat_template(cfg)
@@ -157,10 +169,6 @@ def export(cfg: ExportConfig) -> Path:
     tokenizer = load_tokenizer(cfg.checkpoint, tokenizer_path)
     model = load_merged(cfg)
     if cfg.format == "gguf":
-        from minillm.ship.gguf_writer import write_gguf
-
-        if out.suffix != ".gguf":
-            raise ValueError(f"{out}: a GGUF output file must end in .gguf")
         if tokenizer.vocab_size != model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model has "
                              f"{model.config.vocab_size} embedding rows; "
@@ -175,7 +183,7 @@ def export(cfg: ExportConfig) -> Path:
     kwargs = {"dtype": dtype} if cfg.format == "hf" else {}
 
     # replaces an older export at `out` only once this one is complete
-    with atomic_directory(out) as d:
+    with atomic_directory(out, f"{cfg.format} export") as d:
         save(model, d, **kwargs)
         # the tokenizer's bytes (from its file, or rebuilt from GGUF metadata) go beside the weights
         atomic_write_bytes(d / "tokenizer.model", tokenizer.model_bytes())

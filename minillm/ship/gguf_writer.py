@@ -81,11 +81,12 @@ from minillm.formats.gguf_layout import (
     align,
     expected_shapes,
 )
+from minillm.formats.gguf_reader import read_gguf
 from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
 from minillm.ship import quant_mix
 from minillm.tokenizer.sentencepiece import Tokenizer
 from minillm.tokenizer.spm_proto import add_dummy_prefix, piece_types
-from minillm.util.fileio import atomic_write
+from minillm.util.fileio import atomic_write, check_replaceable_file
 
 # outtype -> (ggml type of the 2-D weights, general.file_type: ALL_F32 0, MOSTLY_F16 1,
 # MOSTLY_Q4_0 2, MOSTLY_Q8_0 7, MOSTLY_BF16 32)
@@ -245,7 +246,28 @@ def llama_metadata(config: ModelConfig, outtype: str, name: str) -> list[tuple]:
     ]
 
 
+# Every GGUF minillm writes names it as the writer, so a later export may replace it, and only it
+# (util/fileio.py's ownership rule); llama.cpp ignores keys it does not know.
+WRITER_KEY, WRITER = "minillm.writer", "minillm"
+
+
+def written_by_minillm(path: Path) -> bool:
+    """Whether `path` is a GGUF minillm wrote (a readable GGUF carrying WRITER_KEY)."""
+    try:
+        return WRITER_KEY in read_gguf(path).metadata
+    except (OSError, ValueError):
+        return False
+
+
+def check_gguf_output(path: Path):
+    """A GGUF output path: it ends in .gguf, and holds nothing, or a GGUF minillm wrote."""
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path}: a GGUF output file must end in .gguf")
+    check_replaceable_file(path, written_by_minillm, "GGUF file")
+
+
 def _header(kvs: list[tuple], plans: list[TensorPlan], alignment: int) -> bytes:
+    kvs = [*kvs, (WRITER_KEY, STRING, WRITER)]
     out = GGUF_MAGIC  # magic
     out += struct.pack("<I", GGUF_VERSION)  # version
     out += struct.pack("<Q", len(plans))  # tensor count
@@ -282,6 +304,7 @@ def write_gguf(
     unknown, duplicate, missing or mis-shaped tensor.
     """
     path = Path(path)
+    check_gguf_output(path)
     plans = plan_tensors(config, outtype)
     tok = _as_tokenizer(tokenizer)
     if tok.vocab_size != config.vocab_size:
@@ -357,6 +380,8 @@ def write_tensors(path: str | os.PathLike, kvs: list[tuple],
     (key, value type, value[, element type]) and `tensors` as (GGUF name, tensor already in file
     layout, ggml type), in file order. Used for LoRA adapters (gguf_lora.py); a whole model goes
     through the streaming `write_gguf`."""
+    path = Path(path)
+    check_gguf_output(path)
     plans, offset = [], 0
     for name, t, ggml_type in tensors:
         shape = tuple(t.shape)

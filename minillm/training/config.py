@@ -237,7 +237,7 @@ class TrainConfig:
 
 # fields that may differ between a run and its --resume (they do not change what is computed)
 RESUMABLE_CHANGES = ("max_steps", "cpu_threads", "compile", "eval", "log", "checkpoint",
-                     "data.num_workers", "device")
+                     "data.num_workers", "device", "out_dir")  # out_dir: a moved run resumes
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]):

@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.data.pretrain import (
+    CACHE_FILES,
     get_batch,
     prepare_dataset,
     read_corpus,
@@ -86,7 +87,12 @@ from minillm.training.loss import held_out_loss, token_loss_sum
 from minillm.training.muon import muon_adamw
 from minillm.training.schedulers import get_lr
 from minillm.util.device import pick_device, pick_dtype
-from minillm.util.fileio import atomic_write_bytes, remove_stale_temp_files
+from minillm.util.fileio import (
+    atomic_write_bytes,
+    claim_directory,
+    lock_directory,
+    remove_stale_temp_files,
+)
 
 # --------------------------------------------------------------------------------------------------
 # optimizer
@@ -289,11 +295,10 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
             template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
             # export ships it as a chat template; generate.py --chat uses it
             if template is not None:
-                Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
                 write_template_record(cfg.out_dir, template)
         return InstructExamples(cfg, tokenizer, data.train, data.test)
     corpus = read_corpus(cfg.data.corpus)
-    cache_dir = Path(cfg.data.cache_dir)
+    cache_dir = claim_directory(cfg.data.cache_dir, "data cache", legacy=CACHE_FILES)
     if tokenizer is None:
         tokenizer = train_corpus_tokenizer(corpus, cache_dir / "tokenizer.model",
                                            cfg.model.vocab_size, cfg.data.tokenizer_max_chars,
@@ -408,10 +413,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     # fp16 needs loss scaling
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     out_dir = Path(cfg.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # what a killed earlier run left (fileio.py says which are stale)
-        remove_stale_temp_files(out_dir)
+    if master:  # a new directory, or this kind's own (util/fileio.py: never anyone else's files)
+        claim_directory(out_dir, "training run", legacy=("train_config.json", "ckpt.pt"))
+        lock_directory(out_dir)  # one writer per run directory
+        remove_stale_temp_files(out_dir)  # what a killed earlier run left
     torch.manual_seed(cfg.seed)  # model init (and LoRA dropout)
 
     # ---- data: rank 0 builds the tokenizer and token cache, then the others reuse it -------------

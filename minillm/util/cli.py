@@ -6,12 +6,12 @@ stderr for a user's error instead of a traceback.
         sys.exit(run_cli(main))          # main(argv) raises; run_cli turns a user error into
                                          #   error: <message>        (stderr, exit status 1)
 
-The rule goes by exception type. minillm reports a bad input (a missing or malformed file, a config
-value out of range, a full disk, no GPU) as an OSError, ValueError, TypeError, KeyError, RuntimeError
-or FloatingPointError (or a subclass: UnicodeDecodeError, DiskFullError, ...), and those print one
-line. So does a bug that happens to raise one of these types; anything else (an AttributeError, an
-IndexError, ...) keeps its traceback. `--debug` on the command line, or MINILLM_DEBUG=1 in the
-environment, shows the full traceback for every error.
+The rule goes by exception type. minillm reports a bad input (a missing or malformed file, a
+config value out of range, a full disk, no GPU) as an OSError, ValueError, TypeError, KeyError,
+RuntimeError or FloatingPointError (or a subclass: UnicodeDecodeError, DiskFullError, ...), and
+those print one line. So does a bug that happens to raise one of these types; anything else (an
+AttributeError, an IndexError, ...) keeps its traceback. `--debug` on the command line, or
+MINILLM_DEBUG=1 in the environment, shows the full traceback for every error.
 
 Negative numbers: argparse takes `--schedule.max_lr -1e-3` for two flags ("expected one argument"),
 because it only recognises -1 and -0.001 as numbers, not -1e-3, -inf or -nan. The parser below
