@@ -52,7 +52,7 @@ from minillm.ship.convert import ExportConfig, export
 from minillm.training.config import load_config
 from minillm.training.loop import train
 from minillm.training.loss import held_out_loss
-from minillm.util.cli import ArgumentParser, run_cli
+from minillm.util.cli import ArgumentParser, int_at_least, run_cli
 from minillm.util.device import pick_device
 from minillm.util.fileio import atomic_write_bytes, claim_directory
 
@@ -124,9 +124,9 @@ def main(argv=None) -> dict:
                    help="skip pretraining and start from this checkpoint directory (e.g. out/tiny)")
     p.add_argument("--device", default="cpu",
                    help="cpu (default), cuda, auto: where every stage runs")
-    p.add_argument("--eval-examples", type=int, default=None,
+    p.add_argument("--eval-examples", type=int_at_least(1), default=None,
                    help="held-out examples scored for loss (default: all of them; 64 with --quick)")
-    p.add_argument("--short-answers", type=int, default=None,
+    p.add_argument("--short-answers", type=int_at_least(1), default=None,
                    help="short-answer questions decoded greedily per model "
                         "(default 40; 4 with --quick)")
     args = p.parse_args(argv)

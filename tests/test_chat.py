@@ -1,6 +1,7 @@
 """generate.py --chat: each turn feeds the model exactly the training token ids of the conversation
 so far, and the answer is what greedy decoding from those ids gives, cut at EOS."""
 
+import dataclasses
 import io
 import sys
 
@@ -10,7 +11,8 @@ from tiny import script, tiny_tokenizer, write_hf_checkpoint
 from minillm import Llama
 from minillm.config import ModelConfig
 from minillm.data.templates import chat_token_ids, write_template_record
-from minillm.generate.chat import chat_loop, reply
+from minillm.generate import chat as chat_module
+from minillm.generate.chat import chat_loop, fit_context, reply
 from minillm.generate.decode import generate_tokens
 from minillm.generate.sampling import SamplingConfig
 
@@ -44,15 +46,14 @@ def test_reply_is_greedy_decoding_of_the_training_ids(tiny, template):
 def test_chat_loop_carries_the_conversation(tiny, monkeypatch):
     _, tok, model = tiny
     lines = iter(["import os", "return x", ""])
-    seen_ids = []
-    real = chat_token_ids
+    seen_ids = []  # the ids each turn decodes from
+    real = chat_module.generate_text
 
-    def spy(tokenizer, template, messages):
-        ids = real(tokenizer, template, messages)
-        seen_ids.append(ids)
-        return ids
+    def spy(model, tokenizer, ids, *args, **kwargs):
+        seen_ids.append(list(ids))
+        return real(model, tokenizer, ids, *args, **kwargs)
 
-    monkeypatch.setattr("minillm.generate.chat.chat_token_ids", spy)
+    monkeypatch.setattr(chat_module, "generate_text", spy)
     out = []
     messages = chat_loop(model, tok, "vicuna", GREEDY, read=lambda _: next(lines), write=out.append)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
@@ -60,6 +61,32 @@ def test_chat_loop_carries_the_conversation(tiny, monkeypatch):
     first = seen_ids[0] + tok.encode(messages[1]["content"], bos=False, eos=True)
     assert seen_ids[1][:len(first)] == first
     assert "".join(out) == messages[1]["content"] + "\n" + messages[3]["content"] + "\n"
+
+
+def test_a_full_context_drops_the_oldest_exchanges_and_says_so(tiny):
+    _, tok, model = tiny
+    n_tokens = lambda msgs: len(chat_token_ids(tok, "vicuna", msgs))
+    system = {"role": "system", "content": "Be brief."}
+    turns = [{"role": r, "content": f"{r} message number {i}"}
+             for i in range(6) for r in ("user", "assistant")][:-1]  # ends with a user message
+    fits = n_tokens([system] + turns[-3:]) + 10  # room for the last exchange and the question
+    kept, dropped = fit_context([system] + turns, n_tokens, room=10, max_seq_len=fits)
+    assert kept == [system] + turns[-3:] and dropped == 4
+    with pytest.raises(ValueError, match="this message takes .* tokens of the model's 20"):
+        fit_context([{"role": "user", "content": "x " * 50}], n_tokens, room=10, max_seq_len=20)
+    # in the loop: the note, and the session goes on (a too-long message is refused alone)
+    question = "word " * 10
+    one = n_tokens([{"role": "user", "content": question}])
+    limit = one + GREEDY.max_new_tokens + 8  # one exchange fits; a second question does not
+    small = Llama(dataclasses.replace(model.config, max_seq_len=limit)).eval()
+    small.load_state_dict(model.state_dict())
+    lines = iter([question, question, "word " * 300, question, ""])
+    out = []
+    messages = chat_loop(small, tok, "vicuna", GREEDY, read=lambda _: next(lines),
+                         write=out.append)
+    text = "".join(out)
+    assert "dropped the oldest 1 exchange(s)" in text and f"tokens of the model's {limit}" in text
+    assert [m["role"] for m in messages] == ["user", "assistant"]  # the last exchange only
 
 
 def test_generate_cli_chat_uses_the_recorded_template(tiny, tmp_path, monkeypatch, capsys):

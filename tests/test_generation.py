@@ -260,7 +260,14 @@ def test_generate_cli_prompts_file(tmp_path, model, tok, capsys):
         out = capsys.readouterr()
         for i, (p, e) in enumerate(zip(("import json", "def f(x):\n"), expected, strict=True)):
             assert f"=== [{i}] ===\n{p}{e}\n" in out.out
-        assert "2 prompts" in out.err and "decode:" in out.err
+        assert "prompts 0..1 of 2 as one batch" in out.err and "decode:" in out.err
+    # bounded batches: --batch-size 1 decodes the same answers one prompt at a time, in order
+    generate.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "p.txt"),
+                   "--temperature", "0", "--max-new-tokens", "6", "--batch-size", "1"])
+    out = capsys.readouterr()
+    pairs = zip(("import json", "def f(x):\n"), expected, strict=True)
+    assert out.out == "".join(f"=== [{i}] ===\n{p}{e}\n" for i, (p, e) in enumerate(pairs))
+    assert "prompts 0..0 of 2" in out.err and "prompts 1..1 of 2" in out.err
 
 
 def test_generate_cli_unescapes_stop_strings_like_the_prompt(tmp_path, model, tok, monkeypatch):

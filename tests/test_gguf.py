@@ -85,7 +85,7 @@ def test_header_bytes(files, model):
     cfg, _ = model
     raw = files["f32"].read_bytes()
     n_tensors = 2 + 9 * cfg.n_layers + 1  # token_embd, blocks, output_norm, output
-    # general.* + llama.* keys, then tokenizer keys (no pad id in our tokenizer), then minillm.writer
+    # general.* + llama.* keys, tokenizer keys (no pad id in our tokenizer), then minillm.writer
     n_kv = 14 + 11 + 1
     assert raw[:24] == (b"GGUF" + struct.pack("<I", 3) + struct.pack("<Q", n_tensors)
                         + struct.pack("<Q", n_kv))

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from minillm.data.templates import TEMPLATES, conversation_segments, format_prompt
-from minillm.util.fileio import read_json_records
+from minillm.util.fileio import check_unicode, read_json_records
 
 FORMATS = ("alpaca", "sharegpt", "completion")
 IGNORE = -100
@@ -103,7 +103,7 @@ def _string(rec: dict, key: str, where: str, kind: str, required: bool = True,
         raise ValueError(f"{where}: field {key!r} must be a string, found {type(value).__name__}")
     if nonempty and not value.strip():
         raise ValueError(f"{where}: field {key!r} is empty; expected a non-empty response")
-    return value
+    return check_unicode(value, f"{where}: field {key!r}")
 
 
 def parse_record(rec, kind: str, where: str) -> Example:
@@ -155,9 +155,7 @@ def parse_record(rec, kind: str, where: str) -> Example:
 
 def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
     """All examples of one file; fmt "auto" detects the format from the first record."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: instruction data file not found")
+    path = Path(path)  # read_json_records names a missing file, a directory, a device
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected 'auto' or one of {list(FORMATS)}")
     out, kind = [], None if fmt == "auto" else fmt

@@ -45,6 +45,7 @@ from minillm.tokenizer.sentencepiece import Tokenizer, train_tokenizer
 from minillm.util.fileio import (
     atomic_write,
     atomic_write_bytes,
+    check_unicode,
     claim_directory,
     read_json_object,
     read_jsonl,
@@ -174,7 +175,7 @@ def read_jsonl_corpus(path: str | Path, field: str = "text") -> Corpus:
                 f"found {type(obj[field]).__name__} {value}"
             )
         names.append(f"{path.name}:{where.rpartition(':')[2]}")
-        texts.append(obj[field])
+        texts.append(check_unicode(obj[field], f"{where}: field {field!r}"))
     if not texts:
         raise ValueError(f"{path}: no documents (the file is empty)")
     raw = path.read_bytes()  # the fingerprint covers the raw bytes, as for every other corpus

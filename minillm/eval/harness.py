@@ -231,10 +231,7 @@ def run_task(model, tokenizer, task: str, cache_dir: str, limit: int | None,
     if task == STDLIB_TASK:
         return score_multiple_choice(model, tokenizer, stdlib_module_task(cache_dir)[:limit],
                                      batch_size)
-    path = Path(task)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: task file not found "
-                                f"(or use the embedded task {STDLIB_TASK!r})")
+    path = Path(task)  # the readers name a missing file, a directory, a device
     if path.suffix == ".jsonl":
         return score_multiple_choice(model, tokenizer, read_mc_task(path)[:limit], batch_size)
     return perplexity(model, tokenizer, read_text(path, "text file"), batch_size)
@@ -257,7 +254,7 @@ def main(argv=None) -> list[tuple[str, str, dict]]:
     import argparse
 
     from minillm.formats.load import load_pretrained, load_tokenizer
-    from minillm.util.cli import ArgumentParser
+    from minillm.util.cli import ArgumentParser, int_at_least
     from minillm.util.device import pick_device
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -267,9 +264,10 @@ def main(argv=None) -> list[tuple[str, str, dict]]:
     p.add_argument("--task", action="append", required=True,
                    help=f"{STDLIB_TASK}, a multiple-choice .jsonl file, or a text file for "
                         "perplexity; repeatable")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=int_at_least(1), default=None,
                    help="score only the first N multiple-choice examples")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16,
+                   help="sequences per forward pass")
     p.add_argument("--cache-dir", default="data_cache/stdlib_instruct",
                    help=f"where the embedded dataset behind {STDLIB_TASK} is built (once)")
     p.add_argument("--device", default=None,
@@ -277,7 +275,9 @@ def main(argv=None) -> list[tuple[str, str, dict]]:
     args = p.parse_args(argv)
     for task in args.task:  # fail before loading any model
         if task != STDLIB_TASK and not Path(task).is_file():
-            p.error(f"--task {task}: no such file (or use the embedded task {STDLIB_TASK!r})")
+            found = "is a directory" if Path(task).is_dir() else "no such file"
+            p.error(f"--task {task}: {found} (a .jsonl multiple-choice file, a text file, or "
+                    f"the embedded task {STDLIB_TASK!r})")
     device = pick_device(args.device or "auto")
     rows = []
     for ckpt in args.checkpoint:

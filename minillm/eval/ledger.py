@@ -42,7 +42,7 @@ from minillm.model import Llama
 from minillm.ship.convert import ExportConfig, export, load_merged
 from minillm.ship.gguf_writer import OUTTYPES
 from minillm.training.loss import held_out_loss
-from minillm.util.cli import ArgumentParser, run_cli
+from minillm.util.cli import ArgumentParser, int_at_least, run_cli
 
 LEDGER_CHAIN = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # most bits first
 
@@ -150,9 +150,9 @@ def main(argv=None) -> list[LedgerRow]:
     p.add_argument("--template", default=None,
                    help="prompt template of the fine-tuning (default: the adapter's "
                         "prompt_template.json, else the data's natural one)")
-    p.add_argument("--max-examples", type=int, default=64,
+    p.add_argument("--max-examples", type=int_at_least(1), default=64,
                    help="held-out examples scored (default 64)")
-    p.add_argument("--max-seq-len", type=int, default=256,
+    p.add_argument("--max-seq-len", type=int_at_least(2), default=256,
                    help="tokens per example at most (default 256)")
     p.add_argument("--out", default=None,
                    help="folder for the GGUF files (default: beside the adapter)")

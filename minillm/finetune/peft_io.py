@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from minillm.finetune.adapters import lora_modules
+from minillm.finetune.adapters import SHORT_NAMES, lora_modules
 from minillm.finetune.dora import DoRALinear
 from minillm.finetune.lora import LoRALinear
 from minillm.finetune.new_tokens import resize_vocab
+from minillm.formats.weights import check_finite, iter_shard
 from minillm.names import hf_to_ours, ours_to_hf
 from minillm.util.fileio import atomic_write_bytes, read_json_object
 
@@ -122,7 +123,9 @@ def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None 
             state[_peft_key(name, "m")] = m.lora_magnitude_vector.detach().contiguous().cpu()
     for name in modules_to_save:
         for key, p in model.get_submodule(name).named_parameters(prefix=name):
-            state[PEFT_PREFIX + ours_to_hf(key)] = p.detach().contiguous().cpu()  # e.g. (V, C)
+            # a copy each: with tied embeddings embed_tokens and lm_head are one tensor, which
+            # safetensors refuses to store twice (PEFT, too, keeps one trained copy per module)
+            state[PEFT_PREFIX + ours_to_hf(key)] = p.detach().cpu().clone()  # e.g. (V, C)
     config = adapter_config(modules, base_model_name_or_path, modules_to_save)
     atomic_write_bytes(dirpath / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
     atomic_write_bytes(dirpath / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
@@ -142,43 +145,67 @@ def read_base_quantization(dirpath) -> dict | None:
     if not path.is_file():
         return None
     cfg = read_json_object(path, "base quantization record")
-    if cfg.get("quant_method") != "nf4" or not isinstance(cfg.get("blocksize"), int) \
-            or not isinstance(cfg.get("double_quant"), bool):
-        raise ValueError(f"{path}: expected {{\"quant_method\": \"nf4\", \"blocksize\": <int>, "
-                         f"\"double_quant\": <bool>}}, found {cfg}")
-    return {"blocksize": cfg["blocksize"], "double_quant": cfg["double_quant"]}
+    blocksize = cfg.get("blocksize")
+    valid = (cfg.get("quant_method") == "nf4" and isinstance(cfg.get("double_quant"), bool)
+             and type(blocksize) is int and 16 <= blocksize <= 4096
+             and blocksize & (blocksize - 1) == 0)
+    if not valid:
+        raise ValueError(f"{path}: expected {{\"quant_method\": \"nf4\", \"blocksize\": <a power "
+                         f"of two in [16, 4096]>, \"double_quant\": <bool>}}, found {cfg}")
+    return {"blocksize": blocksize, "double_quant": cfg["double_quant"]}
+
+
+def _number(path: Path, cfg: dict, key: str, ok, expected: str, default=None):
+    """cfg[key] as training would accept it (finetune's rules), or one error naming file and key."""
+    value = cfg.get(key, default)
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and ok(value)):
+        raise ValueError(f"{path}: {key} must be {expected}, found {value!r}")
+    return value
 
 
 def _read_adapter_config(path: Path) -> dict:
     cfg = read_json_object(path, "adapter config")
     required_values = {"peft_type": ("LORA",), "bias": ("none",), "fan_in_fan_out": (False,),
                        "use_dora": (False, True, None), "rank_pattern": ({}, None),
-                       "alpha_pattern": ({}, None)}
+                       "alpha_pattern": ({}, None), "use_rslora": (False, True, None)}
     for key, allowed in required_values.items():
         if key in cfg and cfg[key] not in allowed:
             raise ValueError(f"{path}: {key} = {cfg[key]!r} is not supported; "
                              f"expected one of {list(allowed)}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
-            raise ValueError(f"{path}: {key} must be a number, found {cfg.get(key)!r}")
-    saved = cfg.get("modules_to_save") or []
-    if not isinstance(saved, list) or not all(isinstance(s, str) for s in saved):
-        raise ValueError(f"{path}: modules_to_save must be a list of module names, found {saved!r}")
+    if type(cfg.get("r")) is not int or cfg["r"] < 1:  # 8.5 or 1e400 is not a rank
+        raise ValueError(f"{path}: r must be an integer >= 1, found {cfg.get('r')!r}")
+    _number(path, cfg, "lora_alpha", lambda v: v > 0, "a finite number > 0 (the scale is "
+            "lora_alpha / r)")
+    _number(path, cfg, "lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)", default=0.0)
+    for key, allowed in (("target_modules", set(SHORT_NAMES.values()) | {"lm_head"}),
+                         ("modules_to_save", {"embed_tokens", "lm_head"})):
+        names = cfg.get(key) or []
+        if isinstance(names, str):
+            raise ValueError(f"{path}: {key} = {names!r} is a regular expression, which minillm "
+                             f"does not match; list the module names, e.g. {sorted(allowed)}")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path}: {key} must be a list of module names, found {names!r}")
+        unknown = sorted(set(names) - allowed)
+        if unknown:
+            raise ValueError(f"{path}: {key} names {unknown}, which no Llama module is; "
+                             f"expected names from {sorted(allowed)}")
     return cfg
 
 
 def _read_adapter_weights(dirpath: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The adapter's tensors (safetensors, or an older PEFT's adapter_model.bin, read as weights
+    only), each checked finite."""
     st, bin_ = dirpath / ADAPTER_WEIGHTS, dirpath / "adapter_model.bin"
     if st.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            return st, load_file(str(st))
-        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-            raise ValueError(f"{st}: not a valid safetensors file ({e})") from None
-    if bin_.is_file():  # older PEFT versions
-        return bin_, torch.load(bin_, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{dirpath}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+        path, state = st, dict(iter_shard(st))
+    elif bin_.is_file():  # older PEFT versions
+        path, state = bin_, dict(iter_shard(bin_))
+    else:
+        raise FileNotFoundError(f"{dirpath}: no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+    for key, t in state.items():
+        check_finite(t, str(path), key)
+    return path, state
 
 
 def _saved_module_key(key: str, saved_modules: list[str]) -> tuple[str, str] | None:
@@ -256,6 +283,13 @@ def _load_whole_modules(path: Path, model: nn.Module, whole: dict[str, torch.Ten
         # a vocabulary with new pieces: rows appended, then overwritten
         resize_vocab(model, rows.pop())
     params = dict(model.named_parameters())
+    if model.config.tie_embeddings and "lm_head.weight" in whole:
+        # tied: lm_head is the embedding; both copies in the file must agree (they trained as one)
+        head = whole.pop("lm_head.weight")
+        if "embed_tokens.weight" in whole and not torch.equal(head, whole["embed_tokens.weight"]):
+            raise ValueError(f"{path}: lm_head and embed_tokens differ, but this base ties them "
+                             f"(tie_word_embeddings): an adapter for an untied base?")
+        whole.setdefault("embed_tokens.weight", head)
     for key, t in whole.items():
         if key not in params or params[key].shape != t.shape:
             found = tuple(params[key].shape) if key in params else "no such parameter"

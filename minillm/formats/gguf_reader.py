@@ -77,10 +77,21 @@ class GGUFFile:
                              offset=self.data_start + t.offset)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The tensor dequantized to float32, in PyTorch shape (a copy)."""
+        """The tensor dequantized to float32, in PyTorch shape (a copy). A NaN or inf anywhere (a
+        corrupt block scale, or an f16 / bf16 / f32 value) is an error naming the file, the tensor
+        and, for a block type, the block."""
         t = self.tensors[name]
         data = torch.from_numpy(self.raw(name).copy())
-        return dequantize(data, t.ggml_type, t.shape[-1]).reshape(t.shape)
+        w = dequantize(data, t.ggml_type, t.shape[-1]).reshape(t.shape)
+        bad = ~torch.isfinite(w.reshape(-1))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            block = GGML_TYPES[t.ggml_type][1]
+            where = f"block {first // block} (element {first})" if block > 1 else f"element {first}"
+            raise ValueError(f"{self.path}: tensor {name!r} ({type_name(t.ggml_type)}) decodes to "
+                             f"{w.reshape(-1)[first].item()} in {where}: a NaN or inf scale or "
+                             f"value, the file is corrupt")
+        return w
 
 
 class _Cursor:
@@ -315,6 +326,12 @@ def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:
         raise ValueError(f"{g.path}: tokenizer.ggml.model is {model!r}, "
                          f"only SentencePiece 'llama' is supported")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
+    first: dict[str, int] = {}
+    for i, piece in enumerate(tokens):
+        if first.setdefault(piece, i) != i:
+            raise ValueError(f"{g.path}: tokenizer.ggml.tokens holds the piece {piece!r} twice "
+                             f"(ids {first[piece]} and {i}); a SentencePiece vocabulary names "
+                             f"each piece once")
     scores = _require(g, "tokenizer.ggml.scores", ARRAY, FLOAT32)
     types = _require(g, "tokenizer.ggml.token_type", ARRAY, INT32)
     if not len(tokens) == len(scores) == len(types):

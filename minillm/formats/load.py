@@ -29,6 +29,8 @@ from minillm.formats.weights import fill_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
 
+CHECKPOINT_FILES = (MINILLM_CONFIG, "config.json", "params.json")  # what names a checkpoint dir
+
 
 def load_pretrained(path, dtype=torch.float32, device="cpu", linear_hook=None) -> Llama:
     """Load any supported checkpoint into a Llama (see the module docstring for the formats), in
@@ -58,8 +60,8 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", linear_hook=None) -
     elif (path / "params.json").is_file():
         model = load_meta(path, dtype, device, linear_hook)
     else:
-        raise FileNotFoundError(f"{path}: not a checkpoint directory (expected {MINILLM_CONFIG}, "
-                                f"config.json or params.json)")
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (expected one of "
+                                f"{', '.join(CHECKPOINT_FILES)})")
     return model.eval()
 
 
@@ -73,6 +75,9 @@ def load_tokenizer(checkpoint, tokenizer_path=None):
         raise FileNotFoundError(f"{checkpoint}: checkpoint path does not exist")
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
         return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
+    if checkpoint.is_dir() and not any((checkpoint / f).is_file() for f in CHECKPOINT_FILES):
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (expected one of "
+                                f"{', '.join(CHECKPOINT_FILES)})")
     path = checkpoint / "tokenizer.model"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing tokenizer.model beside the checkpoint "

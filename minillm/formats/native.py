@@ -28,13 +28,13 @@ def load_minillm(dirpath: Path, dtype, device, linear_hook=None) -> Llama:
                       linear_hook, where=str(weights))
 
 
-
-def save_model(model: Llama, dirpath, tokenizer_path=None):
+def save_model(model: Llama, dirpath, tokenizer_path=None, step: int | None = None):
     """Write model.safetensors (our key names) + minillm_config.json (+ tokenizer.model), each
     atomically.
 
     A tied lm_head is stored once (as the embedding). Every file is written under a temp name and
-    renamed, so an interrupted save leaves the previous files intact.
+    renamed, so an interrupted save leaves the previous files intact. `step`, from a training run,
+    goes into the safetensors metadata (minillm_step), to tell which checkpoint it is.
     """
     from safetensors.torch import save
 
@@ -43,7 +43,8 @@ def save_model(model: Llama, dirpath, tokenizer_path=None):
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write_bytes(dirpath / "model.safetensors", save(state))
+    metadata = None if step is None else {"minillm_step": str(step)}  # a training run's step
+    atomic_write_bytes(dirpath / "model.safetensors", save(state, metadata=metadata))
     atomic_write_bytes(dirpath / MINILLM_CONFIG,
                        json.dumps(model.config.to_dict(), indent=2).encode())
     if (tokenizer_path is not None

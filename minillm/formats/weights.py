@@ -68,6 +68,20 @@ def load_torch_weights(path: Path) -> dict:
                          f"({type(e).__name__}: {first})") from None
 
 
+def check_finite(t: torch.Tensor, where: str, name: str):
+    """Refuse a tensor holding NaN or inf: one line naming the file, the tensor and the first bad
+    element (a corrupt or diverged checkpoint would otherwise load and generate garbage)."""
+    if not t.is_floating_point():
+        return
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        first = int(bad.reshape(-1).nonzero()[0])
+        value = t.reshape(-1)[first].item()
+        raise ValueError(f"{where}: tensor {name!r} holds {value} at element {first} of "
+                         f"{t.numel()} (NaN or inf weights: the file is corrupt, or the run that "
+                         f"wrote it diverged)")
+
+
 def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) from one `.bin` or `.safetensors` file, turning any read error into a
     ValueError that names the file."""
@@ -150,6 +164,7 @@ def fill_model(
             raise ValueError(f"{source}: weight {key!r} has dtype {t.dtype}, "
                              f"expected a floating point tensor")
         seen[key] = source
+        check_finite(t, source, name_in_file(key))
         if linear_hook is not None and linear_hook(model, key, t):
             continue
         _set_param(model, key, t.to(device=device, dtype=dtype))

@@ -21,6 +21,7 @@ import torch
 
 from minillm.generate.sampling import SamplingConfig, sample, sampling_generator
 from minillm.model import Llama
+from minillm.util.device import check_fits
 
 
 def prefill(model: Llama, ids: torch.Tensor, input_pos: torch.Tensor, **row_args) -> torch.Tensor:
@@ -108,6 +109,12 @@ def decoding(models: list[Llama], batch_size: int, total: int):
     of one generation; the caches are freed and the training flags restored however the loop ends (a
     consumer that stops iterating early closes the generator, which runs this exit too)."""
     was_training = [m.training for m in models]
+    for m in models:
+        c, w = m.config, m.embed_tokens.weight
+        kv_bytes = 2 * c.n_layers * batch_size * total * c.n_kv_heads * c.head_dim  # k and v
+        kv_bytes *= w.element_size()
+        check_fits(kv_bytes, w.device, f"a KV cache of {batch_size} x {total} positions",
+                   "lower --max-new-tokens (or the batch size), or shorten the prompt")
     for m in models:
         m.eval()
         m.setup_caches(batch_size=batch_size, max_seq_len=total)

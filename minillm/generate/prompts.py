@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from minillm.util.fileio import read_jsonl, read_text
+from minillm.util.fileio import check_unicode, read_jsonl, read_text
 
 
 def unescape(text: str) -> str:
@@ -26,7 +26,7 @@ def read_prompts(path: Path) -> list[str]:
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{where}: expected an object with a \"prompt\" string, "
                                  f"found {str(record)[:60]!r}")
-            prompts.append(record["prompt"])
+            prompts.append(check_unicode(record["prompt"], where))
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty)")
     return prompts

@@ -13,6 +13,7 @@ Applied in this order to the logits (B, V) of each row's last position:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -29,15 +30,17 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, found {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
+        # written as "not (ok)": NaN fails every comparison, so it must fail each of these checks
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, found {self.temperature}")
+        if self.top_k is not None and not self.top_k >= 1:
             raise ValueError(f"top_k must be >= 1, found {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], found {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, found {self.repetition_penalty}")
-        if self.max_new_tokens < 0:
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, found "
+                             f"{self.repetition_penalty}")
+        if not self.max_new_tokens >= 0:
             raise ValueError(f"max_new_tokens must be >= 0, found {self.max_new_tokens}")
 
 

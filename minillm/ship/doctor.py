@@ -206,7 +206,11 @@ def check_tensors(g: GGUFFile, hf: dict[str, torch.Tensor], cfg: ModelConfig, r:
             faults.append(f"tensors: {name} has shape {info.shape}, "
                           f"HF's {key} has {tuple(ref.shape)}")
             continue
-        w = g.tensor(name)
+        try:
+            w = g.tensor(name)
+        except ValueError as e:  # a NaN / inf block scale or value: named by the reader
+            faults.append(f"tensors: {e}")
+            continue
         if is_rope_rotated(key):
             layout, _ = qk_layout(key, w, ref, cfg)
             layouts.setdefault(layout, []).append(name)
@@ -217,7 +221,7 @@ def check_tensors(g: GGUFFile, hf: dict[str, torch.Tensor], cfg: ModelConfig, r:
         err, tol = rel_err(w, ref), tolerance(info.ggml_type)
         compared += 1
         worst = max(worst, (err / tol, name))
-        if err > tol:
+        if not err <= tol:  # NaN fails every comparison: it must fail this one too
             faults.append(f"tensors: {name} ({type_name(info.ggml_type)}) differs from HF's {key}: "
                           f"relative error {err:.3g}, {type_name(info.ggml_type)} allows {tol:.2g}"
                           f"{_holds_instead(w, key, hf)}")
@@ -277,7 +281,7 @@ def check_logits(path: Path, hf_model: Llama, hf_tok: Tokenizer, kl_allowed: flo
     kl, top1 = compare_logits(hf_model, model, ids)
     msg = (f"logits: KL(HF ‖ GGUF) {kl:.3g} nats/token, top-1 agreement {top1:.1%} "
            f"over {sum(map(len, ids))} tokens")
-    if kl > kl_allowed:
+    if not kl <= kl_allowed:  # a NaN KL is a fault, not a pass
         r.fault(msg + f" (a correct file of this type stays under {kl_allowed:g})")
     else:
         r.ok(msg)
@@ -292,6 +296,17 @@ def check_gguf(path: str | os.PathLike, hf_dir: str | os.PathLike, out=print) ->
     return it."""
     path, hf_dir = Path(path), Path(hf_dir)
     g = read_gguf(path)  # a structurally broken file raises here, naming the offset
+    if g.metadata.get("general.type") == "adapter":
+        r = Report()
+        out(f"GGUF doctor: {path} against {hf_dir}")
+        r.fault(f"{path.name} is a LoRA adapter GGUF (general.type = adapter, adapter.type = "
+                f"{g.metadata.get('adapter.type')!r}), not a model: llama.cpp applies it with "
+                f"--lora on a base GGUF; check that base GGUF instead, or the merged model "
+                f"(python3 run.py export --checkpoint BASE --adapter DIR)")
+        for line in r.lines:
+            out(line)
+        out(r.verdict(""))
+        return r
     hf_model = load_pretrained(hf_dir, dtype=None).eval()
     hf_tok = load_tokenizer(hf_dir)
     cfg = hf_model.config

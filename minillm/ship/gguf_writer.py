@@ -82,6 +82,7 @@ from minillm.formats.gguf_layout import (
     expected_shapes,
 )
 from minillm.formats.gguf_reader import read_gguf
+from minillm.formats.weights import check_finite
 from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
 from minillm.ship import quant_mix
 from minillm.tokenizer.sentencepiece import Tokenizer
@@ -337,6 +338,7 @@ def write_gguf(
                 raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {p.shape} for this config")
             seen.add(key)
+            check_finite(tensor, str(path), p.name)  # NaN / inf: refused, named, before writing
             f.seek(len(header) + p.offset)
             errors[p.name] = _write_tensor(f, key, tensor, p, config)
         missing = [p.key for p in plans if p.key not in seen]
@@ -384,6 +386,7 @@ def write_tensors(path: str | os.PathLike, kvs: list[tuple],
     check_gguf_output(path)
     plans, offset = [], 0
     for name, t, ggml_type in tensors:
+        check_finite(t, str(path), name)
         shape = tuple(t.shape)
         block = GGML_TYPES[ggml_type][1]
         if shape[-1] % block:

@@ -313,9 +313,7 @@ def load_config(path: str | Path | None = None,
     "command line")."""
     cfg = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
+        path = Path(path)  # the readers name a missing file, a directory, a device
         d = (read_json_object(path, "config file") if path.suffix == ".json"
              else read_toml(path, "config file"))
         cfg = apply_overrides(cfg, flatten(d), str(path))

@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from minillm.config import ModelConfig
 from minillm.finetune.adapters import DEFAULT_TARGETS
-from minillm.util.cli import ArgumentParser, run_cli
+from minillm.util.cli import ArgumentParser, int_at_least, run_cli
 
 # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
 H100_BF16_PEAK_FLOPS = 989e12
@@ -244,17 +244,17 @@ def main(argv=None) -> str:
                           "finetune.* from it")
     parser.add_argument("--method", choices=("full", "lora", "qlora"), default=None,
                         help="what trains (default: full, or finetune.method from --config)")
-    parser.add_argument("--seq", type=int, default=None,
+    parser.add_argument("--seq", type=int_at_least(1), default=None,
                         help="sequence length (default: block_size, or 1024 capped at the "
                              "preset's max_seq_len)")
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=int_at_least(1), default=None,
                         help="micro-batch size (default 1 or batch_size)")
-    parser.add_argument("--lora-r", type=int, default=None,
+    parser.add_argument("--lora-r", type=int_at_least(1), default=None,
                         help="LoRA rank (default 8 or finetune.lora_r)")
     parser.add_argument("--lora-targets", default=None,
                         help="comma-separated projections to adapt "
                              "(default: all seven, q_proj … down_proj)")
-    parser.add_argument("--act-bytes", type=int, default=2,
+    parser.add_argument("--act-bytes", type=int_at_least(1), default=2,
                         help="bytes per activation element (2 bf16, 4 fp32)")
     parser.add_argument("--double-quant", action="store_true",
                         help="qlora: NF4 scales double-quantized "

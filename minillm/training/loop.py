@@ -82,11 +82,12 @@ from minillm.training.checkpoint import (
     set_rng_states,
 )
 from minillm.training.config import TrainConfig, resume_mismatches, save_config
+from minillm.training.flops import estimate
 from minillm.training.log import Logger
 from minillm.training.loss import held_out_loss, token_loss_sum
 from minillm.training.muon import muon_adamw
 from minillm.training.schedulers import get_lr
-from minillm.util.device import pick_device, pick_dtype
+from minillm.util.device import check_fits, pick_device, pick_dtype
 from minillm.util.fileio import (
     atomic_write_bytes,
     claim_directory,
@@ -290,6 +291,10 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
                                   cfg.data.instruct_format, cfg.block_size,
                                   cfg.data.train_on_inputs, cfg.data.val_frac,
                                   test_paths=test_paths, seed=cfg.data.seed)
+        if not data.test:
+            raise ValueError(f"{cfg.data.corpus}: data.val_frac={cfg.data.val_frac} leaves no "
+                             f"example of {len(data.train)} for validation (a val loss would be "
+                             f"NaN); raise data.val_frac")
         if verbose:
             print(data.summary())
             template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
@@ -336,6 +341,22 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
     return model.train()
 
 
+def check_micro_batch_fits(cfg: TrainConfig, model_cfg, device, dtype, world_size: int):
+    """Refuse a batch the machine cannot hold (training/flops.py's estimate of one micro-batch's
+    activations, gradients and optimizer state), before the first step allocates it."""
+    est = estimate(model_cfg, cfg.finetune.method, cfg.batch_size // world_size, cfg.block_size,
+                   cfg.finetune.lora_r, tuple(cfg.finetune.lora_targets),
+                   act_bytes=torch.empty(0, dtype=dtype).element_size(),
+                   double_quant=cfg.finetune.double_quant)
+    act = est.activations_checkpointed if cfg.activation_checkpointing else est.activations
+    check_fits(act + est.gradients + est.optimizer, device,
+               f"batch_size={cfg.batch_size} x block_size={cfg.block_size} (one micro-batch's "
+               f"activations, the gradients and the optimizer state; `python3 run.py flops` "
+               f"breaks it down)",
+               "lower batch_size (raising grad_accum_steps keeps the tokens per step), block_size, "
+               "or set activation_checkpointing = true")
+
+
 def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler,
                  data_generator) -> int:
     """Load ckpt.pt into a freshly built run (model, AdamW, GradScaler, every RNG); returns the step
@@ -354,23 +375,24 @@ def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler,
 
 def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, data_generator,
                   cfg: TrainConfig, val_loss: float | None, tokenizer: Tokenizer):
-    """Everything a checkpoint step writes (rank 0): ckpt.pt to resume from, and unless
-    checkpoint.export is off, what generate.py loads from out_dir: the model (adapters folded in)
-    with its tokenizer, plus for LoRA / QLoRA the adapter alone in PEFT's layout
-    (out_dir/adapter)."""
+    """Everything a checkpoint step writes (rank 0): unless checkpoint.export is off, what
+    generate.py loads from out_dir (the model with adapters folded in, its tokenizer, and for LoRA /
+    QLoRA the adapter alone in PEFT's layout, out_dir/adapter), then ckpt.pt to resume from.
+
+    The order makes the pair consistent: every file is atomic, and ckpt.pt comes last, so after a
+    kill at any moment model.safetensors (its metadata records the step) is never behind ckpt.pt;
+    at worst it is one checkpoint ahead, and a resume recomputes those steps bit for bit."""
+    if cfg.checkpoint.export:
+        full = cfg.finetune.method == "full"
+        save_model(model if full else plain_llama(model), out_dir, tokenizer.path, step=step)
+        if not full:
+            save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
+                         tokenizer.path if cfg.finetune.new_tokens else None)
+            if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template
+                atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD,
+                                   (out_dir / TEMPLATE_RECORD).read_bytes())
     save_checkpoint(out_dir / "ckpt.pt", model, optimizer, scaler, step, data_generator, cfg,
                     val_loss)
-    if not cfg.checkpoint.export:
-        return
-    if cfg.finetune.method == "full":
-        save_model(model, out_dir, tokenizer.path)
-        return
-    save_model(plain_llama(model), out_dir, tokenizer.path)
-    save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
-                 tokenizer.path if cfg.finetune.new_tokens else None)
-    if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template to export
-        atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD,
-                           (out_dir / TEMPLATE_RECORD).read_bytes())
 
 
 def stopping(ckpt_path: Path) -> str:
@@ -438,6 +460,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         raise ValueError(f"block_size={cfg.block_size} exceeds the model's "
                          f"max_seq_len={model.config.max_seq_len}")
     model.activation_checkpointing = cfg.activation_checkpointing
+    check_micro_batch_fits(cfg, model.config, device, dtype, world_size)
     raw_model = model  # the Llama itself: what is saved, sampled from and counted
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     fused = device.type in ("cuda", "cpu")  # one kernel: 5x the for-loop on CPU

@@ -51,3 +51,28 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting not in DTYPES:
         raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, found {setting!r}")
     return DTYPES[setting]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device`: CUDA's free memory, or the kernel's MemAvailable on a
+    Linux CPU; None where it cannot be read (then nothing is refused)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits(need_bytes: int, device: torch.device, what: str, advice: str):
+    """Refuse, with one line, an allocation the device cannot hold, before it is tried: a size a
+    user asked for (a batch, a context, a token budget) then fails in a second, not with a
+    MemoryError after minutes (or the kernel's OOM killer)."""
+    free = available_memory(device)
+    if free is not None and need_bytes > free:
+        raise ValueError(f"{what} needs about {need_bytes / 2**30:,.1f} GiB, but {device} has "
+                         f"{free / 2**30:,.1f} GiB free; {advice}")

@@ -371,6 +371,19 @@ def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BY
                          f"(byte {raw[e.start]:#04x} at offset {e.start})") from None
 
 
+def check_unicode(text: str, where: str) -> str:
+    """`text`, or one error naming `where` when it holds a lone surrogate: what Python makes of
+    bytes that are not UTF-8 on a command line (or a JSON "\\ud800" escape), which no tokenizer
+    encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        raise ValueError(f"{where}: not valid Unicode text: a lone surrogate U+{code:04X} at "
+                         f"character {e.start} (bytes that are not UTF-8?)") from None
+    return text
+
+
 def parse_json(text: str, where: str):
     """json.loads with one error naming `where` (a file, or file:line) for invalid or too deeply
     nested JSON; JSON's own wording of the problem is kept after ours."""
