@@ -331,4 +331,7 @@ def load_adapter(model: nn.Module, dirpath) -> list[str]:
             module.lora_B.weight.copy_(adapters[name]["B"])
             if dora:
                 module.lora_magnitude_vector.copy_(adapters[name]["m"])
+            if not bool(torch.isfinite(module.delta_weight()).all()):  # e.g. lora_alpha = 1e308
+                raise ValueError(f"{dirpath / ADAPTER_CONFIG}: lora_alpha = {alpha} with r = {r} "
+                                 f"makes the update of {name!r} overflow to inf/NaN")
     return loaded + sorted({k.rpartition(".")[0] for k in whole})

@@ -306,7 +306,9 @@ def check_replaceable_file(path: str | Path, is_ours, what: str):
                               f"new path or over its own earlier {what} (pick another path)")
 
 
-_HELD_LOCKS: dict[Path, int] = {}  # directory -> the descriptor this process holds its lock on
+# the lock files this process holds, by inode (a run directory may be moved while held), and their
+# descriptors, kept open until the process ends
+_HELD_LOCKS: dict[tuple[int, int], int] = {}
 
 
 def lock_directory(directory: str | Path, what: str = "training run"):
@@ -318,10 +320,12 @@ def lock_directory(directory: str | Path, what: str = "training run"):
     import fcntl  # POSIX, as the rest of minillm's file handling
 
     directory = Path(directory).resolve()
-    if directory in _HELD_LOCKS:
-        return
     path = directory / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) in _HELD_LOCKS:
+        os.close(fd)
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -331,7 +335,7 @@ def lock_directory(directory: str | Path, what: str = "training run"):
                            f"{path}); wait for it to end, or pick another directory") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _HELD_LOCKS[directory] = fd
+    _HELD_LOCKS[(st.st_dev, st.st_ino)] = fd
 
 
 # --------------------------------------------------------------------------------------------------
