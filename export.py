@@ -25,7 +25,10 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint",
                    help="base model: HF/OpenLLaMA dir, minillm dir, Meta dir or .gguf")
-    p.add_argument("--out", help="output .gguf file (gguf) or directory (hf, meta)")
+    p.add_argument("--out", help="output .gguf file (gguf) or directory (hf, meta). An existing "
+                   "path is replaced only when minillm wrote it as the same kind of output (a "
+                   "GGUF minillm wrote; an hf / meta export holding its .minillm marker); "
+                   "anything else there is refused, never deleted")
     p.add_argument("--format", choices=["gguf", "hf", "meta", "gguf-lora"], default="gguf",
                    help="output format; "
                         "gguf-lora: the --adapter alone, unmerged, for llama.cpp's --lora")

@@ -1,4 +1,4 @@
-"""Train a Llama from scratch (or continue one):
+r"""Train a Llama from scratch (or continue one):
 `python train.py [config.toml] [--section.key value ...]`.
 
     python train.py                           # tiny model on the Python stdlib, CPU, < 10 min
@@ -14,6 +14,11 @@ Every field of minillm/training/config.py:TrainConfig is a flag (`--help` lists 
 defaults); the loop itself is minillm/training/loop.py:train. The output folder holds ckpt.pt
 (resume state), train_config.json (the resolved config), tb/ (tensorboard) and an inference export
 that `python generate.py --checkpoint out/tiny` reads.
+
+out_dir (and data.cache_dir) must be new, empty, or minillm's own (a `.minillm` marker): a directory
+holding anything else is refused, and nothing in it is touched. One run at a time writes into an
+out_dir; a second gets one line naming the first's pid. A run directory may be moved or copied and
+still resumes.
 """
 
 import argparse

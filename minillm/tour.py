@@ -116,7 +116,8 @@ def banner(n: int, title: str):
 def main(argv=None) -> dict:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/tour",
-                   help="folder for every artifact of the tour (default: out/tour)")
+                   help="folder for every artifact of the tour (default: out/tour): new, empty, "
+                        "or an earlier tour's; a folder of anything else is refused")
     p.add_argument("--quick", action="store_true",
                    help="shrink every stage (small corpus, tens of steps): "
                         "checks the path in a minute or two")

@@ -102,9 +102,16 @@ def test_state_dict_round_trip_continues_identically():
         assert torch.equal(p, q), n
 
 
-def test_unknown_optimizer_name_is_refused():
-    with pytest.raises(ValueError, match=r"optim.name must be \"adamw\" or \"muon\", found 'sgd'"):
+def test_unknown_optimizer_name_is_refused_and_auto_picks_by_the_run():
+    with pytest.raises(ValueError, match=r"optim.name must be \"auto\", \"adamw\" or \"muon\", "
+                                         r"found 'sgd'"):
         OptimConfig(name="sgd")
+    from minillm.training.config import load_config
+
+    assert load_config().optimizer == "muon"  # the main job, from scratch
+    tune = load_config(overrides={"init_from": "out/tiny", "finetune.method": "lora"})
+    assert tune.optim.name == "auto" and tune.optimizer == "adamw"  # fine-tuning: PEFT's AdamW
+    assert load_config(overrides={"optim.name": "muon", "init_from": "x"}).optimizer == "muon"
 
 
 @pytest.mark.parametrize("shape", [(5, 37, 91), (3, 91, 37)])

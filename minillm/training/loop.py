@@ -466,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     fused = device.type in ("cuda", "cpu")  # one kernel: 5x the for-loop on CPU
     optimizer = configure_optimizer(model, cfg.optim.weight_decay, get_lr(0, cfg.schedule),
                                     (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, fused=fused,
-                                    name=cfg.optim.name)
+                                    name=cfg.optimizer)
     start_step = 0
     if resume:
         start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler,
