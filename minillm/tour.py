@@ -35,6 +35,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minillm.data.instruct import iter_batches, read_examples, tokenize_example
@@ -113,7 +114,161 @@ def banner(n: int, title: str):
     print(f"\n{'=' * 100}\n[tour {n}/7] {title}\n{'=' * 100}", flush=True)
 
 
-def main(argv=None) -> dict:
+@dataclass
+class Tour:
+    """What the stages share: the flags, where things go, and what each stage found."""
+
+    args: argparse.Namespace
+    out: Path
+    times: dict[str, float] = field(default_factory=dict)
+    results: dict[str, dict] = field(default_factory=dict)  # model name -> its numbers
+    artifacts: dict[str, str] = field(default_factory=dict)
+    base: Path | None = None
+    pretrain_val: float = float("nan")
+    data = None  # the stdlib instruction set (data/stdlib_qa.py)
+    tokenizer = None
+    tokenized: list = field(default_factory=list)  # held-out examples, tokenized
+    short: list = field(default_factory=list)  # held-out short-answer questions
+    mc_task: list = field(default_factory=list)  # the "which module defines X?" task
+    ggufs: dict[str, Path] = field(default_factory=dict)
+    ledger: list = field(default_factory=list)
+
+    def timed(self, name: str, stage, *args):
+        t0 = time.perf_counter()
+        stage(self, *args)
+        self.times[name] = time.perf_counter() - t0
+
+
+def pretrain(t: Tour):
+    if t.args.base is not None:
+        banner(1, f"pretraining skipped: starting from {t.args.base}")
+        t.base = Path(t.args.base)
+        return
+    banner(1, "pretrain the tiny Llama on the Python standard library "
+              "(docs/03-training-from-scratch.md)")
+    over = pretrain_overrides(t.out, t.args.quick, t.args.device)
+    print(command_line("train.py", over), flush=True)
+    pre = train(load_config(None, over))
+    t.base, t.pretrain_val = Path(over["out_dir"]), pre.val_losses[max(pre.val_losses)]
+
+
+def finetune(t: Tour, n: int, method: str):
+    banner(n, f"{method.upper()}-tune on the stdlib instructions (docs/04-instruction-data.md, "
+              "docs/05-lora-and-qlora.md)")
+    over = finetune_overrides(t.out, t.base, method, t.data.train_path, t.args.quick,
+                              t.args.device)
+    print(command_line("train.py", over), flush=True)
+    train(load_config(None, over))
+    t.artifacts[method] = str(t.out / method)
+    t.artifacts[f"{method}_adapter"] = str(t.out / method / "adapter")
+
+
+def score(t: Tour, name: str, model, tokenizer, answers: bool):
+    """Held-out loss and the module task (and with `answers`, the greedy short answers) of one
+    model, into t.results[name]."""
+    loss = held_out_loss(model, iter_batches(t.tokenized, 16, tokenizer.pad_id))
+    mc = score_multiple_choice(model, tokenizer, t.mc_task)
+    r = t.results[name] = dict(loss=loss["loss"], ppl=loss["ppl"], tokens=loss["tokens"],
+                               mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
+    if answers:
+        acc = short_answer_accuracy(model, tokenizer, t.short, TEMPLATE, max_new_tokens=24)
+        r |= dict(exact=acc["exact"], contains=acc["contains"], n_short=acc["n"], answers=acc)
+        print(f"{name:6s} held-out loss {loss['loss']:.4f} "
+              f"(ppl {loss['ppl']:.1f}, {loss['tokens']:,d} tokens) | "
+              f"short answers: exact {acc['exact']:.0%}, contains {acc['contains']:.0%} "
+              f"of {acc['n']} | "
+              f"module multiple choice: acc {mc['acc']:.0%}, acc_norm {mc['acc_norm']:.0%} "
+              f"of {mc['n']}", flush=True)
+
+
+def evaluate(t: Tour):
+    banner(4, "evaluate on held-out symbols: loss, short answers, side-by-side report "
+              "(docs/06-evaluation.md)")
+    device = pick_device(t.args.device)
+    for name, path in (("base", t.base), ("lora", t.out / "lora"), ("qlora", t.out / "qlora")):
+        score(t, name, Llama.from_pretrained(path, device=device), t.tokenizer, answers=True)
+    for tuned in ("lora", "qlora"):
+        base, r = t.results["base"], t.results[tuned]
+        metrics = {"held-out loss": (base["loss"], r["loss"]),
+                   "exact match": (base["exact"], r["exact"]),
+                   "contains": (base["contains"], r["contains"])}
+        report = write_report(t.out / f"report_{tuned}.md",
+                              side_by_side(base["answers"], r["answers"]),
+                              f"Base vs {tuned.upper()} on held-out stdlib questions", metrics)
+        t.artifacts[f"report_{tuned}"] = str(report)
+
+
+def export_gguf(t: Tour):
+    banner(5, "merge the LoRA adapter and export GGUF q8_0 and q4_0 (docs/07-shipping.md)")
+    for outtype in ("q8_0", "q4_0"):
+        cfg = ExportConfig(checkpoint=str(t.base), adapter=str(t.out / "lora" / "adapter"),
+                           outtype=outtype, out=str(t.out / f"tour-lora-{outtype}.gguf"))
+        print(f"python export.py --checkpoint {cfg.checkpoint} --adapter {cfg.adapter} "
+              f"--outtype {outtype} --out {cfg.out}", flush=True)
+        path = t.ggufs[outtype] = export(cfg)
+        t.artifacts[f"gguf_{outtype}"] = str(path)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)", flush=True)
+
+
+def generate_from_gguf(t: Tour):
+    banner(6, "load each GGUF back into minillm and answer a held-out question (docs/02, docs/07)")
+    device = pick_device(t.args.device)
+    question = t.short[0]
+    prompt = format_prompt(TEMPLATE, question.instruction, question.input)
+    for outtype, path in t.ggufs.items():
+        model = Llama.from_pretrained(path, device=device)
+        tok = load_tokenizer(path)  # rebuilt from the GGUF's tokenizer.ggml.* metadata
+        score(t, f"gguf_{outtype}", model, tok, answers=False)
+        answer = generate_text(model, tok, prompt,
+                               SamplingConfig(max_new_tokens=24, temperature=0.0, top_k=None))
+        t.results[f"gguf_{outtype}"]["answer"] = answer
+        print(f"python generate.py --checkpoint {path} --template {TEMPLATE} --temperature 0 "
+              f"--max-new-tokens 24 --prompt {question.instruction!r}\n"
+              f"  → {answer!r}   (reference: {question.output!r})", flush=True)
+    print(f"in llama.cpp: llama-cli -m {t.ggufs['q8_0']} -p {prompt!r} -n 64", flush=True)
+
+
+def fidelity(t: Tour):
+    banner(7, "the fidelity ledger: what each step from adapter to GGUF costs "
+              "(docs/07-shipping.md)")
+    adapter = t.out / "lora" / "adapter"
+    t.ledger = fidelity_ledger(t.base, adapter, t.tokenized, t.tokenizer.pad_id, t.out)
+    print(f"python3 run.py ledger --base {t.base} --adapter {adapter} "
+          f"--data {t.data.test_path}\n{format_ledger(t.ledger)}", flush=True)
+
+
+def print_summary(t: Tour) -> dict:
+    summary = dict(
+        quick=t.args.quick, pretrain_val_loss=t.pretrain_val, seconds=t.times,
+        n_eval_examples=len(t.tokenized), ledger=[dataclasses.asdict(r) for r in t.ledger],
+        models={k: {m: v for m, v in r.items() if m != "answers"} for k, r in t.results.items()},
+        artifacts=dict(base=str(t.base), **t.artifacts),
+    )
+    atomic_write_bytes(t.out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    print(f"\n{'=' * 100}\nartifacts")
+    for k, v in summary["artifacts"].items():
+        print(f"  {k:14s} {v}")
+    print(f"  {'summary':14s} {t.out / 'summary.json'}\n")
+    rows = [("base (pretrained on code)", "base"), ("LoRA r=16", "lora"),
+            ("QLoRA r=16 (NF4 base)", "qlora"),
+            ("LoRA merged → GGUF q8_0", "gguf_q8_0"), ("LoRA merged → GGUF q4_0", "gguf_q4_0")]
+    print(f"held-out loss on {len(t.tokenized):,d} examples about unseen stdlib symbols "
+          f"(response tokens only); short answers: {len(t.short)} greedy answers per model; "
+          f"module MC: {len(t.mc_task)} held-out \"which module defines X?\" questions, "
+          "4 choices (chance 25%)\n")
+    print("| model | held-out loss | perplexity | exact | contains | module MC acc | acc_norm |\n"
+          "|---|---|---|---|---|---|---|")
+    for label, key in rows:
+        r = t.results[key]
+        exact = f"{r['exact']:.0%}" if "exact" in r else "–"
+        has = f"{r['contains']:.0%}" if "contains" in r else "–"
+        print(f"| {label} | {r['loss']:.4f} | {math.exp(r['loss']):.1f} | {exact} | {has} | "
+              f"{r['mc_acc']:.0%} | {r['mc_acc_norm']:.0%} |")
+    print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in t.times.items()))
+    return summary
+
+
+def parse_args(argv) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/tour",
                    help="folder for every artifact of the tour (default: out/tour): new, empty, "
@@ -130,160 +285,39 @@ def main(argv=None) -> dict:
     p.add_argument("--short-answers", type=int_at_least(1), default=None,
                    help="short-answer questions decoded greedily per model "
                         "(default 40; 4 with --quick)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    claim_directory(out, "tour", legacy=("summary.json",))
+    return p.parse_args(argv)
+
+
+def held_out(t: Tour):
+    """The held-out sets every evaluation stage scores, built once."""
+    args = t.args
+    t.tokenizer = load_tokenizer(t.base)
+    test = read_examples(t.data.test_path)
     n_eval = args.eval_examples if args.eval_examples is not None else (64 if args.quick else None)
     n_short = args.short_answers if args.short_answers is not None else (4 if args.quick else 40)
-    times: dict[str, float] = {}
+    t.tokenized = [tokenize_example(ex, t.tokenizer, TEMPLATE, 256) for ex in test[:n_eval]]
+    t.short = short_answer_subset(test)[:n_short] or test[:1]
+    t.mc_task = stdlib_module_task(t.out / "stdlib_instruct")[:16 if args.quick else None]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t = Tour(args, claim_directory(args.out, "tour", legacy=("summary.json",)))
     t_start = time.perf_counter()
-
-    # ---- 1. pretrain -----------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    if args.base is None:
-        banner(1, "pretrain the tiny Llama on the Python standard library "
-                  "(docs/03-training-from-scratch.md)")
-        over = pretrain_overrides(out, args.quick, args.device)
-        print(command_line("train.py", over), flush=True)
-        pre = train(load_config(None, over))
-        base = Path(over["out_dir"])
-        pretrain_val = pre.val_losses[max(pre.val_losses)]
-    else:
-        banner(1, f"pretraining skipped: starting from {args.base}")
-        base, pretrain_val = Path(args.base), float("nan")
-    times["pretrain"] = time.perf_counter() - t0
-
-    # ---- 2. + 3. LoRA and QLoRA on the stdlib instruction data -----------------------------------
-    data = build_stdlib_dataset(out / "stdlib_instruct")
-    print(f"\ninstruction data: {data.train_path} ({data.meta['n_train']:,d} train) | "
-          f"{data.test_path} ({data.meta['n_test']:,d} held-out, "
+    t.timed("pretrain", pretrain)
+    t.data = build_stdlib_dataset(t.out / "stdlib_instruct")
+    print(f"\ninstruction data: {t.data.train_path} ({t.data.meta['n_train']:,d} train) | "
+          f"{t.data.test_path} ({t.data.meta['n_test']:,d} held-out, "
           "on symbols never seen in training)", flush=True)
-    for n, method in ((2, "lora"), (3, "qlora")):
-        banner(n, f"{method.upper()}-tune on the stdlib instructions (docs/04-instruction-data.md, "
-                  "docs/05-lora-and-qlora.md)")
-        t0 = time.perf_counter()
-        over = finetune_overrides(out, base, method, data.train_path, args.quick, args.device)
-        print(command_line("train.py", over), flush=True)
-        train(load_config(None, over))
-        times[method] = time.perf_counter() - t0
-
-    # ---- 4. evaluate -----------------------------------------------------------------------------
-    banner(4, "evaluate on held-out symbols: loss, short answers, side-by-side report "
-              "(docs/06-evaluation.md)")
-    t0 = time.perf_counter()
-    device = pick_device(args.device)
-    tokenizer = load_tokenizer(base)
-    test = read_examples(data.test_path)
-    scored = test if n_eval is None else test[:n_eval]
-    tokenized = [tokenize_example(ex, tokenizer, TEMPLATE, 256) for ex in scored]
-    short = short_answer_subset(test)[:n_short]
-    # `run.py eval`'s task
-    mc_task = stdlib_module_task(out / "stdlib_instruct")[:16 if args.quick else None]
-    models = {"base": base, "lora": out / "lora", "qlora": out / "qlora"}
-    results: dict[str, dict] = {}
-    for name, path in models.items():
-        model = Llama.from_pretrained(path, device=device)
-        loss = held_out_loss(model, iter_batches(tokenized, 16, tokenizer.pad_id))
-        acc = short_answer_accuracy(model, tokenizer, short, TEMPLATE, max_new_tokens=24)
-        mc = score_multiple_choice(model, tokenizer, mc_task)
-        results[name] = dict(loss=loss["loss"], ppl=loss["ppl"], tokens=loss["tokens"],
-                             exact=acc["exact"], contains=acc["contains"], n_short=acc["n"],
-                             answers=acc, mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
-        print(f"{name:6s} held-out loss {loss['loss']:.4f} "
-              f"(ppl {loss['ppl']:.1f}, {loss['tokens']:,d} tokens) | "
-              f"short answers: exact {acc['exact']:.0%}, contains {acc['contains']:.0%} "
-              f"of {acc['n']} | "
-              f"module multiple choice: acc {mc['acc']:.0%}, acc_norm {mc['acc_norm']:.0%} "
-              f"of {mc['n']}", flush=True)
-    reports = {}
-    for tuned in ("lora", "qlora"):
-        rows = side_by_side(results["base"]["answers"], results[tuned]["answers"])
-        metrics = {"held-out loss": (results["base"]["loss"], results[tuned]["loss"]),
-                   "exact match": (results["base"]["exact"], results[tuned]["exact"]),
-                   "contains": (results["base"]["contains"], results[tuned]["contains"])}
-        reports[tuned] = write_report(out / f"report_{tuned}.md", rows,
-                                      f"Base vs {tuned.upper()} on held-out stdlib questions",
-                                      metrics)
-    times["evaluate"] = time.perf_counter() - t0
-
-    # ---- 5. export -------------------------------------------------------------------------------
-    banner(5, "merge the LoRA adapter and export GGUF q8_0 and q4_0 (docs/07-shipping.md)")
-    t0 = time.perf_counter()
-    ggufs = {}
-    for outtype in ("q8_0", "q4_0"):
-        cfg = ExportConfig(checkpoint=str(base), adapter=str(out / "lora" / "adapter"),
-                           outtype=outtype, out=str(out / f"tour-lora-{outtype}.gguf"))
-        print(f"python export.py --checkpoint {cfg.checkpoint} --adapter {cfg.adapter} "
-              f"--outtype {outtype} --out {cfg.out}", flush=True)
-        ggufs[outtype] = export(cfg)
-        print(f"wrote {ggufs[outtype]} ({ggufs[outtype].stat().st_size / 1e6:.2f} MB)", flush=True)
-    times["export"] = time.perf_counter() - t0
-
-    # ---- 6. generate from the GGUF files ---------------------------------------------------------
-    banner(6, "load each GGUF back into minillm and answer a held-out question (docs/02, docs/07)")
-    t0 = time.perf_counter()
-    question = short[0] if short else test[0]
-    prompt = format_prompt(TEMPLATE, question.instruction, question.input)
-    for outtype, path in ggufs.items():
-        model = Llama.from_pretrained(path, device=device)
-        tok = load_tokenizer(path)  # rebuilt from the GGUF's tokenizer.ggml.* metadata
-        mc = score_multiple_choice(model, tok, mc_task)
-        results[f"gguf_{outtype}"] = dict(
-            loss=held_out_loss(model, iter_batches(tokenized, 16, tok.pad_id))["loss"],
-            mc_acc=mc["acc"], mc_acc_norm=mc["acc_norm"])
-        answer = generate_text(model, tok, prompt,
-                               SamplingConfig(max_new_tokens=24, temperature=0.0, top_k=None))
-        results[f"gguf_{outtype}"]["answer"] = answer
-        print(f"python generate.py --checkpoint {path} --template {TEMPLATE} --temperature 0 "
-              f"--max-new-tokens 24 --prompt {question.instruction!r}\n"
-              f"  → {answer!r}   (reference: {question.output!r})", flush=True)
-    print(f"in llama.cpp: llama-cli -m {ggufs['q8_0']} -p {prompt!r} -n 64", flush=True)
-    times["generate"] = time.perf_counter() - t0
-
-    # ---- 7. the fidelity ledger ------------------------------------------------------------------
-    banner(7, "the fidelity ledger: what each step from adapter to GGUF costs "
-              "(docs/07-shipping.md)")
-    t0 = time.perf_counter()
-    ledger = fidelity_ledger(base, out / "lora" / "adapter", tokenized, tokenizer.pad_id, out)
-    print(f"python3 run.py ledger --base {base} --adapter {out / 'lora' / 'adapter'} "
-          f"--data {data.test_path}\n{format_ledger(ledger)}", flush=True)
-    times["ledger"] = time.perf_counter() - t0
-    times["total"] = time.perf_counter() - t_start
-
-    # ---- summary ---------------------------------------------------------------------------------
-    summary = dict(
-        quick=args.quick, pretrain_val_loss=pretrain_val, seconds=times,
-        n_eval_examples=len(tokenized),
-        ledger=[dataclasses.asdict(r) for r in ledger],
-        models={k: {m: v for m, v in r.items() if m != "answers"} for k, r in results.items()},
-        artifacts=dict(base=str(base), lora=str(out / "lora"),
-                       lora_adapter=str(out / "lora" / "adapter"), qlora=str(out / "qlora"),
-                       qlora_adapter=str(out / "qlora" / "adapter"),
-                       report_lora=str(reports["lora"]), report_qlora=str(reports["qlora"]),
-                       gguf_q8_0=str(ggufs["q8_0"]), gguf_q4_0=str(ggufs["q4_0"])),
-    )
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-    print(f"\n{'=' * 100}\nartifacts")
-    for k, v in summary["artifacts"].items():
-        print(f"  {k:14s} {v}")
-    print(f"  {'summary':14s} {out / 'summary.json'}\n")
-    rows = [("base (pretrained on code)", "base"), ("LoRA r=16", "lora"),
-            ("QLoRA r=16 (NF4 base)", "qlora"),
-            ("LoRA merged → GGUF q8_0", "gguf_q8_0"), ("LoRA merged → GGUF q4_0", "gguf_q4_0")]
-    print(f"held-out loss on {len(tokenized):,d} examples about unseen stdlib symbols "
-          f"(response tokens only); short answers: {n_short} greedy answers per model; module MC: "
-          f"{len(mc_task)} held-out \"which module defines X?\" questions, "
-          "4 choices (chance 25%)\n")
-    print("| model | held-out loss | perplexity | exact | contains | module MC acc | acc_norm |\n"
-          "|---|---|---|---|---|---|---|")
-    for label, key in rows:
-        r = results[key]
-        exact = f"{r['exact']:.0%}" if "exact" in r else "–"
-        has = f"{r['contains']:.0%}" if "contains" in r else "–"
-        print(f"| {label} | {r['loss']:.4f} | {math.exp(r['loss']):.1f} | {exact} | {has} | "
-              f"{r['mc_acc']:.0%} | {r['mc_acc_norm']:.0%} |")
-    print("\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    return summary
+    t.timed("lora", finetune, 2, "lora")
+    t.timed("qlora", finetune, 3, "qlora")
+    held_out(t)
+    t.timed("evaluate", evaluate)
+    t.timed("export", export_gguf)
+    t.timed("generate", generate_from_gguf)
+    t.timed("ledger", fidelity)
+    t.times["total"] = time.perf_counter() - t_start
+    return print_summary(t)
 
 
 if __name__ == "__main__":
