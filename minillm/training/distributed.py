@@ -43,8 +43,9 @@ init_from. A resume needs the same world size (each rank's RNG is its own); the 
 consolidated once at the end (`gather_full_state`) into the usual export, and
 `python3 run.py consolidate OUT_DIR` does the same from ckpt/ alone (training/consolidate.py).
 
-torch 2.5 (minillm's floor) has the same API under torch.distributed._composable.fsdp; both import
-paths are tried here, once.
+torch 2.5 (minillm's floor) has the same FSDP2 under torch.distributed._composable.fsdp, on CUDA
+only; from torch 2.6 it is torch.distributed.fsdp.fully_shard, on any device (gloo on the CPU, as
+the tests run it). Both import paths are tried here, once; the DCP functions are the same in both.
 """
 
 from __future__ import annotations
@@ -72,20 +73,18 @@ from minillm.training.checkpoint import rng_states, set_rng_states
 from minillm.training.config import TrainConfig, resume_mismatches, to_dict
 from minillm.util.fileio import atomic_directory, atomic_write, atomic_write_bytes, read_json_object
 
-try:
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        FSDPModule,
-        MixedPrecisionPolicy,
-        fully_shard,
-    )
-except ImportError:  # torch < 2.6: the same FSDP2, before it was made public
+try:  # torch >= 2.6: public, and on any device
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    FSDP_ON_CPU = True
+except ImportError:  # torch 2.5: the same FSDP2 before it was public, which needs CUDA streams
     from torch.distributed._composable.fsdp import (
         CPUOffloadPolicy,
-        FSDPModule,
         MixedPrecisionPolicy,
         fully_shard,
     )
+
+    FSDP_ON_CPU = False
 
 CKPT_DIR = "ckpt"  # out_dir/ckpt/: the sharded checkpoint
 TRAIN_STATE = "train_state.json"
@@ -118,6 +117,16 @@ def broadcast_object(obj):
 # sharding
 
 
+def check_fsdp_device(device: torch.device, cpu_offload: bool):
+    """One line on what this torch's FSDP2 cannot do on `device`, before anything is built."""
+    if device.type != "cuda" and not FSDP_ON_CPU:
+        raise ValueError(f"distributed = 'fsdp' on {device} needs torch >= 2.6; torch "
+                         f"{torch.__version__}'s FSDP2 runs on CUDA only: use ddp here")
+    if cpu_offload and device.type != "cuda":
+        raise ValueError(f"cpu_offload keeps FSDP's shards in host memory between a GPU's steps; "
+                         f"this run computes on {device}, found cpu_offload = true")
+
+
 def shard_model(full: Llama | None, skeleton: Callable[[ModelConfig], Llama], device: torch.device,
                 dtype: torch.dtype, compile_blocks: bool = False, cpu_offload: bool = False,
                 float32_modules: tuple[str, ...] = ()) -> Llama:
@@ -132,9 +141,6 @@ def shard_model(full: Llama | None, skeleton: Callable[[ModelConfig], Llama], de
     in one process. compile_blocks compiles each block in place (nn.Module.compile, so the
     state-dict keys keep their names); cpu_offload keeps the shards and AdamW's state in host
     memory, which needs a GPU to compute on."""
-    if cpu_offload and device.type != "cuda":
-        raise ValueError(f"cpu_offload keeps FSDP's shards in host memory between a GPU's steps; "
-                         f"this run computes on {device}, found cpu_offload = true")
     config = broadcast_object(full.config if full is not None else None)
     model = skeleton(config)
     mixed = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -157,14 +163,12 @@ def shard_model(full: Llama | None, skeleton: Callable[[ModelConfig], Llama], de
     state = full.state_dict() if full is not None else {}
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
                                                                 broadcast_from_rank0=True))
-    # FSDP allocates each module's gathered weights at its first all-gather and reuses them; one
-    # made under torch.inference_mode (the first eval sample) could never be written by training
-    # again, so allocate them now, outside it
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.unshard()
-            module.reshard()
-    return model
+    # FSDP allocates each unit's gathered weights at its first all-gather and reuses them; made
+    # under torch.inference_mode (the first eval sample) they could never be written by training
+    # again, so one token goes through now, outside it (in eval mode: no dropout draws)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, dtype=torch.long, device=device))
+    return model.train()
 
 
 def gather_full_state(model: Llama) -> dict[str, torch.Tensor]:

@@ -85,6 +85,7 @@ from minillm.training.checkpoint import (
 from minillm.training.config import TrainConfig, resume_mismatches, save_config
 from minillm.training.distributed import (
     CKPT_DIR,
+    check_fsdp_device,
     gather_full_state,
     load_sharded_checkpoint,
     materialize,
@@ -357,6 +358,7 @@ def build_sharded_model(cfg: TrainConfig, device: torch.device, dtype: torch.dty
                         master: bool) -> Llama:
     """FSDP2: rank 0 builds the model on the CPU as one process would (the same weights, the same
     seed), and every rank keeps its shard of it (distributed.shard_model)."""
+    check_fsdp_device(device, cfg.cpu_offload)
     full = build_model(cfg, torch.device("cpu"), dtype) if master else None
     adapters = cfg.finetune.method != "full"
     return shard_model(full, lambda config: model_skeleton(cfg, config, dtype), device, dtype,
