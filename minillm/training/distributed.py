@@ -74,12 +74,18 @@ from minillm.training.config import TrainConfig, resume_mismatches, to_dict
 from minillm.util.fileio import atomic_directory, atomic_write, atomic_write_bytes, read_json_object
 
 try:  # torch >= 2.6: public, and on any device
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     FSDP_ON_CPU = True
 except ImportError:  # torch 2.5: the same FSDP2 before it was public, which needs CUDA streams
     from torch.distributed._composable.fsdp import (
         CPUOffloadPolicy,
+        FSDPModule,
         MixedPrecisionPolicy,
         fully_shard,
     )
@@ -165,10 +171,12 @@ def shard_model(full: Llama | None, skeleton: Callable[[ModelConfig], Llama], de
                                                                 broadcast_from_rank0=True))
     # FSDP allocates each unit's gathered weights at its first all-gather and reuses them; made
     # under torch.inference_mode (the first eval sample) they could never be written by training
-    # again, so one token goes through now, outside it (in eval mode: no dropout draws)
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, dtype=torch.long, device=device))
-    return model.train()
+    # again, so gather (and free) each unit once now, outside it
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+    return model
 
 
 def gather_full_state(model: Llama) -> dict[str, torch.Tensor]:
