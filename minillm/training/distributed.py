@@ -24,9 +24,10 @@ the gradients stay sharded, at the price of one collective per micro-batch.
 Building without a full copy per rank (`shard_model`): rank 0 builds the model as one process
 would (reads the checkpoint, or initialises it from the seed) on the CPU; every rank builds the same
 structure on the meta device (shapes only, no memory), shards it, allocates its own shards, and
-`set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)` sends the tensors from
-rank 0, each rank keeping its slice. Rank 0 holds one full copy on the CPU while loading; the
-others only their shards (bench/fsdp_memory.py measures it).
+rank 0 sends the weights one tensor at a time, each rank keeping its rows (`fill_from_rank0`).
+Rank 0 holds one full copy on the CPU while loading; the others their shards and one tensor in
+flight: 0.71x the model's bytes on rank 1 of 2, 1.01x when every rank loads it whole
+(bench/fsdp_memory.py, docs/measured.md).
 
 The checkpoint, out_dir/ckpt/ (`save_sharded_checkpoint`), is written by every rank at once into a
 temp directory that replaces ckpt/ only when every rank has finished (fileio.atomic_directory), so
@@ -166,9 +167,7 @@ def shard_model(full: Llama | None, skeleton: Callable[[ModelConfig], Llama], de
     # allocate this rank's shards (host memory with offload), then fill them from rank 0
     model.to_empty(device="cpu" if cpu_offload else device)
     model.init_rope(device)
-    state = full.state_dict() if full is not None else {}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
-                                                                broadcast_from_rank0=True))
+    fill_from_rank0(model, full, device)
     # FSDP allocates each unit's gathered weights at its first all-gather and reuses them; made
     # under torch.inference_mode (the first eval sample) they could never be written by training
     # again, so gather (and free) each unit once now, outside it
@@ -177,6 +176,28 @@ def shard_model(full: Llama | None, skeleton: Callable[[ModelConfig], Llama], de
             module.unshard()
             module.reshard()
     return model
+
+
+@torch.no_grad()
+def fill_from_rank0(model: Llama, full: Llama | None, device: torch.device):
+    """Copy rank 0's whole weights into every rank's shards, one tensor at a time: rank 0 sends
+    each parameter (broadcast), every rank keeps its rows, the rows FSDP's Shard(0) gives it
+    (torch.chunk along dim 0: ceil(n / W) rows per rank, the last ranks fewer or none). Each rank
+    holds at most one whole tensor beside its shards. (torch's set_model_state_dict with
+    broadcast_from_rank0 does the same but receives every tensor before it shards any: a whole
+    copy of the model on every rank, bench/fsdp_memory.py measured it.)"""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    source = dict(full.named_parameters()) if full is not None else {}
+    for name, param in model.named_parameters():  # a tied lm_head comes once
+        if full is not None:
+            whole = source[name].detach().to(device=device, dtype=param.dtype)
+        else:
+            whole = torch.empty(param.shape, dtype=param.dtype, device=device)
+        dist.broadcast(whole, src=0)
+        rows = whole.chunk(world_size, dim=0)
+        local = param.to_local()  # this rank's shard, a view of FSDP's own storage
+        if rank < len(rows):
+            local.copy_(rows[rank])
 
 
 def gather_full_state(model: Llama) -> dict[str, torch.Tensor]:
