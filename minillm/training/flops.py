@@ -230,14 +230,17 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
 
 
 def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int,
-                  est: Estimate, ranks: int = 8) -> str:
+                  est: Estimate, ranks: int = 8, rank_est: Estimate | None = None) -> str:
+    """rank_est: the estimate for one rank's micro-batch, when `batch` is global (a config's
+    batch_size is split over the ranks); default `est`."""
     gib = lambda b: f"{b / 2**30:9.2f} GiB"
+    rank_est = rank_est or est
     if method == "qlora":
         fsdp = "n/a (an NF4 base is not sharded; fsdp trains full or lora)"
     else:
-        fsdp = (f"{gib(est.fsdp_per_rank(ranks, False))}   "
-                f"({gib(est.fsdp_per_rank(ranks, True)).strip()} with checkpointing)   "
-                f"(÷ {ranks} + activations + {gib(est.fsdp_gathered).strip()} gathered)")
+        fsdp = (f"{gib(rank_est.fsdp_per_rank(ranks, False))}   "
+                f"({gib(rank_est.fsdp_per_rank(ranks, True)).strip()} with checkpointing)   "
+                f"(÷ {ranks} + activations + {gib(rank_est.fsdp_gathered).strip()} gathered)")
     lines = [
         f"{name}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
         f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | "
@@ -254,8 +257,8 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
         f"total                  {gib(est.total(False))}   "
         f"({gib(est.total(True)).strip()} with checkpointing)",
         f"KV cache (inference)   {gib(est.kv_cache)}   (bf16, batch {batch} × {seq} tokens)",
-        f"per rank of {ranks}, DDP  {gib(est.total(False))}   "
-        f"({gib(est.total(True)).strip()} with checkpointing)   (every rank holds it all)",
+        f"per rank of {ranks}, DDP  {gib(rank_est.total(False))}   "
+        f"({gib(rank_est.total(True)).strip()} with checkpointing)   (every rank holds it all)",
         f"per rank of {ranks}, FSDP {fsdp}",
     ]
     return "\n".join(lines)
@@ -284,7 +287,8 @@ def main(argv=None) -> str:
     parser.add_argument("--act-bytes", type=int, default=2,
                         help="bytes per activation element (2 bf16, 4 fp32)")
     parser.add_argument("--ranks", type=int, default=8,
-                        help="world size for the per-rank DDP and FSDP rows (default 8)")
+                        help="world size for the per-rank DDP and FSDP rows (default 8; with "
+                             "--config each rank takes batch_size / ranks sequences)")
     parser.add_argument("--double-quant", action="store_true",
                         help="qlora: NF4 scales double-quantized "
                              "(default: finetune.double_quant from --config)")
@@ -308,9 +312,12 @@ def main(argv=None) -> str:
     targets = args.lora_targets.split(",") if args.lora_targets else targets
     if args.ranks < 1:
         parser.error(f"--ranks must be >= 1, found {args.ranks}")
-    report = format_report(cfg, name, method, batch, seq,
-                           estimate(cfg, method, batch, seq, r, tuple(targets), args.act_bytes,
-                                    double_quant or args.double_quant), args.ranks)
+    est = lambda b: estimate(cfg, method, b, seq, r, tuple(targets), args.act_bytes,
+                             double_quant or args.double_quant)
+    # a config's batch_size is global: each rank's micro-batch is 1/W of it
+    per_rank = est(max(1, batch // args.ranks)) if args.config is not None and args.batch is None \
+        else None
+    report = format_report(cfg, name, method, batch, seq, est(batch), args.ranks, per_rank)
     print(report)
     return report
 
