@@ -110,8 +110,8 @@ def main():
             results[sharded] = torch.load(out, weights_only=True)
     print(f"\nmodel: {size / MIB:,.0f} MiB of float32 weights ({size // 4 / 1e6:.0f}M parameters), "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, 2 gloo ranks\n")
-    print("| load | rank | peak RSS: weights in place | peak RSS: after the first gather | "
-          "tensors held | first peak / model |")
+    print("| load | rank | peak: weights in place | peak: after the first gather | held | "
+          "first peak / model |")
     print("|---|---|---|---|---|---|")
     for sharded, name in ((True, "FSDP (rank 0 reads, sends one tensor at a time)"),
                           (False, "whole model per rank (DDP)")):

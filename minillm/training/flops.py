@@ -240,7 +240,7 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
     else:
         fsdp = (f"{gib(rank_est.fsdp_per_rank(ranks, False))}   "
                 f"({gib(rank_est.fsdp_per_rank(ranks, True)).strip()} with checkpointing)   "
-                f"(÷ {ranks} + activations + {gib(rank_est.fsdp_gathered).strip()} gathered)")
+                f"(÷ {ranks}, + {gib(rank_est.fsdp_gathered).strip()} gathered)")
     lines = [
         f"{name}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
         f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | "
