@@ -353,6 +353,8 @@ def resume_mismatches(saved: dict, now: TrainConfig) -> list[str]:
     """Keys whose value differs between a checkpoint's config and this run's, other than
     RESUMABLE_CHANGES."""
     old, new = flatten(saved), flatten(to_dict(now))
+    # a key the checkpoint lacks was added to TrainConfig after it was written: it ran the default
+    old = {**flatten(to_dict(TrainConfig())), **old}
     keys = sorted(set(old) | set(new))
     allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
     return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in keys

@@ -439,7 +439,9 @@ class TrainResult:
     unigram_entropy: float = float("nan")
     tokens_per_s: float = 0.0  # over the whole run (excluding eval)
     samples: list[str] = field(default_factory=list)  # the text sampled after each eval
-    model: Llama | None = None  # the trained model (unwrapped from DDP / compile)
+    # the trained model (unwrapped from DDP / compile; under FSDP this rank's shards, which
+    # distributed.gather_full_state collects)
+    model: Llama | None = None
 
 
 # --------------------------------------------------------------------------------------------------
