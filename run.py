@@ -43,6 +43,8 @@ JOBS = {  # job -> (what runs, one line of help): each job is reached this one w
              "benchmark scores: multiple choice by log-likelihood, perplexity"),
     "ledger": (["-m", "minillm.eval.ledger"],
                "held-out loss and KL from an adapter to each GGUF type"),
+    "consolidate": (["-m", "minillm.training.consolidate"],
+                    "the model (and adapter) of a sharded FSDP checkpoint: OUT_DIR/ckpt/ -> files"),
     "flops": (["-m", "minillm.training.flops"],
               "parameters, FLOPs and memory of a run, before running it"),
     "dataset": (["-m", "minillm.data.stdlib_qa"],

@@ -6,6 +6,7 @@ r"""Train a Llama from scratch (or continue one):
     python train.py configs/tiny.toml --schedule.max_lr 1e-3 --batch_size=32 --out_dir out/try
     python train.py --resume                  # continue out/tiny/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node 8 train.py configs/1b.toml   # data parallel (DDP)
+    torchrun --standalone --nproc_per_node 8 train.py configs/1b.toml --distributed fsdp  # sharded
     python train.py --init_from out/tiny --finetune.method lora --data.format instruct \
         --data.corpus alpaca.jsonl --data.packing true \
         --out_dir out/tiny-lora               # LoRA on instructions
@@ -40,7 +41,7 @@ def main(argv=None):
                         help="the same file, given as a flag "
                              "(python train.py --config configs/lora-tiny.toml)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT_DIR/ckpt.pt "
+                        help="continue from OUT_DIR/ckpt.pt, or OUT_DIR/ckpt/ under fsdp "
                              "(model, optimizer, step and RNG states)")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))

@@ -104,7 +104,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """input_pos (T,); k, v (B, Hkv, T, D) → the full buffers (B, Hkv, S, D)."""
+        """input_pos (T,); k, v (B, Hkv, T, D) → the full buffers (B, Hkv, S, D). The buffers take
+        the dtype of what is written: a forward may compute in bf16 over weights stored otherwise
+        (float32 embeddings beside a bf16 base, FSDP's bf16 copies of float32 shards)."""
+        if self.k.dtype != k.dtype:
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
         B = k.shape[0]
         self.k[:B, :, input_pos] = k
         self.v[:B, :, input_pos] = v

@@ -171,6 +171,11 @@ def test_resume_mismatches_allow_only_harmless_changes():
     now = apply_overrides(TrainConfig(), {"batch_size": 4, "optim.beta2": 0.99}, "t")
     assert resume_mismatches(saved, now) == [
         "batch_size: checkpoint 16, now 4", "optim.beta2: checkpoint 0.95, now 0.99"]
+    # a checkpoint older than a key (distributed, cpu_offload) ran that key's default
+    older = {k: v for k, v in saved.items() if k not in ("distributed", "cpu_offload")}
+    assert resume_mismatches(older, TrainConfig()) == []
+    assert resume_mismatches(older, TrainConfig(distributed="fsdp")) == [
+        "distributed: checkpoint 'ddp', now 'fsdp'"]
 
 
 def test_shipped_configs():
@@ -183,5 +188,8 @@ def test_shipped_configs():
     big = load_config(CONFIGS / "1b.toml")
     assert big.model == ModelConfig.from_name("1b")
     assert (big.dtype, big.compile, big.block_size) == ("bfloat16", True, 2048)
+    sharded = load_config(CONFIGS / "openllama-7b-lora-fsdp.toml")
+    assert (sharded.distributed, sharded.finetune.method, sharded.dtype) == ("fsdp", "lora",
+                                                                             "bfloat16")
     assert big.activation_checkpointing is True
     assert big.batch_size * big.block_size * big.grad_accum_steps == 524_288

@@ -178,3 +178,22 @@ def test_cli_prints_the_breakdown(capsys, tmp_path):
     report = flops.main(["--config",
                          str(Path(__file__).resolve().parents[1] / "configs" / "1b.toml")])
     assert "method full, batch 8, seq 2048" in report
+
+
+def test_fsdp_per_rank_memory_divides_the_states_by_the_world_size():
+    """FSDP: (weights + gradients + AdamW) / W + activations + the gathered root and two blocks
+    (bf16); DDP: everything on every rank; QLoRA has no FSDP row."""
+    cfg = ModelConfig.from_name("openllama-7b")
+    n = 6_738_415_616
+    full = flops.estimate(cfg, "full", batch=4, seq=1024)
+    block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # projections and two norm gains
+    root = 2 * 32000 * 4096 + 4096  # embedding, lm_head, final norm
+    assert full.fsdp_gathered == 2 * (root + 2 * block)
+    assert full.fsdp_per_rank(8, False) == 16 * n // 8 + full.activations + full.fsdp_gathered
+    assert full.fsdp_per_rank(1, True) == full.total(True) + full.fsdp_gathered
+    report = flops.main(["--preset", "openllama-7b", "--seq", "1024", "--batch", "4",
+                         "--ranks", "8"])
+    assert "per rank of 8, DDP     121.75 GiB   (102.64 GiB with checkpointing)" in report
+    assert "per rank of 8, FSDP     35.13 GiB   (16.02 GiB with checkpointing)" in report
+    qlora = flops.main(["--preset", "openllama-7b", "--method", "qlora", "--ranks", "2"])
+    assert "per rank of 2, FSDP n/a" in qlora

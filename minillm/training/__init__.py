@@ -8,5 +8,7 @@
     checkpoint.py   ckpt.pt: atomic, with every RNG state, for exact resume
     log.py          the summary line, progress bar, tensorboard, MFU, samples
     loop.py         `train(cfg)`: the loop itself, top to bottom
+    distributed.py  the process group, FSDP2 sharding, the sharded checkpoint ckpt/ (DCP)
+    consolidate.py  `run.py consolidate`: a sharded ckpt/ to model.safetensors (+ adapter)
     plot.py         a dependency-free PNG line chart for the curves in docs/
 """

@@ -191,6 +191,11 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # recompute each block in backward: less memory, ~33% more compute
     activation_checkpointing: bool = False
+    # "ddp": every rank holds the whole model; "fsdp": FSDP2 shards the model, its gradients and
+    # AdamW's state over the ranks, checkpoints in out_dir/ckpt/ (training/distributed.py)
+    distributed: str = "ddp"
+    # fsdp on GPUs: keep the shards and AdamW's state in host memory (and step AdamW there)
+    cpu_offload: bool = False
     # sequences per micro-step, summed over all ranks (each rank takes batch_size / W)
     batch_size: int = 16
     block_size: int = 128  # tokens per sequence (<= model.max_seq_len)
@@ -223,6 +228,18 @@ class TrainConfig:
                re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
                "auto, cpu, cuda, cuda:N or mps")
         _check("cpu_threads", self.cpu_threads, self.cpu_threads >= 0, ">= 0 (0: torch's default)")
+        _choice("distributed", self.distributed, ("ddp", "fsdp"))
+        fsdp = self.distributed == "fsdp"
+        _check("cpu_offload", self.cpu_offload, fsdp or not self.cpu_offload,
+               "false unless distributed = 'fsdp'")
+        # QLoRA's NF4 base is packed 4-bit buffers, not parameters: FSDP2 would keep it whole on
+        # every rank; fp16's GradScaler would check only this rank's shards for overflow
+        _check("finetune.method", self.finetune.method, not fsdp or self.finetune.method != "qlora",
+               "'full' or 'lora' with distributed = 'fsdp' (FSDP2 shards parameters, and QLoRA's "
+               "NF4 base is 4-bit buffers; use qlora with ddp)")
+        _check("dtype", self.dtype, not fsdp or self.dtype != "float16",
+               "auto, float32 or bfloat16 with distributed = 'fsdp' (fp16 loss scaling would "
+               "check each rank's shards alone for overflow)")
         for name in ("batch_size", "block_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, found {getattr(self, name)}")
@@ -345,6 +362,8 @@ def resume_mismatches(saved: dict, now: TrainConfig) -> list[str]:
     """Keys whose value differs between a checkpoint's config and this run's, other than
     RESUMABLE_CHANGES."""
     old, new = flatten(saved), flatten(to_dict(now))
+    # a key the checkpoint lacks was added to TrainConfig after it was written: it ran the default
+    old = {**flatten(to_dict(TrainConfig())), **old}
     keys = sorted(set(old) | set(new))
     allowed = lambda k: any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)
     return [f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in keys

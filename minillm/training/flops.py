@@ -39,6 +39,13 @@ Memory, per component:
                  4 in fp32.
     KV cache     inference: 2 (k and v) · L · B · T · Ckv · 2 bytes (bf16)
 
+Per rank, over W ranks (`--ranks W`): DDP holds all of the above on every rank. FSDP
+(training/distributed.py) holds 1/W of the weights, gradients and AdamW state, the whole
+activations of its own micro-batch, and the weights it has gathered: the root's (embeddings,
+lm_head, final norm: kept for the whole step) and two blocks' (the one computing, the next one
+prefetched), at the compute dtype's bytes (act_bytes). QLoRA is not sharded (its NF4 base is
+buffers, not parameters), so it has no FSDP row.
+
 tests/test_flops.py checks these counts against the bytes of the tensors autograd actually saves in
 a small CPU model (within 15%).
 """
@@ -177,10 +184,18 @@ class Estimate:
     activations: int  # without activation checkpointing
     activations_checkpointed: int
     kv_cache: int
+    fsdp_gathered: int  # the whole weights FSDP holds at once: the root's and two blocks'
 
     def total(self, checkpointing: bool) -> int:
         act = self.activations_checkpointed if checkpointing else self.activations
         return self.weights + self.gradients + self.optimizer + act
+
+    def fsdp_per_rank(self, world_size: int, checkpointing: bool) -> int:
+        """Bytes on each of W FSDP ranks: (weights + gradients + AdamW) / W + activations +
+        gathered weights. (DDP's per-rank bytes are total(): every rank holds everything.)"""
+        act = self.activations_checkpointed if checkpointing else self.activations
+        states = self.weights + self.gradients + self.optimizer
+        return -(-states // world_size) + act + self.fsdp_gathered
 
 
 def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 8,
@@ -202,18 +217,30 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
         bits = NF4_DQ_BITS_PER_PARAM if double_quant else NF4_BITS_PER_PARAM
         weights = round(n["block_linear"] * bits / 8) + 2 * dense + 4 * adapters
     act = lambda ckpt: act_bytes * activation_elements(cfg, batch, seq, ckpt, r, targets)
+    block = (n["block_linear"] + n["norms"] - cfg.dim) // cfg.n_layers + adapters // cfg.n_layers
+    root = n["embedding"] + n["lm_head"] + cfg.dim
     return Estimate(
         params=n["total"] + adapters, trainable=trainable,
         flops_per_token=flops_per_token(cfg, seq, method, adapters),
         weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
         activations=act(False), activations_checkpointed=act(True),
         kv_cache=kv_cache_bytes(cfg, batch, seq),
+        fsdp_gathered=act_bytes * (root + 2 * block),
     )
 
 
 def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int,
-                  est: Estimate) -> str:
+                  est: Estimate, ranks: int = 8, rank_est: Estimate | None = None) -> str:
+    """rank_est: the estimate for one rank's micro-batch, when `batch` is global (a config's
+    batch_size is split over the ranks); default `est`."""
     gib = lambda b: f"{b / 2**30:9.2f} GiB"
+    rank_est = rank_est or est
+    if method == "qlora":
+        fsdp = "n/a (an NF4 base is not sharded; fsdp trains full or lora)"
+    else:
+        fsdp = (f"{gib(rank_est.fsdp_per_rank(ranks, False))}   "
+                f"({gib(rank_est.fsdp_per_rank(ranks, True)).strip()} with checkpointing)   "
+                f"(÷ {ranks}, + {gib(rank_est.fsdp_gathered).strip()} gathered)")
     lines = [
         f"{name}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
         f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size} | "
@@ -230,6 +257,9 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
         f"total                  {gib(est.total(False))}   "
         f"({gib(est.total(True)).strip()} with checkpointing)",
         f"KV cache (inference)   {gib(est.kv_cache)}   (bf16, batch {batch} × {seq} tokens)",
+        f"per rank of {ranks}, DDP  {gib(rank_est.total(False))}   "
+        f"({gib(rank_est.total(True)).strip()} with checkpointing)   (every rank holds it all)",
+        f"per rank of {ranks}, FSDP {fsdp}",
     ]
     return "\n".join(lines)
 
@@ -256,6 +286,9 @@ def main(argv=None) -> str:
                              "(default: all seven, q_proj … down_proj)")
     parser.add_argument("--act-bytes", type=int_at_least(1), default=2,
                         help="bytes per activation element (2 bf16, 4 fp32)")
+    parser.add_argument("--ranks", type=int, default=8,
+                        help="world size for the per-rank DDP and FSDP rows (default 8; with "
+                             "--config each rank takes batch_size / ranks sequences)")
     parser.add_argument("--double-quant", action="store_true",
                         help="qlora: NF4 scales double-quantized "
                              "(default: finetune.double_quant from --config)")
@@ -277,9 +310,14 @@ def main(argv=None) -> str:
     seq, batch = args.seq or min(seq, cfg.max_seq_len), args.batch or batch
     r = args.lora_r or r
     targets = args.lora_targets.split(",") if args.lora_targets else targets
-    report = format_report(cfg, name, method, batch, seq,
-                           estimate(cfg, method, batch, seq, r, tuple(targets), args.act_bytes,
-                                    double_quant or args.double_quant))
+    if args.ranks < 1:
+        parser.error(f"--ranks must be >= 1, found {args.ranks}")
+    est = lambda b: estimate(cfg, method, b, seq, r, tuple(targets), args.act_bytes,
+                             double_quant or args.double_quant)
+    # a config's batch_size is global: each rank's micro-batch is 1/W of it
+    per_rank = est(max(1, batch // args.ranks)) if args.config is not None and args.batch is None \
+        else None
+    report = format_report(cfg, name, method, batch, seq, est(batch), args.ranks, per_rank)
     print(report)
     return report
 

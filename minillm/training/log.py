@@ -84,15 +84,18 @@ class Logger:
 
     def eval(self, step: int, val_loss: float, model: Llama):
         """Print the val loss after `step` steps and, if eval.sample_tokens > 0, a sample from the
-        model."""
+        model. A sharded model's forward is a collective, so under FSDP every rank decodes the
+        sample (the same tokens: the same gathered weights and seed) and rank 0 prints it."""
+        e = self.cfg.eval
+        sharded = self.cfg.distributed == "fsdp"
+        if e.sample_tokens > 0 and (self.master or sharded):
+            text = self.sample(model, self.data.prompt(e.sample_prompt))
         if not self.master:
             return
-        e = self.cfg.eval
         msg = f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
         if not math.isnan(self.data.baseline):
             msg += f" | unigram baseline {self.data.baseline:.4f}"
         if e.sample_tokens > 0:
-            text = self.sample(model, self.data.prompt(e.sample_prompt))
             self.samples.append(text)
             msg += f"\n----- sample -----\n{text}\n------------------"
         tqdm.write(msg)

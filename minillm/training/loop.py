@@ -33,14 +33,15 @@ support.
 
 Multi-GPU: launched by `torchrun --nproc_per_node W train.py ...`, each rank draws the same global
 batch offsets and keeps its 1/W slice, DDP averages gradients (we pre-multiply by W so the average
-is the token-normalised sum above). gloo on CPU, nccl on CUDA.
+is the token-normalised sum above). gloo on CPU, nccl on CUDA. With `distributed = "fsdp"` the
+model, its gradients and AdamW's state are sharded over the ranks instead (FSDP2), the checkpoint
+is out_dir/ckpt/, one shard per rank, and the same loop runs over it (training/distributed.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from minillm.config import ModelConfig
 from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.data.pretrain import (
     CACHE_FILES,
@@ -82,6 +84,17 @@ from minillm.training.checkpoint import (
     set_rng_states,
 )
 from minillm.training.config import TrainConfig, resume_mismatches, save_config
+from minillm.training.distributed import (
+    CKPT_DIR,
+    check_fsdp_device,
+    gather_full_state,
+    load_sharded_checkpoint,
+    materialize,
+    read_train_state,
+    save_sharded_checkpoint,
+    setup_distributed,
+    shard_model,
+)
 from minillm.training.flops import estimate
 from minillm.training.log import Logger
 from minillm.training.loss import held_out_loss, token_loss_sum
@@ -163,9 +176,13 @@ def estimate_loss(model, data, batch_size: int, block_size: int, iters: int, see
 def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id: int,
                            autocast=nullcontext, rank: int = 0, world_size: int = 1) -> float:
     """Mean token cross-entropy over the first `iters` batches of the held-out examples, in file
-    order (response tokens only, as in training); batch i is evaluated by rank i % world_size."""
-    first = itertools.islice(iter_batches(examples, batch_size, pad_id), iters)
-    batches = (b for i, b in enumerate(first) if i % world_size == rank)
+    order (response tokens only, as in training); batch i is evaluated by rank i % world_size.
+    Every rank runs as many forwards (a sharded model's forward is a collective): a rank one batch
+    short repeats a batch with every target -100, which adds nothing to the sum or the count."""
+    first = list(itertools.islice(iter_batches(examples, batch_size, pad_id), iters))
+    batches = first[rank::world_size]
+    short = -(-len(first) // world_size) - len(batches)
+    batches += [(x, torch.full_like(y, -100)) for x, y in first[:short]]
     return held_out_loss(model, batches, autocast, world_size)["loss"]
 
 
@@ -249,17 +266,6 @@ class InstructExamples:
 # set-up pieces
 
 
-def setup_distributed(device_setting: str) -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; joins the process group if
-    W > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        cuda = device_setting != "cpu" and torch.cuda.is_available()
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return rank, local_rank, world_size
-
-
 def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamples:
     """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
     tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init
@@ -335,26 +341,59 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
     else:
         model = load_pretrained(cfg.init_from, dtype=dtype, device=device)
     resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
-    apply_lora(model, cfg.finetune.lora_targets, cfg.finetune.lora_r, cfg.finetune.lora_alpha,
-               cfg.finetune.lora_dropout, cfg.finetune.use_rslora, cfg.finetune.use_dora)
-    mark_only_lora_trainable(model, cfg.finetune.modules_to_save)
+    add_adapters(model, cfg)
     return model.train()
 
 
 def check_micro_batch_fits(cfg: TrainConfig, model_cfg, device, dtype, world_size: int):
     """Refuse a batch the machine cannot hold (training/flops.py's estimate of one micro-batch's
-    activations, gradients and optimizer state), before the first step allocates it."""
+    activations, gradients and optimizer state, those two sharded 1/W under FSDP, which also
+    gathers whole blocks), before the first step allocates it."""
     est = estimate(model_cfg, cfg.finetune.method, cfg.batch_size // world_size, cfg.block_size,
                    cfg.finetune.lora_r, tuple(cfg.finetune.lora_targets),
                    act_bytes=torch.empty(0, dtype=dtype).element_size(),
                    double_quant=cfg.finetune.double_quant)
     act = est.activations_checkpointed if cfg.activation_checkpointing else est.activations
-    check_fits(act + est.gradients + est.optimizer, device,
+    states = est.gradients + est.optimizer
+    if cfg.distributed == "fsdp":
+        states = -(-states // world_size) + est.fsdp_gathered
+    check_fits(act + states, device,
                f"batch_size={cfg.batch_size} x block_size={cfg.block_size} (one micro-batch's "
                f"activations, the gradients and the optimizer state; `python3 run.py flops` "
                f"breaks it down)",
                "lower batch_size (raising grad_accum_steps keeps the tokens per step), block_size, "
                "or set activation_checkpointing = true")
+
+
+def add_adapters(model: Llama, cfg: TrainConfig):
+    """Wrap the finetune.lora_targets projections in adapters; only they (and
+    finetune.modules_to_save) train."""
+    f = cfg.finetune
+    apply_lora(model, f.lora_targets, f.lora_r, f.lora_alpha, f.lora_dropout, f.use_rslora,
+               f.use_dora)
+    mark_only_lora_trainable(model, f.modules_to_save)
+
+
+def model_skeleton(cfg: TrainConfig, config: ModelConfig, dtype: torch.dtype) -> Llama:
+    """build_model's model without weights: the same modules, shapes and dtypes on the meta
+    device (no memory), for `config` (the built model's: its vocabulary may have grown)."""
+    with torch.device("meta"):
+        model = Llama(config)
+    if cfg.finetune.method != "full":
+        add_adapters(model.to(dtype), cfg)
+    return model
+
+
+def build_sharded_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                        master: bool) -> Llama:
+    """FSDP2: rank 0 builds the model on the CPU as one process would (the same weights, the same
+    seed), and every rank keeps its shard of it (distributed.shard_model)."""
+    check_fsdp_device(device, cfg.cpu_offload)
+    full = build_model(cfg, torch.device("cpu"), dtype) if master else None
+    adapters = cfg.finetune.method != "full"
+    return shard_model(full, lambda config: model_skeleton(cfg, config, dtype), device, dtype,
+                       cfg.compile, cfg.cpu_offload,
+                       tuple(cfg.finetune.modules_to_save) if adapters else ())
 
 
 def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler,
@@ -375,29 +414,51 @@ def resume_state(path: Path, cfg: TrainConfig, model: Llama, optimizer, scaler,
 
 def write_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int, data_generator,
                   cfg: TrainConfig, val_loss: float | None, tokenizer: Tokenizer):
-    """Everything a checkpoint step writes (rank 0): unless checkpoint.export is off, what
-    generate.py loads from out_dir (the model with adapters folded in, its tokenizer, and for LoRA /
-    QLoRA the adapter alone in PEFT's layout, out_dir/adapter), then ckpt.pt to resume from.
+    """Everything a checkpoint step writes (rank 0): unless checkpoint.export is off, the export
+    (export_model), then ckpt.pt to resume from.
 
     The order makes the pair consistent: every file is atomic, and ckpt.pt comes last, so after a
     kill at any moment model.safetensors (its metadata records the step) is never behind ckpt.pt;
     at worst it is one checkpoint ahead, and a resume recomputes those steps bit for bit."""
     if cfg.checkpoint.export:
-        full = cfg.finetune.method == "full"
-        save_model(model if full else plain_llama(model), out_dir, tokenizer.path, step=step)
-        if not full:
-            save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
-                         tokenizer.path if cfg.finetune.new_tokens else None)
-            if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template
-                atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD,
-                                   (out_dir / TEMPLATE_RECORD).read_bytes())
+        export_model(out_dir, model, cfg, tokenizer.path, step)
     save_checkpoint(out_dir / "ckpt.pt", model, optimizer, scaler, step, data_generator, cfg,
                     val_loss)
 
 
+def write_sharded_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: int,
+                          data_generator, cfg: TrainConfig, dtype: torch.dtype,
+                          val_loss: float | None, tokenizer: Tokenizer, last: bool):
+    """What a checkpoint step writes under FSDP, from every rank: ckpt/ (one shard per rank), and
+    after the last step the export, consolidated once: the shards gathered onto rank 0's CPU."""
+    save_sharded_checkpoint(out_dir / CKPT_DIR, model, optimizer, scaler, step, data_generator,
+                            cfg, dtype, tokenizer.path, val_loss)
+    if last and cfg.checkpoint.export:
+        state = gather_full_state(model)
+        if dist.get_rank() == 0:
+            whole = materialize(model_skeleton(cfg, model.config, dtype), state)
+            export_model(out_dir, whole, cfg, tokenizer.path, step)
+
+
+def export_model(out_dir: Path, model: Llama, cfg: TrainConfig, tokenizer_path, step: int):
+    """What generate.py loads from out_dir: the model (adapters folded in) with its tokenizer,
+    plus for LoRA / QLoRA the adapter alone in PEFT's layout (out_dir/adapter); the model's
+    metadata records `step`."""
+    if cfg.finetune.method == "full":
+        save_model(model, out_dir, tokenizer_path, step=step)
+        return
+    save_model(plain_llama(model), out_dir, tokenizer_path, step=step)
+    save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
+                 tokenizer_path if cfg.finetune.new_tokens else None)
+    if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template to export
+        atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD,
+                           (out_dir / TEMPLATE_RECORD).read_bytes())
+
+
 def stopping(ckpt_path: Path) -> str:
-    if ckpt_path.is_file():
-        step = load_checkpoint(ckpt_path)["step"]
+    """ckpt_path: out_dir/ckpt.pt, or the sharded out_dir/ckpt/."""
+    if ckpt_path.is_file() or ckpt_path.is_dir():
+        step = (load_checkpoint if ckpt_path.is_file() else read_train_state)(ckpt_path)["step"]
         return f"stopping; the last good checkpoint {ckpt_path} (step {step}) is kept"
     return "stopping before any checkpoint was written"
 
@@ -413,7 +474,9 @@ class TrainResult:
     unigram_entropy: float = float("nan")
     tokens_per_s: float = 0.0  # over the whole run (excluding eval)
     samples: list[str] = field(default_factory=list)  # the text sampled after each eval
-    model: Llama | None = None  # the trained model (unwrapped from DDP / compile)
+    # the trained model (unwrapped from DDP / compile; under FSDP this rank's shards, which
+    # distributed.gather_full_state collects)
+    model: Llama | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,8 +485,9 @@ class TrainResult:
 
 def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     # ---- processes, device, precision ------------------------------------------------------------
-    rank, local_rank, world_size = setup_distributed(cfg.device)
+    rank, local_rank, world_size = setup_distributed(cfg.device, cfg.distributed)
     master = rank == 0
+    sharded = cfg.distributed == "fsdp"  # FSDP2: every rank holds 1/W of the model
     device = pick_device(cfg.device, local_rank, world_size)
     dtype = pick_dtype(cfg.dtype, device)
     if device.type == "cpu" and cfg.cpu_threads > 0:
@@ -451,8 +515,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     # every rank alike: same global offsets
     data_generator = torch.Generator().manual_seed(cfg.seed)
 
-    # ---- model (full, LoRA or QLoRA), optimizer, resume, compile / DDP ---------------------------
-    model = build_model(cfg, device, dtype)
+    # ---- model (full, LoRA or QLoRA), optimizer, resume, compile / DDP / FSDP --------------------
+    model = (build_sharded_model(cfg, device, dtype, master) if sharded
+             else build_model(cfg, device, dtype))
     if model.config.vocab_size != data.tokenizer.vocab_size:
         raise ValueError(f"model vocab_size={model.config.vocab_size} but the tokenizer "
                          f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces")
@@ -468,14 +533,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                                     (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps, fused=fused,
                                     name=cfg.optimizer)
     start_step = 0
+    ckpt_path = out_dir / (CKPT_DIR if sharded else "ckpt.pt")
     if resume:
-        start_step = resume_state(out_dir / "ckpt.pt", cfg, raw_model, optimizer, scaler,
-                                  data_generator)
+        start_step = (load_sharded_checkpoint(ckpt_path, cfg, raw_model, optimizer, scaler,
+                                              data_generator) if sharded
+                      else resume_state(ckpt_path, cfg, raw_model, optimizer, scaler,
+                                        data_generator))
         if master:
-            print(f"resumed from {out_dir / 'ckpt.pt'} at step {start_step}")
-    if cfg.compile:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+    if cfg.compile and not sharded:  # FSDP compiled each block
         model = torch.compile(model)
-    if world_size > 1:
+    if world_size > 1 and not sharded:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # ---- logging ---------------------------------------------------------------------------------
@@ -516,7 +584,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if not math.isfinite(loss):
             log.close()
             raise FloatingPointError(f"step {step}: training loss is {loss} (lr {lr:.3g}); "
-                                     f"{stopping(out_dir / 'ckpt.pt')}")
+                                     f"{stopping(ckpt_path)}")
 
         # 4) clip the global grad norm, then step (GradScaler skips steps whose fp16 grads
         #    overflowed)
@@ -526,7 +594,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if not math.isfinite(grad_norm) and not scaler.is_enabled():
             log.close()
             raise FloatingPointError(f"step {step}: gradient norm is {grad_norm} (lr {lr:.3g}); "
-                                     f"{stopping(out_dir / 'ckpt.pt')}")
+                                     f"{stopping(ckpt_path)}")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -542,10 +610,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if last or (cfg.eval.interval > 0 and done % cfg.eval.interval == 0):
             last_val = result.val_losses[done] = data.val_loss(model, autocast, rank, world_size)
             log.eval(done, last_val, raw_model)
-        if master and (last or (cfg.checkpoint.interval > 0
-                                and done % cfg.checkpoint.interval == 0)):
-            write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg,
-                          last_val, data.tokenizer)
+        if last or (cfg.checkpoint.interval > 0 and done % cfg.checkpoint.interval == 0):
+            if sharded:
+                write_sharded_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator,
+                                      cfg, dtype, last_val, data.tokenizer, last)
+            elif master:
+                write_outputs(out_dir, raw_model, optimizer, scaler, done, data_generator, cfg,
+                              last_val, data.tokenizer)
 
     # ---- wrap up ---------------------------------------------------------------------------------
     log.close(last_val)
