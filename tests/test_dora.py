@@ -201,7 +201,8 @@ def test_qdora_adapter_records_the_nf4_settings(tmp_path):
     quantize_model_(model, blocksize=32, double_quant=True, compute_dtype=torch.float32)
     apply_lora(model, targets=["q", "k"], r=2, alpha=4, use_dora=True)
     save_adapter(model, tmp_path)
-    assert read_base_quantization(tmp_path) == {"blocksize": 32, "double_quant": True}
+    assert read_base_quantization(tmp_path) == {"quant_method": "nf4", "blocksize": 32,
+                                                "double_quant": True}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
 
 

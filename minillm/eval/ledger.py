@@ -99,14 +99,12 @@ def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[Tokeni
                     outtypes: list[str] | None = None) -> list[LedgerRow]:
     """The ledger rows for one base + adapter;
     GGUF files are written to out_dir/ledger-<type>.gguf."""
-    from minillm.finetune.nf4_linear import nf4_hook
-    from minillm.finetune.peft_io import load_adapter, read_base_quantization
+    from minillm.finetune.peft_io import load_adapter, quantized_base_hook, read_base_quantization
     from minillm.formats.load import load_pretrained
 
     out_dir = Path(out_dir)
-    # a QLoRA adapter trained on an NF4 base: the reference is that
-    nf4 = read_base_quantization(adapter)
-    hook = nf4_hook(**nf4, compute_dtype=torch.float32) if nf4 else None
+    # an adapter trained on an NF4 or int8 base: the reference is that
+    hook = quantized_base_hook(read_base_quantization(adapter), torch.float32)
     reference = load_pretrained(base, linear_hook=hook)
     load_adapter(reference, adapter)
     merged = load_merged(ExportConfig(checkpoint=str(base), out=str(out_dir / "unused"),

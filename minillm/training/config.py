@@ -69,8 +69,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
-    # (minillm/training/muon.py); TrainConfig's default (the main job) is "muon"
+    # "adamw", "adamw8bit" (its moments in 8 bits: minillm/training/adamw8bit.py), or "muon": Muon
+    # on the blocks' matrices, AdamW on the rest (minillm/training/muon.py); TrainConfig's default
+    # (the main job) is "muon"
     name: str = "adamw"
     weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
     beta1: float = 0.9
@@ -79,7 +80,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 disables clipping
 
     def __post_init__(self):
-        _check("optim.name", self.name, self.name in ("adamw", "muon"), '"adamw" or "muon"')
+        _check("optim.name", self.name, self.name in ("adamw", "adamw8bit", "muon"),
+               '"adamw", "adamw8bit" or "muon"')
         _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0,
                ">= 0 (0: no decay)")
         for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
@@ -90,7 +92,8 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    # full | lora | qlora (adapters: minillm/finetune/adapters.py; an NF4 base for qlora)
+    # full | lora | qlora | lora8 (adapters: minillm/finetune/adapters.py; the frozen base in
+    # NF4 for qlora, in LLM.int8 for lora8, alpaca-lora's load_in_8bit recipe)
     method: str = "full"
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # scale alpha / r on the adapter output
@@ -99,8 +102,12 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     # qlora: store the NF4 scales in 8 bits too (4.127 bits/weight, not 4.5)
     double_quant: bool = False
+    # lora8: input columns holding any |x| >= this go through 16 bits (LLM.int8's outlier
+    # threshold: transformers' llm_int8_threshold; 0 sends every column through int8)
+    int8_threshold: float = 6.0
     use_rslora: bool = False  # rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r
-    use_dora: bool = False  # DoRA: a learned magnitude per output row (with lora, or qlora: QDoRA)
+    # DoRA: a learned magnitude per output row (with lora, lora8, or qlora: QDoRA)
+    use_dora: bool = False
     # trained in full beside the adapters (PEFT's name), e.g. ["embed_tokens", "lm_head"]; saved
     # whole in the adapter
     modules_to_save: list[str] = field(default_factory=list)
@@ -109,7 +116,9 @@ class FinetuneConfig:
     new_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        _choice("finetune.method", self.method, ("full", "lora", "qlora"))
+        _choice("finetune.method", self.method, ("full", "lora", "qlora", "lora8"))
+        _check("finetune.int8_threshold", self.int8_threshold,
+               0 <= self.int8_threshold < float("inf"), ">= 0 and finite (0: no outlier columns)")
         adapters = self.method != "full"
         _check("finetune.use_dora", self.use_dora, adapters or not self.use_dora,
                "false with method 'full'")
