@@ -89,10 +89,24 @@ _ROUND_MAGIC = tl.constexpr(ROUND_MAGIC)
 # the product first, so the kernel is compiled with fusion off (ptxas --fmad=false).
 
 
+# bfloat16 inputs are read through an int16 view and widened by hand (bits << 16), which is exact
+# everywhere: Triton's CPU interpreter widens bfloat16 subnormals wrongly (a row of 1e-39 values got
+# absmax 1.03e-38 instead of 2.48e-39), while a GPU's conversion is the same shift.
+
+
+@triton.jit
+def _load_f32(ptr, mask, X_BF16: tl.constexpr):
+    """Load x (masked lanes 0) as float32; a bfloat16 x is seen as int16 (see above)."""
+    if X_BF16:
+        bits = tl.load(ptr, mask=mask, other=0).to(tl.int32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
 @triton.jit
 def _int8_quantize_rows_kernel(
     # pointers
-    x_ptr,  # *fp32|fp16|bf16 (M, K)   the rows to quantize, row stride stride_xm
+    x_ptr,  # *fp32|fp16 (M, K), or bf16 seen as *int16: the rows, row stride stride_xm
     codes_ptr,  # *int8 (M, K)         out: codes, contiguous
     absmax_ptr,  # *fp32 (M,)          out: max |x| per row (outliers left out)
     outlier_col_ptr,  # *int8 (K,)     1 where the column holds an outlier (read if HAS_OUTLIERS)
@@ -103,6 +117,7 @@ def _int8_quantize_rows_kernel(
     stride_xm,  # elements between rows of x
     # meta-parameters
     HAS_OUTLIERS: tl.constexpr,  # threshold > 0
+    X_BF16: tl.constexpr,  # x is a bfloat16 tensor viewed as int16
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # columns per loop step
 ):
@@ -116,8 +131,7 @@ def _int8_quantize_rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        a = tl.abs(a.to(tl.float32))  # (BM, BK)
+        a = tl.abs(_load_f32(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask, X_BF16))
         if HAS_OUTLIERS:
             a = tl.where(a >= threshold, zero, a)
         amax = tl.maximum(amax, tl.max(a, axis=1))
@@ -134,8 +148,8 @@ def _int8_quantize_rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
-        v = x.to(tl.float32) * scale[:, None]  # (BM, BK), rounded to float32
+        x = _load_f32(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask, X_BF16)
+        v = x * scale[:, None]  # (BM, BK), rounded to float32
         code = tl.where(tl.abs(v) < limit, (v + magic) - magic, zero)
         if HAS_OUTLIERS:
             outlier = tl.load(outlier_col_ptr + cols, mask=cols < K, other=0)  # (BK,)
@@ -199,9 +213,10 @@ def quantize_int8_rows(x: torch.Tensor, threshold: float = 0.0, backend: str = "
         outlier_col[cols] = 1
     # 3) launch: BLOCK_M rows per program, up to 1024 columns per step
     grid = (triton.cdiv(M, QUANT_BLOCK_M),)
+    x_bf16 = x.dtype == torch.bfloat16
     _int8_quantize_rows_kernel[grid](
-        x2, codes, absmax, outlier_col, float(threshold), M, K, x2.stride(0),
-        HAS_OUTLIERS=cols is not None, BLOCK_M=QUANT_BLOCK_M,
+        x2.view(torch.int16) if x_bf16 else x2, codes, absmax, outlier_col, float(threshold), M,
+        K, x2.stride(0), HAS_OUTLIERS=cols is not None, X_BF16=x_bf16, BLOCK_M=QUANT_BLOCK_M,
         BLOCK_K=min(1024, triton.next_power_of_2(K)), enable_fp_fusion=False,
     )  # fmt: skip
     return codes.view(x.shape), absmax.view(x.shape[:-1]), cols
