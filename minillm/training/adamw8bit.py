@@ -32,9 +32,9 @@ The quantizer, bit for bit bitsandbytes' PyTorch `quantize_blockwise` (its "defa
 
 and the step is the same sequence of PyTorch operations as bitsandbytes' CPU update, so with that
 quantizer ours matches bitsandbytes bit for bit (tests/test_adamw8bit.py; bench/peer_int8_check.py
-makes the golden). bitsandbytes' own CPU library quantizes with a lookup search that picks the
-other neighbour near a tie and is not exactly nearest (about 2 values in 1000 get the neighbouring
-code): against it, states agree to one code step.
+makes the golden). bitsandbytes' own CPU library quantizes with a lookup search that is not
+exactly nearest: against it, about 1 value of v in 100 and 1 of m in 400 gets another code,
+within one step of the map.
 
 Failure modes: NaN or inf in a gradient poisons its block's absmax, and the block's codes with it
 (the training loop stops on a non-finite loss or gradient norm before stepping). State dicts hold
@@ -166,14 +166,18 @@ class AdamW8bit(torch.optim.Optimizer):
                     state["v_codes"], state["v_absmax"] = quantize_blockwise(v, unsigned)
         return loss
 
+    STATE_DTYPES = {"m_codes": torch.uint8, "v_codes": torch.uint8, "m_absmax": torch.float32,
+                    "v_absmax": torch.float32, "m": torch.float32, "v": torch.float32}
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader casts floating-point state to each parameter's dtype; the absmax and the
-        float32 moments stay float32 here, as they were saved."""
+        """torch's loader casts every state tensor to its parameter's dtype (uint8 codes to float
+        too); they are cast back to the dtypes they were saved in (exact: codes are small
+        integers)."""
         super().load_state_dict(state_dict)
         for state in self.state.values():
-            for key in ("m_absmax", "v_absmax", "m", "v"):
+            for key, dtype in self.STATE_DTYPES.items():
                 if key in state:
-                    state[key] = state[key].float()
+                    state[key] = state[key].to(dtype)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held now (codes, absmax and float32 moments)."""
