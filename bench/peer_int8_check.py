@@ -115,7 +115,7 @@ def adamw8bit_cases(out: dict) -> None:
     inits = [torch.randn(s, generator=g) * 0.1 for s in shapes]
     grads = [[torch.randn(s, generator=g) * 10.0 ** (-t % 3) for s in shapes]
              for t in range(STEPS)]
-    for i, (p0, s) in enumerate(zip(inits, shapes, strict=True)):
+    for i, p0 in enumerate(inits):
         out[f"p{i}.init"] = p0
         for t in range(STEPS):
             out[f"p{i}.grad{t}"] = grads[t][i]
