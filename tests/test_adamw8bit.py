@@ -102,8 +102,9 @@ def test_matches_bitsandbytes_adamw8bit_on_its_cpu_path():
     """With bitsandbytes' own exact quantizer (its default PyTorch backend) the 8-bit tensors are
     equal bit for bit when run on the torch the golden was made with; with its C library's
     quantizer (as shipped), which is not exactly nearest, about 1 value in 100 of v gets another
-    code, which dequantizes within one step of the map, and the parameters stay within one lr. The float32 path for small tensors writes the same update in another order: one
-    float32 rounding apart."""
+    code, which dequantizes within one step of the map, and the parameters stay within one lr.
+    The float32 path for small tensors writes the same update in another order: one float32
+    rounding apart."""
     with safe_open(GOLDEN, "pt") as f:
         meta = f.metadata()
     golden = load_file(GOLDEN)
@@ -120,7 +121,10 @@ def test_matches_bitsandbytes_adamw8bit_on_its_cpu_path():
         st = opt.state[params[i]]
         for key in ("m_codes", "v_codes", "m_absmax", "v_absmax"):
             exact = golden[f"exact.p{i}.{key}"]
-            assert torch.equal(st[key], exact) if same_torch else (st[key] != exact).float().mean() < 1e-3
+            if same_torch:
+                assert torch.equal(st[key], exact)
+            else:  # another torch's CPU kernels may round an op differently: a few codes move
+                assert (st[key] != exact).float().mean() < 1e-3
         if same_torch:
             assert torch.equal(params[i].detach(), golden[f"exact.p{i}"])
         for name, signed in (("m", True), ("v", False)):

@@ -96,7 +96,11 @@ class AdamW8bit(torch.optim.Optimizer):
     defaults (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2).
 
     State per parameter: "step" (int); 8-bit: "m_codes", "v_codes" (uint8, the parameter's shape),
-    "m_absmax", "v_absmax" (float32, one per 256 values); small: "m", "v" (float32).
+    "m_absmax", "v_absmax" (float32, one per 256 values); small: "m", "v" (float32). A param group
+    with "eight_bit": False keeps float32 moments for all its tensors: the embedding's, as
+    transformers' Trainer registers bitsandbytes' 32-bit override for every nn.Embedding (see
+    `configure_optimizer` in training/loop.py: rows of rare tokens get rare, tiny gradients, whose
+    v underflows its block's 8-bit code to 0 while m does not, and m / (0 + eps) is a huge step).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -113,10 +117,10 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.min_8bit_size = min_8bit_size
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor, eight_bit: bool) -> dict:
         state = self.state[p]
         state["step"] = 0
-        if p.numel() >= self.min_8bit_size:
+        if eight_bit and p.numel() >= self.min_8bit_size:
             n_blocks = -(-p.numel() // BLOCKSIZE)
             for name in ("m", "v"):  # absmax 0: both moments dequantize to 0, whatever the codes
                 state[f"{name}_codes"] = torch.zeros_like(p, dtype=torch.uint8)
@@ -139,7 +143,7 @@ class AdamW8bit(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p] or self._init_state(p)
+                state = self.state[p] or self._init_state(p, group.get("eight_bit", True))
                 state["step"] += 1
                 eight_bit = "m_codes" in state
                 signed, unsigned = dynamic_map(True, p.device), dynamic_map(False, p.device)

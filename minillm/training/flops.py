@@ -28,7 +28,8 @@ Memory, per component:
                         row (alpaca-lora's load_in_8bit), the rest as qlora
     gradients    fp32, only for what trains (full: every weight; lora/qlora: the adapters)
     optimizer    AdamW: two fp32 moments per trained parameter (8 B); adamw8bit: 2 B + one fp32
-                 absmax per 256 for tensors of >= 4096 values, 8 B below (training/adamw8bit.py)
+                 absmax per 256 for tensors of >= 4096 values, 8 B below and for the embedding
+                 (training/adamw8bit.py)
     activations  what autograd keeps for backward, counted from model.py (elements per layer,
                  C = dim, Ckv = kv width, F = hidden_dim, H = heads):
                    RMSNorm × 2  3·BTC each (its input, the normalised x, the scaled output) + BT
@@ -70,25 +71,27 @@ def int8_block_bytes(cfg: ModelConfig) -> int:
     return cfg.n_layers * sum(i * o + 4 * o for i, o in linear_shapes(cfg).values())
 
 
-def adamw8bit_state_bytes(sizes) -> int:
+def adamw8bit_state_bytes(sizes, float32_sizes=()) -> int:
     """AdamW8bit's state for trained tensors of these element counts: two 1-byte codes and two
     float32 absmax per block of 256 for each tensor of at least MIN_8BIT_SIZE values, two float32
-    moments for each smaller one (the step counters aside)."""
+    moments for each smaller one and for each of `float32_sizes` (the embedding: loop.py's
+    configure_optimizer); the step counters aside."""
     from minillm.training.adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE
 
-    return sum(2 * n + 8 * -(-n // BLOCKSIZE) if n >= MIN_8BIT_SIZE else 8 * n for n in sizes)
+    return (sum(2 * n + 8 * -(-n // BLOCKSIZE) if n >= MIN_8BIT_SIZE else 8 * n for n in sizes)
+            + 8 * sum(float32_sizes))
 
 
-def trained_tensor_sizes(cfg: ModelConfig, method: str, r: int, targets) -> list[int]:
-    """The element count of every trained tensor: each weight for full training, each adapter's A
-    (r, in) and B (out, r) otherwise."""
+def trained_tensor_sizes(cfg: ModelConfig, method: str, r: int, targets) -> tuple[list, list]:
+    """The element counts of the trained tensors, as (8-bit candidates, float32 ones): each
+    weight for full training, the embedding among the float32 ones; each adapter's A (r, in) and
+    B (out, r) otherwise."""
     shapes = linear_shapes(cfg)
     if method != "full":
-        return [n for t in targets for n in (r * shapes[t][0], shapes[t][1] * r)] * cfg.n_layers
+        return [n for t in targets for n in (r * shapes[t][0], shapes[t][1] * r)] * cfg.n_layers, []
     per_layer = [i * o for i, o in shapes.values()] + [cfg.dim, cfg.dim]  # + the two norms
-    top = [cfg.vocab_size * cfg.dim, cfg.dim]  # embedding, final norm
     head = [] if cfg.tie_embeddings else [cfg.vocab_size * cfg.dim]
-    return per_layer * cfg.n_layers + top + head
+    return per_layer * cfg.n_layers + [cfg.dim] + head, [cfg.vocab_size * cfg.dim]
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -243,7 +246,7 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
         params=n["total"] + adapters, trainable=trainable,
         flops_per_token=flops_per_token(cfg, seq, method, adapters),
         weights=weights, gradients=4 * trainable,
-        optimizer=(adamw8bit_state_bytes(trained_tensor_sizes(cfg, method, r, targets))
+        optimizer=(adamw8bit_state_bytes(*trained_tensor_sizes(cfg, method, r, targets))
                    if optim == "adamw8bit" else 8 * trainable),
         activations=act(False), activations_checkpointed=act(True),
         kv_cache=kv_cache_bytes(cfg, batch, seq),

@@ -109,8 +109,13 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float,
     no_decay = [p for p in params if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
-    if name == "adamw8bit":
-        return AdamW8bit(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw8bit":  # embeddings keep float32 moments (adamw8bit.py says why)
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        groups = [dict(g, params=[p for p in g["params"] if id(p) not in embeddings])
+                  for g in groups]
+        groups.append(dict(params=[p for p in decay if id(p) in embeddings],
+                           weight_decay=weight_decay, eight_bit=False))
+        return AdamW8bit([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
