@@ -191,12 +191,18 @@ def int8_gemm(CA, CB, SCA, SCB, bias=None, out_dtype=torch.float32, tile: dict |
 
 
 def int8_gemm_ref(CA, CB, SCA, SCB, bias=None, out_dtype=torch.float32):
-    """Plain PyTorch int8_gemm: an int32 matmul (exact, as the kernel's), then the same epilogue.
+    """Plain PyTorch int8_gemm: the exact integer sums, then the same epilogue.
 
-    Memory traffic: the int8 operands are widened to int32 copies (4x their bytes) before the
-    matmul, and the (M, N) result is written in int32 and again in float32.
+    The sums are computed by a float64 matmul: every partial sum of K products of int8 codes is an
+    integer of magnitude at most K * 127^2, which float64 holds exactly up to K = 5.6e11, in any
+    summation order, so the result is the kernel's int32 accumulator to the bit; and the BLAS runs
+    it several times faster than PyTorch's integer matmul on a CPU (float32 would be exact only up
+    to K = 1040, and may be computed in bf16 when float32_matmul_precision is lowered).
+
+    Memory traffic: the int8 operands are widened to float64 copies (8x their bytes) before the
+    matmul, and the (M, N) result is written in float64, int32 and float32.
     """
-    acc = CA.to(torch.int32) @ CB.to(torch.int32).t()  # (M, K) @ (K, N) -> (M, N), int32
+    acc = (CA.double() @ CB.double().t()).to(torch.int32)  # (M, K) @ (K, N) -> (M, N), exact
     y = acc.float() * (SCA[:, None] * SCB[None, :]) * INV_127_SQ
     if bias is not None:
         y = y + bias.float()

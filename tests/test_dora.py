@@ -214,7 +214,7 @@ def test_finetune_config_switches():
     assert qdora.use_dora and qdora.method == "qlora"
     assert not load_config(overrides={"finetune.method": "lora"}).finetune.use_dora
     with pytest.raises(ValueError, match=r"finetune.method must be one of \('full', "
-                                         r"'lora', 'qlora'\)"):
+                                         r"'lora', 'qlora', 'lora8'\)"):
         load_config(overrides={"finetune.method": "dora"})
     with pytest.raises(ValueError, match="finetune.use_dora must be false with method 'full'"):
         load_config(overrides={"finetune.use_dora": True})

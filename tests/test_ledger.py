@@ -39,7 +39,10 @@ def setup(tmp_path_factory):
     return d, tok, examples
 
 
-def test_ledger_rows(setup):
+def test_ledger_rows(setup, monkeypatch):
+    # the int8 / NF4 base rows on the PyTorch reference path (the kernels are checked against it
+    # in test_int8_kernels.py / test_nf4_kernels.py): the interpreter would take a minute here
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     d, tok, examples = setup
     rows = fidelity_ledger(d / "base", d / "adapter", examples, tok.pad_id, d)
     assert [r.stage for r in rows] == (["adapter", "merged"] + ledger_outtypes()
@@ -80,7 +83,8 @@ def test_new_writer_types_join_the_chain(monkeypatch):
     assert ledger.ledger_outtypes() == ["f16", "q8_0", "q6_k", "q4_k_m", "q4_0"]
 
 
-def test_cli(setup, capsys):
+def test_cli(setup, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in test_ledger_rows
     d, _, _ = setup
     rows = main(["--base", str(d / "base"), "--adapter", str(d / "adapter"),
                  "--data", str(d / "test.jsonl"), "--template", "alpaca", "--out", str(d),

@@ -103,7 +103,8 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_unknown_optimizer_name_is_refused():
-    with pytest.raises(ValueError, match=r"optim.name must be \"adamw\" or \"muon\", found 'sgd'"):
+    with pytest.raises(ValueError, match=r"optim.name must be \"adamw\", \"adamw8bit\" or "
+                                         r"\"muon\", found 'sgd'"):
         OptimConfig(name="sgd")
 
 
