@@ -12,8 +12,8 @@ activations the same way, row by row, right before every matmul (kernels/int8_ma
 
 What you will learn here:
   * absmax ("vector-wise") quantization: 127 / max|row| maps a row onto [-127, 127];
-  * why the rounding must be spelled out to the last bit (one correctly rounded 127 / absmax per
-    row, a float32 product, round half to even) to match bitsandbytes' codes exactly;
+  * why the rounding must be spelled out to the last bit (PyTorch's 127.0 / absmax once per row, a
+    float32 product, round half to even) to match bitsandbytes' codes exactly;
   * how round-half-to-even is written with two float32 adds, and why the compiler must then be told
     not to fuse the multiply into the add (`enable_fp_fusion=False`);
   * the outlier threshold: the few activation columns holding |x| >= threshold are left out of the
@@ -62,7 +62,6 @@ CODE_LIMIT = 128.0  # |v| < 128 for every finite row (v <= 127 * (1 + 2**-24)); 
 # that magnitude the float32 spacing is exactly 1, so the add itself does the rounding.
 ROUND_MAGIC = 12582912.0
 # The same constants as compile-time values, for use inside the kernel.
-_INV_127 = tl.constexpr(INV_127)
 _CODE_LIMIT = tl.constexpr(CODE_LIMIT)
 _ROUND_MAGIC = tl.constexpr(ROUND_MAGIC)
 
