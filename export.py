@@ -41,6 +41,9 @@ def main(argv=None):
     p.add_argument("--qlora", action="store_true",
                    help="the adapter was trained on an NF4 base: "
                         "merge into the NF4-dequantized weights")
+    p.add_argument("--int8", action="store_true",
+                   help="the adapter was trained on an LLM.int8 base (lora8, alpaca-lora): "
+                        "merge into the int8-dequantized weights")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model (default: the one beside the checkpoint)")
     p.add_argument("--name", default=None,
@@ -52,7 +55,7 @@ def main(argv=None):
     if args.checkpoint is None or args.out is None:
         p.error("the following arguments are required: --checkpoint, --out")
     cfg = ExportConfig(checkpoint=args.checkpoint, out=args.out, format=args.format,
-                       outtype=args.outtype, adapter=args.adapter, qlora=args.qlora,
+                       outtype=args.outtype, adapter=args.adapter, qlora=args.qlora, int8=args.int8,
                        tokenizer=args.tokenizer, name=args.name, template=args.template)
     path = export(cfg)
     print(f"wrote {path}")

@@ -4,6 +4,8 @@
     python generate.py --checkpoint path/to/open_llama_3b_v2 \\
         --prompt "Q: What is the capital of France?\nA:"
     python generate.py --checkpoint model.gguf --prompt "import os" --temperature 0
+    # 8-bit weights as LLM.int8 (bitsandbytes' load_in_8bit), or --quantize nf4 for 4 bits
+    python generate.py --checkpoint path/to/open_llama_7b --quantize int8 --prompt "Q: ...\nA:"
     # shapes through one forward
     python generate.py --checkpoint out/tiny --prompt "x = 1" --trace
     # a file of prompts, one per line, decoded 8 at a time
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from minillm.data.templates import CHAT_TEMPLATES, format_prompt, read_template_record
+from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.generate.batched import decode_batch_step
@@ -84,8 +87,12 @@ def parser() -> ArgumentParser:
                    help="cuda, cpu, … (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights dtype (default: bfloat16 on a GPU that supports it, else float32)")
-    p.add_argument("--quantize", choices=["none", "nf4"], default="none",
-                   help="nf4: 4-bit NF4 projections")
+    p.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
+                   help="nf4: 4-bit NF4 projections; int8: LLM.int8 projections (8-bit weights "
+                        "and activations, outlier columns in 16 bits)")
+    p.add_argument("--int8-threshold", type=float, default=6.0,
+                   help="with --quantize int8: input columns with |x| >= this run in 16 bits "
+                        "(transformers' llm_int8_threshold; 0: every column in int8)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.model to use instead of the checkpoint's")
     p.add_argument("--compile", action="store_true",
@@ -107,6 +114,8 @@ def main(argv=None):
     if args.prompts and args.draft:
         p.error("--prompts (batched) and --draft (speculative) do not combine: "
                 "speculative decoding is batch 1")
+    if not args.int8_threshold >= 0:  # NaN too
+        p.error(f"--int8-threshold must be >= 0, found {args.int8_threshold}")
     # user text: a lone surrogate (undecodable bytes on the command line) is refused, named
     prompts = (read_prompts(Path(args.prompts)) if args.prompts
                else [check_unicode(unescape(args.prompt), "--prompt")])
@@ -121,8 +130,11 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype or "auto", device)
     checkpoint = Path(args.checkpoint)
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
-    nf4 = nf4_hook(compute_dtype=dtype, device=device) if args.quantize == "nf4" else None
-    model = load_pretrained(checkpoint, dtype=dtype, device=device, linear_hook=nf4)
+    hook = {"none": lambda: None,
+            "nf4": lambda: nf4_hook(compute_dtype=dtype, device=device),
+            "int8": lambda: int8_hook(args.int8_threshold, compute_dtype=dtype, device=device),
+            }[args.quantize]
+    model = load_pretrained(checkpoint, dtype=dtype, device=device, linear_hook=hook())
     if args.trace:
         trace_forward(model, torch.tensor([tokenizer.encode(prompts[0])], device=device),
                       out=sys.stdout)

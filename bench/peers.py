@@ -177,3 +177,17 @@ def bnb_nf4_ops(w: torch.Tensor):
         return bnb.functional.dequantize_4bit(packed, state, quant_type="nf4")
 
     return matmul, dequantize
+
+
+def bnb_int8_matmul(w: torch.Tensor, threshold: float):
+    """bitsandbytes' LLM.int8 of weight w, as Linear8bitLt holds it in inference (int8 weights,
+    has_fp16_weights=False): returns matmul(x), the closure to time (bnb.matmul: MatMul8bitLt)."""
+    (bnb,) = _require("bitsandbytes")
+    state = bnb.MatmulLtState()
+    state.has_fp16_weights, state.is_training, state.threshold = False, False, threshold
+    state.CB, state.SCB, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+
+    def matmul(x):
+        return bnb.matmul(x, state.CB, state=state, threshold=threshold)
+
+    return matmul

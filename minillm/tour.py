@@ -12,7 +12,8 @@
                   → OUT/*.gguf
     6. generate   greedy answers from each GGUF, loaded back by minillm
     7. ledger     held-out loss and KL vs the unquantized model along adapter → merged → f16 → q8_0
-                  → … → q4_0 (minillm/eval/ledger.py)
+                  → … → q4_0, and the adapter over bf16 / LLM.int8 / NF4 bases
+                  (minillm/eval/ledger.py)
 
 Every stage calls the library, as the scripts do: minillm.training.config.load_config builds each
 TrainConfig from a dict of dotted overrides (the same keys as

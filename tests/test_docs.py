@@ -60,7 +60,7 @@ EXPECTED = {
     ("docs/03-training-from-scratch.md", 0): ["at step 10", "done: 20 steps",
                                               "vs unigram baseline"],
     ("docs/04-instruction-data.md", 0): ["train |", "short-answer", "False), (", "True)]"],
-    ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)",
+    ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)", "lora8)",
                                        "adapter_config.json adapter_model.safetensors"],
     ("docs/07-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
     ("docs/09-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",

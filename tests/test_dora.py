@@ -201,7 +201,8 @@ def test_qdora_adapter_records_the_nf4_settings(tmp_path):
     quantize_model_(model, blocksize=32, double_quant=True, compute_dtype=torch.float32)
     apply_lora(model, targets=["q", "k"], r=2, alpha=4, use_dora=True)
     save_adapter(model, tmp_path)
-    assert read_base_quantization(tmp_path) == {"blocksize": 32, "double_quant": True}
+    assert read_base_quantization(tmp_path) == {"quant_method": "nf4", "blocksize": 32,
+                                                "double_quant": True}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
 
 
@@ -213,7 +214,7 @@ def test_finetune_config_switches():
     assert qdora.use_dora and qdora.method == "qlora"
     assert not load_config(overrides={"finetune.method": "lora"}).finetune.use_dora
     with pytest.raises(ValueError, match=r"finetune.method must be one of \('full', "
-                                         r"'lora', 'qlora'\)"):
+                                         r"'lora', 'qlora', 'lora8'\)"):
         load_config(overrides={"finetune.method": "dora"})
     with pytest.raises(ValueError, match="finetune.use_dora must be false with method 'full'"):
         load_config(overrides={"finetune.use_dora": True})

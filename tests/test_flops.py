@@ -197,3 +197,36 @@ def test_fsdp_per_rank_memory_divides_the_states_by_the_world_size():
     assert "per rank of 8, FSDP     35.13 GiB   (16.02 GiB with checkpointing)" in report
     qlora = flops.main(["--preset", "openllama-7b", "--method", "qlora", "--ranks", "2"])
     assert "per rank of 2, FSDP n/a" in qlora
+
+
+def test_lora8_weights_and_adamw8bit_state_match_the_modules():
+    """The estimator's int8 base bytes are Int8Linear's buffers (CB + SCB), and its AdamW8bit state
+    is what the trainer's optimizer holds after a step, for full training and for adapters."""
+    from minillm.finetune.int8_linear import Int8Linear, int8_hook
+    from minillm.training.loop import configure_optimizer
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=96,
+                      max_seq_len=32)
+    model = Llama(cfg)
+    hook = int8_hook(compute_dtype=torch.float32)
+    for key, w in list(model.state_dict().items()):
+        hook(model, key, w)  # what load_pretrained does with each projection as it streams in
+    int8_bytes = sum(t.numel() * t.element_size() for m in model.modules()
+                     if isinstance(m, Int8Linear) for t in (m.CB, m.SCB))
+    assert int8_bytes == flops.int8_block_bytes(cfg)
+    est = flops.estimate(cfg, "lora8", batch=2, seq=32, lora_r=4, lora_targets=("q_proj",))
+    # + the bf16 embedding, lm_head and 5 norms, + the float32 adapters: 2 layers of r (64 + 64)
+    assert est.weights == (flops.int8_block_bytes(cfg) + 2 * (96 * 64 * 2 + 5 * 64)
+                           + 4 * 2 * 4 * 128)
+    for method, built in (("full", Llama(cfg)), ("lora8", model)):
+        if method == "lora8":
+            apply_lora(built, ["q_proj"], r=4)
+            mark_only_lora_trainable(built)
+        opt = configure_optimizer(built, 0.1, 1e-3, (0.9, 0.95), 1e-8, False, "adamw8bit")
+        for p in built.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        opt.step()
+        held = sum(t.numel() * t.element_size() for s in opt.state.values()
+                   for k, t in s.items() if k != "step")
+        est = flops.estimate(cfg, method, 2, 32, 4, ("q_proj",), optim="adamw8bit")
+        assert held == est.optimizer

@@ -5,7 +5,8 @@ CI runs the kernels through Triton's interpreter, which accepts some programs th
 (constexpr misuse, type mismatches, unsupported ops, a literal typed fp64). Compiling each kernel to
 a cubin for each architecture, for every dtype variant the launchers use and every autotuner tile
 for sm_90 (the default tile of each GEMV loop, plain and paired, for sm_80, to keep the test short),
-catches those without a device; numerics are tested elsewhere. It runs in a fresh
+catches those without a device (the int8 GEMM: every tile on one dtype variant, the default tile
+on the other); numerics are tested elsewhere. It runs in a fresh
 process: `@triton.jit` decides at import time whether a kernel is interpreted, and the other tests
 import the kernels with the interpreter on.
 """
@@ -33,6 +34,24 @@ SIGNATURES = {
           "X_BF16": "constexpr", "BLOCK_O": "constexpr", "BLOCK_R": "constexpr"},
          {"BLOCKSIZE": 64, "TRANS_W": tw, "X_BF16": x == "bf16"})
         for x, y in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "i16")) for tw in (False, True)]),
+    # the LLM.int8 kernels launch with enable_fp_fusion=False (kernels/int8.py says why)
+    "int8_quantize": ("minillm.kernels.int8", "_int8_quantize_rows_kernel", [
+        ({"x_ptr": f"*{x}", "codes_ptr": "*i8", "absmax_ptr": "*fp32", "outlier_col_ptr": "*i8",
+          "threshold": "fp32", "M": "i32", "K": "i32", "stride_xm": "i32",
+          "HAS_OUTLIERS": "constexpr", "X_BF16": "constexpr", "BLOCK_M": "constexpr",
+          "BLOCK_K": "constexpr"},
+         {"HAS_OUTLIERS": outliers, "X_BF16": x == "i16", "BLOCK_M": 8, "BLOCK_K": 1024})
+        for x, outliers in (("fp32", False), ("fp16", True), ("i16", False), ("i16", True))],
+        {"enable_fp_fusion": False}),
+    "int8_gemm": ("minillm.kernels.int8_matmul", "_int8_matmul_kernel", [
+        ({"a_ptr": "*i8", "b_ptr": "*i8", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+          "bias_ptr": "*fp32", "y_ptr": f"*{y}", "M": "i32", "N": "i32", "K": "i32",
+          "HAS_BIAS": "constexpr", "Y_BF16": "constexpr", "BLOCK_M": "constexpr",
+          "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "GROUP_M": "constexpr"},
+         {"HAS_BIAS": bias, "Y_BF16": y == "i16"})
+        for y, bias in (("i16", False), ("fp16", True))],
+        # every tile on the first variant; the others' epilogue differs, the tiles' K loop not
+        {"enable_fp_fusion": False, "tiles_on_first_variant_only": True}),
 }
 
 COMPILE = """
@@ -40,12 +59,14 @@ import importlib, inspect, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-module, name, variants = {job!r}
+module, name, variants, *options = {job!r}
+options = dict(options[0]) if options else {{}}
+first_only = options.pop("tiles_on_first_variant_only", False)
 arch = {arch!r}
 fn = getattr(importlib.import_module(module), name)
-tiles = [({{}}, 4)]  # (tile constexprs, num_warps); an autotuned kernel brings its own list
-if type(fn).__name__ == "Autotuner":
-    tiles = [(config.kwargs, config.num_warps) for config in fn.configs]
+tiles = [({{}}, 4, 3)]  # (tile constexprs, num_warps, num_stages); an autotuned kernel brings
+if type(fn).__name__ == "Autotuner":  # its own list
+    tiles = [(config.kwargs, config.num_warps, config.num_stages) for config in fn.configs]
     assert len(tiles) > 1, "the autotuner was built for the interpreter"
     fn = fn.fn
 # every tile for the H100; elsewhere the default tile of each loop (PAIRED or not) suffices
@@ -62,11 +83,12 @@ def source(fn, signature, constexprs):
     return ASTSource(fn=fn,
                      signature={{at[k]: v for k, v in signature.items() if v != "constexpr"}},
                      constants={{at[k]: v for k, v in constexprs.items()}})
-for signature, constexprs in variants:
-    for tile, num_warps in tiles:
+for v, (signature, constexprs) in enumerate(variants):
+    for tile, num_warps, num_stages in (tiles[:1] if first_only and v else tiles):
         src = source(fn, signature, {{**constexprs, **tile}})
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={{"num_warps": num_warps}})
+                                  options={{"num_warps": num_warps, "num_stages": num_stages,
+                                           **options}})
         assert compiled.asm["cubin"][:4] == b"\\x7fELF"  # a real device binary came out of ptxas
     print("compiled", name, "sm_%d" % arch, sorted(constexprs.items()), len(tiles), "tiles")
 """

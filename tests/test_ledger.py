@@ -39,10 +39,14 @@ def setup(tmp_path_factory):
     return d, tok, examples
 
 
-def test_ledger_rows(setup):
+def test_ledger_rows(setup, monkeypatch):
+    # the int8 / NF4 base rows on the PyTorch reference path (the kernels are checked against it
+    # in test_int8_kernels.py / test_nf4_kernels.py): the interpreter would take a minute here
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     d, tok, examples = setup
     rows = fidelity_ledger(d / "base", d / "adapter", examples, tok.pad_id, d)
-    assert [r.stage for r in rows] == ["adapter", "merged"] + ledger_outtypes()
+    assert [r.stage for r in rows] == (["adapter", "merged"] + ledger_outtypes()
+                                       + ["base bf16", "base int8", "base nf4"])
     ref, merged = rows[0], rows[1]
     assert ref.kl == 0.0 and ref.top1 == 1.0
     assert merged.kl < 1e-6 and abs(merged.loss - ref.loss) < 1e-5  # float32 rounding only
@@ -56,6 +60,13 @@ def test_ledger_rows(setup):
     assert (held_out_loss(gguf, iter_batches(examples, 16, tok.pad_id))["loss"]
             == pytest.approx(by["q8_0"].loss, abs=1e-6))
     assert kl_and_top1(gguf, gguf, examples, tok.pad_id) == (0.0, 1.0)
+    # the adapter over other bases: each moves it, the fewer bits the further; the bits column
+    # holds the block projections' bits per weight (int8: 8 + 32 / in_features)
+    bf16, int8, nf4 = by["base bf16"], by["base int8"], by["base nf4"]
+    assert 0 < bf16.kl < nf4.kl and 0 < int8.kl < nf4.kl
+    # 2 layers of q, k, v, o, gate, up, down: 36864 weights in 512 rows per layer
+    assert (bf16.bits_per_weight, int8.bits_per_weight, nf4.bits_per_weight) == (
+        16.0, pytest.approx(8 + 32 * 512 / 36864), 4.5)
     table = format_ledger(rows).splitlines()
     assert table[0].startswith("| stage | held-out loss") and table[2].startswith("| adapter | ")
     assert len(table) == 2 + len(rows)
@@ -72,10 +83,11 @@ def test_new_writer_types_join_the_chain(monkeypatch):
     assert ledger.ledger_outtypes() == ["f16", "q8_0", "q6_k", "q4_k_m", "q4_0"]
 
 
-def test_cli(setup, capsys):
+def test_cli(setup, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in test_ledger_rows
     d, _, _ = setup
     rows = main(["--base", str(d / "base"), "--adapter", str(d / "adapter"),
                  "--data", str(d / "test.jsonl"), "--template", "alpaca", "--out", str(d),
-                 "--max-seq-len", "128", "--outtypes", "q8_0"])
+                 "--max-seq-len", "128", "--outtypes", "q8_0", "--bases", "int8"])
     out = capsys.readouterr().out
     assert "| adapter | " in out and f"| {rows[-1].stage} | " in out

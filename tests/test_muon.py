@@ -103,8 +103,8 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_unknown_optimizer_name_is_refused_and_auto_picks_by_the_run():
-    with pytest.raises(ValueError, match=r"optim.name must be \"auto\", \"adamw\" or \"muon\", "
-                                         r"found 'sgd'"):
+    with pytest.raises(ValueError, match=r"optim.name must be \"auto\", \"adamw\", \"adamw8bit\" "
+                                         r"or \"muon\", found 'sgd'"):
         OptimConfig(name="sgd")
     from minillm.training.config import load_config
 

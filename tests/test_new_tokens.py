@@ -170,7 +170,8 @@ def test_qdora_finetune_with_new_tokens_trains_saves_and_exports(base, tok, tmp_
                               base_emb.mean(0).expand(2, -1), atol=1e-4)
     adapter = out / "adapter"
     assert Tokenizer(adapter / "tokenizer.model").added == {"<|im_start|>": V, "<|im_end|>": V + 1}
-    assert read_base_quantization(adapter) == {"blocksize": 64, "double_quant": True}
+    assert read_base_quantization(adapter) == {"quant_method": "nf4", "blocksize": 64,
+                                              "double_quant": True}
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["use_dora"] and config["use_rslora"]
             and config["modules_to_save"] == ["embed_tokens", "lm_head"])

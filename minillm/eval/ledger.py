@@ -16,6 +16,16 @@ Chain (each row is the model one step further from the trained one):
 The GGUF rows are the chain f16 → q8_0 → q6_k → q5_k_m → q4_k_m → q4_0 (llama-quantize's mixes for
 the K-quant names), each as soon as the writer knows the type (gguf_writer.OUTTYPES).
 
+Then a side branch, the same adapter (unmerged) over the base held three ways, the choice of a
+fine-tuning recipe:
+
+    base bf16   the base in bfloat16 (LoRA's frozen base on a GPU; the matmuls run in bf16 too)
+    base int8   its projections as LLM.int8 (Int8Linear, threshold 6: alpaca-lora's load_in_8bit;
+                activations rounded to int8 too, outlier columns in float32)
+    base nf4    its projections as NF4 (NF4Linear: QLoRA's base), float32 compute
+
+(an adapter trained on one of them has KL 0 in that row).
+
 Columns, over the response tokens of held-out examples (positions whose label is not -100):
 
     loss    mean cross-entropy (training/loss.py's held_out_loss)
@@ -23,7 +33,8 @@ Columns, over the response tokens of held-out examples (positions whose label is
             from the reference's, 0 for the reference itself; unlike Δloss it cannot cancel out
             across tokens
     top-1   fraction of positions where the row's most likely token is the reference's
-    size    bytes on disk / bits per weight (GGUF rows)
+    size    bytes on disk / bits per weight (GGUF rows); bits per block-projection weight for the
+            base rows
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from minillm.training.loss import held_out_loss
 from minillm.util.cli import ArgumentParser, int_at_least, run_cli
 
 LEDGER_CHAIN = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")  # most bits first
+BASES = ("bf16", "int8", "nf4")  # the base-row side branch, most bits first
 
 
 def ledger_outtypes() -> list[str]:
@@ -94,19 +106,38 @@ def ledger_row(stage: str, reference: Llama, model: Llama, examples: list[Tokeni
     return LedgerRow(stage, loss, *kl_and_top1(reference, model, examples, pad_id), size, bpw)
 
 
+def base_row(kind: str, base, adapter, reference: Llama, examples: list[TokenizedExample],
+             pad_id: int) -> LedgerRow:
+    """The adapter, unmerged, over the base held as `kind` (BASES), against the reference."""
+    from minillm.finetune.int8_linear import int8_hook
+    from minillm.finetune.nf4_linear import nf4_hook
+    from minillm.finetune.peft_io import load_adapter
+    from minillm.formats.load import load_pretrained
+    from minillm.training.flops import NF4_BITS_PER_PARAM, count_params, int8_block_bytes
+
+    hook = {"bf16": None, "int8": int8_hook(compute_dtype=torch.float32),
+            "nf4": nf4_hook(compute_dtype=torch.float32)}[kind]
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    model = load_pretrained(base, dtype=dtype, linear_hook=hook)
+    load_adapter(model, adapter)
+    row = ledger_row(f"base {kind}", reference, model, examples, pad_id)
+    block = count_params(model.config)["block_linear"]
+    row.bits_per_weight = {"bf16": 16.0, "nf4": NF4_BITS_PER_PARAM,
+                           "int8": 8 * int8_block_bytes(model.config) / block}[kind]
+    return row
+
+
 def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[TokenizedExample],
                     pad_id: int, out_dir: str | Path,
-                    outtypes: list[str] | None = None) -> list[LedgerRow]:
-    """The ledger rows for one base + adapter;
+                    outtypes: list[str] | None = None, bases=BASES) -> list[LedgerRow]:
+    """The ledger rows for one base + adapter: the chain, then one row per base in `bases`;
     GGUF files are written to out_dir/ledger-<type>.gguf."""
-    from minillm.finetune.nf4_linear import nf4_hook
-    from minillm.finetune.peft_io import load_adapter, read_base_quantization
+    from minillm.finetune.peft_io import load_adapter, quantized_base_hook, read_base_quantization
     from minillm.formats.load import load_pretrained
 
     out_dir = Path(out_dir)
-    # a QLoRA adapter trained on an NF4 base: the reference is that
-    nf4 = read_base_quantization(adapter)
-    hook = nf4_hook(**nf4, compute_dtype=torch.float32) if nf4 else None
+    # an adapter trained on an NF4 or int8 base: the reference is that
+    hook = quantized_base_hook(read_base_quantization(adapter), torch.float32)
     reference = load_pretrained(base, linear_hook=hook)
     load_adapter(reference, adapter)
     merged = load_merged(ExportConfig(checkpoint=str(base), out=str(out_dir / "unused"),
@@ -120,6 +151,7 @@ def fidelity_ledger(base: str | Path, adapter: str | Path, examples: list[Tokeni
                                    out=str(out_dir / f"ledger-{outtype}.gguf")))
         rows.append(ledger_row(outtype, reference, load_pretrained(path), examples, pad_id, path,
                                n_params))
+    rows += [base_row(kind, base, adapter, reference, examples, pad_id) for kind in bases]
     return rows
 
 
@@ -158,13 +190,16 @@ def main(argv=None) -> list[LedgerRow]:
                    help="folder for the GGUF files (default: beside the adapter)")
     p.add_argument("--outtypes", nargs="+", default=None, choices=sorted(OUTTYPES),
                    help=f"GGUF rows (default: {' '.join(ledger_outtypes())})")
+    p.add_argument("--bases", nargs="*", default=list(BASES), choices=BASES,
+                   help="the adapter over the base held as bf16 / LLM.int8 / NF4, one row each "
+                        f"(default: {' '.join(BASES)}; none: --bases with no value)")
     args = p.parse_args(argv)
     tokenizer = load_tokenizer(args.base)
     template = args.template or read_template_record(args.adapter)
     examples = [tokenize_example(ex, tokenizer, template, args.max_seq_len)
                 for ex in read_examples(args.data)[: args.max_examples]]
     rows = fidelity_ledger(args.base, args.adapter, examples, tokenizer.pad_id,
-                           args.out or Path(args.adapter).parent, args.outtypes)
+                           args.out or Path(args.adapter).parent, args.outtypes, args.bases)
     print(f"fidelity ledger over {sum(len(e.ids) for e in examples):,d} tokens of "
           f"{len(examples)} held-out examples (loss and KL on response tokens)\n")
     print(format_ledger(rows))

@@ -9,4 +9,6 @@ nothing of them.
     double_quant.py  the NF4 scales stored in 8 bits (QLoRA's double quantization)
     nf4_linear.py    NF4Linear: a frozen 4-bit base layer (kernels/ does the arithmetic), and its
                      load hook
+    int8_linear.py   Int8Linear: a frozen LLM.int8 base layer (8-bit weights and activations,
+                     outlier columns in 16 bits), and its load hook
 """

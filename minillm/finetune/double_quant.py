@@ -40,22 +40,26 @@ import torch
 DQ_BLOCKSIZE = 256  # bitsandbytes' block size for the nested quantization
 
 
-def create_dynamic_map() -> torch.Tensor:
-    """The 256-entry signed dynamic map (float32, sorted ascending), as bitsandbytes'
-    `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)` builds it.
+def create_dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256-entry dynamic map (float32, sorted ascending), as bitsandbytes'
+    `create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)` builds it.
 
-    For decade i = 0..6 the positive values are 10**(i-6) * the midpoints of
+    signed: for decade i = 0..6 the positive values are 10**(i-6) * the midpoints of
     linspace(0.1, 1, 2**i + 1) (1, 2, 4, ..., 64 values), mirrored to negatives; then 0 and 1.0:
-    2 * 127 + 2 = 256 entries.
-    Index 127 is 0, 128 the smallest positive 10**-6 * 0.55, 255 is 1.0, 0 is -(1 + 0.9859375) / 2.
+    2 * 127 + 2 = 256 entries. Index 127 is 0, 128 the smallest positive 10**-6 * 0.55, 255 is 1.0,
+    0 is -(1 + 0.9859375) / 2.
+    unsigned (for values >= 0, e.g. Adam's second moment): no sign bit, so each decade has twice
+    the values, the midpoints of linspace(0.1, 1, 2**(i+1) + 1) (2, 4, ..., 128 values), then 0 and
+    1.0: 254 + 2 = 256 entries; index 0 is 0, 255 is 1.0.
     The float32 arithmetic is the same sequence of PyTorch ops, so every entry matches to the bit.
     """
     values = []
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1)  # float32
+        edges = torch.linspace(0.1, 1, 2 ** (i if signed else i + 1) + 1)  # float32
         means = (edges[:-1] + edges[1:]) / 2.0
         values += ((10 ** (i - 6)) * means).tolist()
-        values += (-(10 ** (i - 6)) * means).tolist()
+        if signed:
+            values += (-(10 ** (i - 6)) * means).tolist()
     values += [0.0, 1.0]
     assert len(values) == 256
     return torch.tensor(sorted(values), dtype=torch.float32)

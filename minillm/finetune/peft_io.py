@@ -10,10 +10,11 @@ PEFT's layout (`PeftModel.save_pretrained`), so PEFT loads ours and we load PEFT
             and base_model.model.lm_head.weight (V, C)
     adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, use_rslora,
                                 use_dora, modules_to_save, … (`adapter_config` below)
-    base_quantization.json      minillm's own record of the NF4 base a QLoRA adapter was trained on
-                                ({"quant_method": "nf4", "blocksize": 64, "double_quant": true}),
-                                so export merges into the very same rounded weights; PEFT ignores
-                                the file
+    base_quantization.json      minillm's own record of the quantized base an adapter was trained
+                                on: NF4 for QLoRA ({"quant_method": "nf4", "blocksize": 64,
+                                "double_quant": true}) or LLM.int8 for lora8 ({"quant_method":
+                                "int8", "threshold": 6.0}), so export merges into the very same
+                                rounded weights; PEFT ignores the file
     tokenizer.model             when the vocabulary was extended (new pieces), as PEFT users save
                                 theirs
 
@@ -33,8 +34,10 @@ import torch.nn as nn
 
 from minillm.finetune.adapters import SHORT_NAMES, lora_modules
 from minillm.finetune.dora import DoRALinear
+from minillm.finetune.int8_linear import Int8Linear, int8_hook
 from minillm.finetune.lora import LoRALinear
 from minillm.finetune.new_tokens import resize_vocab
+from minillm.finetune.nf4_linear import NF4Linear, nf4_hook
 from minillm.formats.weights import check_finite, iter_shard
 from minillm.names import hf_to_ours, ours_to_hf
 from minillm.util.fileio import atomic_write_bytes, read_json_object
@@ -87,24 +90,32 @@ def adapter_config(modules: dict[str, LoRALinear], base_model_name_or_path: str 
     }
 
 
-def _nf4_settings(modules: dict[str, LoRALinear]) -> dict | None:
-    """{"quant_method": "nf4", "blocksize", "double_quant"} of the adapters' NF4 bases, None if
-    dense."""
-    found = {(m.base.blocksize, m.base.double_quant) for m in modules.values()
-             if hasattr(m.base, "blocksize")}
+def _settings(base: nn.Module) -> tuple | None:
+    """The record of one quantized base layer as a hashable tuple, None for a dense one."""
+    if isinstance(base, NF4Linear):
+        return ("nf4", ("blocksize", base.blocksize), ("double_quant", base.double_quant))
+    if isinstance(base, Int8Linear):
+        return ("int8", ("threshold", base.threshold))
+    return None
+
+
+def _quantization_record(modules: dict[str, LoRALinear]) -> dict | None:
+    """{"quant_method": "nf4", "blocksize", "double_quant"} or {"quant_method": "int8",
+    "threshold"} of the adapters' quantized bases, None if dense."""
+    found = {_settings(m.base) for m in modules.values()} - {None}
     if not found:
         return None
     if len(found) > 1:
-        raise ValueError(f"save_adapter: the NF4 base layers mix (blocksize, double_quant) "
-                         f"settings {found}")
-    (blocksize, double_quant), = found
-    return {"quant_method": "nf4", "blocksize": blocksize, "double_quant": double_quant}
+        raise ValueError(f"save_adapter: the quantized base layers mix settings {sorted(found)}")
+    method, *fields = found.pop()
+    return {"quant_method": method, **dict(fields)}
 
 
 def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None = None,
                  modules_to_save=(), tokenizer_path=None) -> Path:
     """Write adapter_model.safetensors + adapter_config.json (PEFT's layout), base_quantization.json
-    for an NF4 base, and a copy of `tokenizer_path` (a vocabulary with new pieces), each atomically.
+    for an NF4 or int8 base, and a copy of `tokenizer_path` (a vocabulary with new pieces), each
+    atomically.
     `modules_to_save` (e.g. ["embed_tokens", "lm_head"]) are written whole."""
     from safetensors.torch import save
 
@@ -129,30 +140,53 @@ def save_adapter(model: nn.Module, dirpath, base_model_name_or_path: str | None 
     config = adapter_config(modules, base_model_name_or_path, modules_to_save)
     atomic_write_bytes(dirpath / ADAPTER_WEIGHTS, save(state, metadata={"format": "pt"}))
     atomic_write_bytes(dirpath / ADAPTER_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
-    nf4 = _nf4_settings(modules)
-    if nf4 is not None:
-        atomic_write_bytes(dirpath / BASE_QUANTIZATION, (json.dumps(nf4, indent=2) + "\n").encode())
+    record = _quantization_record(modules)
+    if record is not None:
+        atomic_write_bytes(dirpath / BASE_QUANTIZATION,
+                           (json.dumps(record, indent=2) + "\n").encode())
     if (tokenizer_path is not None
             and Path(tokenizer_path).resolve() != (dirpath / "tokenizer.model").resolve()):
         atomic_write_bytes(dirpath / "tokenizer.model", Path(tokenizer_path).read_bytes())
     return dirpath
 
 
+def _valid_record(cfg: dict) -> bool:
+    if cfg.get("quant_method") == "nf4":
+        blocksize = cfg.get("blocksize")
+        return (set(cfg) == {"quant_method", "blocksize", "double_quant"}
+                and type(blocksize) is int and 16 <= blocksize <= 4096
+                and blocksize & (blocksize - 1) == 0 and type(cfg["double_quant"]) is bool)
+    if cfg.get("quant_method") == "int8":
+        t = cfg.get("threshold")
+        return (set(cfg) == {"quant_method", "threshold"} and type(t) in (int, float)
+                and 0 <= t < float("inf"))
+    return False
+
+
 def read_base_quantization(dirpath) -> dict | None:
-    """The NF4 settings a QLoRA adapter directory recorded ({"blocksize", "double_quant"}, the
-    keyword arguments of nf4_hook), or None when the adapter was trained on a dense base."""
+    """The quantized base an adapter directory recorded: {"quant_method": "nf4", "blocksize",
+    "double_quant"} (QLoRA) or {"quant_method": "int8", "threshold"} (lora8); None when the adapter
+    was trained on a dense base. A record of another shape is an error naming the file."""
     path = Path(dirpath) / BASE_QUANTIZATION
     if not path.is_file():
         return None
     cfg = read_json_object(path, "base quantization record")
-    blocksize = cfg.get("blocksize")
-    valid = (cfg.get("quant_method") == "nf4" and isinstance(cfg.get("double_quant"), bool)
-             and type(blocksize) is int and 16 <= blocksize <= 4096
-             and blocksize & (blocksize - 1) == 0)
-    if not valid:
-        raise ValueError(f"{path}: expected {{\"quant_method\": \"nf4\", \"blocksize\": <a power "
-                         f"of two in [16, 4096]>, \"double_quant\": <bool>}}, found {cfg}")
-    return {"blocksize": blocksize, "double_quant": cfg["double_quant"]}
+    if not _valid_record(cfg):
+        raise ValueError(f"{path}: expected {{\"quant_method\": \"nf4\", \"blocksize\": <a "
+                         f"power of two in [16, 4096]>, \"double_quant\": <bool>}} or "
+                         f"{{\"quant_method\": \"int8\", \"threshold\": <number >= 0>}}, "
+                         f"found {cfg}")
+    return cfg
+
+
+def quantized_base_hook(record: dict | None, compute_dtype=torch.float32, device="cpu"):
+    """The load_pretrained linear_hook that rebuilds the base a `read_base_quantization` record
+    describes (nf4_hook or int8_hook), None for a dense base."""
+    if record is None:
+        return None
+    if record["quant_method"] == "nf4":
+        return nf4_hook(record["blocksize"], record["double_quant"], compute_dtype, device)
+    return int8_hook(record["threshold"], compute_dtype, device)
 
 
 def _number(path: Path, cfg: dict, key: str, ok, expected: str, default=None):

@@ -3,8 +3,8 @@ Meta's consolidated layout — the last steps of the tutorial path ("merge the a
 GGUF, quantize").
 
     base checkpoint ──load (stored dtype, memory-mapped)──▶ Llama
-        [--adapter: LoRA onto it; --qlora: the base is first rounded through NF4,
-         as QLoRA trained on it]
+        [--adapter: LoRA onto it; --qlora / --int8 (or the adapter's record): the base is
+         first rounded through NF4 / LLM.int8, as the adapter trained on it]
         ──merge W += (α/r)·B·A──▶ dense Llama ──▶ write_gguf / save_hf / save_meta
     --format gguf-lora: the adapter alone, unmerged, as llama.cpp's LoRA GGUF (gguf_lora.py)
 
@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from minillm.data.templates import JINJA, TEMPLATES, read_template_record
-from minillm.finetune.nf4_linear import nf4_hook
 from minillm.formats.hf import save_hf
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.formats.meta import save_meta
@@ -60,6 +59,8 @@ class ExportConfig:
     adapter: str | None = None  # a PEFT-format LoRA adapter directory to merge first
     # the adapter was trained on an NF4 base: merge into the NF4-rounded weights
     qlora: bool = False
+    # the adapter was trained on an LLM.int8 base (alpaca-lora): merge into the int8-rounded weights
+    int8: bool = False
     tokenizer: str | None = None  # tokenizer.model (default: the one beside the checkpoint)
     name: str | None = None  # general.name in GGUF (default: the output's stem)
     # chat template (templates.py); default: the recorded prompt_template.json
@@ -75,37 +76,58 @@ class ExportConfig:
         if self.outtype not in allowed:
             raise ValueError(f"outtype {self.outtype!r} is not supported for {self.format}; "
                              f"expected one of {allowed}")
-        if self.qlora and self.adapter is None:
-            raise ValueError("qlora=True needs an adapter to merge")
-        if self.format == "gguf-lora" and (self.adapter is None or self.qlora):
+        if (self.qlora or self.int8) and self.adapter is None:
+            raise ValueError(f"{'qlora' if self.qlora else 'int8'}=True needs an adapter to merge")
+        if self.qlora and self.int8:
+            raise ValueError("qlora (an NF4 base) and int8 (an LLM.int8 base) exclude each other")
+        if self.format == "gguf-lora" and (self.adapter is None or self.qlora or self.int8):
             raise ValueError("format gguf-lora writes an adapter: give --adapter (and no --qlora: "
                              "llama.cpp applies it to whatever base file it is given)")
         if self.template is not None and self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {list(TEMPLATES)}, found {self.template!r}")
 
 
-def load_merged(cfg: ExportConfig) -> Llama:
-    """The base model with the adapter (if any) merged in, in the dtype the base is stored in. A
-    QLoRA adapter records the NF4 settings it trained on (base_quantization.json): the base is
-    rounded through exactly those (with or without --qlora); --qlora on an adapter without the
-    record assumes QLoRA's defaults (blocksize 64, no double quantization)."""
-    from minillm.finetune.peft_io import read_base_quantization
+def base_quantization(cfg: ExportConfig) -> dict | None:
+    """The quantized base to merge into: the adapter's record (base_quantization.json), else
+    --qlora's QLoRA defaults (NF4, blocksize 64, no double quantization) or --int8's LLM.int8
+    (threshold 6.0: the threshold changes the forward pass, not the stored weight). A flag that
+    contradicts the record is an error."""
+    from minillm.finetune.peft_io import BASE_QUANTIZATION, read_base_quantization
 
-    nf4 = read_base_quantization(cfg.adapter) if cfg.adapter is not None else None
-    if nf4 is None and cfg.qlora:
-        nf4 = {"blocksize": 64, "double_quant": False}
+    record = read_base_quantization(cfg.adapter) if cfg.adapter is not None else None
+    flag = "nf4" if cfg.qlora else "int8" if cfg.int8 else None
+    if record is not None and flag is not None and record["quant_method"] != flag:
+        raise ValueError(f"{Path(cfg.adapter) / BASE_QUANTIZATION}: the adapter was trained on a "
+                         f"{record['quant_method']} base, but --{'qlora' if cfg.qlora else 'int8'} "
+                         f"says {flag}")
+    if record is None and flag == "nf4":
+        record = {"quant_method": "nf4", "blocksize": 64, "double_quant": False}
         print(f"{cfg.adapter} records no NF4 settings: "
               "assuming blocksize 64, no double quantization")
-    elif nf4 is not None:
-        print(f"merging into the NF4 base the adapter was trained on: {nf4}")
-    hook = nf4_hook(**nf4, compute_dtype=torch.float32) if nf4 else None
+    elif record is None and flag == "int8":
+        record = {"quant_method": "int8", "threshold": 6.0}
+        print(f"{cfg.adapter} records no int8 settings: assuming LLM.int8 row-wise weights")
+    elif record is not None:
+        print(f"merging into the {record['quant_method']} base the adapter was trained on: "
+              f"{record}")
+    return record
+
+
+def load_merged(cfg: ExportConfig) -> Llama:
+    """The base model with the adapter (if any) merged in, in the dtype the base is stored in. A
+    QLoRA or lora8 adapter records the quantized base it trained on (base_quantization.json): the
+    base is rounded through exactly that (`base_quantization`), so the merge is W_hat + ΔW with
+    W_hat the weights the adapter saw in training."""
+    from minillm.finetune.peft_io import quantized_base_hook
+
+    hook = quantized_base_hook(base_quantization(cfg), torch.float32)
     model = load_pretrained(cfg.checkpoint, dtype=None, linear_hook=hook)
     if cfg.adapter is not None:
         from minillm.finetune.adapters import merge_lora
         from minillm.finetune.peft_io import load_adapter
 
         load_adapter(model, cfg.adapter)
-        merged = merge_lora(model)  # an NF4 base is dequantized here and returned dense
+        merged = merge_lora(model)  # an NF4 / int8 base is dequantized here and returned dense
         print(f"merged LoRA adapter from {cfg.adapter} into {len(merged)} layers")
     return model
 

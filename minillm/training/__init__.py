@@ -3,6 +3,7 @@
     config.py       TrainConfig: every number a run depends on, with strict TOML / flag overrides
     schedulers.py   the LR schedules, as pure functions of the step
     muon.py         Muon for the hidden matrices, AdamW for the rest
+    adamw8bit.py    AdamW8bit: AdamW with both moments stored blockwise in 8 bits
     flops.py        the one count of parameters and FLOPs, and the memory estimator
     loss.py         the loss, once: summed token cross-entropy, and the held-out mean of it
     checkpoint.py   ckpt.pt: atomic, with every RNG state, for exact resume

@@ -69,9 +69,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    # "adamw"; "muon": Muon on the blocks' matrices, AdamW on the rest (minillm/training/muon.py);
-    # "auto": muon when pretraining from scratch (the main job), adamw when fine-tuning (Muon's
-    # orthogonalized step is made for whole hidden matrices, not LoRA's low-rank factors)
+    # "adamw", "adamw8bit" (its moments in 8 bits: minillm/training/adamw8bit.py), "muon": Muon on
+    # the blocks' matrices, AdamW on the rest (minillm/training/muon.py); "auto": muon when
+    # pretraining from scratch (the main job), adamw when fine-tuning (Muon's orthogonalized step
+    # is made for whole hidden matrices, not LoRA's low-rank factors)
     name: str = "auto"
     weight_decay: float = 0.1  # AdamW decay, applied to >= 2-D tensors only (not norms)
     beta1: float = 0.9
@@ -80,8 +81,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 disables clipping
 
     def __post_init__(self):
-        _check("optim.name", self.name, self.name in ("auto", "adamw", "muon"),
-               '"auto", "adamw" or "muon"')
+        _check("optim.name", self.name, self.name in ("auto", "adamw", "adamw8bit", "muon"),
+               '"auto", "adamw", "adamw8bit" or "muon"')
         _check("optim.weight_decay", self.weight_decay, self.weight_decay >= 0,
                ">= 0 (0: no decay)")
         for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
@@ -92,7 +93,8 @@ class OptimConfig:
 
 @dataclass
 class FinetuneConfig:
-    # full | lora | qlora (adapters: minillm/finetune/adapters.py; an NF4 base for qlora)
+    # full | lora | qlora | lora8 (adapters: minillm/finetune/adapters.py; the frozen base in
+    # NF4 for qlora, in LLM.int8 for lora8, alpaca-lora's load_in_8bit recipe)
     method: str = "full"
     lora_r: int = 8  # adapter rank
     lora_alpha: float = 16.0  # scale alpha / r on the adapter output
@@ -101,8 +103,12 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     # qlora: store the NF4 scales in 8 bits too (4.127 bits/weight, not 4.5)
     double_quant: bool = False
+    # lora8: input columns holding any |x| >= this go through 16 bits (LLM.int8's outlier
+    # threshold: transformers' llm_int8_threshold; 0 sends every column through int8)
+    int8_threshold: float = 6.0
     use_rslora: bool = False  # rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r
-    use_dora: bool = False  # DoRA: a learned magnitude per output row (with lora, or qlora: QDoRA)
+    # DoRA: a learned magnitude per output row (with lora, lora8, or qlora: QDoRA)
+    use_dora: bool = False
     # trained in full beside the adapters (PEFT's name), e.g. ["embed_tokens", "lm_head"]; saved
     # whole in the adapter
     modules_to_save: list[str] = field(default_factory=list)
@@ -111,7 +117,9 @@ class FinetuneConfig:
     new_tokens: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        _choice("finetune.method", self.method, ("full", "lora", "qlora"))
+        _choice("finetune.method", self.method, ("full", "lora", "qlora", "lora8"))
+        _check("finetune.int8_threshold", self.int8_threshold,
+               0 <= self.int8_threshold < float("inf"), ">= 0 and finite (0: no outlier columns)")
         adapters = self.method != "full"
         _check("finetune.use_dora", self.use_dora, adapters or not self.use_dora,
                "false with method 'full'")
@@ -232,11 +240,12 @@ class TrainConfig:
         fsdp = self.distributed == "fsdp"
         _check("cpu_offload", self.cpu_offload, fsdp or not self.cpu_offload,
                "false unless distributed = 'fsdp'")
-        # QLoRA's NF4 base is packed 4-bit buffers, not parameters: FSDP2 would keep it whole on
-        # every rank; fp16's GradScaler would check only this rank's shards for overflow
-        _check("finetune.method", self.finetune.method, not fsdp or self.finetune.method != "qlora",
-               "'full' or 'lora' with distributed = 'fsdp' (FSDP2 shards parameters, and QLoRA's "
-               "NF4 base is 4-bit buffers; use qlora with ddp)")
+        # QLoRA's NF4 base and lora8's int8 base are packed buffers, not parameters: FSDP2 would
+        # keep them whole on every rank; fp16's GradScaler would check only this rank's shards
+        _check("finetune.method", self.finetune.method,
+               not fsdp or self.finetune.method not in ("qlora", "lora8"),
+               "'full' or 'lora' with distributed = 'fsdp' (FSDP2 shards parameters, and a "
+               "quantized base is packed buffers; use qlora or lora8 with ddp)")
         _check("dtype", self.dtype, not fsdp or self.dtype != "float16",
                "auto, float32 or bfloat16 with distributed = 'fsdp' (fp16 loss scaling would "
                "check each rank's shards alone for overflow)")

@@ -24,8 +24,12 @@ Memory, per component:
                  qlora: block projections in NF4, 4.5 bits/param (4-bit code + one fp32 absmax
                         per 64; 4.127 with double quantization), embeddings / lm_head / norms
                         bf16, fp32 adapters
+                 lora8: block projections in LLM.int8, 1 byte/param + one fp32 absmax per output
+                        row (alpaca-lora's load_in_8bit), the rest as qlora
     gradients    fp32, only for what trains (full: every weight; lora/qlora: the adapters)
-    optimizer    AdamW: two fp32 moments per trained parameter (8 B)
+    optimizer    AdamW: two fp32 moments per trained parameter (8 B); adamw8bit: 2 B + one fp32
+                 absmax per 256 for tensors of >= 4096 values, 8 B below and for the embedding
+                 (training/adamw8bit.py)
     activations  what autograd keeps for backward, counted from model.py (elements per layer,
                  C = dim, Ckv = kv width, F = hidden_dim, H = heads):
                    RMSNorm × 2  3·BTC each (its input, the normalised x, the scaled output) + BT
@@ -66,6 +70,35 @@ H100_BF16_PEAK_FLOPS = 989e12
 NF4_BITS_PER_PARAM = 4.5  # 4-bit codes + an fp32 absmax per block of 64 (32 / 64 = 0.5 bit)
 # double quantization: 8-bit absmax + fp32 per 256 blocks
 NF4_DQ_BITS_PER_PARAM = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def int8_block_bytes(cfg: ModelConfig) -> int:
+    """Bytes of the block projections in LLM.int8: an int8 code per weight + a float32 absmax per
+    output row (Int8Linear's CB and SCB)."""
+    return cfg.n_layers * sum(i * o + 4 * o for i, o in linear_shapes(cfg).values())
+
+
+def adamw8bit_state_bytes(sizes, float32_sizes=()) -> int:
+    """AdamW8bit's state for trained tensors of these element counts: two 1-byte codes and two
+    float32 absmax per block of 256 for each tensor of at least MIN_8BIT_SIZE values, two float32
+    moments for each smaller one and for each of `float32_sizes` (the embedding: loop.py's
+    configure_optimizer); the step counters aside."""
+    from minillm.training.adamw8bit import BLOCKSIZE, MIN_8BIT_SIZE
+
+    return (sum(2 * n + 8 * -(-n // BLOCKSIZE) if n >= MIN_8BIT_SIZE else 8 * n for n in sizes)
+            + 8 * sum(float32_sizes))
+
+
+def trained_tensor_sizes(cfg: ModelConfig, method: str, r: int, targets) -> tuple[list, list]:
+    """The element counts of the trained tensors, as (8-bit candidates, float32 ones): each
+    weight for full training, the embedding among the float32 ones; each adapter's A (r, in) and
+    B (out, r) otherwise."""
+    shapes = linear_shapes(cfg)
+    if method != "full":
+        return [n for t in targets for n in (r * shapes[t][0], shapes[t][1] * r)] * cfg.n_layers, []
+    per_layer = [i * o for i, o in shapes.values()] + [cfg.dim, cfg.dim]  # + the two norms
+    head = [] if cfg.tie_embeddings else [cfg.vocab_size * cfg.dim]
+    return per_layer * cfg.n_layers + [cfg.dim] + head, [cfg.vocab_size * cfg.dim]
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -198,12 +231,16 @@ class Estimate:
         return -(-states // world_size) + act + self.fsdp_gathered
 
 
+METHODS = ("full", "lora", "qlora", "lora8")
+
+
 def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 8,
              lora_targets: tuple[str, ...] = DEFAULT_TARGETS, act_bytes: int = 2,
-             double_quant: bool = False) -> Estimate:
-    """Bytes of each memory component for one training micro-batch (batch, seq) under `method`."""
-    if method not in ("full", "lora", "qlora"):
-        raise ValueError(f"method must be full, lora or qlora, found {method!r}")
+             double_quant: bool = False, optim: str = "adamw") -> Estimate:
+    """Bytes of each memory component for one training micro-batch (batch, seq) under `method`
+    (full | lora | qlora | lora8) and `optim` (adamw | adamw8bit; muon is counted as AdamW)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, found {method!r}")
     n = count_params(cfg)
     r, targets = (lora_r, tuple(lora_targets)) if method != "full" else (0, ())
     adapters = lora_params(cfg, r, list(targets)) if method != "full" else 0
@@ -211,6 +248,9 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
         trainable, weights = n["total"], 4 * n["total"]
     elif method == "lora":
         trainable, weights = adapters, 2 * n["total"] + 4 * adapters
+    elif method == "lora8":
+        dense = n["total"] - n["block_linear"]
+        trainable, weights = adapters, int8_block_bytes(cfg) + 2 * dense + 4 * adapters
     else:
         dense = n["total"] - n["block_linear"]
         trainable = adapters
@@ -222,7 +262,9 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
     return Estimate(
         params=n["total"] + adapters, trainable=trainable,
         flops_per_token=flops_per_token(cfg, seq, method, adapters),
-        weights=weights, gradients=4 * trainable, optimizer=8 * trainable,
+        weights=weights, gradients=4 * trainable,
+        optimizer=(adamw8bit_state_bytes(*trained_tensor_sizes(cfg, method, r, targets))
+                   if optim == "adamw8bit" else 8 * trainable),
         activations=act(False), activations_checkpointed=act(True),
         kv_cache=kv_cache_bytes(cfg, batch, seq),
         fsdp_gathered=act_bytes * (root + 2 * block),
@@ -230,13 +272,14 @@ def estimate(cfg: ModelConfig, method: str, batch: int, seq: int, lora_r: int = 
 
 
 def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int,
-                  est: Estimate, ranks: int = 8, rank_est: Estimate | None = None) -> str:
+                  est: Estimate, ranks: int = 8, rank_est: Estimate | None = None,
+                  optim: str = "adamw") -> str:
     """rank_est: the estimate for one rank's micro-batch, when `batch` is global (a config's
     batch_size is split over the ranks); default `est`."""
     gib = lambda b: f"{b / 2**30:9.2f} GiB"
     rank_est = rank_est or est
-    if method == "qlora":
-        fsdp = "n/a (an NF4 base is not sharded; fsdp trains full or lora)"
+    if method in ("qlora", "lora8"):
+        fsdp = "n/a (a quantized base is not sharded; fsdp trains full or lora)"
     else:
         fsdp = (f"{gib(rank_est.fsdp_per_rank(ranks, False))}   "
                 f"({gib(rank_est.fsdp_per_rank(ranks, True)).strip()} with checkpointing)   "
@@ -251,7 +294,8 @@ def format_report(cfg: ModelConfig, name: str, method: str, batch: int, seq: int
         f"FLOPs per micro-batch  {est.flops_per_token * batch * seq:>15.4g}",
         f"weights                {gib(est.weights)}",
         f"gradients              {gib(est.gradients)}",
-        f"optimizer (AdamW)      {gib(est.optimizer)}",
+        f"optimizer ({'AdamW8bit' if optim == 'adamw8bit' else 'AdamW'}){' ' * (11 - len(optim))}"
+        f"{gib(est.optimizer)}",
         f"activations            {gib(est.activations)}   "
         f"({gib(est.activations_checkpointed).strip()} with activation checkpointing)",
         f"total                  {gib(est.total(False))}   "
@@ -272,8 +316,11 @@ def main(argv=None) -> str:
     src.add_argument("--config", default=None,
                      help="a train TOML (configs/*.toml): model, batch_size, block_size, "
                           "finetune.* from it")
-    parser.add_argument("--method", choices=("full", "lora", "qlora"), default=None,
-                        help="what trains (default: full, or finetune.method from --config)")
+    parser.add_argument("--method", choices=METHODS, default=None,
+                        help="what trains; lora8: LoRA over an LLM.int8 base (default: full, or "
+                             "finetune.method from --config)")
+    parser.add_argument("--optim", choices=("adamw", "adamw8bit"), default=None,
+                        help="optimizer state (default: adamw, or optim.name from --config)")
     parser.add_argument("--seq", type=int_at_least(1), default=None,
                         help="sequence length (default: block_size, or 1024 capped at the "
                              "preset's max_seq_len)")
@@ -293,7 +340,7 @@ def main(argv=None) -> str:
                         help="qlora: NF4 scales double-quantized "
                              "(default: finetune.double_quant from --config)")
     args = parser.parse_args(argv)
-    method, seq, batch, r, double_quant = "full", 1024, 1, 8, False
+    method, seq, batch, r, double_quant, optim = "full", 1024, 1, 8, False, "adamw"
     targets = list(DEFAULT_TARGETS)
     if args.config is not None:
         from minillm.training.config import load_config
@@ -303,6 +350,7 @@ def main(argv=None) -> str:
         method, seq, batch = tc.finetune.method, tc.block_size, tc.batch_size
         r, targets, double_quant = (tc.finetune.lora_r, tc.finetune.lora_targets,
                                     tc.finetune.double_quant)
+        optim = "adamw8bit" if tc.optim.name == "adamw8bit" else "adamw"
     else:
         name = args.preset or "openllama-7b"
         cfg = ModelConfig.from_name(name)
@@ -310,14 +358,15 @@ def main(argv=None) -> str:
     seq, batch = args.seq or min(seq, cfg.max_seq_len), args.batch or batch
     r = args.lora_r or r
     targets = args.lora_targets.split(",") if args.lora_targets else targets
+    optim = args.optim or optim
     if args.ranks < 1:
         parser.error(f"--ranks must be >= 1, found {args.ranks}")
     est = lambda b: estimate(cfg, method, b, seq, r, tuple(targets), args.act_bytes,
-                             double_quant or args.double_quant)
+                             double_quant or args.double_quant, optim)
     # a config's batch_size is global: each rank's micro-batch is 1/W of it
     per_rank = est(max(1, batch // args.ranks)) if args.config is not None and args.batch is None \
         else None
-    report = format_report(cfg, name, method, batch, seq, est(batch), args.ranks, per_rank)
+    report = format_report(cfg, name, method, batch, seq, est(batch), args.ranks, per_rank, optim)
     print(report)
     return report
 

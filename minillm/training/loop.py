@@ -24,12 +24,12 @@ generators, and the checkpoint holds model, optimizer, GradScaler, step and ever
 CPU a run stopped at step k and resumed logs bit-identical losses to the uninterrupted run.
 
 Fine-tuning uses the same loop: `init_from` names a checkpoint directory (HF/OpenLLaMA or minillm),
-`finetune.method` = full | lora | qlora (lora.py wraps the target projections of a frozen base, held
-in NF4 for qlora), and `data.format = "instruct"` draws padded or packed prompt/response batches
-whose prompt targets are -100 (instruct.py). With adapters the checkpoint holds only the trained
-tensors (the base is reloaded from init_from on resume), and the export is both the PEFT adapter
-(out_dir/adapter) and a plain model with the adapters folded in, so generate.py needs no LoRA
-support.
+`finetune.method` = full | lora | qlora | lora8 (lora.py wraps the target projections of a frozen
+base, held in NF4 for qlora, in LLM.int8 for lora8), and `data.format = "instruct"` draws padded or
+packed prompt/response batches whose prompt targets are -100 (instruct.py). With adapters the
+checkpoint holds only the trained tensors (the base is reloaded from init_from on resume), and the
+export is both the PEFT adapter (out_dir/adapter) and a plain model with the adapters folded in, so
+generate.py needs no LoRA support.
 
 Multi-GPU: launched by `torchrun --nproc_per_node W train.py ...`, each rank draws the same global
 batch offsets and keeps its 1/W slice, DDP averages gradients (we pre-multiply by W so the average
@@ -69,6 +69,7 @@ from minillm.data.templates import (
     write_template_record,
 )
 from minillm.finetune.adapters import apply_lora, mark_only_lora_trainable
+from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
@@ -76,6 +77,7 @@ from minillm.formats.load import load_pretrained
 from minillm.formats.native import save_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
+from minillm.training.adamw8bit import AdamW8bit
 from minillm.training.checkpoint import (
     load_checkpoint,
     load_trainable_state,
@@ -118,7 +120,8 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float,
     """AdamW with decay on >= 2-D tensors (matmul weights, embeddings) and none on 1-D (RMSNorm
     gains): decaying a norm gain pulls it toward 0, which only fights the normalisation. name
     "muon": the same groups, with Muon's orthogonalized updates for the blocks' matrices
-    (minillm/training/muon.py)."""
+    (minillm/training/muon.py); "adamw8bit": AdamW with its moments in 8 bits
+    (minillm/training/adamw8bit.py)."""
     if name == "muon":
         return muon_adamw(model, weight_decay, lr, betas, eps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,6 +129,13 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float,
     no_decay = [p for p in params if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
+    if name == "adamw8bit":  # embeddings keep float32 moments (adamw8bit.py says why)
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+        groups = [dict(g, params=[p for p in g["params"] if id(p) not in embeddings])
+                  for g in groups]
+        groups.append(dict(params=[p for p in decay if id(p) in embeddings],
+                           weight_decay=weight_decay, eight_bit=False))
+        return AdamW8bit([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
@@ -322,8 +332,8 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Llama:
     """scratch: a fresh Llama(cfg.model); otherwise the init_from checkpoint. Full training keeps
     float32 weights (autocast runs the matmuls in `dtype`); LoRA freezes a base held in `dtype`,
-    QLoRA one in NF4, and wraps the finetune.lora_targets projections in trainable float32
-    adapters."""
+    QLoRA one in NF4, lora8 one in LLM.int8, and wraps the finetune.lora_targets projections in
+    trainable float32 adapters."""
     method = cfg.finetune.method
     if cfg.init_from == "scratch":
         if method != "full":
@@ -335,11 +345,12 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         model = load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
         resize_vocab(model, model.config.vocab_size + new_rows)
         return model
+    hook = None  # lora: the base in `dtype`; qlora / lora8: quantized as it streams in
     if method == "qlora":
         hook = nf4_hook(double_quant=cfg.finetune.double_quant, compute_dtype=dtype, device=device)
-        model = load_pretrained(cfg.init_from, dtype=dtype, device=device, linear_hook=hook)
-    else:
-        model = load_pretrained(cfg.init_from, dtype=dtype, device=device)
+    elif method == "lora8":
+        hook = int8_hook(threshold=cfg.finetune.int8_threshold, compute_dtype=dtype, device=device)
+    model = load_pretrained(cfg.init_from, dtype=dtype, device=device, linear_hook=hook)
     resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
     add_adapters(model, cfg)
     return model.train()
