@@ -425,7 +425,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     rank, local_rank, world_size = setup_distributed(cfg.device)
     master = rank == 0
     device = pick_device(cfg.device, local_rank, world_size)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, training=True)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     if cfg.batch_size % world_size != 0:
