@@ -241,16 +241,21 @@ class Llama(nn.Module):
         if self.rope_cos.shape[0] < seq_len:
             self.init_rope(self.rope_cos.device, seq_len)
 
-    def forward(self, idx, targets=None, *, input_pos=None, mask=None, positions=None):
+    def forward(self, idx, targets=None, *, input_pos=None, mask=None, positions=None,
+                loss_fn=None):
         """idx (B, T) token ids → (logits (B, T, V), loss or None).
 
         targets (B, T): next-token ids, -100 where no loss is wanted; loss = mean cross-entropy over
-        the others. Without input_pos the sequence is run whole: positions 0 … T-1 and causal
-        attention, or `mask` (B, 1, T, T), True = "may attend", e.g. block-diagonal for packed
-        examples (it must hold the causal rule itself). With input_pos (T,), the slots these tokens
-        take in the KV cache (setup_caches first), each query sees the slots up to its own
-        (cache_mask). `positions` (B, T) and `mask` (B, 1, T, S) replace both per row: what the
-        batched decoder passes for left-padded prompts (generate/batched.py).
+        the others. With loss_fn as well, the model returns (None, loss_fn(lm_head, h, targets)) on
+        the final hidden states h (B, T, C) and never computes the (B, T, V) logits: training passes
+        training/loss.py's chunked_cross_entropy, whose memory does not grow with the vocabulary.
+
+        Without input_pos the sequence is run whole: positions 0 … T-1 and causal attention, or
+        `mask` (B, 1, T, T), True = "may attend", e.g. block-diagonal for packed examples (it must
+        hold the causal rule itself). With input_pos (T,), the slots these tokens take in the KV
+        cache (setup_caches first), each query sees the slots up to its own (cache_mask).
+        `positions` (B, T) and `mask` (B, 1, T, S) replace both per row: what the batched decoder
+        passes for left-padded prompts (generate/batched.py).
         """
         B, T = idx.shape
         if input_pos is None:
@@ -276,7 +281,10 @@ class Llama(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = layer(x, cos, sin, input_pos, mask)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)  # (B, T, C)
+        if targets is not None and loss_fn is not None:
+            return None, loss_fn(self.lm_head, h, targets)
+        logits = self.lm_head(h)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),

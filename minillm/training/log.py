@@ -60,7 +60,8 @@ class Logger:
             print(f"model: {n / 1e6:.2f}M parameters "
                   f"({n_train / 1e6:.2f}M trained, {cfg.finetune.method}), "
                   f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | {data.describe()} | "
-                  f"device {device}, {dtype}, {world_size} rank(s)")
+                  f"device {device}, {precision(cfg.dtype, dtype, device)}, "
+                  f"{world_size} rank(s)")
             if cfg.finetune.method != "full":
                 print(parameter_summary(model))  # the line PEFT prints, to compare with a peft run
 
@@ -128,3 +129,15 @@ class Logger:
                   f"checkpoint in {self.cfg.out_dir}")
         if self.writer is not None:
             self.writer.close()
+
+
+def precision(setting: str, dtype: torch.dtype, device: torch.device) -> str:
+    """What the run computes in, and why when "auto" chose it: "float32", "bfloat16 autocast
+    (auto: this CPU multiplies bfloat16 in hardware)"."""
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.float32:
+        return name
+    if setting != "auto":
+        return f"{name} autocast"
+    why = "this CPU multiplies bfloat16 in hardware" if device.type == "cpu" else "a bf16 GPU"
+    return f"{name} autocast (auto: {why})"

@@ -500,7 +500,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     master = rank == 0
     sharded = cfg.distributed == "fsdp"  # FSDP2: every rank holds 1/W of the model
     device = pick_device(cfg.device, local_rank, world_size)
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, training=True)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     if cfg.batch_size % world_size != 0:
