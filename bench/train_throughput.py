@@ -28,7 +28,7 @@ from minillm.util.device import pick_device, pick_dtype
 
 def measure(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
-    dtype = pick_dtype(cfg.dtype, device, training=True)
+    dtype = pick_dtype(cfg.dtype, device, training=True, width=cfg.model.dim)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     model = Llama(cfg.model).to(device)

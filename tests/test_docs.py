@@ -65,8 +65,8 @@ EXPECTED = {
     ("docs/07-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
     ("docs/09-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
                                     "| dequantize | 64x130 | bfloat16 | 0 | ✅ |"],
-    ("docs/08-scaling-up.md", 0): ["total 16.04 GiB (3.96 GiB with checkpointing)",
-                                   "total 39.26 GiB (19.13 GiB with checkpointing)"],
+    ("docs/08-scaling-up.md", 0): ["total 15.59 GiB (3.52 GiB with checkpointing)",
+                                   "total 37.39 GiB (17.25 GiB with checkpointing)"],
 }
 
 

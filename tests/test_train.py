@@ -245,8 +245,13 @@ def test_mixed_precision_tracks_float32_and_fp16_resumes_exactly(assets, tmp_pat
     for run in (bf16, fp16):
         assert max(abs(run.losses[s] - fp32.losses[s]) for s in range(4)) < 0.05
     assert fp16.losses != fp32.losses  # the matmuls did run in half precision
-    # bf16 needs no scaler
-    assert training.load_checkpoint(tmp_path / "bf16" / "ckpt.pt")["scaler"] == {}
+    # bf16 needs no scaler; master weights and optimizer state stay float32 under autocast
+    bf16_ckpt = training.load_checkpoint(tmp_path / "bf16" / "ckpt.pt")
+    assert bf16_ckpt["scaler"] == {}
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.float32}
+    moments = [t for s in bf16_ckpt["optimizer"]["state"].values() for t in s.values()
+               if torch.is_tensor(t) and t.numel() > 1]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
     assert training.load_checkpoint(tmp_path / "fp16" / "ckpt.pt")["scaler"]["scale"] == 2.0**16
     train(tiny_cfg(assets, tmp_path / "fp16b", dtype="float16", **{**over, "max_steps": 2}))
     second = train(tiny_cfg(assets, tmp_path / "fp16b", dtype="float16", **over), resume=True)

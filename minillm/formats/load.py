@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minillm.formats.gguf_reader import load_gguf_model, read_gguf, sentencepiece_model_from_gguf
@@ -28,6 +29,7 @@ from minillm.formats.native import MINILLM_CONFIG, load_minillm
 from minillm.formats.weights import fill_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
+from minillm.util.fileio import read_json_object
 
 CHECKPOINT_FILES = (MINILLM_CONFIG, "config.json", "params.json")  # what names a checkpoint dir
 
@@ -63,6 +65,24 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", linear_hook=None) -
         raise FileNotFoundError(f"{path}: not a checkpoint directory (expected one of "
                                 f"{', '.join(CHECKPOINT_FILES)})")
     return model.eval()
+
+
+def model_width(path) -> int | None:
+    """The hidden size of the checkpoint at `path`, read from its config alone, before any weight:
+    what training's dtype choice weighs (util/device.py, CPU_BF16_MIN_WIDTH). None where the path
+    holds no config that says it (load_pretrained then gives the error)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        meta = read_gguf(path).metadata
+        width = meta.get(f"{meta.get('general.architecture', 'llama')}.embedding_length")
+    else:
+        configs = ((MINILLM_CONFIG, "dim"), ("config.json", "hidden_size"), ("params.json", "dim"))
+        found = [(name, key) for name, key in configs if (path / name).is_file()]
+        if not found:
+            return None
+        name, key = found[0]
+        width = read_json_object(path / name, name).get(key)
+    return int(width) if isinstance(width, int | np.integer) and width > 0 else None
 
 
 def load_tokenizer(checkpoint, tokenizer_path=None):

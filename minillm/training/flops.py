@@ -36,7 +36,10 @@ Memory, per component:
                    attention    q (BTC) and k, v (2·BT·Ckv) for SDPA, its output (BTC),
                                 logsumexp (BHT)
                    SwiGLU       gate, up, silu(gate), their product: 4·BTF
-                 plus the final norm (3·BTC), the logits and their log-softmax (2·BTV).
+                 plus the final norm (3·BTC + BT) and the loss (training/loss.py): the
+                 gradient of the final hidden states (BTC), taken in the forward pass, and
+                 one chunk of logits at a time (min(BTV, CHUNK_ELEMENTS)): the (B, T, V)
+                 logits never exist.
                  With activation checkpointing only each block's input (BTC) is kept, plus one
                  block's activations while it is recomputed in backward.
                  Bytes per element: 2 under bf16 autocast (an approximation: RMSNorm keeps fp32),
@@ -63,6 +66,7 @@ import torch.nn as nn
 
 from minillm.config import ModelConfig
 from minillm.finetune.adapters import DEFAULT_TARGETS
+from minillm.training.loss import CHUNK_ELEMENTS
 from minillm.util.cli import ArgumentParser, int_at_least, run_cli
 
 # dense bf16 tensor-core peak of an H100 SXM: the MFU denominator on CUDA
@@ -191,12 +195,12 @@ def layer_activation_elements(cfg: ModelConfig, batch: int, seq: int, lora_r: in
 
 def activation_elements(cfg: ModelConfig, batch: int, seq: int, checkpointing: bool = False,
                         lora_r: int = 0, lora_targets: tuple[str, ...] = ()) -> int:
-    """Elements autograd holds for backward: the blocks, the final norm (3·BTC + BT) and the logits
-    with their log-softmax (2·BTV). With checkpointing: each block's input, plus one block being
-    recomputed."""
+    """Elements autograd holds for backward: the blocks, the final norm (3·BTC + BT) and the chunked
+    loss (the hidden states' gradient, BTC, and one chunk of logits). With checkpointing: each
+    block's input, plus one block being recomputed."""
     B, T = batch, seq
     per_layer = layer_activation_elements(cfg, B, T, lora_r, lora_targets)
-    top = 3 * B * T * cfg.dim + B * T + 2 * B * T * cfg.vocab_size
+    top = 4 * B * T * cfg.dim + B * T + min(B * T * cfg.vocab_size, CHUNK_ELEMENTS)
     if checkpointing:
         return cfg.n_layers * B * T * cfg.dim + per_layer + top
     return cfg.n_layers * per_layer + top

@@ -21,6 +21,7 @@ from minillm.training.flops import (
     model_params,
     parameter_summary,
 )
+from minillm.util.device import CPU_BF16_MIN_WIDTH, native_bf16_matmul
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -136,7 +137,10 @@ def precision(setting: str, dtype: torch.dtype, device: torch.device) -> str:
     (auto: this CPU multiplies bfloat16 in hardware)"."""
     name = str(dtype).removeprefix("torch.")
     if dtype == torch.float32:
-        return name
+        narrow = setting == "auto" and device.type == "cpu" and native_bf16_matmul()
+        why = (f" (auto: this CPU multiplies bfloat16 in hardware, but a model narrower than "
+               f"{CPU_BF16_MIN_WIDTH} runs faster in float32)")
+        return name + why if narrow else name
     if setting != "auto":
         return f"{name} autocast"
     why = "this CPU multiplies bfloat16 in hardware" if device.type == "cpu" else "a bf16 GPU"

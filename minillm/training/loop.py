@@ -73,7 +73,7 @@ from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
-from minillm.formats.load import load_pretrained
+from minillm.formats.load import load_pretrained, model_width
 from minillm.formats.native import save_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
@@ -500,7 +500,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     master = rank == 0
     sharded = cfg.distributed == "fsdp"  # FSDP2: every rank holds 1/W of the model
     device = pick_device(cfg.device, local_rank, world_size)
-    dtype = pick_dtype(cfg.dtype, device, training=True)
+    width = cfg.model.dim if cfg.init_from == "scratch" else model_width(cfg.init_from)
+    dtype = pick_dtype(cfg.dtype, device, training=True, width=width)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     if cfg.batch_size % world_size != 0:
