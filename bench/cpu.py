@@ -5,6 +5,7 @@ with the memory-bandwidth roofline of decode. One Markdown table.
     python bench/cpu.py --peer                         # + transformers and llama.cpp, same weights
     python bench/cpu.py --peer transformers --shapes tiny,97M --iters 3 --compile
     python bench/cpu.py --peer --threads 1 --cpu-time  # on a machine shared with other jobs
+    python bench/cpu.py --real --peer-python PY        # LoRA on SmolLM2-135M (bench/cpu_real.py)
 
 Every implementation holds the same random weights and is timed in the same process, interleaved:
 each trial runs every implementation once, in turn, so that the load of a shared CPU falls on all of
@@ -249,6 +250,9 @@ def bench_shape(name: str, args, tmp: Path) -> list[str]:
 
 
 def main():
+    if "--real" in sys.argv[1:]:  # the LoRA step on a real model: bench/cpu_real.py
+        from cpu_real import main as real_main
+        return real_main([a for a in sys.argv[1:] if a != "--real"])
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="tiny,33M,97M", help=f"comma list of {', '.join(SHAPES)}")
