@@ -226,7 +226,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _encode(tokenizer: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
-    return np.array(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)  # (n_doc_tokens,)
+    return np.array(tokenizer.encode(text, eos=True), dtype=dtype)  # (n_doc_tokens,)
 
 
 _worker_state: tuple[Tokenizer, np.dtype] | None = None  # set in each pool worker by _init_worker
