@@ -108,15 +108,24 @@ def smollm2_goldens(gguf: Path, texts: list[str]) -> dict:
                          "transformers": transformers.__version__},
             "file": gguf.name, "llama_cpp": cpp,
             # only where transformers differs from llama.cpp: {text index: ids}
-            "transformers_differs": {i: b for i, (a, b) in enumerate(zip(cpp, hf)) if a != b},
+            "transformers_differs": {i: b for i, (a, b) in enumerate(zip(cpp, hf, strict=True))
+                                     if a != b},
             "llama_cpp_decoded_hand": cpp_decoded}
 
 
 def train_tiny(kind: str, corpus: list[str]):
     """A small byte-level BPE tokenizer.json in Llama 3's or GPT-2's layout."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+        trainers,
+    )
     from tokenizers import pre_tokenizers as pt
-    from tokenizers import processors, trainers
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
     if kind == "llama3":
@@ -167,6 +176,10 @@ def tiny_goldens(texts: list[str]) -> dict:
     return out
 
 
+def compact(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", type=Path, default=GGUF, help="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -176,11 +189,11 @@ def main():
     meta = {"python": sys.version.split()[0], "n": len(texts), "texts": texts}
     (OUT / "texts.json").write_text(json.dumps(meta, ensure_ascii=False, indent=0) + "\n")
     g = smollm2_goldens(args.gguf, texts)
-    (OUT / "smollm2_goldens.json").write_text(json.dumps(g, ensure_ascii=False, separators=(",", ":")) + "\n")
+    (OUT / "smollm2_goldens.json").write_text(compact(g))
     differ = len(g["transformers_differs"])
     print(f"{len(texts)} texts; llama.cpp and transformers differ on {differ}")
     t = tiny_goldens(texts)
-    (OUT / "tiny_goldens.json").write_text(json.dumps(t, ensure_ascii=False, separators=(",", ":")) + "\n")
+    (OUT / "tiny_goldens.json").write_text(compact(t))
     print(f"wrote {OUT}")
 
 
