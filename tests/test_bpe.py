@@ -178,7 +178,7 @@ def tiny_model(vocab_size: int) -> Llama:
 
 def test_gguf_and_hf_export_round_trip(tmp_path):
     """tokenizer.json -> GGUF (gpt2 vocabulary, pre "llama-bpe") -> read back, and -> a new
-    tokenizer.json: the same ids and BOS rule every way (llama.cpp's ids for such a file:
+    tokenizer.json: the same ids and BOS rule every way (llama.cpp's ids for such a file come from
     bench/peer_bpe_export_check.py --tiny-gguf)."""
     tok = from_tokenizer_json(DATA / "tiny_llama3")
     model = tiny_model(tok.vocab_size)
@@ -186,10 +186,13 @@ def test_gguf_and_hf_export_round_trip(tmp_path):
     back = load_tokenizer(tmp_path / "t.gguf")
     assert isinstance(back, BPETokenizer) and back.pre.gguf_pre == "llama-bpe"
     assert back.add_bos and back.bos_id == tok.bos_id and back.ignore_merges
-    plain = TINY["llama3"]["plain"]
-    # llama.cpp's convention for specials differs from HF's lstrip on "<mask>": compare the rest
+    # llama.cpp 0.3.36 on this GGUF gives HF's ids except where HF's lstrip / rstrip flags act
+    # (a GGUF has no such flags): those two texts hold its ids
+    want = list(TINY["llama3"]["plain"])
+    want[60], want[61] = [700, 223, 700, 90], [67, 701, 68, 223, 701, 281]
+    assert TEXTS[60:62] == ["<mask> <mask>x", "a<tool>b <tool> c"]
+    assert [back.encode(t, bos=False) for t in TEXTS] == want
     keep = [i for i, t in enumerate(TEXTS) if "<mask>" not in t and "<tool>" not in t]
-    assert [back.encode(TEXTS[i], bos=False) for i in keep] == [plain[i] for i in keep]
     d = tmp_path / "hf"
     d.mkdir()
     save_tokenizer_json(back, d)
