@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCH = "python3 run.py download smollm2-135m-instruct"
 
@@ -30,6 +28,8 @@ def smollm2_gguf() -> Path | None:
 
 def require_smollm2() -> Path:
     """The GGUF's path, or skip the test with the command that fetches it."""
+    import pytest  # (bench scripts import this module too, without pytest)
+
     path = smollm2_gguf()
     if path is None:
         pytest.skip(f"{SMOLLM2_FILE} not found: fetch it with `{FETCH}` "
