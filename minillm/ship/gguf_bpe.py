@@ -21,12 +21,14 @@ import numpy as np
 
 from minillm.formats.gguf_layout import ARRAY, BOOL, INT32, STRING, UINT32
 from minillm.tokenizer.bpe import BPETokenizer
+from minillm.tokenizer.pretokenize import gguf_pre_name
 
 
 def bpe_tokenizer_metadata(tok: BPETokenizer) -> list[tuple]:
     """(key, value type, value[, element type]) for llama.cpp's gpt2 tokenizer."""
     where = str(tok.path or "tokenizer")
-    if tok.pre.gguf_pre is None:
+    pre = tok.pre.gguf_pre or gguf_pre_name(tok.pre.patterns, tok.ignore_merges)
+    if pre is None:
         raise ValueError(f"{where}: this pre-tokenizer has no llama.cpp tokenizer.ggml.pre name "
                          f"(minillm maps Llama 3's, Qwen2's, SmolLM2's and GPT-2's), so llama.cpp "
                          f"would tokenize differently; export it with --format hf instead")
@@ -41,7 +43,7 @@ def bpe_tokenizer_metadata(tok: BPETokenizer) -> list[tuple]:
                              f"which llama.cpp's 'a b' merges cannot spell")
     kvs = [
         ("tokenizer.ggml.model", STRING, "gpt2"),
-        ("tokenizer.ggml.pre", STRING, tok.pre.gguf_pre),
+        ("tokenizer.ggml.pre", STRING, pre),
         ("tokenizer.ggml.tokens", ARRAY, list(tok.vocab), STRING),
         ("tokenizer.ggml.token_type", ARRAY, np.asarray(tok.token_types, dtype=np.int32), INT32),
         ("tokenizer.ggml.merges", ARRAY, [f"{a} {b}" for a, b in tok.merges], STRING),

@@ -107,6 +107,8 @@ class BPETokenizer:
 
     # ---- the interface every caller uses
 
+    file_name = "tokenizer.json"  # what add_pieces writes, and training copies beside a model
+
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
@@ -137,6 +139,15 @@ class BPETokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.vocab[i]
+
+    def add_pieces(self, pieces: Iterable[str], out_path) -> BPETokenizer:
+        """This tokenizer with `pieces` appended as special added tokens (ids V, V+1, ...),
+        written as out_path (a tokenizer.json, atomically, its tokenizer_config.json beside) and
+        returned loaded. As sentencepiece.Tokenizer.add_pieces: each new, non-empty, no
+        whitespace; the model grows to match in finetune/new_tokens.py."""
+        from minillm.tokenizer.bpe_files import add_tokens  # (bpe_files builds on this file)
+
+        return add_tokens(self, list(pieces), out_path)
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Token ids of text; bos None follows the file (add_bos), True / False force it."""

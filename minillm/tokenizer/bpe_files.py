@@ -277,3 +277,31 @@ def save_tokenizer_json(tok: BPETokenizer, d: str | Path, chat_template: str | N
     if template is not None:
         config["chat_template"] = template
     atomic_write_bytes(d / "tokenizer_config.json", json.dumps(config, indent=2).encode())
+
+
+def add_tokens(tok: BPETokenizer, pieces: list[str], out_path: str | Path) -> BPETokenizer:
+    """tok + `pieces` as special added tokens at the end (BPETokenizer.add_pieces)."""
+    for p in pieces:
+        if not p or any(c.isspace() for c in p):
+            raise ValueError(f"add_pieces: {p!r} must be non-empty and contain no whitespace")
+        if pieces.count(p) > 1 or p in tok.token_to_id:
+            raise ValueError(f"add_pieces: {p!r} is given twice or is already a token of "
+                             f"{tok.path or 'this'} vocabulary")
+    out_path = Path(out_path)
+    obj = json.loads(json.dumps(tokenizer_json(tok)))  # a deep copy
+    obj["added_tokens"] = (obj.get("added_tokens") or []) + [
+        {"id": tok.vocab_size + k, "content": p, "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True} for k, p in enumerate(pieces)]
+    grown = BPETokenizer(
+        tok.vocab + pieces, tok.merges, tok.pre, token_types=tok.token_types + [CONTROL] * len(
+            pieces), added=tok.added + [AddedToken(p, tok.vocab_size + k)
+                                        for k, p in enumerate(pieces)],
+        specials=tok.specials, bos_id=tok._bos, eos_id=tok._eos, unk_id=tok._unk,
+        pad_id=tok._pad, add_bos=tok.add_bos, add_eos=tok.add_eos,
+        ignore_merges=tok.ignore_merges, chat_template=tok.chat_template,
+        source={"tokenizer.json": obj, "config": tok.source.get("config", {})})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_tokenizer_json(grown, out_path.parent)
+    if out_path.name != "tokenizer.json":
+        atomic_write_bytes(out_path, (out_path.parent / "tokenizer.json").read_bytes())
+    return from_tokenizer_json(out_path)

@@ -285,12 +285,14 @@ class PreTokenizer:
     """A normalizer plus the splitting steps: ("split", compiled, behavior, invert) in order.
     byte_level: the pieces are then byte-mapped (every byte-level BPE). add_prefix_space:
     ByteLevel's, a space put before a piece not starting with one. `gguf_pre` names the rule for
-    llama.cpp (None: no table entry is known to match); `json` is the tokenizer.json form."""
+    llama.cpp (a GGUF's own); `patterns`, the regexes of a tokenizer.json made only of Isolated
+    splits (`gguf_pre_name` looks them up); `json` is the tokenizer.json form."""
     steps: list[tuple] = field(default_factory=list)
     normalizer: dict | None = None
     add_prefix_space: bool = False
     gguf_pre: str | None = None
     json: dict | None = None
+    patterns: tuple[str, ...] | None = None
 
     def split(self, text: str) -> list[str]:
         pieces = [text] if text else []
@@ -312,16 +314,31 @@ def for_gguf(pre: str, where: str) -> PreTokenizer:
     splits = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
               for r in regexes]
     bl = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
-    return PreTokenizer(steps, gguf_pre=pre, json={"type": "Sequence",
-                                                   "pretokenizers": splits + [bl]})
+    return PreTokenizer(steps, gguf_pre=pre, patterns=tuple(regexes),
+                        json={"type": "Sequence", "pretokenizers": splits + [bl]})
 
 
 # tokenizer.json pre-tokenizers whose llama.cpp table entry is known: (patterns, prefix) -> pre
 LLAMA3_HF = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
              r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_HF = LLAMA3_HF.replace(r"\p{N}{1,3}", r"\p{N}")
-KNOWN_JSON = {(LLAMA3_HF,): "llama-bpe", (LLAMA3,): "llama-bpe", (QWEN2_HF,): "qwen2",
-              (r"\p{N}", GPT2): "smollm", (GPT2,): "gpt-2"}
+# HF's spelling of a regex -> llama.cpp's (the same matches)
+KNOWN_JSON = {(LLAMA3_HF,): (LLAMA3,), (QWEN2_HF,): (QWEN2,), (GPT2,): (GPT2_CPP,),
+              (r"\p{N}", GPT2): (r"\p{N}", GPT2_CPP)}
+# names tried first: the families minillm is checked on (smollm detokenizes without llama.cpp's
+# clean_spaces, as HF does)
+PREFERRED = ("llama-bpe", "qwen2", "smollm", "gpt-2")
+
+
+def gguf_pre_name(patterns: tuple[str, ...] | None, ignore_merges: bool) -> str | None:
+    """The llama.cpp pre name whose regexes are `patterns` (Isolated splits in order) and whose
+    ignore_merges is the tokenizer's (llama.cpp ties it to the name), or None."""
+    if patterns is None:
+        return None
+    patterns = KNOWN_JSON.get(patterns, patterns)
+    names = [*PREFERRED, *GGUF_PRE]
+    return next((n for n in names if tuple(GGUF_PRE[n][0]) == patterns
+                 and GGUF_PRE[n][2] == ignore_merges), None)
 SPLIT_BEHAVIORS = {"Isolated": "isolated", "Removed": "removed", "Contiguous": "contiguous",
                    "MergedWithPrevious": "merged_with_previous",
                    "MergedWithNext": "merged_with_next"}
@@ -366,5 +383,5 @@ def from_tokenizer_json(pre: dict | None, normalizer: dict | None, where: str) -
         else:
             raise ValueError(f"{where}: pre_tokenizer {t!r} is not supported (minillm reads "
                              f"Sequence, Split, Digits and ByteLevel)")
-    gguf_pre = None if prefix or None in patterns else KNOWN_JSON.get(tuple(patterns))
-    return PreTokenizer(steps, normalizer, prefix, gguf_pre, pre)
+    known = None if prefix or normalizer is not None or None in patterns else tuple(patterns)
+    return PreTokenizer(steps, normalizer, prefix, None, pre, known)
