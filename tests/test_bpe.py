@@ -255,3 +255,28 @@ def test_smollm2_stream_decode_holds_partial_characters(smollm2):
     stream = TextStream(smollm2)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+# --------------------------------------------------------------------------------------------------
+# the rest of minillm on a BPE tokenizer
+
+
+def test_add_pieces_save_model_and_instruct_without_bos(tmp_path):
+    from minillm.data.instruct import Example, tokenize_example
+    from minillm.formats.native import save_model
+
+    tok = from_tokenizer_json(DATA / "tiny_gpt2")  # adds no BOS, as SmolLM2
+    V = tok.vocab_size
+    grown = tok.add_pieces(["<|im_start|>", "<|im_end|>"], tmp_path / "run" / "tokenizer.json")
+    assert grown.vocab_size == V + 2 and grown.added_ids >= {V, V + 1}
+    assert grown.encode("<|im_start|>hi<|im_end|>") == [V] + tok.encode("hi") + [V + 1]
+    with pytest.raises(ValueError, match="is given twice or is already a token"):
+        grown.add_pieces(["<|im_end|>"], tmp_path / "again.json")
+    model = tiny_model(grown.vocab_size)
+    save_model(model, tmp_path / "ckpt", grown.path)
+    back = load_tokenizer(tmp_path / "ckpt")
+    assert back.encode("<|im_start|>hi") == [V] + tok.encode("hi") and not back.add_bos
+    ex = Example(kind="completion", source="t", text="abc " * 40)
+    t = tokenize_example(ex, back, None, 16)
+    assert t.truncated and len(t.ids) == 17 and t.ids[-1] == back.eos_id
+    assert t.ids == back.encode(ex.text, eos=True)[-17:]  # no BOS kept in front
