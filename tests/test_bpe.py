@@ -125,6 +125,12 @@ def test_tokenizer_json_matches_hf(kind):
     assert tok.add_bos == (kind == "llama3") and tok.ignore_merges == (kind == "llama3")
 
 
+def test_decode_of_an_id_outside_the_vocabulary():
+    tok = from_tokenizer_json(DATA / "tiny_llama3")
+    with pytest.raises(ValueError, match=r"decode: id 702 is outside the vocabulary \(0..701\)"):
+        tok.decode(iter([5, 702]))
+
+
 def test_merges_as_strings_or_pairs(tmp_path):
     obj = json.loads((DATA / "tiny_llama3" / "tokenizer.json").read_text(encoding="utf-8"))
     obj["model"]["merges"] = [" ".join(m) for m in obj["model"]["merges"]]

@@ -164,10 +164,13 @@ class BPETokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
         try:
-            data = b"".join(self._piece_bytes[int(i)] for i in ids)
+            if any(i < 0 for i in ids):
+                raise IndexError
+            data = b"".join(self._piece_bytes[i] for i in ids)
         except IndexError:
-            bad = next(int(i) for i in ids if not 0 <= int(i) < self.vocab_size)
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
             raise ValueError(f"decode: id {bad} is outside the vocabulary "
                              f"(0..{self.vocab_size - 1})") from None
         return data.decode("utf-8", errors="replace")
@@ -275,6 +278,9 @@ def _matcher(tokens: list[AddedToken], pre: PreTokenizer):
         return None
     by_text = {(normalize(t.content, pre.normalizer) if t.normalized else t.content): t
                for t in tokens}
+    by_text.pop("", None)  # an empty token would match everywhere
+    if not by_text:
+        return None
     alts = sorted(by_text, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, alts))), by_text
 

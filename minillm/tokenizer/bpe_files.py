@@ -202,8 +202,10 @@ def from_tokenizer_json(path: str | Path) -> BPETokenizer:
         if (d / name).is_file():
             config.update(read_json_object(d / name, name))
     bos_name, add_bos, add_eos = _post_processor_bos(obj.get("post_processor"), where)
-    if isinstance(config.get("add_bos_token"), bool):
+    if isinstance(config.get("add_bos_token"), bool):  # LlamaTokenizerFast's keys win
         add_bos = config["add_bos_token"]
+    if isinstance(config.get("add_eos_token"), bool):
+        add_eos = config["add_eos_token"]
     names = {k: _token_name(config.get(f"{k}_token")) for k in ("bos", "eos", "unk", "pad")}
     names["bos"] = names["bos"] or bos_name
     names["unk"] = names["unk"] or model.get("unk_token")
