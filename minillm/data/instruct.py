@@ -215,15 +215,17 @@ def tokenize_example(ex: Example, tokenizer, template: str | None, max_seq_len: 
                      train_on_inputs: bool = False) -> TokenizedExample:
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, found {max_seq_len}")
-    ids, labels = [tokenizer.bos_id], [IGNORE]
+    head = tokenizer.encode("")  # [BOS], or nothing for a tokenizer that adds none (SmolLM2)
+    ids, labels = list(head), [IGNORE] * len(head)
     for text, is_response in example_segments(ex, template):
         t = tokenizer.encode(text, bos=False, eos=is_response)
         ids += t
         labels += t if (is_response or train_on_inputs) else [IGNORE] * len(t)
     keep = max_seq_len + 1  # ids for T = max_seq_len positions (x = ids[:-1], y = labels[1:])
     truncated = len(ids) > keep
-    if truncated:  # BOS + the last max_seq_len ids: prompt start goes first, EOS always stays
-        ids, labels = ids[:1] + ids[-(keep - 1):], labels[:1] + labels[-(keep - 1):]
+    if truncated:  # [BOS] + the last ids: the prompt start goes first, EOS always stays
+        n = len(head)
+        ids, labels = ids[:n] + ids[-(keep - n):], labels[:n] + labels[-(keep - n):]
     return TokenizedExample(ids, labels, truncated, ex)
 
 

@@ -226,7 +226,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _encode(tokenizer: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
-    return np.array(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)  # (n_doc_tokens,)
+    return np.array(tokenizer.encode(text, eos=True), dtype=dtype)  # (n_doc_tokens,)
 
 
 _worker_state: tuple[Tokenizer, np.dtype] | None = None  # set in each pool worker by _init_worker
@@ -235,7 +235,9 @@ _worker_state: tuple[Tokenizer, np.dtype] | None = None  # set in each pool work
 def _init_worker(tokenizer_path: str, dtype: np.dtype) -> None:
     # each worker loads its own tokenizer once; a SentencePiece processor does not pickle
     global _worker_state
-    _worker_state = (Tokenizer(tokenizer_path), dtype)
+    from minillm.formats.load import open_tokenizer  # (load.py imports the model side)
+
+    _worker_state = (open_tokenizer(tokenizer_path), dtype)
 
 
 def _encode_in_worker(text: str) -> np.ndarray:

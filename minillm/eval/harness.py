@@ -24,7 +24,7 @@ the seam. acc_norm divides by characters (`completion_len = len(choice)` in the 
 per-token normalisation would depend on the tokenizer. A sequence longer than max_seq_len loses
 tokens from the left of its context.
 
-Perplexity over a text: the ids (BOS + text) are cut into windows of max_seq_len + 1 tokens that
+Perplexity over a text: the ids ([BOS] + text) are cut into windows of max_seq_len + 1 tokens that
 overlap by one, so every token after the BOS is predicted exactly once, from the tokens before it in
 its window (the harness's rolling log-likelihood does the same):
 
@@ -90,12 +90,13 @@ def read_mc_task(path: str | Path) -> list[MCExample]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids with BOS, continuation ids), split as the harness's _encode_pair does."""
+    """(context ids, with the BOS a tokenizer adds, continuation ids), split as the harness's
+    _encode_pair does."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation, bos=True)
-    ctx = tokenizer.encode(context, bos=True)
+    whole = tokenizer.encode(context + continuation)  # a BOS if the tokenizer adds one
+    ctx = tokenizer.encode(context)
     return ctx, whole[len(ctx):]
 
 
@@ -162,7 +163,7 @@ def perplexity(model, tokenizer, text: str, batch_size: int = 8) -> dict:
     """{"nll", "ppl", "bits_per_byte", "tokens"} of the text (see the module docstring): the
     windows' targets are scored by training/loss.py's held_out_loss, as every held-out loss in
     minillm is."""
-    ids = tokenizer.encode(text, bos=True)
+    ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise ValueError("perplexity: the text encodes to no tokens")
     L = model.config.max_seq_len

@@ -252,7 +252,8 @@ def _short_float(x: float) -> float:
 
 
 def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], bytes]:
-    """(config, float32 state dict with our keys and HF-layout q/k, SentencePiece model bytes)."""
+    """(config, float32 state dict with our keys and HF-layout q/k, SentencePiece model bytes;
+    b"" for a byte-level BPE vocabulary, which tokenizer/bpe_files.py reads from the metadata)."""
     g = read_gguf(path)
     arch = _require(g, "general.architecture", STRING)
     if arch != "llama":
@@ -311,7 +312,8 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     if missing:
         raise ValueError(f"{g.path}: missing tensors "
                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return config, state, sentencepiece_model_from_gguf(g)
+    is_bpe = g.metadata.get("tokenizer.ggml.model") == "gpt2"
+    return config, state, b"" if is_bpe else sentencepiece_model_from_gguf(g)
 
 
 def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:
@@ -323,8 +325,8 @@ def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:
     """
     model = _require(g, "tokenizer.ggml.model", STRING)
     if model != "llama":
-        raise ValueError(f"{g.path}: tokenizer.ggml.model is {model!r}, "
-                         f"only SentencePiece 'llama' is supported")
+        raise ValueError(f"{g.path}: tokenizer.ggml.model is {model!r}, minillm reads "
+                         f"SentencePiece 'llama' and byte-level BPE 'gpt2'")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
     first: dict[str, int] = {}
     for i, piece in enumerate(tokens):

@@ -28,6 +28,8 @@ from minillm.formats.meta import load_meta
 from minillm.formats.native import MINILLM_CONFIG, load_minillm
 from minillm.formats.weights import fill_model
 from minillm.model import Llama
+from minillm.tokenizer.bpe import BPETokenizer
+from minillm.tokenizer.bpe_files import from_gguf_metadata, from_tokenizer_json
 from minillm.tokenizer.sentencepiece import Tokenizer
 from minillm.util.fileio import read_json_object
 
@@ -85,21 +87,44 @@ def model_width(path) -> int | None:
     return int(width) if isinstance(width, int | np.integer) and width > 0 else None
 
 
-def load_tokenizer(checkpoint, tokenizer_path=None):
-    """The tokenizer for a checkpoint: an explicit tokenizer_path, the tokenizer.model beside it, or
-    for a GGUF file the SentencePiece model rebuilt from its metadata."""
+def load_tokenizer(checkpoint, tokenizer_path=None) -> Tokenizer | BPETokenizer:
+    """The tokenizer for a checkpoint: an explicit tokenizer_path, the tokenizer beside it
+    (tokenizer.model, SentencePiece, first: the GUIDE's rule for OpenLLaMA; else tokenizer.json,
+    byte-level BPE), or for a GGUF file the one its tokenizer.ggml.* metadata describes."""
     if tokenizer_path is not None:
-        return Tokenizer(tokenizer_path)
+        return open_tokenizer(tokenizer_path)
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():  # say so, rather than that the tokenizer.model inside it is missing
         raise FileNotFoundError(f"{checkpoint}: checkpoint path does not exist")
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
-        return Tokenizer(model_bytes=sentencepiece_model_from_gguf(read_gguf(checkpoint)))
+        return gguf_tokenizer(checkpoint)
     if checkpoint.is_dir() and not any((checkpoint / f).is_file() for f in CHECKPOINT_FILES):
         raise FileNotFoundError(f"{checkpoint}: not a checkpoint directory (expected one of "
                                 f"{', '.join(CHECKPOINT_FILES)})")
     path = checkpoint / "tokenizer.model"
+    if not path.is_file() and (checkpoint / "tokenizer.json").is_file():
+        return from_tokenizer_json(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing tokenizer.model beside the checkpoint "
-                                f"(pass a tokenizer path)")
+        raise FileNotFoundError(f"{path}: missing tokenizer.model (or tokenizer.json) beside the "
+                                f"checkpoint (pass a tokenizer path)")
+    return Tokenizer(path)
+
+
+def gguf_tokenizer(path) -> Tokenizer | BPETokenizer:
+    """A GGUF's tokenizer: SentencePiece ("llama") or byte-level BPE ("gpt2")."""
+    g = read_gguf(path)
+    if g.metadata.get("tokenizer.ggml.model") == "gpt2":
+        return from_gguf_metadata(g.metadata, str(g.path))
+    return Tokenizer(model_bytes=sentencepiece_model_from_gguf(g))
+
+
+def open_tokenizer(path) -> Tokenizer | BPETokenizer:
+    """A tokenizer file, by what it is: a .gguf, a tokenizer.json (or a directory holding one and
+    no tokenizer.model), else a SentencePiece model (or a directory holding tokenizer.model)."""
+    path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_tokenizer(path)
+    if path.suffix == ".json" or (path.is_dir() and not (path / "tokenizer.model").is_file()
+                                  and (path / "tokenizer.json").is_file()):
+        return from_tokenizer_json(path)
     return Tokenizer(path)

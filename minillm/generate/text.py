@@ -67,16 +67,17 @@ def generate_text(model: Llama, tokenizer, prompt: str | list[int], cfg: Samplin
     """The continuation of `prompt` (without the prompt), decoded until EOS, a stop string or
     cfg.max_new_tokens.
 
-    prompt: a text (encoded with a BOS, as in training), or the token ids themselves (e.g. a chat
-    conversation from its template). continues_prompt: the text goes on from the prompt's, so its
-    first piece keeps its space, as decoding prompt + continuation would (default: for a non-empty
-    text prompt; not for ids, e.g. a chat answer, which starts a text of its own).
+    prompt: a text (encoded with a BOS if the tokenizer adds one, as in training), or the token
+    ids themselves (e.g. a chat conversation from its template). continues_prompt: the text goes
+    on from the prompt's, so its first piece keeps its space, as decoding prompt + continuation
+    would (default: for a non-empty text prompt; not for ids, e.g. a chat answer, which starts a
+    text of its own).
     stream: optional callable receiving text pieces as they are produced. Stop strings end
     generation; the text is cut before the stop string. draft: a small model sharing the tokenizer,
     for speculative decoding with `speculate_k` proposals per target pass.
     """
     is_text = isinstance(prompt, str)
-    ids = tokenizer.encode(prompt, bos=True) if is_text else list(prompt)
+    ids = tokenizer.encode(prompt) if is_text else list(prompt)  # BOS as the file says
     continues = (is_text and bool(prompt)) if continues_prompt is None else continues_prompt
     detok = TextStream(tokenizer, prefix=ids[-1:] if continues and len(ids) > 1 else ())
     hold = max((len(s) for s in cfg.stop), default=1) - 1
@@ -114,7 +115,7 @@ def generate_text_batch(model: Llama, tokenizer, prompts: list[str], cfg: Sampli
     token limit), so a caller can print rows in the order they complete. Stop strings cut each row
     as in generate_text.
     """
-    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    ids = [tokenizer.encode(p) for p in prompts]
     detoks = [TextStream(tokenizer, prefix=i[-1:] if p and len(i) > 1 else ())
               for p, i in zip(prompts, ids, strict=True)]
     outs = [""] * len(prompts)

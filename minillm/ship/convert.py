@@ -35,6 +35,8 @@ from minillm.formats.meta import save_meta
 from minillm.model import Llama
 from minillm.ship.gguf_lora import LORA_OUTTYPES, write_lora_gguf
 from minillm.ship.gguf_writer import check_gguf_output, write_gguf
+from minillm.tokenizer.bpe import BPETokenizer
+from minillm.tokenizer.bpe_files import save_tokenizer_json
 from minillm.util.device import DTYPES
 from minillm.util.fileio import (
     atomic_directory,
@@ -159,6 +161,20 @@ def chat_template(cfg: ExportConfig) -> str | None:
     return JINJA.get(name)
 
 
+def write_bpe_files(d: Path, tokenizer: BPETokenizer, template: str | None):
+    """A byte-level BPE tokenizer beside exported weights: tokenizer.json + tokenizer_config.json
+    (transformers' AutoTokenizer gives the same ids), and the special tokens and generation ids
+    of this vocabulary in place of save_hf's SentencePiece defaults."""
+    save_tokenizer_json(tokenizer, d, template)
+    names = {f"{k}_token": tokenizer.id_to_piece(i) for k, i in
+             (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("unk", tokenizer.unk_id))
+             if i >= 0}
+    atomic_write_bytes(d / "special_tokens_map.json", json.dumps(names, indent=2).encode())
+    ids = {f"{k}_token_id": i for k, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                                           ("pad", tokenizer.pad_id)) if i >= 0}
+    atomic_write_bytes(d / "generation_config.json", json.dumps(ids, indent=2).encode())
+
+
 def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
     from minillm.finetune.peft_io import ADAPTER_CONFIG, load_adapter
 
@@ -207,6 +223,9 @@ def export(cfg: ExportConfig) -> Path:
     # replaces an older export at `out` only once this one is complete
     with atomic_directory(out, f"{cfg.format} export") as d:
         save(model, d, **kwargs)
+        if isinstance(tokenizer, BPETokenizer):  # tokenizer.json + its configs, template inside
+            write_bpe_files(d, tokenizer, template)
+            return out
         # the tokenizer's bytes (from its file, or rebuilt from GGUF metadata) go beside the weights
         atomic_write_bytes(d / "tokenizer.model", tokenizer.model_bytes())
         # transformers' apply_chat_template reads it here

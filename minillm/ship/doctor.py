@@ -43,6 +43,7 @@ from minillm.formats.gguf_reader import GGUFFile, read_gguf, sentencepiece_model
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.model import Llama
 from minillm.names import hf_to_interleaved, interleaved_to_hf, is_rope_rotated, ours_to_gguf
+from minillm.tokenizer.bpe_files import from_gguf_metadata
 from minillm.tokenizer.sentencepiece import Tokenizer
 from minillm.util.cli import ArgumentParser, run_cli
 
@@ -80,15 +81,20 @@ class Report:
 # 1-2. tokenizer and metadata
 
 
-def check_tokenizer(g: GGUFFile, hf_tok: Tokenizer, r: Report) -> Tokenizer | None:
+def check_tokenizer(g: GGUFFile, hf_tok, r: Report):
+    """The GGUF's vocabulary against HF's tokenizer (tokenizer.model, or tokenizer.json for a
+    byte-level BPE model): pieces, special ids and the probes' ids."""
     try:
-        tok = Tokenizer(model_bytes=sentencepiece_model_from_gguf(g))
+        if g.metadata.get("tokenizer.ggml.model") == "gpt2":
+            tok = from_gguf_metadata(g.metadata, str(g.path))
+        else:
+            tok = Tokenizer(model_bytes=sentencepiece_model_from_gguf(g))
     except ValueError as e:
         r.fault(f"tokenizer: the GGUF's vocabulary cannot be read ({e})")
         return None
     if tok.vocab_size != hf_tok.vocab_size:
         r.fault(f"tokenizer: {tok.vocab_size} tokens in the GGUF, "
-                f"{hf_tok.vocab_size} in HF's tokenizer.model")
+                f"{hf_tok.vocab_size} in HF's tokenizer")
     pieces = g.metadata["tokenizer.ggml.tokens"]
     differ = [i for i in range(min(len(pieces), hf_tok.vocab_size))
               if pieces[i] != hf_tok.id_to_piece(i)]

@@ -1,5 +1,5 @@
-"""GGUF writer: a minillm Llama (weights + SentencePiece tokenizer)
-as a GGUF v3 file llama.cpp loads.
+"""GGUF writer: a minillm Llama (weights + SentencePiece or byte-level BPE tokenizer, the latter's
+keys in gguf_bpe.py) as a GGUF v3 file llama.cpp loads.
 
 The byte layout is in formats/gguf_layout.py. Design (streaming, one pass): every tensor's name,
 shape and ggml type follow from the `ModelConfig` and the outtype, so the header (with all offsets)
@@ -27,7 +27,8 @@ Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` fo
   written USER_DEFINED, as the converter writes added tokens: llama.cpp can only produce them by
   matching them whole, since its SentencePiece merges never build a piece like "<|im_start|>" from
   characters.
-- `chat_template` (Jinja, templates.py) becomes `tokenizer.chat_template`.
+- `chat_template` (Jinja, templates.py) becomes `tokenizer.chat_template`; without one, the
+  tokenizer's own (a GGUF's or tokenizer_config.json's) passes through.
 - The file is written with fileio.atomic_write:
   on any error the old file stays and no temp file is left.
 """
@@ -85,6 +86,8 @@ from minillm.formats.gguf_reader import read_gguf
 from minillm.formats.weights import check_finite
 from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
 from minillm.ship import quant_mix
+from minillm.ship.gguf_bpe import bpe_tokenizer_metadata
+from minillm.tokenizer.bpe import BPETokenizer
 from minillm.tokenizer.sentencepiece import Tokenizer
 from minillm.tokenizer.spm_proto import add_dummy_prefix, piece_types
 from minillm.util.fileio import atomic_write, check_replaceable_file
@@ -180,8 +183,11 @@ def _pack_kv(key: str, vtype: int, value: Any, elem_type: int | None = None) -> 
     return out
 
 
-def _as_tokenizer(tokenizer: Tokenizer | str | os.PathLike) -> Tokenizer:
-    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+def _as_tokenizer(tokenizer: Tokenizer | BPETokenizer | str | os.PathLike):
+    if isinstance(tokenizer, Tokenizer | BPETokenizer):
+        return tokenizer
+    from minillm.formats.load import open_tokenizer  # (load.py imports the model side)
+    return open_tokenizer(tokenizer)
 
 
 def tokenizer_metadata(tokenizer: Tokenizer) -> list[tuple]:
@@ -311,8 +317,10 @@ def write_gguf(
     if tok.vocab_size != config.vocab_size:
         raise ValueError(f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the model's "
                          f"embedding has {config.vocab_size} rows; llama.cpp requires them equal")
-    kvs = llama_metadata(config, outtype, name) + tokenizer_metadata(tok)
-    # Jinja, as HF's tokenizer_config.json "chat_template" (templates.py)
+    vocab = tokenizer_metadata(tok) if isinstance(tok, Tokenizer) else bpe_tokenizer_metadata(tok)
+    kvs = llama_metadata(config, outtype, name) + vocab
+    # Jinja, as HF's tokenizer_config.json "chat_template" (templates.py); else the source's own
+    chat_template = chat_template if chat_template is not None else tok.chat_template
     if chat_template is not None:
         kvs.append(("tokenizer.chat_template", STRING, chat_template))
     header = _header(kvs, plans, GGUF_DEFAULT_ALIGNMENT)

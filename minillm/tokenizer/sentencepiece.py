@@ -30,6 +30,10 @@ from minillm.util.fileio import atomic_write_bytes
 
 
 class Tokenizer:
+    add_bos = True  # LLaMA prompts start with a BOS (BPETokenizer reads this from its file)
+    chat_template = None  # a tokenizer.model holds none (the checkpoint's config may)
+    file_name = "tokenizer.model"
+
     def __init__(self, model_path: str | Path | None = None, *, model_bytes: bytes | None = None):
         """Load from a `tokenizer.model` path (or a directory holding one), or from serialized bytes
         (e.g. the model rebuilt from a GGUF file's metadata)."""
@@ -103,9 +107,11 @@ class Tokenizer:
     def added_ids(self) -> frozenset[int]:
         return frozenset(self.added.values())
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
+        """bos None: the tokenizer's default (add_bos, True for LLaMA)."""
         # text, piece, text, piece, …, text
         parts = self._split_re.split(text) if self._split_re else [text]
+        bos = self.add_bos if bos is None else bos
         ids = [self.bos_id] if bos and self.bos_id >= 0 else []
         for i, part in enumerate(parts):
             if i % 2:

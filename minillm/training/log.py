@@ -110,7 +110,7 @@ class Logger:
         context keeps its last tokens, leaving room for at least half the context of new ones."""
         e, tok = self.cfg.eval, self.data.tokenizer
         keep = model.config.max_seq_len - min(e.sample_tokens, model.config.max_seq_len // 2)
-        ids = tok.encode(prompt, bos=True)[-keep:]
+        ids = tok.encode(prompt)[-keep:]
         cfg = SamplingConfig(max_new_tokens=e.sample_tokens, temperature=e.temperature,
                              top_k=e.top_k or None, seed=self.cfg.seed)
         return tok.decode(ids) + generate_text(model, tok, ids, cfg, continues_prompt=True)

@@ -73,7 +73,7 @@ from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
-from minillm.formats.load import load_pretrained, model_width
+from minillm.formats.load import load_pretrained, model_width, open_tokenizer
 from minillm.formats.native import save_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
@@ -281,9 +281,10 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
     tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init
     checkpoint's, else one trained on the corpus (pretraining from scratch)."""
     if cfg.data.tokenizer:
-        tokenizer = Tokenizer(cfg.data.tokenizer)
+        tokenizer = open_tokenizer(cfg.data.tokenizer)
     elif cfg.init_from != "scratch":
-        tokenizer = Tokenizer(cfg.init_from)  # a checkpoint directory holds its tokenizer.model
+        # a checkpoint directory holds its tokenizer.model (or a BPE model's tokenizer.json)
+        tokenizer = open_tokenizer(cfg.init_from)
     else:
         tokenizer = None
     # appended as USER_DEFINED pieces; build_model grows the model to match
@@ -292,7 +293,7 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
             raise ValueError("finetune.new_tokens extends a pretrained model's tokenizer: "
                              "set init_from")
         tokenizer = tokenizer.add_pieces(cfg.finetune.new_tokens,
-                                         Path(cfg.out_dir) / "tokenizer.model")
+                                         Path(cfg.out_dir) / tokenizer.file_name)
     if cfg.data.format == "instruct":
         if tokenizer is None:
             raise ValueError("data.format='instruct' needs a tokenizer: "
