@@ -12,6 +12,8 @@ HF's rotate-half rows) and a SentencePiece model rebuilt from the tokenizer.ggml
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import mmap
 import os
 import struct
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, check_llama3_scaling
 from minillm.formats.ggml_quants import GGML_TYPES, dequantize, type_name
 from minillm.formats.gguf_layout import (
     ARRAY,
@@ -33,6 +35,7 @@ from minillm.formats.gguf_layout import (
     GGUF_VERSION,
     INT32,
     NUMPY,
+    ROPE_FREQS,
     STRING,
     STRUCT,
     UINT8,
@@ -42,6 +45,7 @@ from minillm.formats.gguf_layout import (
     align,
     expected_shapes,
 )
+from minillm.model import llama3_rope_divisors, rope_inv_freq
 from minillm.names import gguf_to_ours, interleaved_to_hf, is_rope_rotated, ours_to_gguf
 from minillm.tokenizer.spm_proto import bpe_model_proto
 
@@ -253,32 +257,46 @@ def _short_float(x: float) -> float:
 
 def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], bytes]:
     """(config, float32 state dict with our keys and HF-layout q/k, SentencePiece model bytes)."""
-    g = read_gguf(path)
+    config, state = load_gguf_weights(path)
+    return config, state, sentencepiece_model_from_gguf(read_gguf(path))
+
+
+def _gguf_config(g: GGUFFile) -> ModelConfig:
+    """The ModelConfig in a llama.cpp Llama's metadata (untrusted: config.check_model_values bounds
+    the sizes and rejects NaN / zero / negative epsilon and RoPE base, naming the GGUF key)."""
     arch = _require(g, "general.architecture", STRING)
     if arch != "llama":
         raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads only 'llama'")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
-    # untrusted metadata: config.check_model_values bounds the sizes and rejects NaN / zero /
-    # negative epsilon and RoPE base, naming the GGUF key
     keys = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
             "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
             "hidden_dim": "llama.feed_forward_length", "vocab_size": "tokenizer.ggml.tokens",
             "max_seq_len": "llama.context_length",
             "norm_eps": "llama.attention.layer_norm_rms_epsilon",
-            "rope_theta": "llama.rope.freq_base"}
+            "rope_theta": "llama.rope.freq_base", "head_dim": "llama.attention.key_length",
+            "attention_bias": "blk.0.attn_q.bias", "attention_out_bias": "blk.0.attn_output.bias"}
     values = {field: int(_require(g, key, UINT32)) for field, key in keys.items()
-              if field not in ("vocab_size", "norm_eps", "rope_theta")}
+              if field not in ("vocab_size", "norm_eps", "rope_theta", "head_dim")
+              and "bias" not in field}
     values |= dict(vocab_size=len(tokens), tie_embeddings="output.weight" not in g.tensors,
                    norm_eps=_short_float(_require(g, keys["norm_eps"], FLOAT32)),
-                   rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)))
+                   rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)),
+                   attention_bias="blk.0.attn_q.bias" in g.tensors,
+                   attention_out_bias="blk.0.attn_output.bias" in g.tensors)
+    if keys["head_dim"] in g.metadata:  # an explicit head width: k and v must agree
+        values["head_dim"] = int(_require(g, keys["head_dim"], UINT32))
+        value_dim = g.metadata.get("llama.attention.value_length", values["head_dim"])
+        if value_dim != values["head_dim"]:
+            raise ValueError(f"{g.path}: llama.attention.key_length = {values['head_dim']} and "
+                             f"value_length = {value_dim} differ (minillm's k and v heads match)")
     config = ModelConfig.from_metadata(values, keys, str(g.path))
-    # llama.cpp's RoPE scaling keys (convert_hf_to_gguf writes them for a scaled config.json):
-    # refused, as config.json's rope_scaling is, rather than loaded into a model that computes
-    # something else
+    # llama.cpp's other RoPE scaling keys (linear, YaRN) are refused, as config.json's are, rather
+    # than loaded into a model that computes something else; Llama 3's is the rope_freqs tensor
     scaling = g.metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"{g.path}: llama.rope.scaling.type = {scaling!r}: "
-                         f"RoPE scaling is not supported (minillm implements plain RoPE)")
+                         f"RoPE scaling is not supported (minillm implements plain RoPE and "
+                         f"Llama 3's rope_freqs)")
     for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
         if g.metadata.get(key, 1.0) not in (0.0, 1.0):  # llama.cpp reads 0 as "not set"
             raise ValueError(f"{g.path}: {key} = {g.metadata[key]!r}: "
@@ -287,7 +305,17 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     if rope_dims != config.head_dim:
         raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, "
                          f"but minillm rotates the whole head ({config.head_dim} dims)")
+    if ROPE_FREQS in g.tensors:
+        scaling = llama3_scaling_from_divisors(g.tensor(ROPE_FREQS), config, str(g.path))
+        config = dataclasses.replace(config, rope_scaling=scaling)
+    return config
 
+
+def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, float32 state dict with our keys and HF-layout q/k): the model alone, whatever
+    the tokenizer in the file."""
+    g = read_gguf(path)
+    config = _gguf_config(g)
     # 9 tensors per block; also guards a corrupt huge count
     if 9 * config.n_layers > len(g.tensors):
         raise ValueError(f"{g.path}: llama.block_count = {config.n_layers} but the file holds only "
@@ -295,6 +323,8 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     shapes = expected_shapes(config)
     state: dict[str, torch.Tensor] = {}
     for name, info in g.tensors.items():
+        if name == ROPE_FREQS:
+            continue  # read into the config above
         try:
             key = gguf_to_ours(name)
         except KeyError:
@@ -304,14 +334,54 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
                              f"{shapes.get(key)} for the config in the metadata")
         w = g.tensor(name)
         if is_rope_rotated(key):
-            w = interleaved_to_hf(w, config.n_heads if key.endswith("q_proj.weight")
-                                  else config.n_kv_heads)
+            w = interleaved_to_hf(w, config.n_heads if ".q_proj." in key else config.n_kv_heads)
         state[key] = w
     missing = [ours_to_gguf(k) for k in shapes if k not in state]
     if missing:
         raise ValueError(f"{g.path}: missing tensors "
                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return config, state, sentencepiece_model_from_gguf(g)
+    return config, state
+
+
+def llama3_scaling_from_divisors(divisors: torch.Tensor, config: ModelConfig,
+                                 source: str) -> dict[str, float]:
+    """Llama 3's four scaling numbers back from llama.cpp's rope_freqs divisors (D/2,).
+
+    The divisors depend only on the two wavelength thresholds, L/low and L/high, so the numbers are
+    recovered with low_freq_factor = 1 (L = the long threshold): for the usual Llama 3 values
+    (L 8192, low 1) that is exact. In the blend, s = (1/d − 1/factor) / (1 − 1/factor) is linear in
+    1/λ, s = A/λ + B; its zeros give the thresholds. Fewer than two blended frequencies leave a gap
+    in which any threshold gives the same divisors: its ends are taken. Divisors that no Llama 3
+    scaling produces are refused.
+    """
+    half = config.head_dim // 2
+    if tuple(divisors.shape) != (half,):
+        raise ValueError(f"{source}: {ROPE_FREQS} has shape {tuple(divisors.shape)}, expected "
+                         f"({half},) for head_dim {config.head_dim}")
+    d = divisors.double()
+    wavelen = 2 * math.pi / rope_inv_freq(config.head_dim, config.rope_theta).double()
+    factor = float(d.max())
+    mid = (d > 1 + 1e-6) & (d < factor * (1 - 1e-6))
+    if int(mid.sum()) >= 2:
+        s = (1 / d[mid] - 1 / factor) / (1 - 1 / factor)
+        A, B = np.polyfit((1 / wavelen[mid]).numpy(), s.numpy(), 1)
+        long_wl, short_wl = -A / B, A / (1 - B)
+    else:  # the gap between the last kept and the first fully scaled wavelength
+        long_wl = float(wavelen[d >= factor * (1 - 1e-6)].min()) if factor > 1 else 1e30
+        short_wl = float(wavelen[d <= 1 + 1e-6].max()) if bool((d <= 1 + 1e-6).any()) else 0.0
+        long_wl = max(long_wl, short_wl * (1 + 1e-9))
+    scaling = {"factor": factor, "low_freq_factor": 1.0,
+               "high_freq_factor": float(long_wl / max(short_wl, 1e-30)),
+               "original_max_position_embeddings": float(long_wl)}
+    try:
+        check_llama3_scaling(scaling, ROPE_FREQS)
+        again = llama3_rope_divisors(rope_inv_freq(config.head_dim, config.rope_theta), scaling)
+    except ValueError:
+        again = None
+    if again is None or not torch.allclose(again, divisors.float(), rtol=1e-4, atol=0):
+        raise ValueError(f"{source}: {ROPE_FREQS} holds divisors {divisors[:4].tolist()}… that "
+                         f"are not Llama 3's RoPE scaling (the only kind minillm implements)")
+    return scaling
 
 
 def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:
