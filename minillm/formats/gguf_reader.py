@@ -307,7 +307,8 @@ def _gguf_config(g: GGUFFile) -> ModelConfig:
                          f"but minillm rotates the whole head ({config.head_dim} dims)")
     if ROPE_FREQS in g.tensors:
         scaling = llama3_scaling_from_divisors(g.tensor(ROPE_FREQS), config, str(g.path))
-        config = dataclasses.replace(config, rope_scaling=scaling)
+        if scaling is not None:
+            config = dataclasses.replace(config, rope_scaling=scaling)
     return config
 
 
@@ -344,44 +345,52 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
 
 
 def llama3_scaling_from_divisors(divisors: torch.Tensor, config: ModelConfig,
-                                 source: str) -> dict[str, float]:
-    """Llama 3's four scaling numbers back from llama.cpp's rope_freqs divisors (D/2,).
+                                 source: str) -> dict[str, float] | None:
+    """Llama 3's four scaling numbers back from llama.cpp's rope_freqs divisors (D/2,); None when
+    every divisor is 1 (plain RoPE).
 
-    The divisors depend only on the two wavelength thresholds, L/low and L/high, so the numbers are
-    recovered with low_freq_factor = 1 (L = the long threshold): for the usual Llama 3 values
-    (L 8192, low 1) that is exact. In the blend, s = (1/d − 1/factor) / (1 − 1/factor) is linear in
-    1/λ, s = A/λ + B; its zeros give the thresholds. Fewer than two blended frequencies leave a gap
-    in which any threshold gives the same divisors: its ends are taken. Divisors that no Llama 3
-    scaling produces are refused.
+    The divisors depend only on two wavelength thresholds, L/low (longer: divided by factor) and
+    L/high (shorter: kept), so the numbers are recovered with low_freq_factor = 1 and L the long
+    threshold, a whole number when one fits: for Llama 3.1's values (L 8192, low 1) that is exact.
+    In the blend, s = (1/d − 1/factor) / (1 − 1/factor) is linear in 1/λ, s = A/λ + B, so two
+    blended frequencies give both thresholds; with fewer, any threshold in the gap they leave gives
+    the same divisors. Divisors that no Llama 3 scaling produces are refused.
     """
     half = config.head_dim // 2
     if tuple(divisors.shape) != (half,):
         raise ValueError(f"{source}: {ROPE_FREQS} has shape {tuple(divisors.shape)}, expected "
                          f"({half},) for head_dim {config.head_dim}")
-    d = divisors.double()
-    wavelen = 2 * math.pi / rope_inv_freq(config.head_dim, config.rope_theta).double()
-    factor = float(d.max())
-    mid = (d > 1 + 1e-6) & (d < factor * (1 - 1e-6))
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
+    d, wavelen = divisors.double(), 2 * math.pi / inv_freq.double()  # (D/2,) each
+    factor = float(f"{float(d.max()):.6g}")
+    if factor <= 1 + 1e-6:
+        return None
+    kept, scaled = d <= 1 + 1e-6, d >= factor * (1 - 1e-6)
+    mid = ~kept & ~scaled
+    s = (1 / d - 1 / factor) / (1 - 1 / factor)  # the blend, where it applies
+    long_wl = float(wavelen[scaled].min()) if bool(scaled.any()) else 0.0
     if int(mid.sum()) >= 2:
-        s = (1 / d[mid] - 1 / factor) / (1 - 1 / factor)
-        A, B = np.polyfit((1 / wavelen[mid]).numpy(), s.numpy(), 1)
+        A, B = np.polyfit((1 / wavelen[mid]).numpy(), s[mid].numpy(), 1)
         long_wl, short_wl = -A / B, A / (1 - B)
-    else:  # the gap between the last kept and the first fully scaled wavelength
-        long_wl = float(wavelen[d >= factor * (1 - 1e-6)].min()) if factor > 1 else 1e30
-        short_wl = float(wavelen[d <= 1 + 1e-6].max()) if bool((d <= 1 + 1e-6).any()) else 0.0
-        long_wl = max(long_wl, short_wl * (1 + 1e-9))
-    scaling = {"factor": factor, "low_freq_factor": 1.0,
-               "high_freq_factor": float(long_wl / max(short_wl, 1e-30)),
-               "original_max_position_embeddings": float(long_wl)}
-    try:
-        check_llama3_scaling(scaling, ROPE_FREQS)
-        again = llama3_rope_divisors(rope_inv_freq(config.head_dim, config.rope_theta), scaling)
-    except ValueError:
-        again = None
-    if again is None or not torch.allclose(again, divisors.float(), rtol=1e-4, atol=0):
-        raise ValueError(f"{source}: {ROPE_FREQS} holds divisors {divisors[:4].tolist()}… that "
-                         f"are not Llama 3's RoPE scaling (the only kind minillm implements)")
-    return scaling
+    elif int(mid.sum()) == 1:
+        wl0, s0 = float(wavelen[mid][0]), float(s[mid][0])
+        long_wl = long_wl or 2 * wl0
+        long_wl = float(math.floor(long_wl)) if math.floor(long_wl) > wl0 else long_wl
+        short_wl = long_wl / (1 + (long_wl / wl0 - 1) / s0)
+    else:
+        short_wl = float(wavelen[kept].max()) if bool(kept.any()) else long_wl / 2
+    for old_len in (float(max(1, round(long_wl))), long_wl):
+        high = float(f"{old_len / short_wl:.6g}") if old_len != long_wl else long_wl / short_wl
+        scaling = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+                   "original_max_position_embeddings": old_len}
+        try:
+            check_llama3_scaling(scaling, ROPE_FREQS)
+        except ValueError:
+            continue
+        if torch.allclose(llama3_rope_divisors(inv_freq, scaling), divisors.float(), rtol=1e-5):
+            return scaling
+    raise ValueError(f"{source}: {ROPE_FREQS} holds divisors {divisors[:4].tolist()}… that "
+                     f"are not Llama 3's RoPE scaling (the only kind minillm implements)")
 
 
 def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:

@@ -372,7 +372,7 @@ def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: Mode
     returns its RMS error against the f32 values."""
     w = tensor.detach().cpu()
     if is_rope_rotated(key):
-        heads = config.n_heads if key.endswith("q_proj.weight") else config.n_kv_heads
+        heads = config.n_heads if ".q_proj." in key else config.n_kv_heads
         # rotate-half rows -> interleaved pairs, as llama.cpp's RoPE wants
         w = hf_to_interleaved(w, heads)
     w = w.reshape(-1, p.shape[-1])  # (rows, K); 1-D tensors become one row
