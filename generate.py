@@ -30,6 +30,7 @@ import torch
 from minillm.data.templates import CHAT_TEMPLATES, format_prompt, read_template_record
 from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.nf4_linear import nf4_hook
+from minillm.formats.known_models import resolve_checkpoint
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.generate.batched import decode_batch_step
 from minillm.generate.chat import chat_loop
@@ -47,7 +48,8 @@ from minillm.util.fileio import check_unicode
 def parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory (HF/OpenLLaMA, minillm, Meta) or .gguf")
+                   help="checkpoint directory (HF/OpenLLaMA, minillm, Meta), .gguf, or a known "
+                        "model's name (run.py download --list), fetched on first use")
     p.add_argument("--prompt", default="",
                    help="text to continue; the two characters \\n and \\t mean newline, tab")
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=200,
@@ -128,7 +130,7 @@ def main(argv=None):
 
     device = pick_device(args.device or "auto")
     dtype = pick_dtype(args.dtype or "auto", device)
-    checkpoint = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a path, or a known model's name
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     hook = {"none": lambda: None,
             "nf4": lambda: nf4_hook(compute_dtype=dtype, device=device),
@@ -167,7 +169,7 @@ def main(argv=None):
     else:
         draft = None
         if args.draft:
-            draft = load_pretrained(Path(args.draft), dtype=dtype, device=device)
+            draft = load_pretrained(resolve_checkpoint(args.draft), dtype=dtype, device=device)
             if device.type == "cpu":
                 use_row_split_linears(draft)
         write(prompts[0])

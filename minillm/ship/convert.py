@@ -21,6 +21,7 @@ partial output behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import torch
 
 from minillm.data.templates import JINJA, TEMPLATES, read_template_record
 from minillm.formats.hf import save_hf
+from minillm.formats.known_models import resolve_checkpoint
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.formats.meta import save_meta
 from minillm.model import Llama
@@ -177,6 +179,8 @@ def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written path."""
+    # a known model's name stands for its cached file (fetched on first use)
+    cfg = dataclasses.replace(cfg, checkpoint=str(resolve_checkpoint(cfg.checkpoint)))
     out = Path(cfg.out)
     check_output(cfg, out)
     if cfg.format == "gguf-lora":

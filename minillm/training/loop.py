@@ -73,7 +73,8 @@ from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
-from minillm.formats.load import load_pretrained
+from minillm.formats.known_models import resolve_checkpoint
+from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.formats.native import save_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
@@ -283,7 +284,8 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
     if cfg.data.tokenizer:
         tokenizer = Tokenizer(cfg.data.tokenizer)
     elif cfg.init_from != "scratch":
-        tokenizer = Tokenizer(cfg.init_from)  # a checkpoint directory holds its tokenizer.model
+        # the checkpoint's own: tokenizer.model beside it, or a GGUF's vocabulary
+        tokenizer = load_tokenizer(resolve_checkpoint(cfg.init_from))
     else:
         tokenizer = None
     # appended as USER_DEFINED pieces; build_model grows the model to match
@@ -342,7 +344,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         return Llama(cfg.model).to(device)
     new_rows = len(cfg.finetune.new_tokens)  # pieces prepare_data appended to the tokenizer
     if method == "full":
-        model = load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
+        model = load_pretrained(resolve_checkpoint(cfg.init_from), dtype=torch.float32,
+                                device=device).train()
         resize_vocab(model, model.config.vocab_size + new_rows)
         return model
     hook = None  # lora: the base in `dtype`; qlora / lora8: quantized as it streams in
@@ -350,7 +353,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         hook = nf4_hook(double_quant=cfg.finetune.double_quant, compute_dtype=dtype, device=device)
     elif method == "lora8":
         hook = int8_hook(threshold=cfg.finetune.int8_threshold, compute_dtype=dtype, device=device)
-    model = load_pretrained(cfg.init_from, dtype=dtype, device=device, linear_hook=hook)
+    model = load_pretrained(resolve_checkpoint(cfg.init_from), dtype=dtype, device=device,
+                            linear_hook=hook)
     resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
     add_adapters(model, cfg)
     return model.train()
