@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +40,15 @@ from minillm.util.fileio import read_json_object, read_text
 
 MAX_CHARS = 1 << 20  # one rendered prompt: a million characters is far above any context
 TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 writes the template apart
+
+
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """A chat template given as Jinja source (a model's own, or ChatML's), where the built-in
+    alpaca and vicuna are names (templates.py): what the tokenizing and chat code dispatch on."""
+
+    source: str
+    where: str = "chat template"  # the file it came from, for error messages
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,17 +198,17 @@ def encode_with_specials(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def template_token_ids(tokenizer, source: str, messages: list[dict],
-                       add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+def template_token_ids(tokenizer, source: str, messages: list[dict], add_generation_prompt: bool,
+                       where: str = "chat template") -> tuple[list[int], list[bool]]:
     """(ids, trained per id) of a conversation in a Jinja template: each segment of
     template_segments encoded on its own, with the generation prompt appended when asked. No BOS
     is added: a template that wants one writes {{ bos_token }} (as apply_chat_template tokenizes,
     add_special_tokens=False)."""
     bos, eos = (tokenizer.id_to_piece(tokenizer.bos_id), tokenizer.id_to_piece(tokenizer.eos_id))
-    segments = template_segments(source, messages, bos, eos)
+    segments = template_segments(source, messages, bos, eos, where)
     if add_generation_prompt:
-        full = render_chat_template(source, messages, False, bos, eos)
-        prompt = render_chat_template(source, messages, True, bos, eos)
+        full = render_chat_template(source, messages, False, bos, eos, where)
+        prompt = render_chat_template(source, messages, True, bos, eos, where)
         if prompt.startswith(full) and prompt != full:
             segments.append((prompt[len(full):], False))
     ids, trained = [], []
@@ -225,6 +235,12 @@ def _from_tokenizer_config(path: Path) -> str | None:
                          f"(names: {sorted(str(n) for n in named)})")
     raise ValueError(f"{path}: chat_template must be a string or a list of {{name, template}}, "
                      f"found {type(value).__name__}")
+
+
+def model_template(checkpoint: str | os.PathLike) -> JinjaTemplate | None:
+    """The checkpoint's own chat template as a JinjaTemplate naming its checkpoint, or None."""
+    source = load_chat_template(checkpoint)
+    return None if source is None else JinjaTemplate(source, f"{checkpoint}: chat template")
 
 
 def load_chat_template(checkpoint: str | os.PathLike) -> str | None:

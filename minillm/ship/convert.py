@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from minillm.data.chat_template import JinjaTemplate, model_template
 from minillm.data.templates import JINJA, TEMPLATES, read_template_record
 from minillm.formats.hf import save_hf
 from minillm.formats.known_models import resolve_checkpoint
@@ -152,9 +153,16 @@ def check_output(cfg: ExportConfig, out: Path):
 
 def chat_template(cfg: ExportConfig) -> str | None:
     """The Jinja chat template to ship: --template, else the adapter's or checkpoint's recorded
-    one."""
+    one (a name, or a model's own Jinja that a fine-tune recorded), else the template the
+    checkpoint itself ships (a GGUF's tokenizer.chat_template, an HF tokenizer_config.json's)."""
     dirs = [d for d in (cfg.adapter, cfg.checkpoint) if d is not None and Path(d).is_dir()]
     name = cfg.template or read_template_record(*dirs)
+    if isinstance(name, JinjaTemplate):
+        print(f"chat template: the model's own ({name.where})")
+        return name.source
+    if name is None and (own := model_template(cfg.checkpoint)) is not None:
+        print(f"chat template: the model's own ({own.where})")
+        return own.source
     if name is not None:
         print(f"chat template: {name}"
               + ("" if name in JINJA else " (plain completion: no chat template)"))

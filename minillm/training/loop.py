@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm.config import ModelConfig
+from minillm.data.chat_template import JinjaTemplate, model_template
 from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.data.pretrain import (
     CACHE_FILES,
@@ -65,6 +66,7 @@ from minillm.data.pretrain import (
 from minillm.data.templates import (
     TEMPLATE_RECORD,
     format_prompt,
+    read_template_record,
     trained_template,
     write_template_record,
 )
@@ -305,7 +307,13 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
 
             ds = build_stdlib_dataset(Path(cfg.data.cache_dir))
             paths, test_paths = ds.train_path, ds.test_path
-        data = load_instruct_data(paths, tokenizer, cfg.data.template or None,
+        # data.template, else the template the init checkpoint records (a minillm fine-tune) or
+        # ships (a model's own chat template), else the format's default
+        template = cfg.data.template or None
+        if template is None and cfg.init_from != "scratch":
+            init = resolve_checkpoint(cfg.init_from)
+            template = read_template_record(init if init.is_dir() else None) or model_template(init)
+        data = load_instruct_data(paths, tokenizer, template,
                                   cfg.data.instruct_format, cfg.block_size,
                                   cfg.data.train_on_inputs, cfg.data.val_frac,
                                   test_paths=test_paths, seed=cfg.data.seed)
@@ -315,7 +323,11 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
                              f"NaN); raise data.val_frac")
         if verbose:
             print(data.summary())
-            template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
+            kinds = [e.example.kind for e in data.train]
+            if isinstance(template, JinjaTemplate):  # the model's own: every chat example used it
+                template = template if set(kinds) - {"completion"} else None
+            else:
+                template = trained_template(template or "", kinds)
             # export ships it as a chat template; generate.py --chat uses it
             if template is not None:
                 write_template_record(cfg.out_dir, template)
