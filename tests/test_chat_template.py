@@ -100,8 +100,6 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
 
 
 def test_load_from_every_file(tmp_path):
-    from tiny import write_hf_checkpoint  # noqa: F401  (the suite's helpers import path)
-
     assert load_chat_template(tmp_path) is None
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "A"}))
     assert load_chat_template(tmp_path) == "A"
@@ -122,3 +120,82 @@ def test_load_from_the_real_gguf():
     from real_model import smollm2_gguf
 
     assert load_chat_template(smollm2_gguf()) == TEMPLATES["smollm2"]["source"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the template in training, chat and export
+
+
+class CharTokenizer:
+    """One id per character (ord), and ChatML's two markers as whole tokens: exact ids to assert
+    on. (The byte-level BPE tokenizer parses added tokens the same way.)"""
+
+    bos_id, eos_id = 1, 2
+    pieces = {1: "<|im_start|>", 2: "<|im_end|>"}
+
+    def id_to_piece(self, i):
+        return self.pieces[i]
+
+    def encode(self, text, bos=True, eos=False):
+        ids, rest = [], text
+        while rest:
+            hit = next((i for i, p in self.pieces.items() if rest.startswith(p)), None)
+            ids.append(hit if hit is not None else ord(rest[0]))
+            rest = rest[len(self.pieces[hit]) if hit is not None else 1:]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return "".join(self.pieces.get(i) or chr(i) for i in ids)
+
+
+def test_training_on_a_model_template_trains_the_answer_and_its_end():
+    from minillm.data.chat_template import JinjaTemplate
+    from minillm.data.instruct import IGNORE, Example, tokenize_example
+
+    tok, t = CharTokenizer(), TEMPLATES["smollm2"]
+
+    ex = Example("alpaca", "x:1", instruction="What is 2+2?", output="4.")
+    got = tokenize_example(ex, tok, JinjaTemplate(t["source"]), 512)
+    assert tok.decode(got.ids) == render_chat_template(
+        t["source"], [{"role": "user", "content": "What is 2+2?"},
+                      {"role": "assistant", "content": "4."}], False, t["bos_token"],
+        t["eos_token"])
+    assert tok.decode([i for i in got.labels if i != IGNORE]) == "4.<|im_end|>"
+    chatml = tokenize_example(ex, tok, "chatml", 512)  # the built-in: no system turn
+    assert tok.decode(chatml.ids) == ("<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                                      "<|im_start|>assistant\n4.<|im_end|>\n")
+    assert tok.decode([i for i in chatml.labels if i != IGNORE]) == "4.<|im_end|>"
+
+
+def test_chat_ids_end_with_the_generation_prompt():
+    from minillm.data.chat_template import JinjaTemplate
+    from minillm.data.templates import chat_token_ids
+
+    tok, t = CharTokenizer(), TEMPLATES["smollm2"]
+    messages = CONVERSATIONS["multi-turn"]
+    ids = chat_token_ids(tok, JinjaTemplate(t["source"]), messages)
+    assert tok.decode(ids) == render_chat_template(t["source"], messages, True, t["bos_token"],
+                                                   t["eos_token"])
+    # <|im_start|> opens the system turn, the five messages and the generation prompt
+    assert ids[-2:] == [ord("t"), ord("\n")] and ids.count(1) == 7
+
+
+def test_the_record_keeps_a_model_template(tmp_path):
+    from minillm.data.chat_template import JinjaTemplate
+    from minillm.data.templates import read_template_record, write_template_record
+
+    write_template_record(tmp_path, JinjaTemplate(TEMPLATES["qwen2"]["source"]))
+    got = read_template_record(tmp_path)
+    assert isinstance(got, JinjaTemplate) and got.source == TEMPLATES["qwen2"]["source"]
+
+
+def test_export_ships_the_checkpoints_own_template(tmp_path):
+    from minillm.ship.convert import ExportConfig, chat_template
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": TEMPLATES["llama3"]["source"]}))
+    cfg = ExportConfig(checkpoint=str(tmp_path), out=str(tmp_path / "x.gguf"))
+    assert chat_template(cfg) == TEMPLATES["llama3"]["source"]
+    cfg = ExportConfig(checkpoint=str(tmp_path), out=str(tmp_path / "x.gguf"), template="vicuna")
+    assert chat_template(cfg).startswith("{%- if messages and messages[0]['role'] == 'system'")
