@@ -135,3 +135,23 @@ def test_hf_round_trip(name, tmp_path):
     assert again.config == load_pretrained(DATA / name).config
     torch.testing.assert_close(logits_at(again, golden["ids"]), golden["logits"],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_bases_keep_qwen2_biases():
+    # QLoRA / LLM.int8 load hooks swap each projection as its weight streams in; the q/k/v biases
+    # (stored before the weights in the file) must land on the swapped layers
+    from minillm.finetune.int8_linear import int8_hook
+    from minillm.finetune.nf4_linear import nf4_hook
+
+    golden = load_file(DATA / "qwen2" / "golden.safetensors")
+    stored = load_file(DATA / "qwen2" / "model.safetensors")
+    for hook in (nf4_hook(compute_dtype=torch.float32), int8_hook(0.0, torch.float32)):
+        model = load_pretrained(DATA / "qwen2", linear_hook=hook)
+        attn = model.layers[1].self_attn
+        assert torch.equal(attn.k_proj.bias, stored["model.layers.1.self_attn.k_proj.bias"])
+        err = (logits_at(model, golden["ids"]) - golden["logits"]).abs().max()
+        for layer in model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+        unbiased = (logits_at(model, golden["ids"]) - golden["logits"]).abs().max()
+        assert err < unbiased / 3  # the rounding of 4 / 8 bits remains; the biases are used
