@@ -62,3 +62,14 @@ def test_greedy_continuation_matches_transformers(smollm2, i):
     assert list(generate_tokens(smollm2, row["ids"], cfg)) == want
     if i == 2:
         assert want[-1] == 2 and len(want) < 16  # the chat answer ends its turn
+
+
+def test_its_own_template_renders_the_chat_prompt():
+    # what `generate.py --checkpoint smollm2-135m-instruct --chat` renders for one user turn: the
+    # ChatML text whose llama.cpp ids the goldens above answer ("... is 4.")
+    from minillm.data.chat_template import load_chat_template, render_chat_template
+
+    rendered = render_chat_template(load_chat_template(smollm2_gguf()),
+                                    [{"role": "user", "content": "What is 2+2?"}], True,
+                                    "<|im_start|>", "<|im_end|>")
+    assert rendered == GOLDEN["prompts"][2]["text"]
