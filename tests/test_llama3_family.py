@@ -155,3 +155,30 @@ def test_quantized_bases_keep_qwen2_biases():
                 proj.bias.zero_()
         unbiased = (logits_at(model, golden["ids"]) - golden["logits"]).abs().max()
         assert err < unbiased / 3  # the rounding of 4 / 8 bits remains; the biases are used
+
+
+def test_a_qwen2_gguf_loads(tmp_path):
+    # llama.cpp's qwen2 architecture: the llama keys under "qwen2.", q/k rows not permuted (its
+    # RoPE rotates halves, as HF does), biases as attn_{q,k,v}.bias; written here tensor by tensor
+    from tiny import tiny_tokenizer
+
+    from minillm.formats.ggml_quants import GGML_F32
+    from minillm.formats.gguf_layout import STRING, expected_shapes
+    from minillm.names import ours_to_gguf
+    from minillm.ship.gguf_writer import llama_metadata, tokenizer_metadata, write_tensors
+
+    golden = load_file(DATA / "qwen2" / "golden.safetensors")
+    model = load_pretrained(DATA / "qwen2")
+    tok = tiny_tokenizer(tmp_path / "tokenizer.model", vocab_size=384)
+    cfg = ModelConfig(**(model.config.to_dict() | {"vocab_size": tok.vocab_size}))
+    state = dict(model.state_dict())
+    pad = torch.zeros(tok.vocab_size - model.config.vocab_size, cfg.dim)
+    state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], pad])
+    kvs = [(k.replace("llama.", "qwen2.", 1), *rest) if k != "general.architecture"
+           else (k, STRING, "qwen2") for k, *rest in llama_metadata(cfg, "f32", "q")]
+    tensors = [(ours_to_gguf(k), state[k], GGML_F32) for k in expected_shapes(cfg)]
+    write_tensors(tmp_path / "qwen2.gguf", kvs + tokenizer_metadata(tok), tensors)
+    again = load_pretrained(tmp_path / "qwen2.gguf")
+    assert again.config == cfg
+    torch.testing.assert_close(logits_at(again, golden["ids"])[:, :96], golden["logits"],
+                               atol=1e-5, rtol=1e-5)

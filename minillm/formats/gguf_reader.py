@@ -261,19 +261,27 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     return config, state, sentencepiece_model_from_gguf(read_gguf(path))
 
 
+# llama.cpp's architectures with a minillm Llama's maths; qwen2 (biases on q/k/v) uses NEOX RoPE, so
+# its converter writes q/k rows unpermuted
+GGUF_ARCHS = ("llama", "qwen2")
+
+
 def _gguf_config(g: GGUFFile) -> ModelConfig:
-    """The ModelConfig in a llama.cpp Llama's metadata (untrusted: config.check_model_values bounds
-    the sizes and rejects NaN / zero / negative epsilon and RoPE base, naming the GGUF key)."""
+    """The ModelConfig in a llama.cpp Llama's (or Qwen2's: the same keys under "qwen2.")
+    metadata (untrusted: config.check_model_values bounds the sizes and rejects NaN / zero /
+    negative epsilon and RoPE base, naming the GGUF key)."""
     arch = _require(g, "general.architecture", STRING)
-    if arch != "llama":
-        raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads only 'llama'")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads "
+                         f"{' and '.join(map(repr, GGUF_ARCHS))}")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
-    keys = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
-            "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
-            "hidden_dim": "llama.feed_forward_length", "vocab_size": "tokenizer.ggml.tokens",
-            "max_seq_len": "llama.context_length",
-            "norm_eps": "llama.attention.layer_norm_rms_epsilon",
-            "rope_theta": "llama.rope.freq_base", "head_dim": "llama.attention.key_length",
+    keys = {"dim": f"{arch}.embedding_length", "n_layers": f"{arch}.block_count",
+            "n_heads": f"{arch}.attention.head_count",
+            "n_kv_heads": f"{arch}.attention.head_count_kv",
+            "hidden_dim": f"{arch}.feed_forward_length", "vocab_size": "tokenizer.ggml.tokens",
+            "max_seq_len": f"{arch}.context_length",
+            "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+            "rope_theta": f"{arch}.rope.freq_base", "head_dim": f"{arch}.attention.key_length",
             "attention_bias": "blk.0.attn_q.bias", "attention_out_bias": "blk.0.attn_output.bias"}
     values = {field: int(_require(g, key, UINT32)) for field, key in keys.items()
               if field not in ("vocab_size", "norm_eps", "rope_theta", "head_dim")
@@ -285,23 +293,23 @@ def _gguf_config(g: GGUFFile) -> ModelConfig:
                    attention_out_bias="blk.0.attn_output.bias" in g.tensors)
     if keys["head_dim"] in g.metadata:  # an explicit head width: k and v must agree
         values["head_dim"] = int(_require(g, keys["head_dim"], UINT32))
-        value_dim = g.metadata.get("llama.attention.value_length", values["head_dim"])
+        value_dim = g.metadata.get(f"{arch}.attention.value_length", values["head_dim"])
         if value_dim != values["head_dim"]:
             raise ValueError(f"{g.path}: llama.attention.key_length = {values['head_dim']} and "
                              f"value_length = {value_dim} differ (minillm's k and v heads match)")
     config = ModelConfig.from_metadata(values, keys, str(g.path))
     # llama.cpp's other RoPE scaling keys (linear, YaRN) are refused, as config.json's are, rather
     # than loaded into a model that computes something else; Llama 3's is the rope_freqs tensor
-    scaling = g.metadata.get("llama.rope.scaling.type", "none")
+    scaling = g.metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"{g.path}: llama.rope.scaling.type = {scaling!r}: "
                          f"RoPE scaling is not supported (minillm implements plain RoPE and "
                          f"Llama 3's rope_freqs)")
-    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
         if g.metadata.get(key, 1.0) not in (0.0, 1.0):  # llama.cpp reads 0 as "not set"
             raise ValueError(f"{g.path}: {key} = {g.metadata[key]!r}: "
                              f"RoPE scaling is not supported")
-    rope_dims = _require(g, "llama.rope.dimension_count", UINT32)
+    rope_dims = _require(g, f"{arch}.rope.dimension_count", UINT32)
     if rope_dims != config.head_dim:
         raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, "
                          f"but minillm rotates the whole head ({config.head_dim} dims)")
@@ -316,7 +324,7 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
     """(config, float32 state dict with our keys and HF-layout q/k): the model alone, whatever
     the tokenizer in the file."""
     g = read_gguf(path)
-    config = _gguf_config(g)
+    config, arch = _gguf_config(g), g.metadata["general.architecture"]
     # 9 tensors per block; also guards a corrupt huge count
     if 9 * config.n_layers > len(g.tensors):
         raise ValueError(f"{g.path}: llama.block_count = {config.n_layers} but the file holds only "
@@ -334,7 +342,7 @@ def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, t
             raise ValueError(f"{g.path}: tensor {name!r} has shape {info.shape}, expected "
                              f"{shapes.get(key)} for the config in the metadata")
         w = g.tensor(name)
-        if is_rope_rotated(key):
+        if is_rope_rotated(key) and arch == "llama":  # qwen2 rotates halves, as HF: unpermuted
             w = interleaved_to_hf(w, config.n_heads if ".q_proj." in key else config.n_kv_heads)
         state[key] = w
     missing = [ours_to_gguf(k) for k in shapes if k not in state]
