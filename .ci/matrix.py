@@ -81,7 +81,8 @@ CELLS = {  # name -> (Python version, extra requirements installed together with
 
 VERSIONS = """
 import importlib.metadata as m, sys
-names = ["torch", "triton", "numpy", "sentencepiece", "safetensors", "tqdm", "tensorboard"]
+names = ["torch", "triton", "numpy", "sentencepiece", "safetensors", "tqdm", "tensorboard",
+         "jinja2"]
 print("python " + sys.version.split()[0] + ", " + ", ".join(f"{n} {m.version(n)}" for n in names))
 """
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from real_model import smollm2_gguf  # noqa: E402
+from real_model import smollm2_path  # noqa: E402
 
 from minillm.formats.load import load_tokenizer  # noqa: E402
 from minillm.tokenizer.bpe_files import from_tokenizer_json, save_tokenizer_json  # noqa: E402
@@ -76,7 +76,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         sources = [("tiny Llama 3 tokenizer.json", from_tokenizer_json(TINY), TINY)]
-        gguf = args.gguf or smollm2_gguf()
+        gguf = args.gguf or smollm2_path()
         if gguf is not None:
             smol = load_tokenizer(gguf)
             save_tokenizer_json(smol, tmp)

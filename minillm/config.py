@@ -52,9 +52,10 @@ def check_model_values(values: dict, keys: dict[str, str] | None = None):
 
     Sizes must be ints in [1, SIZE_LIMITS]; norm_eps and rope_theta finite numbers > 0 (an epsilon
     of 0 or NaN turns RMSNorm into NaN, a base ≤ 0 makes RoPE's theta^(-2i/D) NaN or infinite); the
-    heads must split dim into an even head size (RoPE rotates pairs) and be a multiple of the kv
-    heads. keys maps a field to the key it was read from ("rms_norm_eps", "llama.rope.freq_base"),
-    which the message names; without keys the messages name ModelConfig's fields.
+    heads must split dim into an even head size (RoPE rotates pairs), or head_dim be given and even,
+    and be a multiple of the kv heads; rope_scaling holds Llama 3's four numbers. keys maps a
+    field to the key it was read from ("rms_norm_eps", "llama.rope.freq_base"), which the message
+    names; without keys the messages name ModelConfig's fields.
     """
     keys = keys or {}
 
@@ -73,13 +74,23 @@ def check_model_values(values: dict, keys: dict[str, str] | None = None):
         raise ValueError(f"{field_prefix}{key('tie_embeddings')} must be true or false, "
                          f"found {values['tie_embeddings']!r}")
     dim, heads, kv_heads = values["dim"], values["n_heads"], values["n_kv_heads"]
-    if dim % heads != 0:
-        raise ValueError(f"{prefix}{key('dim')}={dim} is not divisible by {key('n_heads')}={heads}")
     if heads % kv_heads != 0:
         raise ValueError(f"{prefix}{key('n_heads')}={heads} is not a multiple of "
                          f"{key('n_kv_heads')}={kv_heads}")
-    if (dim // heads) % 2 != 0:
-        raise ValueError(f"{prefix}head_dim={dim // heads} must be even for RoPE")
+    head_dim = values.get("head_dim")
+    if head_dim is None and dim % heads != 0:
+        raise ValueError(f"{prefix}{key('dim')}={dim} is not divisible by {key('n_heads')}={heads}")
+    head_dim = dim // heads if head_dim is None else head_dim
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or not 0 < head_dim <= 1 << 12:
+        raise ValueError(f"{field_prefix}{key('head_dim')} must be a positive int (at most 4096), "
+                         f"found {head_dim!r}")
+    if head_dim % 2 != 0:
+        raise ValueError(f"{prefix}{key('head_dim')}={head_dim} must be even for RoPE")
+    if not isinstance(values.get("attention_bias", False), bool):
+        raise ValueError(f"{field_prefix}{key('attention_bias')} must be true or false, "
+                         f"found {values['attention_bias']!r}")
+    if values.get("rope_scaling") is not None:
+        check_llama3_scaling(values["rope_scaling"], field_prefix + key("rope_scaling"))
 
 
 @dataclass
@@ -98,16 +109,23 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base frequency
     tie_embeddings: bool = False  # share the embedding matrix with lm_head (OpenLLaMA: untied)
+    # the Llama 3 family's three extras (Meta's Llama 3, Qwen2, SmolLM2 use some of them):
+    head_dim: int | None = None  # width of one head; None means dim // n_heads
+    attention_bias: bool = False  # biases on q/k/v (Qwen2, and HF Llama's attention_bias)
+    attention_out_bias: bool = False  # a bias on o_proj too (HF Llama's attention_bias only)
+    # Llama 3's RoPE scaling: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings} (llama3_rope_divisors); None means plain RoPE
+    rope_scaling: dict[str, float] | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads if self.dim % self.n_heads == 0 else None
         check_model_values(dataclasses.asdict(self))
         self.norm_eps, self.rope_theta = float(self.norm_eps), float(self.rope_theta)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.rope_scaling is not None:
+            self.rope_scaling = {k: float(v) for k, v in self.rope_scaling.items()}
 
     # ----------------------------------------------------------------------------------------------
     # construction
@@ -164,6 +182,7 @@ class ModelConfig:
         one warning naming it.
         """
         values, keys = dict(HF_DEFAULTS), {}
+        qwen2 = hf.get("model_type") == "qwen2"  # Qwen2: a Llama with biases on q/k/v
         for key, value in hf.items():
             if key in HF_TO_OURS:
                 values[HF_TO_OURS[key]], keys[HF_TO_OURS[key]] = value, key
@@ -181,22 +200,37 @@ class ModelConfig:
                          "intermediate_size"):
             if required not in hf:
                 raise ValueError(f"{source}: missing required config key {required!r}")
+        _check_full_attention(hf, source)
+        keys["rope_scaling"], values["rope_scaling"] = hf_rope_scaling(hf, source)
         keys["rope_theta"], values["rope_theta"] = hf_rope_theta(hf, source)
+        if qwen2:
+            values["attention_bias"] = True
+        elif hf.get("attention_bias") is not None:  # a Llama's flag biases q, k, v and o
+            values["attention_bias"] = values["attention_out_bias"] = hf["attention_bias"]
+            keys["attention_bias"] = keys["attention_out_bias"] = "attention_bias"
         # transformers: num_key_value_heads null means plain multi-head
         if values["n_kv_heads"] is None:
             values["n_kv_heads"] = values["n_heads"]
-        config = cls.from_metadata(values, keys, source)
-        if hf.get("head_dim") is not None and hf["head_dim"] != config.head_dim:
-            raise ValueError(f"{source}: head_dim = {hf['head_dim']!r} is not supported: "
-                             f"minillm's heads are hidden_size / num_attention_heads = "
-                             f"{config.head_dim} wide")
-        return config
+        return cls.from_metadata(values, keys, source)
 
     def to_hf_config(self) -> dict:
-        """The HF `config.json` for this model (what export and the tests write)."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        """The HF `config.json` for this model (what export and the tests write): a Llama, or a
+        Qwen2 when q/k/v have biases and o_proj has none (a Llama's attention_bias biases all four).
+        Llama 3's RoPE scaling goes in transformers 4.x's rope_scaling, which 5.x also reads."""
+        qwen2 = self.attention_bias and not self.attention_out_bias
+        if self.attention_out_bias and not self.attention_bias:
+            raise ValueError("ModelConfig: attention_out_bias without attention_bias has no HF "
+                             "config.json form")
+        extra = {"head_dim": self.head_dim}
+        if not qwen2:
+            extra["attention_bias"] = self.attention_bias
+        if self.rope_scaling is not None:
+            extra["rope_scaling"] = {"rope_type": "llama3", **self.rope_scaling}
+            extra["rope_scaling"]["original_max_position_embeddings"] = int(
+                self.rope_scaling["original_max_position_embeddings"])
+        return extra | {
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen2 else "llama",
             "hidden_size": self.dim,
             "intermediate_size": self.hidden_dim,
             "num_hidden_layers": self.n_layers,
@@ -228,21 +262,22 @@ HF_TO_OURS = {
     "max_position_embeddings": "max_seq_len",
     "rms_norm_eps": "norm_eps",
     "tie_word_embeddings": "tie_embeddings",
+    "head_dim": "head_dim",  # null (or absent) means hidden_size / num_attention_heads
 }
 # what transformers' LlamaConfig assumes for a key the file leaves out (OpenLLaMA v1 has no
 # rope_theta)
 HF_DEFAULTS = {"n_kv_heads": None, "vocab_size": 32000, "max_seq_len": 2048, "norm_eps": 1e-6,
-               "rope_theta": 10000.0, "tie_embeddings": False}
+               "rope_theta": 10000.0, "tie_embeddings": False, "head_dim": None,
+               "attention_bias": False, "attention_out_bias": False}
 # keys whose value changes the computation: only these values are implemented here
 HF_REQUIRED_VALUES = {
-    "model_type": ("llama",),
+    "model_type": ("llama", "qwen2"),
     # LLaMA…: early 2023 conversions
-    "architectures": (["LlamaForCausalLM"], ["LLaMAForCausalLM"], None, []),
+    "architectures": (["LlamaForCausalLM"], ["LLaMAForCausalLM"], ["Qwen2ForCausalLM"], None, []),
     "hidden_act": ("silu", "swish"),  # transformers maps both names to SiLU
-    "attention_bias": (False,),  # biases on q/k/v/o (InternLM-style Llamas)
     "mlp_bias": (False,),
     "attention_dropout": (0.0,),  # dropout would change training (inference ignores it)
-    "sliding_window": (None,),  # Mistral-style local attention
+    "use_sliding_window": (False,),  # Mistral / Qwen2-style local attention
     "partial_rotary_factor": (1.0,),  # RoPE on only part of each head
     "pruned_heads": ({},),
     "is_encoder_decoder": (False,),
@@ -252,8 +287,9 @@ HF_REQUIRED_VALUES = {
 HF_REFUSED = {
     "quantization_config": "quantized checkpoints (GPTQ, AWQ, bitsandbytes) are not supported",
 }
-# read by hf_rope_theta and the head_dim check
-HF_READ_APART = {"rope_theta", "rope_scaling", "rope_parameters", "head_dim"}
+# read by hf_rope_theta, hf_rope_scaling, _check_full_attention and the attention_bias rule
+HF_READ_APART = {"rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+                 "sliding_window", "layer_types", "max_window_layers"}
 # bookkeeping with no effect on the forward pass: token ids (the tokenizer's business), the generic
 # PretrainedConfig fields that transformers 4.x `to_dict()` writes (outputs, TorchScript/TF
 # switches, classification labels, generation defaults), version and dtype tags. pretraining_tp > 1
@@ -279,26 +315,79 @@ HF_IGNORED = {
 }
 
 
-def _check_rope_type(spec, key: str, source: str, default: str | None):
-    """rope_scaling (transformers 4.x) or rope_parameters (5.x) must ask for plain RoPE: rope_type
-    (older files: type) "default". Scaled variants (linear, dynamic, yarn, longrope, llama3) are
-    refused."""
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+
+
+def check_llama3_scaling(spec, name: str):
+    """Llama 3's RoPE scaling: exactly LLAMA3_ROPE_KEYS, each a finite number > 0, factor ≥ 1 and
+    the high-frequency factor above the low one (their difference divides the smoothing)."""
+    if not isinstance(spec, dict) or sorted(spec) != sorted(LLAMA3_ROPE_KEYS):
+        raise ValueError(f"{name} must hold exactly {', '.join(LLAMA3_ROPE_KEYS)}, "
+                         f"found {json.dumps(spec)}")
+    for k in LLAMA3_ROPE_KEYS:
+        _check_positive_float(spec[k], f"{name}.{k}")
+    if spec["factor"] < 1 or spec["high_freq_factor"] <= spec["low_freq_factor"]:
+        raise ValueError(f"{name} needs factor >= 1 and high_freq_factor > low_freq_factor, "
+                         f"found {json.dumps(spec)}")
+
+
+def _rope_spec(spec, key: str, source: str, default: str | None) -> dict | None:
+    """rope_scaling (transformers 4.x) or rope_parameters (5.x): plain RoPE (rope_type, in older
+    files type, "default") → None; Llama 3's (rope_type "llama3") → its four numbers. Every other
+    variant (linear, dynamic, yarn, longrope) changes the maths in ways minillm does not implement
+    and is refused, as is partial_rotary_factor != 1."""
     if not isinstance(spec, dict):
         raise ValueError(f"{source}: config key {key!r} must be an object, "
                          f"found {json.dumps(spec)}")
     rope_type = spec.get("rope_type", spec.get("type", default))
-    if rope_type != "default":
+    if rope_type not in ("default", "llama3"):
         raise ValueError(f"{source}: config key {key!r} = {json.dumps(spec)}: "
                          f"RoPE scaling {rope_type!r} is not supported "
-                         f"(minillm implements plain RoPE, rope_type 'default')")
+                         f"(minillm implements plain RoPE and 'llama3')")
+    known = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+    if rope_type == "llama3":
+        known += LLAMA3_ROPE_KEYS
     for sub in spec:
-        if sub not in ("rope_type", "type", "rope_theta", "partial_rotary_factor"):
+        if sub not in known:
             warnings.warn(f"{source}: ignoring unknown config key '{key}.{sub}' "
-                          f"(plain RoPE has no such setting)", stacklevel=3)
+                          f"({rope_type} RoPE has no such setting)", stacklevel=3)
     factor = spec.get("partial_rotary_factor", 1.0)
     if factor != 1.0:
         raise ValueError(f"{source}: config key '{key}.partial_rotary_factor' = {factor!r} "
                          f"is not supported (minillm rotates the whole head)")
+    if rope_type == "default":
+        return None
+    scaling = {k: spec.get(k) for k in LLAMA3_ROPE_KEYS}
+    try:
+        check_llama3_scaling(scaling, key)
+    except ValueError as e:
+        raise ValueError(f"{source}: config key {e}") from None
+    return scaling
+
+
+def hf_rope_scaling(hf: dict, source: str) -> tuple[str, dict | None]:
+    """(key, Llama 3 scaling or None) from rope_scaling (4.x) or rope_parameters (5.x)."""
+    found = {key: _rope_spec(hf[key], key, source, default)
+             for key, default in (("rope_scaling", "unnamed"), ("rope_parameters", "default"))
+             if hf.get(key) is not None}
+    scaled = {k: v for k, v in found.items() if v is not None}
+    if len(scaled) == 2 and scaled["rope_scaling"] != scaled["rope_parameters"]:
+        raise ValueError(f"{source}: rope_scaling and rope_parameters disagree")
+    return next(iter(scaled.items()), ("rope_scaling", None))
+
+
+def _check_full_attention(hf: dict, source: str):
+    """Every layer attends to the whole context: sliding_window is null, or unused because Qwen2's
+    use_sliding_window is false (max_window_layers then means nothing), and layer_types (5.x)
+    names full attention only."""
+    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
+        raise ValueError(f"{source}: config key 'sliding_window' = {hf['sliding_window']} is not "
+                         f"supported (minillm implements full attention in every layer)")
+    types_ = hf.get("layer_types")
+    if types_ is not None and set(types_) != {"full_attention"}:
+        raise ValueError(f"{source}: config key 'layer_types' = {json.dumps(types_)} is not "
+                         f"supported (minillm implements 'full_attention' in every layer)")
 
 
 def hf_rope_theta(hf: dict, source: str) -> tuple[str, float]:
@@ -306,14 +395,11 @@ def hf_rope_theta(hf: dict, source: str) -> tuple[str, float]:
     ({"rope_theta": 10000.0, "rope_type": "default"}), 4.31–4.5x as the top-level rope_theta, and
     older files not at all (LlamaConfig's default, 10000). Two keys that disagree are an error
     naming both."""
-    if hf.get("rope_scaling") is not None:
-        _check_rope_type(hf["rope_scaling"], "rope_scaling", source, default="unnamed")
     found = {}
     if hf.get("rope_theta") is not None:
         found["rope_theta"] = hf["rope_theta"]
     params = hf.get("rope_parameters")
     if params is not None:
-        _check_rope_type(params, "rope_parameters", source, default="default")
         if params.get("rope_theta") is not None:
             found["rope_parameters.rope_theta"] = params["rope_theta"]
     for key, value in found.items():

@@ -51,18 +51,42 @@ class RMSNorm(nn.Module):
 # depends only on the relative distance between the two positions.
 
 
-def precompute_rope(head_dim: int, seq_len: int,
-                    theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """Frequency i (0 ≤ i < D/2) of plain RoPE: theta^(-2i/D), (D/2,) float32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def llama3_rope_divisors(inv_freq: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
+    """Llama 3's RoPE scaling (transformers' _compute_llama3_parameters) as what each frequency is
+    divided by, (D/2,): llama.cpp stores exactly this as the `rope_freqs` tensor.
+
+    With wavelength λ = 2π / inv_freq and the original context L: λ < L / high_freq_factor (fast
+    rotations, local detail) keeps its frequency (divisor 1); λ > L / low_freq_factor (slower than
+    the trained context) is divided by `factor`; in between, the inverse divisor blends the two
+    linearly in s = (L/λ − low) / (high − low): 1/divisor = (1 − s)/factor + s.
+    """
+    factor, low, high = (scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq  # (D/2,)
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = 1.0 / ((1 - smooth) / factor + smooth)
+    divisors = torch.where(wavelen > old_len / low, factor, medium)
+    return torch.where(wavelen < old_len / high, 1.0, divisors)
+
+
+def precompute_rope(head_dim: int, seq_len: int, theta: float = 10000.0,
+                    scaling: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for positions 0 … seq_len-1, each (seq_len, head_dim), in the HF "rotate
-    half" layout.
+    half" layout; `scaling` is Llama 3's (llama3_rope_divisors), None for plain RoPE.
 
     Frequency i (0 ≤ i < D/2) is theta^(-2i/D); dimension i is paired with dimension i + D/2, so the
     table repeats the D/2 angles twice: [θ_0 … θ_{D/2-1}, θ_0 … θ_{D/2-1}]. (Meta's code pairs
     (2i, 2i+1) instead; the weights of the two conventions differ by a row permutation, see
     names.py.)
     """
-    # (D/2,)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta)  # (D/2,)
+    if scaling is not None:
+        inv_freq = inv_freq / llama3_rope_divisors(inv_freq, scaling)
     t = torch.arange(seq_len, dtype=torch.int64).float()  # (T,)
     freqs = torch.outer(t, inv_freq)  # (T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
@@ -119,10 +143,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Llama has no biases; Qwen2 adds them to q, k and v (attention_bias)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.attention_out_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos=None, mask=None):
@@ -219,6 +245,8 @@ class Llama(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def init_rope(self, device=None, seq_len: int = 0):
         """(Re)build the RoPE tables for positions [0, seq_len); called again after a model built on
@@ -231,7 +259,8 @@ class Llama(nn.Module):
         # on "meta" this records shapes only; inference_mode(False): a table grown while decoding
         # under inference_mode must still be usable by a later training step
         with torch.device(device), torch.inference_mode(False):
-            cos, sin = precompute_rope(self.config.head_dim, seq_len, self.config.rope_theta)
+            cos, sin = precompute_rope(self.config.head_dim, seq_len, self.config.rope_theta,
+                                       self.config.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (seq_len, D) float32
         self.register_buffer("rope_sin", sin, persistent=False)
 

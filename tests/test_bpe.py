@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from real_model import require_smollm2
+from real_model import smollm2_gguf
 
 from minillm.config import ModelConfig
 from minillm.formats.load import load_tokenizer, open_tokenizer
@@ -235,7 +235,7 @@ def test_gguf_metadata_refusals():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return load_tokenizer(require_smollm2())
+    return load_tokenizer(smollm2_gguf())
 
 
 def test_smollm2_matches_llama_cpp(smollm2):

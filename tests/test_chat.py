@@ -3,6 +3,7 @@ so far, and the answer is what greedy decoding from those ids gives, cut at EOS.
 
 import dataclasses
 import io
+import json
 import sys
 
 import pytest
@@ -101,3 +102,28 @@ def test_generate_cli_chat_uses_the_recorded_template(tiny, tmp_path, monkeypatc
                        "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"])
     want = reply(model, tok, "alpaca", [{"role": "user", "content": "def f(x):"}], GREEDY)
     assert want and capsys.readouterr().out == "> " + want + "\n> "  # input()'s prompts, the answer
+
+
+def test_generate_cli_chat_uses_the_models_own_template(tiny, tmp_path, monkeypatch, capsys):
+    # an HF directory that ships a chat template (tokenizer_config.json) and records none: --chat
+    # talks in it, feeding exactly its rendering's ids
+    import shutil
+
+    from minillm.data.chat_template import JinjaTemplate
+    from minillm.data.templates import CHATML_JINJA
+
+    d, tok, model = tiny
+    own = tmp_path / "own"
+    shutil.copytree(d, own, ignore=shutil.ignore_patterns("prompt_template.json"))
+    (own / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_JINJA}))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def f(x):\n\n"))
+    generate_cli.main(["--checkpoint", str(own), "--chat", "--temperature", "0",
+                       "--max-new-tokens", "12", "--device", "cpu", "--dtype", "float32"])
+    messages = [{"role": "user", "content": "def f(x):"}]
+    want = reply(model, tok, JinjaTemplate(CHATML_JINJA), messages, GREEDY)
+    assert capsys.readouterr().out == "> " + want + "\n> "
+    # the conversation so far, then the generation prompt, each encoded on its own (no BOS: the
+    # template writes none)
+    ids = chat_token_ids(tok, JinjaTemplate(CHATML_JINJA), messages)
+    assert ids == (tok.encode("<|im_start|>user\ndef f(x):<|im_end|>\n", bos=False)
+                   + tok.encode("<|im_start|>assistant\n", bos=False))

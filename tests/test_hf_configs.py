@@ -155,16 +155,16 @@ def test_old_defaults_and_null_kv_heads(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("attention_bias", True, r"config key 'attention_bias' = true is not supported \(minillm "
-                             r"implements attention_bias = false\)"),
     ("mlp_bias", True, r"config key 'mlp_bias' = true is not supported"),
     ("hidden_act", "gelu", r"config key 'hidden_act' = \"gelu\" is not supported"),
     ("model_type", "mistral", r"config key 'model_type' = \"mistral\" is not supported"),
     ("sliding_window", 4096, r"config key 'sliding_window' = 4096 is not supported"),
     ("pruned_heads", {"0": [1]}, r"config key 'pruned_heads' = \{\"0\": \[1\]\} is not supported"),
     ("attention_dropout", 0.1, r"config key 'attention_dropout' = 0.1 is not supported"),
-    ("head_dim", 32, r"head_dim = 32 is not supported: minillm's heads are hidden_size / "
-                     r"num_attention_heads = 16 wide"),
+    ("layer_types", ["full_attention", "sliding_attention"],
+     r"config key 'layer_types' = .* is not supported"),
+    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0},
+     r"config key rope_parameters.low_freq_factor must be a finite number > 0, found None"),
     ("quantization_config", {"quant_method": "gptq"},
      r"config key 'quantization_config': quantized checkpoints"),
 ])
@@ -178,33 +178,46 @@ def test_keys_that_change_the_maths_are_refused(tmp_path, key, value, message):
     ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "dynamic"),
     ("rope_scaling", {"factor": 2.0}, "unnamed"),
     ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}, "yarn"),
-    ("rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0}, "llama3"),
     ("rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0}, "longrope"),
 ])
 def test_rope_scaling_is_not_supported(tmp_path, key, spec, kind):
     with pytest.raises(ValueError, match=rf"config.json: config key '{key}' = .*: RoPE scaling "
                                          rf"'{kind}' is not supported \(minillm implements "
-                                         r"plain RoPE"):
+                                         r"plain RoPE and 'llama3'\)"):
         load_dict(t5_config() | {key: spec}, tmp_path)
 
 
-def test_llama32_config_is_refused_for_its_rope_scaling():
-    with pytest.raises(ValueError, match=r"llama3.2_1b.json: config key 'rope_scaling' = "
-                                         r".*\"rope_type\": "
-                                         r"\"llama3\"\}: RoPE scaling 'llama3' is not supported"):
-        ModelConfig.from_hf_config(FIXTURES / "llama3.2_1b.json")
+LLAMA32_SCALING = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192.0}
 
 
-def test_transformers_445_key_set_loads_without_its_scaling(tmp_path):
-    # Llama-3.2-1B's file minus rope_scaling: every key transformers 4.45
-    # writes (head_dim, mlp_bias, …)
-    d = json.loads((FIXTURES / "llama3.2_1b.json").read_text()) | {"rope_scaling": None}
+def test_llama32_config_loads_with_its_rope_scaling():
+    # Llama-3.2-1B's config.json as transformers 4.45 wrote it: every key (head_dim, mlp_bias, …)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cfg = load_dict(d, tmp_path)
+        cfg = ModelConfig.from_hf_config(FIXTURES / "llama3.2_1b.json")
     assert cfg == ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
                               vocab_size=128256, max_seq_len=131072, norm_eps=1e-5,
-                              rope_theta=500000.0, tie_embeddings=True)
+                              rope_theta=500000.0, tie_embeddings=True, head_dim=64,
+                              rope_scaling=LLAMA32_SCALING)
+
+
+def test_transformers_5_rope_parameters_and_qwen2(tmp_path):
+    # 5.x: rope_parameters with rope_theta inside; an explicit head_dim; Qwen2's biases on q/k/v
+    d = t5_config() | {"head_dim": 24, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, **LLAMA32_SCALING}}
+    cfg = load_dict(d, tmp_path)
+    assert (cfg.head_dim, cfg.rope_theta, cfg.rope_scaling) == (24, 500000.0, LLAMA32_SCALING)
+    qwen = t5_config() | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+                          "use_sliding_window": False, "sliding_window": 4096,
+                          "max_window_layers": 28, "layer_types": ["full_attention"] * 2}
+    cfg = load_dict(qwen, tmp_path)
+    assert (cfg.attention_bias, cfg.attention_out_bias) == (True, False)
+    again = ModelConfig.from_hf_dict(cfg.to_hf_config())
+    assert again == cfg and cfg.to_hf_config()["model_type"] == "qwen2"
+    llama = load_dict(d | {"attention_bias": True}, tmp_path)
+    assert (llama.attention_bias, llama.attention_out_bias) == (True, True)
+    assert ModelConfig.from_hf_dict(llama.to_hf_config()) == llama
 
 
 def test_early_2023_conversion_loads(tmp_path):

@@ -75,8 +75,10 @@ def test_alpaca_and_vicuna_templates_exact():
         "gives helpful, detailed, and polite answers to the user's questions. USER: Hi? ASSISTANT:"
     )
     assert format_prompt("none", "Hi?", "x") == "Hi?\n\nx"
-    with pytest.raises(ValueError, match="unknown template 'chatml'"):
-        format_prompt("chatml", "Hi?")
+    assert format_prompt("chatml", "Hi?", "x") == (
+        "<|im_start|>user\nHi?\n\nx<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="unknown template 'zephyr'"):
+        format_prompt("zephyr", "Hi?")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -133,6 +133,6 @@ def test_trained_template_and_record(tmp_path):
     assert read_template_record(tmp_path) is None
     write_template_record(tmp_path, "vicuna")
     assert read_template_record(tmp_path / "missing", tmp_path) == "vicuna"
-    (tmp_path / "prompt_template.json").write_text('{"template": "chatml"}')
-    with pytest.raises(ValueError, match="prompt_template.json: template 'chatml' is not one of"):
+    (tmp_path / "prompt_template.json").write_text('{"template": "chatml2"}')
+    with pytest.raises(ValueError, match="prompt_template.json: template 'chatml2' is not one of"):
         read_template_record(tmp_path)

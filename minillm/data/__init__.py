@@ -2,7 +2,8 @@
 into masked, padded or packed batches.
 
     pretrain.py   corpus -> memory-mapped token cache -> random (x, y) windows; the unigram baseline
-    templates.py  prompt and chat templates (alpaca, vicuna), in Python and as the Jinja we ship
+    templates.py  prompt and chat templates (alpaca, vicuna, chatml), in Python and as Jinja
+    chat_template.py  a model's own Jinja chat template: read, rendered in a sandbox, masked
     instruct.py   Alpaca / ShareGPT / completion records -> tokens with a loss mask -> batches
     stdlib_qa.py  the embedded question/answer set built from the standard library's source
 """

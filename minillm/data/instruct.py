@@ -47,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from minillm.data.templates import TEMPLATES, conversation_segments, format_prompt
+from minillm.data.chat_template import template_segments, template_token_ids
+from minillm.data.templates import TEMPLATES, as_jinja, conversation_segments, format_prompt
 from minillm.util.fileio import check_unicode, read_json_records
 
 FORMATS = ("alpaca", "sharegpt", "completion")
@@ -174,11 +175,25 @@ def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
 # templating and tokenizing
 
 
-def example_segments(ex: Example, template: str | None = None) -> list[tuple[str, bool]]:
+def example_messages(ex: Example) -> list[dict]:
+    """An alpaca or sharegpt example as chat messages, for a Jinja template (a model's own): the
+    instruction (+ "\n\n" + input) is the user's, the output the assistant's."""
+    if ex.kind == "alpaca":
+        user = f"{ex.instruction}\n\n{ex.input}" if ex.input else ex.instruction
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": ex.output}]
+    roles = {"human": "user", "gpt": "assistant"}
+    system = [{"role": "system", "content": ex.system}] if ex.system else []
+    return system + [{"role": roles[r], "content": text} for r, text in ex.turns]
+
+
+def example_segments(ex: Example, template=None) -> list[tuple[str, bool]]:
     """[(text, is_response)]; template None picks the natural one:
-    alpaca → "alpaca", sharegpt → "vicuna"."""
+    alpaca → "alpaca", sharegpt → "vicuna"; a Jinja template (a model's own, or "chatml") cuts its
+    rendering (chat_template.template_segments)."""
     if ex.kind == "completion":
         return [(ex.text, True)]
+    if (jinja := as_jinja(template)) is not None:
+        return template_segments(jinja.source, example_messages(ex), where=jinja.where)
     if template is not None and template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; expected one of {list(TEMPLATES)}")
     if ex.kind == "alpaca":
@@ -215,12 +230,22 @@ def tokenize_example(ex: Example, tokenizer, template: str | None, max_seq_len: 
                      train_on_inputs: bool = False) -> TokenizedExample:
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, found {max_seq_len}")
-    head = tokenizer.encode("")  # [BOS], or nothing for a tokenizer that adds none (SmolLM2)
-    ids, labels = list(head), [IGNORE] * len(head)
-    for text, is_response in example_segments(ex, template):
-        t = tokenizer.encode(text, bos=False, eos=is_response)
-        ids += t
-        labels += t if (is_response or train_on_inputs) else [IGNORE] * len(t)
+    jinja = as_jinja(template)
+    if jinja is not None and ex.kind != "completion":
+        # the template writes BOS and the end of each turn itself; its mask says what is trained
+        ids, trained = template_token_ids(tokenizer, jinja.source, example_messages(ex), False,
+                                          jinja.where)
+        labels = [i if (t or train_on_inputs) else IGNORE
+                  for i, t in zip(ids, trained, strict=True)]
+        labels[0] = IGNORE  # nothing predicts the first token
+        head = []  # truncation keeps the end; the template's own start goes with the rest
+    else:
+        head = tokenizer.encode("")  # [BOS], or nothing for a tokenizer that adds none (SmolLM2)
+        ids, labels = list(head), [IGNORE] * len(head)
+        for text, is_response in example_segments(ex, template):
+            t = tokenizer.encode(text, bos=False, eos=is_response)
+            ids += t
+            labels += t if (is_response or train_on_inputs) else [IGNORE] * len(t)
     keep = max_seq_len + 1  # ids for T = max_seq_len positions (x = ids[:-1], y = labels[1:])
     truncated = len(ids) > keep
     if truncated:  # [BOS] + the last ids: the prompt start goes first, EOS always stays

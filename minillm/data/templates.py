@@ -23,6 +23,12 @@ Templates:
              Chosen because it needs no new special tokens (LLaMA's vocabulary has only <s>, </s>,
              <unk>), so it works on any base checkpoint; "</s>" is the tokenizer's EOS id, never the
              literal text.
+    chatml   OpenAI's ChatML, as Qwen2 and SmolLM2 use it, for models that ship no template (their
+             vocabulary should hold <|im_start|> and <|im_end|>, e.g. via finetune.new_tokens):
+                 "<|im_start|>{role}\n{content}<|im_end|>\n" per message, then
+                 "<|im_start|>assistant\n"
+             It is Jinja only (CHATML_JINJA), rendered and masked like a model's own template
+             (chat_template.py): the answer and its <|im_end|> are trained.
 
 The response is never part of a template: it is appended after the prompt (with EOS), so that the
 prompt's tokens at training time are exactly the tokens `generate` is given (see instruct.py, where
@@ -34,9 +40,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minillm.data.chat_template import JinjaTemplate, render_chat_template, template_token_ids
 from minillm.util.fileio import atomic_write_bytes, read_json_object
 
-TEMPLATES = ("none", "alpaca", "vicuna")
+TEMPLATES = ("none", "alpaca", "vicuna", "chatml")
 
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that "
@@ -66,6 +73,9 @@ def format_prompt(template_name: str, instruction: str, input: str | None = None
     """The prompt text for one instruction (+ optional input) in `template_name`; the model's answer
     follows it directly. An empty input counts as no input (as in alpaca-lora)."""
     _check(template_name)
+    if template_name == "chatml":
+        user = f"{instruction}\n\n{input}" if input else instruction
+        return render_chat_template(CHATML_JINJA, [{"role": "user", "content": user}])
     if template_name == "alpaca":
         if input:
             return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
@@ -123,7 +133,7 @@ def conversation_segments(turns: list[tuple[str, str]], template_name: str = "vi
 #              {next alpaca prompt}…### Response:\n
 #     vicuna   <s>{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
 
-CHAT_TEMPLATES = ("alpaca", "vicuna")
+CHAT_TEMPLATES = ("alpaca", "vicuna", "chatml")
 # {"template": name}, written beside a fine-tuned model / adapter
 TEMPLATE_RECORD = "prompt_template.json"
 
@@ -180,7 +190,22 @@ VICUNA_JINJA = (
     "{%- if add_generation_prompt -%}{{ " + _lit(f" {VICUNA_ASSISTANT}") + " }}{%- endif -%}"
 )
 
-JINJA = {"alpaca": ALPACA_JINJA, "vicuna": VICUNA_JINJA}
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+JINJA = {"alpaca": ALPACA_JINJA, "vicuna": VICUNA_JINJA, "chatml": CHATML_JINJA}
+
+
+def as_jinja(template) -> JinjaTemplate | None:
+    """The Jinja form a template is rendered and masked by (a model's own, or ChatML), or None for
+    the built-ins written in Python here (alpaca, vicuna, none)."""
+    if isinstance(template, JinjaTemplate):
+        return template
+    return JinjaTemplate(CHATML_JINJA, "chatml") if template == "chatml" else None
 
 
 def _split_system(template_name: str, messages: list[dict]) -> tuple[str | None, list[dict]]:
@@ -203,7 +228,11 @@ def _split_system(template_name: str, messages: list[dict]) -> tuple[str | None,
 
 def render_chat(template_name: str, messages: list[dict], add_generation_prompt: bool = True,
                 bos_token: str = "<s>", eos_token: str = "</s>") -> str:
-    """The string JINJA[template_name] renders for these messages (the Python twin of the Jinja)."""
+    """The string JINJA[template_name] renders for these messages (the Python twin of the Jinja;
+    a Jinja template is rendered itself)."""
+    if (jinja := as_jinja(template_name)) is not None:
+        return render_chat_template(jinja.source, messages, add_generation_prompt, bos_token,
+                                    eos_token, jinja.where)
     system, turns = _split_system(template_name, messages)
     out = bos_token
     if template_name == "vicuna":
@@ -237,8 +266,12 @@ def chat_segments(template_name: str, messages: list[dict]) -> list[tuple[str, b
             for m in turns]
 
 
-def chat_token_ids(tokenizer, template_name: str, messages: list[dict]) -> list[int]:
-    """BOS + each segment tokenized on its own, EOS after every response: the ids training saw."""
+def chat_token_ids(tokenizer, template_name, messages: list[dict]) -> list[int]:
+    """BOS + each segment tokenized on its own, EOS after every response: the ids training saw. A
+    Jinja template (a model's own, ChatML) gives its rendering's ids, the generation prompt last
+    (chat_template.template_token_ids), as training tokenized it too."""
+    if (jinja := as_jinja(template_name)) is not None:
+        return template_token_ids(tokenizer, jinja.source, messages, True, jinja.where)[0]
     ids = [tokenizer.bos_id]
     for text, is_response in chat_segments(template_name, messages):
         ids += tokenizer.encode(text, bos=False, eos=is_response)
@@ -255,21 +288,30 @@ def trained_template(configured: str, kinds) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def write_template_record(dirpath, template_name: str):
-    """Record the template a model was fine-tuned with,
-    so export and `generate.py --chat` use it."""
-    _check(template_name)
-    atomic_write_bytes(Path(dirpath) / TEMPLATE_RECORD,
-                       (json.dumps({"template": template_name}) + "\n").encode())
+def write_template_record(dirpath, template):
+    """Record the template a model was fine-tuned with, so export, adapters and
+    `generate.py --chat` use it: {"template": name}, or for Jinja (a model's own)
+    {"template": "jinja", "chat_template": source}."""
+    if isinstance(template, JinjaTemplate):
+        record = {"template": "jinja", "chat_template": template.source}
+    else:
+        _check(template)
+        record = {"template": template}
+    atomic_write_bytes(Path(dirpath) / TEMPLATE_RECORD, (json.dumps(record) + "\n").encode())
 
 
-def read_template_record(*dirs) -> str | None:
-    """The template recorded in the first of `dirs` that holds a prompt_template.json, or None."""
+def read_template_record(*dirs) -> str | JinjaTemplate | None:
+    """The template recorded in the first of `dirs` that holds a prompt_template.json (a name or a
+    JinjaTemplate), or None."""
     for d in dirs:
         path = Path(d) / TEMPLATE_RECORD if d is not None else None
         if path is not None and path.is_file():
-            name = read_json_object(path, "prompt template record").get("template")
+            record = read_json_object(path, "prompt template record")
+            name = record.get("template")
+            if name == "jinja" and isinstance(record.get("chat_template"), str):
+                return JinjaTemplate(record["chat_template"], f"{path}: chat_template")
             if name not in TEMPLATES:
-                raise ValueError(f"{path}: template {name!r} is not one of {list(TEMPLATES)}")
+                raise ValueError(f"{path}: template {name!r} is not one of "
+                                 f"{[*TEMPLATES, 'jinja']} (jinja with a chat_template string)")
             return name
     return None

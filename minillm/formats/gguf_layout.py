@@ -36,6 +36,11 @@ NUMPY = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4", 
  TOKEN_BYTE) = 1, 2, 3, 4, 5, 6
 
 
+# llama.cpp's per-frequency RoPE divisors (Llama 3's scaling, model.llama3_rope_divisors): a
+# float32 (head_dim / 2,) tensor that convert_hf_to_gguf.py writes; not a parameter of the model
+ROPE_FREQS = "rope_freqs.weight"
+
+
 def align(n: int, alignment: int) -> int:
     """n rounded up to a multiple of `alignment`."""
     return (n + alignment - 1) // alignment * alignment
@@ -53,6 +58,12 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.k_proj.weight"] = (kv_rows, D)
         shapes[p + "self_attn.v_proj.weight"] = (kv_rows, D)
         shapes[p + "self_attn.o_proj.weight"] = (D, q_rows)
+        if config.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q_rows,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_rows,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_rows,)
+        if config.attention_out_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (D,)
         shapes[p + "post_attention_layernorm.weight"] = (D,)
         shapes[p + "mlp.gate_proj.weight"] = (F, D)
         shapes[p + "mlp.up_proj.weight"] = (F, D)

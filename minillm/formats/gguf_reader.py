@@ -12,6 +12,8 @@ HF's rotate-half rows) and a SentencePiece model rebuilt from the tokenizer.ggml
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import mmap
 import os
 import struct
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, check_llama3_scaling
 from minillm.formats.ggml_quants import GGML_TYPES, dequantize, type_name
 from minillm.formats.gguf_layout import (
     ARRAY,
@@ -33,6 +35,7 @@ from minillm.formats.gguf_layout import (
     GGUF_VERSION,
     INT32,
     NUMPY,
+    ROPE_FREQS,
     STRING,
     STRUCT,
     UINT8,
@@ -42,6 +45,7 @@ from minillm.formats.gguf_layout import (
     align,
     expected_shapes,
 )
+from minillm.model import llama3_rope_divisors, rope_inv_freq
 from minillm.names import gguf_to_ours, interleaved_to_hf, is_rope_rotated, ours_to_gguf
 from minillm.tokenizer.spm_proto import bpe_model_proto
 
@@ -254,41 +258,76 @@ def _short_float(x: float) -> float:
 def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], bytes]:
     """(config, float32 state dict with our keys and HF-layout q/k, SentencePiece model bytes;
     b"" for a byte-level BPE vocabulary, which tokenizer/bpe_files.py reads from the metadata)."""
+    config, state = load_gguf_weights(path)
     g = read_gguf(path)
+    is_bpe = g.metadata.get("tokenizer.ggml.model") == "gpt2"
+    return config, state, b"" if is_bpe else sentencepiece_model_from_gguf(g)
+
+
+# llama.cpp's architectures with a minillm Llama's maths; qwen2 (biases on q/k/v) uses NEOX RoPE, so
+# its converter writes q/k rows unpermuted
+GGUF_ARCHS = ("llama", "qwen2")
+
+
+def _gguf_config(g: GGUFFile) -> ModelConfig:
+    """The ModelConfig in a llama.cpp Llama's (or Qwen2's: the same keys under "qwen2.")
+    metadata (untrusted: config.check_model_values bounds the sizes and rejects NaN / zero /
+    negative epsilon and RoPE base, naming the GGUF key)."""
     arch = _require(g, "general.architecture", STRING)
-    if arch != "llama":
-        raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads only 'llama'")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{g.path}: general.architecture is {arch!r}, minillm loads "
+                         f"{' and '.join(map(repr, GGUF_ARCHS))}")
     tokens = _require(g, "tokenizer.ggml.tokens", ARRAY, STRING)
-    # untrusted metadata: config.check_model_values bounds the sizes and rejects NaN / zero /
-    # negative epsilon and RoPE base, naming the GGUF key
-    keys = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
-            "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
-            "hidden_dim": "llama.feed_forward_length", "vocab_size": "tokenizer.ggml.tokens",
-            "max_seq_len": "llama.context_length",
-            "norm_eps": "llama.attention.layer_norm_rms_epsilon",
-            "rope_theta": "llama.rope.freq_base"}
+    keys = {"dim": f"{arch}.embedding_length", "n_layers": f"{arch}.block_count",
+            "n_heads": f"{arch}.attention.head_count",
+            "n_kv_heads": f"{arch}.attention.head_count_kv",
+            "hidden_dim": f"{arch}.feed_forward_length", "vocab_size": "tokenizer.ggml.tokens",
+            "max_seq_len": f"{arch}.context_length",
+            "norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+            "rope_theta": f"{arch}.rope.freq_base", "head_dim": f"{arch}.attention.key_length",
+            "attention_bias": "blk.0.attn_q.bias", "attention_out_bias": "blk.0.attn_output.bias"}
     values = {field: int(_require(g, key, UINT32)) for field, key in keys.items()
-              if field not in ("vocab_size", "norm_eps", "rope_theta")}
+              if field not in ("vocab_size", "norm_eps", "rope_theta", "head_dim")
+              and "bias" not in field}
     values |= dict(vocab_size=len(tokens), tie_embeddings="output.weight" not in g.tensors,
                    norm_eps=_short_float(_require(g, keys["norm_eps"], FLOAT32)),
-                   rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)))
+                   rope_theta=_short_float(_require(g, keys["rope_theta"], FLOAT32)),
+                   attention_bias="blk.0.attn_q.bias" in g.tensors,
+                   attention_out_bias="blk.0.attn_output.bias" in g.tensors)
+    if keys["head_dim"] in g.metadata:  # an explicit head width: k and v must agree
+        values["head_dim"] = int(_require(g, keys["head_dim"], UINT32))
+        value_dim = g.metadata.get(f"{arch}.attention.value_length", values["head_dim"])
+        if value_dim != values["head_dim"]:
+            raise ValueError(f"{g.path}: llama.attention.key_length = {values['head_dim']} and "
+                             f"value_length = {value_dim} differ (minillm's k and v heads match)")
     config = ModelConfig.from_metadata(values, keys, str(g.path))
-    # llama.cpp's RoPE scaling keys (convert_hf_to_gguf writes them for a scaled config.json):
-    # refused, as config.json's rope_scaling is, rather than loaded into a model that computes
-    # something else
-    scaling = g.metadata.get("llama.rope.scaling.type", "none")
+    # llama.cpp's other RoPE scaling keys (linear, YaRN) are refused, as config.json's are, rather
+    # than loaded into a model that computes something else; Llama 3's is the rope_freqs tensor
+    scaling = g.metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none":
         raise ValueError(f"{g.path}: llama.rope.scaling.type = {scaling!r}: "
-                         f"RoPE scaling is not supported (minillm implements plain RoPE)")
-    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+                         f"RoPE scaling is not supported (minillm implements plain RoPE and "
+                         f"Llama 3's rope_freqs)")
+    for key in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"):
         if g.metadata.get(key, 1.0) not in (0.0, 1.0):  # llama.cpp reads 0 as "not set"
             raise ValueError(f"{g.path}: {key} = {g.metadata[key]!r}: "
                              f"RoPE scaling is not supported")
-    rope_dims = _require(g, "llama.rope.dimension_count", UINT32)
+    rope_dims = _require(g, f"{arch}.rope.dimension_count", UINT32)
     if rope_dims != config.head_dim:
         raise ValueError(f"{g.path}: llama.rope.dimension_count is {rope_dims}, "
                          f"but minillm rotates the whole head ({config.head_dim} dims)")
+    if ROPE_FREQS in g.tensors:
+        scaling = llama3_scaling_from_divisors(g.tensor(ROPE_FREQS), config, str(g.path))
+        if scaling is not None:
+            config = dataclasses.replace(config, rope_scaling=scaling)
+    return config
 
+
+def load_gguf_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, float32 state dict with our keys and HF-layout q/k): the model alone, whatever
+    the tokenizer in the file."""
+    g = read_gguf(path)
+    config, arch = _gguf_config(g), g.metadata["general.architecture"]
     # 9 tensors per block; also guards a corrupt huge count
     if 9 * config.n_layers > len(g.tensors):
         raise ValueError(f"{g.path}: llama.block_count = {config.n_layers} but the file holds only "
@@ -296,6 +335,8 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
     shapes = expected_shapes(config)
     state: dict[str, torch.Tensor] = {}
     for name, info in g.tensors.items():
+        if name == ROPE_FREQS:
+            continue  # read into the config above
         try:
             key = gguf_to_ours(name)
         except KeyError:
@@ -304,16 +345,63 @@ def load_gguf_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, tor
             raise ValueError(f"{g.path}: tensor {name!r} has shape {info.shape}, expected "
                              f"{shapes.get(key)} for the config in the metadata")
         w = g.tensor(name)
-        if is_rope_rotated(key):
-            w = interleaved_to_hf(w, config.n_heads if key.endswith("q_proj.weight")
-                                  else config.n_kv_heads)
+        if is_rope_rotated(key) and arch == "llama":  # qwen2 rotates halves, as HF: unpermuted
+            w = interleaved_to_hf(w, config.n_heads if ".q_proj." in key else config.n_kv_heads)
         state[key] = w
     missing = [ours_to_gguf(k) for k in shapes if k not in state]
     if missing:
         raise ValueError(f"{g.path}: missing tensors "
                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    is_bpe = g.metadata.get("tokenizer.ggml.model") == "gpt2"
-    return config, state, b"" if is_bpe else sentencepiece_model_from_gguf(g)
+    return config, state
+
+
+def llama3_scaling_from_divisors(divisors: torch.Tensor, config: ModelConfig,
+                                 source: str) -> dict[str, float] | None:
+    """Llama 3's four scaling numbers back from llama.cpp's rope_freqs divisors (D/2,); None when
+    every divisor is 1 (plain RoPE).
+
+    The divisors depend only on two wavelength thresholds, L/low (longer: divided by factor) and
+    L/high (shorter: kept), so the numbers are recovered with low_freq_factor = 1 and L the long
+    threshold, a whole number when one fits: for Llama 3.1's values (L 8192, low 1) that is exact.
+    In the blend, s = (1/d − 1/factor) / (1 − 1/factor) is linear in 1/λ, s = A/λ + B, so two
+    blended frequencies give both thresholds; with fewer, any threshold in the gap they leave gives
+    the same divisors. Divisors that no Llama 3 scaling produces are refused.
+    """
+    half = config.head_dim // 2
+    if tuple(divisors.shape) != (half,):
+        raise ValueError(f"{source}: {ROPE_FREQS} has shape {tuple(divisors.shape)}, expected "
+                         f"({half},) for head_dim {config.head_dim}")
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta)
+    d, wavelen = divisors.double(), 2 * math.pi / inv_freq.double()  # (D/2,) each
+    factor = float(f"{float(d.max()):.6g}")
+    if factor <= 1 + 1e-6:
+        return None
+    kept, scaled = d <= 1 + 1e-6, d >= factor * (1 - 1e-6)
+    mid = ~kept & ~scaled
+    s = (1 / d - 1 / factor) / (1 - 1 / factor)  # the blend, where it applies
+    long_wl = float(wavelen[scaled].min()) if bool(scaled.any()) else 0.0
+    if int(mid.sum()) >= 2:
+        A, B = np.polyfit((1 / wavelen[mid]).numpy(), s[mid].numpy(), 1)
+        long_wl, short_wl = -A / B, A / (1 - B)
+    elif int(mid.sum()) == 1:
+        wl0, s0 = float(wavelen[mid][0]), float(s[mid][0])
+        long_wl = long_wl or 2 * wl0
+        long_wl = float(math.floor(long_wl)) if math.floor(long_wl) > wl0 else long_wl
+        short_wl = long_wl / (1 + (long_wl / wl0 - 1) / s0)
+    else:
+        short_wl = float(wavelen[kept].max()) if bool(kept.any()) else long_wl / 2
+    for old_len in (float(max(1, round(long_wl))), long_wl):
+        high = float(f"{old_len / short_wl:.6g}") if old_len != long_wl else long_wl / short_wl
+        scaling = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+                   "original_max_position_embeddings": old_len}
+        try:
+            check_llama3_scaling(scaling, ROPE_FREQS)
+        except ValueError:
+            continue
+        if torch.allclose(llama3_rope_divisors(inv_freq, scaling), divisors.float(), rtol=1e-5):
+            return scaling
+    raise ValueError(f"{source}: {ROPE_FREQS} holds divisors {divisors[:4].tolist()}… that "
+                     f"are not Llama 3's RoPE scaling (the only kind minillm implements)")
 
 
 def sentencepiece_model_from_gguf(g: GGUFFile) -> bytes:

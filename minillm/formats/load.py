@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minillm.formats.gguf_reader import load_gguf_model, read_gguf, sentencepiece_model_from_gguf
+from minillm.formats.gguf_reader import load_gguf_weights, read_gguf, sentencepiece_model_from_gguf
 from minillm.formats.hf import load_hf
 from minillm.formats.meta import load_meta
 from minillm.formats.native import MINILLM_CONFIG, load_minillm
@@ -52,7 +52,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu", linear_hook=None) -
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a checkpoint file must be .gguf; "
                              f"for HF/minillm weights pass the directory")
-        cfg, state, _ = load_gguf_model(path)
+        cfg, state = load_gguf_weights(path)
         with torch.device("meta"):
             model = Llama(cfg)
         tensors = ((str(path), k, t) for k, t in state.items())

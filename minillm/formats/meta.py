@@ -50,7 +50,12 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
 
 def meta_params(cfg: ModelConfig) -> dict:
     """params.json for cfg, with multiple_of / ffn_dim_multiplier chosen so Meta's formula gives
-    hidden_dim."""
+    hidden_dim. Meta's layout has no biases, no explicit head width and (in this writer) no RoPE
+    scaling: a model with any of them is refused."""
+    if (cfg.attention_bias or cfg.attention_out_bias or cfg.rope_scaling is not None
+            or cfg.head_dim != cfg.dim // cfg.n_heads):
+        raise ValueError("Meta's params.json cannot hold attention biases, an explicit head_dim "
+                         "or RoPE scaling: export this model as GGUF or HF instead")
     multiple_of, mult = 256, None
     if meta_hidden_dim(cfg.dim, 256, None) != cfg.hidden_dim:
         multiple_of = cfg.hidden_dim  # round up to hidden_dim itself…

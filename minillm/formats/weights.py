@@ -121,6 +121,18 @@ def _set_param(model: nn.Module, key: str, tensor: torch.Tensor):
     module._parameters[name] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
 
 
+def _set_bias(model: nn.Module, key: str, tensor: torch.Tensor):
+    """A projection's bias (Qwen2's q/k/v), set after every weight: a linear_hook may have swapped
+    the nn.Linear for a quantized layer, which keeps its bias as a float32 buffer."""
+    module = model.get_submodule(key.removesuffix(".bias"))
+    if isinstance(module, nn.Linear):
+        _set_param(model, key, tensor)
+        return
+    if "bias" not in module._buffers:
+        del module.bias  # the layer was built without one (a plain None attribute)
+    module.register_buffer("bias", tensor.float())
+
+
 def fill_model(
     model: Llama,
     tensors: Iterator[tuple[str, str, torch.Tensor]],
@@ -145,7 +157,7 @@ def fill_model(
     """
     expected = {k: p.shape for k, p in model.named_parameters()}  # a tied lm_head is not listed
     seen: dict[str, str] = {}
-    tied_head = None
+    tied_head, biases = None, {}
     for source, key, t in tensors:
         if key.endswith("rotary_emb.inv_freq"):
             continue  # old HF checkpoints saved the RoPE frequencies; we compute them
@@ -165,9 +177,14 @@ def fill_model(
                              f"expected a floating point tensor")
         seen[key] = source
         check_finite(t, source, name_in_file(key))
+        if key.endswith("_proj.bias"):  # after the weights, whatever their order in the file
+            biases[key] = t
+            continue
         if linear_hook is not None and linear_hook(model, key, t):
             continue
         _set_param(model, key, t.to(device=device, dtype=dtype))
+    for key, t in biases.items():
+        _set_bias(model, key, t.to(device=device, dtype=dtype))
     missing = [k for k in expected if k not in seen]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""

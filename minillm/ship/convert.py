@@ -21,6 +21,7 @@ partial output behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from minillm.data.chat_template import JinjaTemplate, model_template
 from minillm.data.templates import JINJA, TEMPLATES, read_template_record
 from minillm.formats.hf import save_hf
+from minillm.formats.known_models import resolve_checkpoint
 from minillm.formats.load import load_pretrained, load_tokenizer
 from minillm.formats.meta import save_meta
 from minillm.model import Llama
@@ -152,9 +155,16 @@ def check_output(cfg: ExportConfig, out: Path):
 
 def chat_template(cfg: ExportConfig) -> str | None:
     """The Jinja chat template to ship: --template, else the adapter's or checkpoint's recorded
-    one."""
+    one (a name, or a model's own Jinja that a fine-tune recorded), else the template the
+    checkpoint itself ships (a GGUF's tokenizer.chat_template, an HF tokenizer_config.json's)."""
     dirs = [d for d in (cfg.adapter, cfg.checkpoint) if d is not None and Path(d).is_dir()]
     name = cfg.template or read_template_record(*dirs)
+    if isinstance(name, JinjaTemplate):
+        print(f"chat template: the model's own ({name.where})")
+        return name.source
+    if name is None and (own := model_template(cfg.checkpoint)) is not None:
+        print(f"chat template: the model's own ({own.where})")
+        return own.source
     if name is not None:
         print(f"chat template: {name}"
               + ("" if name in JINJA else " (plain completion: no chat template)"))
@@ -193,6 +203,8 @@ def _export_lora_gguf(cfg: ExportConfig, out: Path) -> Path:
 
 def export(cfg: ExportConfig) -> Path:
     """Run one export; returns the written path."""
+    # a known model's name stands for its cached file (fetched on first use)
+    cfg = dataclasses.replace(cfg, checkpoint=str(resolve_checkpoint(cfg.checkpoint)))
     out = Path(cfg.out)
     check_output(cfg, out)
     if cfg.format == "gguf-lora":

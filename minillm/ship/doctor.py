@@ -174,7 +174,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def qk_layout(key: str, w_file: torch.Tensor, w_hf: torch.Tensor,
               cfg: ModelConfig) -> tuple[str, float]:
     """(name of the closest candidate layout, its relative error) for one attn_q / attn_k."""
-    heads = cfg.n_heads if key.endswith("q_proj.weight") else cfg.n_kv_heads
+    heads = cfg.n_heads if ".q_proj." in key else cfg.n_kv_heads
     once = hf_to_interleaved(w_hf, heads)
     candidates = {"permuted once (correct)": once, "unpermuted (HF's rotate-half rows)": w_hf,
                   "permuted twice": hf_to_interleaved(once, heads)}
@@ -222,7 +222,7 @@ def check_tensors(g: GGUFFile, hf: dict[str, torch.Tensor], cfg: ModelConfig, r:
             layouts.setdefault(layout, []).append(name)
             if not layout.startswith("permuted once"):
                 continue  # reported once, as a layout fault, below
-            w = interleaved_to_hf(w, cfg.n_heads if key.endswith("q_proj.weight")
+            w = interleaved_to_hf(w, cfg.n_heads if ".q_proj." in key
                                   else cfg.n_kv_heads)
         err, tol = rel_err(w, ref), tolerance(info.ggml_type)
         compared += 1

@@ -35,6 +35,7 @@ Choices that follow llama.cpp's `convert_hf_to_gguf.py` (and `llama-quantize` fo
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import sys
@@ -70,6 +71,7 @@ from minillm.formats.gguf_layout import (
     GGUF_VERSION,
     INT32,
     NUMPY,
+    ROPE_FREQS,
     STRING,
     STRUCT,
     TOKEN_BYTE,
@@ -84,6 +86,7 @@ from minillm.formats.gguf_layout import (
 )
 from minillm.formats.gguf_reader import read_gguf
 from minillm.formats.weights import check_finite
+from minillm.model import llama3_rope_divisors, rope_inv_freq
 from minillm.names import hf_to_interleaved, is_rope_rotated, ours_to_gguf
 from minillm.ship import quant_mix
 from minillm.ship.gguf_bpe import bpe_tokenizer_metadata
@@ -129,7 +132,11 @@ def plan_tensors(config: ModelConfig, outtype: str,
         raise ValueError(f"unknown GGUF outtype {outtype!r}; expected one of {sorted(OUTTYPES)}")
     target = OUTTYPES[outtype][0]
     plans, offset = [], 0
-    for key, shape in expected_shapes(config).items():
+    shapes = expected_shapes(config)
+    if config.rope_scaling is not None:  # first, where llama.cpp's converter puts it
+        shapes = {ROPE_FREQS: (config.head_dim // 2,)} | shapes
+    for key, shape in shapes.items():
+        name = ROPE_FREQS if key == ROPE_FREQS else ours_to_gguf(key)
         if len(shape) == 1:
             ggml_type = GGML_F32  # norms stay F32 in every llama.cpp file type
         elif outtype in MIXES:
@@ -152,7 +159,7 @@ def plan_tensors(config: ModelConfig, outtype: str,
                 ggml_type = GGML_F16
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         nbytes = rows * row_bytes(ggml_type, shape[-1])
-        plans.append(TensorPlan(key, ours_to_gguf(key), shape, ggml_type, offset, nbytes))
+        plans.append(TensorPlan(key, name, shape, ggml_type, offset, nbytes))
         offset = align(offset + nbytes, alignment)
     return plans
 
@@ -250,7 +257,11 @@ def llama_metadata(config: ModelConfig, outtype: str, name: str) -> list[tuple]:
         ("llama.attention.head_count_kv", UINT32, config.n_kv_heads),
         ("llama.attention.layer_norm_rms_epsilon", FLOAT32, config.norm_eps),
         ("llama.rope.freq_base", FLOAT32, config.rope_theta),
-    ]
+    ] + ([] if config.head_dim == config.dim // config.n_heads else [
+        # an explicit head width (llama.cpp otherwise takes embedding_length / head_count)
+        ("llama.attention.key_length", UINT32, config.head_dim),
+        ("llama.attention.value_length", UINT32, config.head_dim),
+    ])
 
 
 # Every GGUF minillm writes names it as the writer, so a later export may replace it, and only it
@@ -330,6 +341,10 @@ def write_gguf(
     # tied: llama.cpp reuses token_embd.weight for the logits (no output.weight)
     if config.tie_embeddings:
         stream = ((key, tensor) for key, tensor in stream if key != "lm_head.weight")
+    if config.rope_scaling is not None:
+        divisors = llama3_rope_divisors(rope_inv_freq(config.head_dim, config.rope_theta),
+                                        config.rope_scaling)
+        stream = itertools.chain([(ROPE_FREQS, divisors)], stream)
 
     with atomic_write(path) as f:  # on any error below, the old file stays and no temp file is left
         f.write(header)
@@ -365,7 +380,7 @@ def _write_tensor(f, key: str, tensor: torch.Tensor, p: TensorPlan, config: Mode
     returns its RMS error against the f32 values."""
     w = tensor.detach().cpu()
     if is_rope_rotated(key):
-        heads = config.n_heads if key.endswith("q_proj.weight") else config.n_kv_heads
+        heads = config.n_heads if ".q_proj." in key else config.n_kv_heads
         # rotate-half rows -> interleaved pairs, as llama.cpp's RoPE wants
         w = hf_to_interleaved(w, heads)
     w = w.reshape(-1, p.shape[-1])  # (rows, K); 1-D tensors become one row

@@ -326,6 +326,9 @@ def _replace(obj, nested: dict, source: str):
             and obj.n_kv_heads == obj.n_heads:
         # plain multi-head stays plain: None resolves to the new n_heads
         changes["n_kv_heads"] = None
+    if isinstance(obj, ModelConfig) and {"dim", "n_heads"} & set(changes) \
+            and "head_dim" not in changes and obj.head_dim == obj.dim // obj.n_heads:
+        changes["head_dim"] = None  # a derived head width follows the new dim / n_heads
     try:
         # re-runs __post_init__: cross-field checks apply
         return dataclasses.replace(obj, **changes)

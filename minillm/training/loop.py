@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm.config import ModelConfig
+from minillm.data.chat_template import JinjaTemplate, model_template
 from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
 from minillm.data.pretrain import (
     CACHE_FILES,
@@ -65,6 +66,7 @@ from minillm.data.pretrain import (
 from minillm.data.templates import (
     TEMPLATE_RECORD,
     format_prompt,
+    read_template_record,
     trained_template,
     write_template_record,
 )
@@ -73,7 +75,8 @@ from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
-from minillm.formats.load import load_pretrained, model_width, open_tokenizer
+from minillm.formats.known_models import resolve_checkpoint
+from minillm.formats.load import load_pretrained, load_tokenizer, model_width, open_tokenizer
 from minillm.formats.native import save_model
 from minillm.model import Llama
 from minillm.tokenizer.sentencepiece import Tokenizer
@@ -283,8 +286,8 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
     if cfg.data.tokenizer:
         tokenizer = open_tokenizer(cfg.data.tokenizer)
     elif cfg.init_from != "scratch":
-        # a checkpoint directory holds its tokenizer.model (or a BPE model's tokenizer.json)
-        tokenizer = open_tokenizer(cfg.init_from)
+        # the checkpoint's own: tokenizer.model or tokenizer.json beside it, or a GGUF's vocabulary
+        tokenizer = load_tokenizer(resolve_checkpoint(cfg.init_from))
     else:
         tokenizer = None
     # appended as USER_DEFINED pieces; build_model grows the model to match
@@ -304,7 +307,13 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
 
             ds = build_stdlib_dataset(Path(cfg.data.cache_dir))
             paths, test_paths = ds.train_path, ds.test_path
-        data = load_instruct_data(paths, tokenizer, cfg.data.template or None,
+        # data.template, else the template the init checkpoint records (a minillm fine-tune) or
+        # ships (a model's own chat template), else the format's default
+        template = cfg.data.template or None
+        if template is None and cfg.init_from != "scratch":
+            init = resolve_checkpoint(cfg.init_from)
+            template = read_template_record(init if init.is_dir() else None) or model_template(init)
+        data = load_instruct_data(paths, tokenizer, template,
                                   cfg.data.instruct_format, cfg.block_size,
                                   cfg.data.train_on_inputs, cfg.data.val_frac,
                                   test_paths=test_paths, seed=cfg.data.seed)
@@ -314,7 +323,11 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
                              f"NaN); raise data.val_frac")
         if verbose:
             print(data.summary())
-            template = trained_template(cfg.data.template, [e.example.kind for e in data.train])
+            kinds = [e.example.kind for e in data.train]
+            if isinstance(template, JinjaTemplate):  # the model's own: every chat example used it
+                template = template if set(kinds) - {"completion"} else None
+            else:
+                template = trained_template(template or "", kinds)
             # export ships it as a chat template; generate.py --chat uses it
             if template is not None:
                 write_template_record(cfg.out_dir, template)
@@ -343,7 +356,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         return Llama(cfg.model).to(device)
     new_rows = len(cfg.finetune.new_tokens)  # pieces prepare_data appended to the tokenizer
     if method == "full":
-        model = load_pretrained(cfg.init_from, dtype=torch.float32, device=device).train()
+        model = load_pretrained(resolve_checkpoint(cfg.init_from), dtype=torch.float32,
+                                device=device).train()
         resize_vocab(model, model.config.vocab_size + new_rows)
         return model
     hook = None  # lora: the base in `dtype`; qlora / lora8: quantized as it streams in
@@ -351,7 +365,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         hook = nf4_hook(double_quant=cfg.finetune.double_quant, compute_dtype=dtype, device=device)
     elif method == "lora8":
         hook = int8_hook(threshold=cfg.finetune.int8_threshold, compute_dtype=dtype, device=device)
-    model = load_pretrained(cfg.init_from, dtype=dtype, device=device, linear_hook=hook)
+    model = load_pretrained(resolve_checkpoint(cfg.init_from), dtype=dtype, device=device,
+                            linear_hook=hook)
     resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
     add_adapters(model, cfg)
     return model.train()
@@ -501,7 +516,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     master = rank == 0
     sharded = cfg.distributed == "fsdp"  # FSDP2: every rank holds 1/W of the model
     device = pick_device(cfg.device, local_rank, world_size)
-    width = cfg.model.dim if cfg.init_from == "scratch" else model_width(cfg.init_from)
+    width = (cfg.model.dim if cfg.init_from == "scratch"
+             else model_width(resolve_checkpoint(cfg.init_from)))
     dtype = pick_dtype(cfg.dtype, device, training=True, width=width)
     if device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)

@@ -10,6 +10,7 @@ annotation is the string "int | None", not a type), and a value must have exactl
     float          3.5 ok; 3 is widened to 3.0 (JSON and TOML write 10000.0 as 10000)
     bool, str      exact
     list[str]      a list whose items are all str
+    dict[str, float]  an object of str keys whose values are each a float (ints widened)
     X | None       None, or a value of type X
 
 Range and cross-field checks (a positive dim, heads dividing it) stay with each dataclass's
@@ -45,6 +46,10 @@ def check_value(key: str, value: Any, tp: Any, source: str) -> Any:
             raise TypeError(f"{source}: {key} must be a list of {args[0].__name__}, "
                             f"found {value!r}")
         return list(value)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, args[0]) for k in value):
+            raise TypeError(f"{source}: {key} must be an object, found {value!r}")
+        return {k: check_value(f"{key}.{k}", v, args[1], source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not tp:  # exact: True is not an int here, 3 is not a str
