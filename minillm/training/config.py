@@ -302,6 +302,8 @@ class TrainConfig:
                "starts from a trained model)")
         _check("data.packing", self.data.packing, not self.data.packing,
                "false with data.format = 'preference' (each response needs its own log-prob)")
+        _check("preference.max_length", p.max_length, p.max_length <= self.block_size + 1,
+               f"<= block_size + 1 = {self.block_size + 1} ids (block_size positions)")
         reference = p.loss in ("dpo", "ipo", "hinge")
         _check("preference.precompute_ref", p.precompute_ref,
                not p.precompute_ref or reference, "false with a reference-free loss")

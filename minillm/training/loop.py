@@ -620,6 +620,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
     if cfg.compile and not sharded:  # FSDP compiled each block
         model = torch.compile(model)
     if world_size > 1 and not sharded:
+        # DDP broadcasts rank 0's buffers at every forward: the RoPE tables must not differ in
+        # length because the ranks' first batches did (padded per batch)
+        raw_model.grow_rope(cfg.block_size)
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # ---- logging ---------------------------------------------------------------------------------

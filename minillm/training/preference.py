@@ -46,6 +46,7 @@ from minillm.data.preference import (
     get_preference_batch,
     iter_pair_batches,
 )
+from minillm.data.pretrain import CACHE_FILES
 from minillm.finetune.adapters import lora_disabled
 from minillm.training.loss import CHUNK_ELEMENTS, at_least_float32
 from minillm.training.preference_loss import (
@@ -56,7 +57,7 @@ from minillm.training.preference_loss import (
     orpo_loss,
     simpo_loss,
 )
-from minillm.util.fileio import atomic_write_bytes
+from minillm.util.fileio import atomic_write_bytes, claim_directory
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -263,6 +264,7 @@ class PreferencePairs:
                 tables[split] = torch.cat(rows) if rows else torch.zeros(0, 2)
             start.train(was)
         if rank == 0:
+            claim_directory(path.parent, "data cache", legacy=CACHE_FILES)
             buf = io.BytesIO()
             torch.save(tables, buf)
             atomic_write_bytes(path, buf.getvalue())
