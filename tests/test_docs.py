@@ -62,10 +62,10 @@ EXPECTED = {
     ("docs/04-instruction-data.md", 0): ["train |", "short-answer", "False), (", "True)]"],
     ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)", "lora8)",
                                        "adapter_config.json adapter_model.safetensors"],
-    ("docs/07-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
-    ("docs/09-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
+    ("docs/08-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
+    ("docs/10-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
                                     "| dequantize | 64x130 | bfloat16 | 0 | ✅ |"],
-    ("docs/08-scaling-up.md", 0): ["total 16.04 GiB (3.96 GiB with checkpointing)",
+    ("docs/09-scaling-up.md", 0): ["total 16.04 GiB (3.96 GiB with checkpointing)",
                                    "total 39.26 GiB (19.13 GiB with checkpointing)"],
 }
 

@@ -1,4 +1,4 @@
-"""Shipping (docs chapter 7): merge the adapter, convert, quantize, check.
+"""Shipping (docs chapter 8): merge the adapter, convert, quantize, check.
 
     gguf_writer.py   a Llama + its tokenizer as a GGUF llama.cpp loads, streamed and atomic
     quant_mix.py     llama-quantize's per-tensor type rules (Q4_K_M, Q5_K_M, ...)

@@ -1,4 +1,4 @@
-"""Training (docs chapters 3 and 8): the loop and what it needs.
+"""Training (docs chapters 3 and 9): the loop and what it needs.
 
     config.py       TrainConfig: every number a run depends on, with strict TOML / flag overrides
     schedulers.py   the LR schedules, as pure functions of the step
