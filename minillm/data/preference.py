@@ -336,3 +336,4 @@ def build_stdlib_preferences(cache_dir: str | Path) -> tuple[Path, Path]:
         atomic_write_bytes(dst, data.encode())
     atomic_write_bytes(meta_path, (json.dumps(key) + "\n").encode())
     return paths
+
