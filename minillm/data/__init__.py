@@ -5,4 +5,5 @@ into masked, padded or packed batches.
     templates.py  prompt and chat templates (alpaca, vicuna), in Python and as the Jinja we ship
     instruct.py   Alpaca / ShareGPT / completion records -> tokens with a loss mask -> batches
     stdlib_qa.py  the embedded question/answer set built from the standard library's source
+    preference.py TRL's preference records -> truncated [chosen; rejected] batches; stdlib pairs
 """
