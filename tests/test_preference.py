@@ -132,6 +132,17 @@ def test_standard_and_conversational_records(tok, tmp_path):
     assert tc.rejected_ids == tok.encode("dumps", bos=False, eos=True)
 
 
+def test_implicit_prompts_are_extracted_as_trl_does(tmp_path):
+    turn = [{"role": "user", "content": "What color is the sky?"}]
+    path = _jsonl(tmp_path / "implicit.jsonl", [
+        dict(chosen=turn + [{"role": "assistant", "content": "It is blue."}],
+             rejected=turn + [{"role": "assistant", "content": "It is green."}]),
+        dict(chosen="The sky is blue.", rejected="The sky is green.")])
+    conv, std = read_pairs(path)
+    assert (conv.prompt, conv.chosen, conv.rejected) == (turn, "It is blue.", "It is green.")
+    assert (std.prompt, std.chosen, std.rejected) == ("The sky is", " blue.", " green.")
+
+
 @pytest.mark.parametrize("line, expected", [
     ('{"prompt": "q", "chosen": "a"}', r"bad.jsonl:2: preference record is missing \['rejected'\]"),
     ('{"prompt": "q", "chosen": "a", "rejected": 3}', r"bad.jsonl:2: 'rejected' must be a string"),

@@ -10,6 +10,9 @@ Formats (one JSON array, or JSONL with one object per line), TRL's "standard" an
                      "chosen": [{"role": "assistant", "content": str}],
                      "rejected": [{"role": "assistant", "content": str}]}
 
+and TRL's implicit-prompt form of both (no "prompt"; or chosen / rejected conversations that open
+with the prompt's turns, as in UltraFeedback): their common prefix is the prompt (extract_prompt).
+
 Other string fields (e.g. "kind") are kept in `meta`. A bad record raises one ValueError naming
 the file and its line (`pairs.jsonl:7`) or array index (`pairs.json[6]`).
 
@@ -116,13 +119,36 @@ def _response(value, where: str, key: str, conversational: bool) -> str:
     return text
 
 
+def extract_prompt(rec: dict) -> dict:
+    """TRL's implicit-prompt form ({"chosen", "rejected"} that both start with the prompt) made
+    explicit, as trl.data_utils.extract_prompt does: the longest common prefix (of messages, or of
+    characters, less a space before the split) becomes the prompt, appended to any given one."""
+    chosen, rejected = rec["chosen"], rec["rejected"]
+    if type(chosen) is not type(rejected) or not isinstance(chosen, (str, list)):
+        return rec
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if isinstance(chosen, str) and idx and chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    head = rec.get("prompt", [] if isinstance(chosen, list) else "")
+    if type(head) is not type(chosen):
+        return rec
+    return dict(rec, prompt=head + chosen[:idx], chosen=chosen[idx:], rejected=rejected[idx:])
+
+
 def parse_pair(rec, where: str) -> PreferencePair:
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, found {type(rec).__name__}")
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
+    missing = [k for k in ("chosen", "rejected") if k not in rec]
     if missing:
         raise ValueError(f"{where}: preference record is missing {missing}; expected keys "
                          f"'prompt', 'chosen', 'rejected', found {sorted(rec)}")
+    implicit = "prompt" not in rec or (isinstance(rec["chosen"], list)
+                                       and len(rec["chosen"]) > 1)
+    if implicit:  # the prompt is inside chosen and rejected (TRL's implicit-prompt records)
+        rec = extract_prompt(rec)
     prompt = rec["prompt"]
     conversational = isinstance(prompt, list)
     if conversational:

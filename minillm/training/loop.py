@@ -413,7 +413,9 @@ def check_micro_batch_fits(cfg: TrainConfig, model_cfg, device, dtype, world_siz
     """Refuse a batch the machine cannot hold (training/flops.py's estimate of one micro-batch's
     activations, gradients and optimizer state, those two sharded 1/W under FSDP, which also
     gathers whole blocks), before the first step allocates it."""
-    est = estimate(model_cfg, cfg.finetune.method, cfg.batch_size // world_size, cfg.block_size,
+    rows = 2 if cfg.data.format == "preference" else 1  # a pair is two sequences
+    est = estimate(model_cfg, cfg.finetune.method, rows * cfg.batch_size // world_size,
+                   cfg.block_size,
                    cfg.finetune.lora_r, tuple(cfg.finetune.lora_targets),
                    act_bytes=torch.empty(0, dtype=dtype).element_size(),
                    double_quant=cfg.finetune.double_quant)
