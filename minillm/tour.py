@@ -200,7 +200,7 @@ def evaluate(t: Tour):
 
 
 def export_gguf(t: Tour):
-    banner(5, "merge the LoRA adapter and export GGUF q8_0 and q4_0 (docs/07-shipping.md)")
+    banner(5, "merge the LoRA adapter and export GGUF q8_0 and q4_0 (docs/08-shipping.md)")
     for outtype in ("q8_0", "q4_0"):
         cfg = ExportConfig(checkpoint=str(t.base), adapter=str(t.out / "lora" / "adapter"),
                            outtype=outtype, out=str(t.out / f"tour-lora-{outtype}.gguf"))
@@ -231,7 +231,7 @@ def generate_from_gguf(t: Tour):
 
 def fidelity(t: Tour):
     banner(7, "the fidelity ledger: what each step from adapter to GGUF costs "
-              "(docs/07-shipping.md)")
+              "(docs/08-shipping.md)")
     adapter = t.out / "lora" / "adapter"
     t.ledger = fidelity_ledger(t.base, adapter, t.tokenized, t.tokenizer.pad_id, t.out)
     print(f"python3 run.py ledger --base {t.base} --adapter {adapter} "

@@ -62,10 +62,10 @@ EXPECTED = {
     ("docs/04-instruction-data.md", 0): ["train |", "short-answer", "False), (", "True)]"],
     ("docs/05-lora-and-qlora.md", 0): ["lora)", "qlora)", "lora8)",
                                        "adapter_config.json adapter_model.safetensors"],
-    ("docs/07-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
-    ("docs/09-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
+    ("docs/08-shipping.md", 0): ["wrote", ".gguf", "38 tensors; 2 32"],
+    ("docs/10-nf4-kernels.md", 0): ["| quantize | 37x129 | float32 | 0 | ✅ |",
                                     "| dequantize | 64x130 | bfloat16 | 0 | ✅ |"],
-    ("docs/08-scaling-up.md", 0): ["total 15.59 GiB (3.52 GiB with checkpointing)",
+    ("docs/09-scaling-up.md", 0): ["total 15.59 GiB (3.52 GiB with checkpointing)",
                                    "total 37.39 GiB (17.25 GiB with checkpointing)"],
 }
 
@@ -78,7 +78,7 @@ def docs_tmp(tmp_path_factory) -> Path:
 def test_docs_exist_and_have_runnable_commands():
     names = {p.name for p in DOCS}
     chapters = sorted(n for n in names if re.match(r"\d\d-", n))
-    assert len(chapters) == 9 and "README.md" in names, sorted(names)
+    assert len(chapters) == 10 and "README.md" in names, sorted(names)
     index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
     for chapter in chapters:
         assert f"({chapter})" in index, f"docs/README.md does not link {chapter}"

@@ -6,4 +6,5 @@ into masked, padded or packed batches.
     chat_template.py  a model's own Jinja chat template: read, rendered in a sandbox, masked
     instruct.py   Alpaca / ShareGPT / completion records -> tokens with a loss mask -> batches
     stdlib_qa.py  the embedded question/answer set built from the standard library's source
+    preference.py TRL's preference records -> truncated [chosen; rejected] batches; stdlib pairs
 """

@@ -233,12 +233,21 @@ def main(argv=None):
     ap.add_argument("--root", default=None,
                     help="stdlib directory to read (default: this interpreter's)")
     ap.add_argument("--force", action="store_true", help="rebuild even if a matching cache exists")
+    ap.add_argument("--preference", action="store_true",
+                    help="also write the preference pairs stdlib_pref_{train,test}.jsonl (chosen: "
+                         "the right answer, rejected: a plausible wrong one; data/preference.py)")
     args = ap.parse_args(argv)
     ds = build_stdlib_dataset(args.out, args.test_frac, args.root, args.force)
     m = ds.meta
     print(f"{ds.train_path}: {m['n_train']:,d} train | {ds.test_path}: {m['n_test']:,d} test "
           f"({m['n_test_short']:,d} short-answer) | {m['modules']} modules, "
           f"{m['symbols']:,d} symbols, {m['unparsable']} unparsable")
+    if args.preference:
+        from minillm.data.preference import build_stdlib_preferences
+
+        for path in build_stdlib_preferences(args.out):
+            n = sum(1 for line in path.read_text().splitlines() if line)
+            print(f"{path}: {n:,d} preference pairs")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checkpoints in and out (docs chapters 2 and 7): every file layout minillm reads, and the writers
+"""Checkpoints in and out (docs chapters 2 and 8): every file layout minillm reads, and the writers
 of the directory formats. The GGUF writer, which quantizes, lives in ship/.
 
     weights.py       reading .bin / .safetensors shards safely; filling a meta-device model

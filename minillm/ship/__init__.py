@@ -1,4 +1,4 @@
-"""Shipping (docs chapter 7): merge the adapter, convert, quantize, check.
+"""Shipping (docs chapter 8): merge the adapter, convert, quantize, check.
 
     gguf_writer.py   a Llama + its tokenizer as a GGUF llama.cpp loads, streamed and atomic
     gguf_bpe.py      a byte-level BPE vocabulary as llama.cpp's gpt2 tokenizer keys

@@ -1,4 +1,4 @@
-"""A byte-level BPE vocabulary as the GGUF keys of llama.cpp's "gpt2" tokenizer (docs chapter 7).
+"""A byte-level BPE vocabulary as the GGUF keys of llama.cpp's "gpt2" tokenizer (docs chapter 8).
 
     tokenizer.ggml.model        "gpt2"
     tokenizer.ggml.pre          the pre-tokenizer's name in llama.cpp's table (pretokenize.py)

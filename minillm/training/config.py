@@ -38,7 +38,8 @@ class DataConfig:
     # "stdlib" (the embedded default), a text file, a directory, or a .jsonl file; with format
     # "instruct": "stdlib" (the embedded instruction set) or a .json/.jsonl of examples
     corpus: str = "stdlib"
-    # "pretrain": token stream windows; "instruct": prompt/response examples
+    # "pretrain": token stream windows; "instruct": prompt/response examples; "preference":
+    # prompt/chosen/rejected pairs (minillm/data/preference.py; corpus "stdlib": the embedded set)
     format: str = "pretrain"
     # train.bin / val.bin / meta.json (+ tokenizer.model) land here
     cache_dir: str = "data_cache/stdlib"
@@ -58,7 +59,7 @@ class DataConfig:
     train_on_inputs: bool = False  # also train on the prompt tokens (default: response tokens only)
 
     def __post_init__(self):
-        _choice("data.format", self.format, ("pretrain", "instruct"))
+        _choice("data.format", self.format, ("pretrain", "instruct", "preference"))
         _choice("data.instruct_format", self.instruct_format,
                 ("auto", "alpaca", "sharegpt", "completion"))
         _check("data.tokenizer_max_chars", self.tokenizer_max_chars, self.tokenizer_max_chars >= 1,
@@ -137,6 +138,36 @@ class FinetuneConfig:
         _check("finetune.lora_alpha", self.lora_alpha, self.lora_alpha > 0,
                "> 0 (the adapter scale is alpha / r)")
         _check("finetune.lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "in [0, 1)")
+
+
+@dataclass
+class PreferenceConfig:
+    # data.format = "preference" only (minillm/training/preference.py, preference_loss.py):
+    # dpo | ipo | hinge (the reference: the base with adapters off, or a frozen copy) | simpo |
+    # orpo (reference-free) | reward (a Bradley-Terry reward model: a scalar head, no reference)
+    loss: str = "dpo"
+    # β: DPO's KL strength (TRL's beta), IPO's τ, SimPO's reward scale, ORPO's λ
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # dpo (cDPO) and simpo: the probability a label is flipped
+    simpo_gamma: float = 0.5  # simpo: the target reward margin γ (TRL's simpo_gamma)
+    # a prompt longer than this many ids keeps its end (0: no limit)
+    max_prompt_length: int = 0
+    # ids per sequence, prompt + response: the response keeps its start (0: block_size + 1)
+    max_length: int = 0
+    # full fine-tuning: reference log-probs computed once into data.cache_dir (no frozen copy
+    # in memory), reused on resume
+    precompute_ref: bool = False
+
+    def __post_init__(self):
+        _choice("preference.loss", self.loss, ("dpo", "ipo", "hinge", "simpo", "orpo", "reward"))
+        _check("preference.beta", self.beta, self.beta > 0, "> 0")
+        _check("preference.label_smoothing", self.label_smoothing,
+               0 <= self.label_smoothing < 0.5, "in [0, 0.5)")
+        _check("preference.simpo_gamma", self.simpo_gamma, self.simpo_gamma >= 0, ">= 0")
+        _check("preference.max_prompt_length", self.max_prompt_length,
+               self.max_prompt_length >= 0, ">= 0 (0: no limit)")
+        _check("preference.max_length", self.max_length, self.max_length == 0
+               or self.max_length >= 2, ">= 2 ids (0: block_size + 1)")
 
 
 @dataclass
@@ -226,6 +257,7 @@ class TrainConfig:
         )
     )
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -249,6 +281,7 @@ class TrainConfig:
         _check("dtype", self.dtype, not fsdp or self.dtype != "float16",
                "auto, float32 or bfloat16 with distributed = 'fsdp' (fp16 loss scaling would "
                "check each rank's shards alone for overflow)")
+        self._check_preference()
         for name in ("batch_size", "block_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, found {getattr(self, name)}")
@@ -259,6 +292,28 @@ class TrainConfig:
             )
         if self.max_steps < 0:
             raise ValueError(f"TrainConfig.max_steps must be >= 0, found {self.max_steps}")
+
+    def _check_preference(self):
+        p, method = self.preference, self.finetune.method
+        if self.data.format != "preference":
+            return
+        _check("init_from", self.init_from, self.init_from != "scratch",
+               "a checkpoint directory with data.format = 'preference' (preference tuning "
+               "starts from a trained model)")
+        _check("data.packing", self.data.packing, not self.data.packing,
+               "false with data.format = 'preference' (each response needs its own log-prob)")
+        _check("preference.max_length", p.max_length, p.max_length <= self.block_size + 1,
+               f"<= block_size + 1 = {self.block_size + 1} ids (block_size positions)")
+        reference = p.loss in ("dpo", "ipo", "hinge")
+        _check("preference.precompute_ref", p.precompute_ref,
+               not p.precompute_ref or reference, "false with a reference-free loss")
+        _check("finetune.modules_to_save", self.finetune.modules_to_save,
+               not (reference and self.finetune.modules_to_save and not p.precompute_ref),
+               "empty, or preference.precompute_ref = true (switching the adapters off would "
+               "leave the fully trained modules in the reference)")
+        _check("preference.precompute_ref", p.precompute_ref,
+               not (reference and method == "full" and self.distributed == "fsdp")
+               or p.precompute_ref, "true for full fine-tuning under FSDP (no frozen copy)")
 
     @property
     def optimizer(self) -> str:

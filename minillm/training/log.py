@@ -67,14 +67,24 @@ class Logger:
                 print(parameter_summary(model))  # the line PEFT prints, to compare with a peft run
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, n_tokens: int,
-             seconds: float):
+             seconds: float, metrics: dict | None = None):
+        """metrics: a preference run's TRL-named means (rewards/accuracies, …): the bar shows the
+        pair accuracy and the margin, tensorboard all of them as train/<name>."""
         self.train_time += seconds
         self.tokens += n_tokens
         tokens_per_s = n_tokens / seconds
+        metrics = metrics or {}
+        extra = {}
+        if "rewards/accuracies" in metrics:
+            extra = dict(acc=f"{metrics['rewards/accuracies']:.2f}",
+                         margin=f"{metrics['rewards/margins']:.3f}")
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", **extra, tok_s=f"{tokens_per_s:,.0f}",
+                             refresh=False)
         if self.writer is None or step % self.cfg.log.interval != 0:
             return
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
         self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", lr, step)
         self.writer.add_scalar("train/grad_norm", grad_norm, step)
@@ -95,6 +105,11 @@ class Logger:
         if not self.master:
             return
         msg = f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(min(val_loss, 50)):.1f})"
+        extra = self.data.val_metrics  # a preference run's held-out rewards/*, logps/*
+        if extra:
+            msg = (f"step {step}: val loss {val_loss:.4f} | pair accuracy "
+                   f"{extra['rewards/accuracies']:.3f}, margin {extra['rewards/margins']:.4f}, "
+                   f"rewards {extra['rewards/chosen']:.4f} / {extra['rewards/rejected']:.4f}")
         if not math.isnan(self.data.baseline):
             msg += f" | unigram baseline {self.data.baseline:.4f}"
         if e.sample_tokens > 0:
@@ -104,6 +119,8 @@ class Logger:
         if self.writer is not None:
             self.writer.add_scalar("val/loss", val_loss, step)
             self.writer.add_scalar("val/perplexity", math.exp(min(val_loss, 50)), step)
+            for name, value in extra.items():
+                self.writer.add_scalar(f"eval/{name}", value, step)
 
     def sample(self, model: Llama, prompt: str) -> str:
         """The prompt and a short sampled continuation (generate/text.py). A prompt too long for the

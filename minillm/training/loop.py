@@ -40,6 +40,7 @@ is out_dir/ckpt/, one shard per rank, and the same loop runs over it (training/d
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -55,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from minillm.config import ModelConfig
 from minillm.data.chat_template import JinjaTemplate, model_template
 from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
+from minillm.data.preference import build_stdlib_preferences, load_preference_data
 from minillm.data.pretrain import (
     CACHE_FILES,
     get_batch,
@@ -104,6 +106,7 @@ from minillm.training.flops import estimate
 from minillm.training.log import Logger
 from minillm.training.loss import held_out_loss, token_loss_sum
 from minillm.training.muon import muon_adamw
+from minillm.training.preference import PreferencePairs, add_reward_head
 from minillm.training.schedulers import get_lr
 from minillm.util.device import check_fits, pick_device, pick_dtype
 from minillm.util.fileio import (
@@ -146,18 +149,17 @@ def configure_optimizer(model: torch.nn.Module, weight_decay: float, lr: float,
 # loss and gradient accumulation
 
 
-def count_targets(batches) -> int:
-    return sum(int((b[1] != -100).sum()) for b in batches)
-
-
 def forward_backward(model, batches, n_targets: int, world_size: int = 1, autocast=nullcontext,
-                     scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                     scaler: torch.amp.GradScaler | None = None, loss_sum=None) -> torch.Tensor:
     """Accumulate into .grad the gradient of  sum(token losses of all ranks' batches) / n_targets.
 
     batches: this rank's micro-batches [(x, y) or (x, y, attn_mask)]; n_targets: the non-ignored
     targets of every micro-batch on every rank. Each rank scales by world_size because DDP averages
-    over ranks. Returns this rank's summed token loss (detached), for logging.
+    over ranks. Returns this rank's summed token loss (detached), for logging. loss_sum(model,
+    batch) replaces the token loss sum (preference pairs: the sum of per-pair losses, n_targets
+    the step's pair count).
     """
+    loss_sum = loss_sum or (lambda m, batch: token_loss_sum(m, *batch))
     total = torch.zeros((), device=batches[0][0].device)
     for i, batch in enumerate(batches):
         # DDP all-reduces in backward; only the last micro-batch needs to (the grads keep summing
@@ -166,10 +168,10 @@ def forward_backward(model, batches, n_targets: int, world_size: int = 1, autoca
                 else model.no_sync())
         with sync:
             with autocast():
-                loss_sum = token_loss_sum(model, *batch)
-            loss = loss_sum * (world_size / n_targets)
+                summed = loss_sum(model, batch)
+            loss = summed * (world_size / n_targets)
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss_sum.detach()
+        total += summed.detach()
     return total
 
 
@@ -209,10 +211,31 @@ def estimate_instruct_loss(model, examples, batch_size: int, iters: int, pad_id:
 #                                           token-mean val loss, over the same batches every time
 #   data.prompt(text)                       a sample prompt, asked the way the examples were
 #   data.baseline, data.describe()          for the printed summary
+#   data.count(batch)                       [targets, tokens, …]: the step's denominators
+#   data.loss_sum(model, batch, counts)     the summed loss of a batch (counts: the step's, over
+#                                           every rank), divided by counts[0] for the step loss
+#   data.step_metrics(n, world_size)        the step's extra metrics ({} but for preference pairs)
+#   data.val_metrics                        the extra metrics of the last val_loss
+# PreferencePairs (training/preference.py) is the third source.
+
+
+class TokenLoss:
+    """The token cross-entropy objective of pretraining and instruction tuning."""
+
+    val_metrics: dict = {}
+
+    def count(self, batch) -> list[int]:
+        return [int((batch[1] != -100).sum()), batch[0].numel()]
+
+    def loss_sum(self, model, batch, counts) -> torch.Tensor:
+        return token_loss_sum(model, *batch)
+
+    def step_metrics(self, n_targets: int, world_size: int) -> dict:
+        return {}
 
 
 @dataclass
-class TokenStream:
+class TokenStream(TokenLoss):
     """Pretraining: random (x, y) windows of the train / val token streams (np.memmap,
     data/pretrain.py)."""
 
@@ -244,7 +267,7 @@ class TokenStream:
 
 
 @dataclass
-class InstructExamples:
+class InstructExamples(TokenLoss):
     """Instruction tuning: tokenized prompt/response examples (instruct.py) whose prompt targets are
     -100, padded per batch, or packed several to a row with a block-diagonal attention mask."""
 
@@ -279,7 +302,8 @@ class InstructExamples:
 # set-up pieces
 
 
-def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamples:
+def prepare_data(cfg: TrainConfig,
+                 verbose: bool) -> TokenStream | InstructExamples | PreferencePairs:
     """The tokenizer and the train / val data: token streams (np.memmap) for pretraining, lists of
     tokenized examples for instruct. The tokenizer is data.tokenizer if set, else the init
     checkpoint's, else one trained on the corpus (pretraining from scratch)."""
@@ -297,6 +321,8 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
                              "set init_from")
         tokenizer = tokenizer.add_pieces(cfg.finetune.new_tokens,
                                          Path(cfg.out_dir) / tokenizer.file_name)
+    if cfg.data.format == "preference":
+        return prepare_preference_data(cfg, tokenizer, verbose)
     if cfg.data.format == "instruct":
         if tokenizer is None:
             raise ValueError("data.format='instruct' needs a tokenizer: "
@@ -343,6 +369,26 @@ def prepare_data(cfg: TrainConfig, verbose: bool) -> TokenStream | InstructExamp
     return TokenStream(cfg, tokenizer, data.train, data.val)
 
 
+def prepare_preference_data(cfg: TrainConfig, tokenizer: Tokenizer,
+                            verbose: bool) -> PreferencePairs:
+    """Preference pairs (data/preference.py): data.corpus files, or "stdlib", the embedded set
+    with its held-out symbols."""
+    paths, test_paths = cfg.data.corpus, None
+    if cfg.data.corpus == "stdlib":
+        paths, test_path = build_stdlib_preferences(cfg.data.cache_dir)
+        test_paths = [test_path]
+    data = load_preference_data(paths, tokenizer, cfg.data.template,
+                                cfg.preference.max_length or cfg.block_size + 1,
+                                cfg.preference.max_prompt_length, cfg.data.val_frac,
+                                test_paths, cfg.data.seed, embedded=cfg.data.corpus == "stdlib")
+    if not data.test:
+        raise ValueError(f"{cfg.data.corpus}: data.val_frac={cfg.data.val_frac} leaves no pair "
+                         f"of {len(data.train)} for validation; raise data.val_frac")
+    if verbose:
+        print(data.summary())
+    return PreferencePairs(cfg, tokenizer, data)
+
+
 def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Llama:
     """scratch: a fresh Llama(cfg.model); otherwise the init_from checkpoint. Full training keeps
     float32 weights (autocast runs the matmuls in `dtype`); LoRA freezes a base held in `dtype`,
@@ -359,7 +405,7 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
         model = load_pretrained(resolve_checkpoint(cfg.init_from), dtype=torch.float32,
                                 device=device).train()
         resize_vocab(model, model.config.vocab_size + new_rows)
-        return model
+        return add_head(model, cfg)
     hook = None  # lora: the base in `dtype`; qlora / lora8: quantized as it streams in
     if method == "qlora":
         hook = nf4_hook(double_quant=cfg.finetune.double_quant, compute_dtype=dtype, device=device)
@@ -369,14 +415,23 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> L
                             linear_hook=hook)
     resize_vocab(model, model.config.vocab_size + new_rows)  # new rows: the mean of the old ones
     add_adapters(model, cfg)
-    return model.train()
+    return add_head(model, cfg).train()
+
+
+def add_head(model: Llama, cfg: TrainConfig) -> Llama:
+    """A reward model's scalar head `score` (training/preference.py), trained in float32."""
+    if cfg.data.format == "preference" and cfg.preference.loss == "reward":
+        add_reward_head(model)
+    return model
 
 
 def check_micro_batch_fits(cfg: TrainConfig, model_cfg, device, dtype, world_size: int):
     """Refuse a batch the machine cannot hold (training/flops.py's estimate of one micro-batch's
     activations, gradients and optimizer state, those two sharded 1/W under FSDP, which also
     gathers whole blocks), before the first step allocates it."""
-    est = estimate(model_cfg, cfg.finetune.method, cfg.batch_size // world_size, cfg.block_size,
+    rows = 2 if cfg.data.format == "preference" else 1  # a pair is two sequences
+    est = estimate(model_cfg, cfg.finetune.method, rows * cfg.batch_size // world_size,
+                   cfg.block_size,
                    cfg.finetune.lora_r, tuple(cfg.finetune.lora_targets),
                    act_bytes=torch.empty(0, dtype=dtype).element_size(),
                    double_quant=cfg.finetune.double_quant)
@@ -408,7 +463,7 @@ def model_skeleton(cfg: TrainConfig, config: ModelConfig, dtype: torch.dtype) ->
         model = Llama(config)
     if cfg.finetune.method != "full":
         add_adapters(model.to(dtype), cfg)
-    return model
+    return add_head(model, cfg)
 
 
 def build_sharded_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -467,12 +522,21 @@ def write_sharded_outputs(out_dir: Path, model: Llama, optimizer, scaler, step: 
             export_model(out_dir, whole, cfg, tokenizer.path, step)
 
 
+REWARD_HEAD = "reward_head.safetensors"  # a reward model's score.weight (1, dim)
+
+
 def export_model(out_dir: Path, model: Llama, cfg: TrainConfig, tokenizer_path, step: int):
     """What generate.py loads from out_dir: the model (adapters folded in) with its tokenizer,
     plus for LoRA / QLoRA the adapter alone in PEFT's layout (out_dir/adapter); the model's
-    metadata records `step`."""
+    metadata records `step`. A reward model's head goes to out_dir/reward_head.safetensors."""
+    from safetensors.torch import save as save_safetensors
+
+    if hasattr(model, "score"):  # a reward model: its head beside the model
+        atomic_write_bytes(out_dir / REWARD_HEAD,
+                           save_safetensors({"score.weight": model.score.weight.detach().cpu()}))
     if cfg.finetune.method == "full":
-        save_model(model, out_dir, tokenizer_path, step=step)
+        save_model(plain_llama(model) if hasattr(model, "score") else model, out_dir,
+                   tokenizer_path, step=step)
         return
     save_model(plain_llama(model), out_dir, tokenizer_path, step=step)
     save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
@@ -570,9 +634,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
                                         data_generator))
         if master:
             print(f"resumed from {ckpt_path} at step {start_step}")
+    if cfg.data.format == "preference":  # the reference: adapters off, a copy, or a table
+        data.bind(raw_model, lambda: build_model(cfg, device, dtype), device, autocast, rank,
+                  world_size, start_step)
     if cfg.compile and not sharded:  # FSDP compiled each block
         model = torch.compile(model)
     if world_size > 1 and not sharded:
+        # DDP broadcasts rank 0's buffers at every forward: the RoPE tables must not differ in
+        # length because the ranks' first batches did (padded per batch)
+        raw_model.grow_rope(cfg.block_size)
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # ---- logging ---------------------------------------------------------------------------------
@@ -599,17 +669,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         batches = [tuple(t.to(device, non_blocking=True)
                          for t in data.draw(data_generator, rank, world_size))
                    for _ in range(cfg.grad_accum_steps)]  # each x, y (B/W, T)[, mask]
-        counts = torch.tensor([count_targets(batches), sum(b[0].numel() for b in batches)],
-                              dtype=torch.float64, device=device)
+        counts = torch.tensor([data.count(b) for b in batches], dtype=torch.float64,
+                              device=device).sum(0)  # [targets (pairs), tokens, …]
         if world_size > 1:
             dist.all_reduce(counts)
-        n_targets, n_tokens = int(counts[0].item()), int(counts[1].item())
+        step_counts = [int(c) for c in counts.tolist()]
+        n_targets, n_tokens = step_counts[0], step_counts[1]
 
-        # 3) forward + backward, token-normalised over all micro-batches and ranks
-        loss_sum = forward_backward(model, batches, n_targets, world_size, autocast, scaler)
+        # 3) forward + backward, token-normalised (pair-normalised) over micro-batches and ranks
+        loss_sum = forward_backward(model, batches, n_targets, world_size, autocast, scaler,
+                                    functools.partial(data.loss_sum, counts=step_counts))
         if world_size > 1:
             dist.all_reduce(loss_sum)
         loss = loss_sum.item() / n_targets
+        metrics = data.step_metrics(n_targets, world_size)
         if not math.isfinite(loss):
             log.close()
             raise FloatingPointError(f"step {step}: training loss is {loss} (lr {lr:.3g}); "
@@ -632,7 +705,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> TrainResult:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         result.losses[step], result.grad_norms[step] = loss, grad_norm
-        log.step(step, loss, lr, grad_norm, n_tokens, time.perf_counter() - t0)
+        log.step(step, loss, lr, grad_norm, n_tokens, time.perf_counter() - t0, metrics)
 
         # 6) eval + sample, checkpoint (both also after the last step)
         done, last = step + 1, step + 1 == cfg.num_steps
