@@ -25,6 +25,7 @@ characters, so `{% for i in range(10**9) %}` ends with an error instead of filli
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ class JinjaTemplate:
 
     source: str
     where: str = "chat template"  # the file it came from, for error messages
+
+    def __str__(self) -> str:  # what a log line names it by (the source is too long to print)
+        return f"jinja ({self.where})"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +118,13 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(source: str) -> jinja2.Template:
+    """The template compiled once (a training set renders it thousands of times: compiling is
+    most of the cost of a render)."""
+    return _environment().from_string(source)
+
+
 def render_chat_template(source: str, messages: list[dict], add_generation_prompt: bool = True,
                          bos_token: str = "", eos_token: str = "", where: str = "chat template",
                          max_chars: int = MAX_CHARS) -> str:
@@ -121,7 +132,7 @@ def render_chat_template(source: str, messages: list[dict], add_generation_promp
     tokenize=False). Any failure — a syntax error, raise_exception, an unsafe attribute, an
     undefined name called, output beyond max_chars — is one ValueError naming `where`."""
     try:
-        template = _environment().from_string(source)
+        template = _compiled(source)
         out, n = [], 0
         for chunk in template.generate(messages=messages, tools=None, documents=None,
                                        add_generation_prompt=add_generation_prompt,
