@@ -269,6 +269,20 @@ def split_examples(items: list, test_frac: float = 0.0, test_count: int | None =
     return train, [x for i, x in enumerate(items) if i in test_idx]
 
 
+def keep_kinds(examples: list[Example], kinds, paths) -> list[Example]:
+    """The examples whose record "kind" is in `kinds` (all of them when kinds is empty); an error
+    naming the files and the kinds they hold when none is left."""
+    if not kinds:
+        return examples
+    kept = [ex for ex in examples if ex.meta.get("kind") in kinds]
+    if not kept:
+        found = sorted({str(ex.meta.get("kind")) for ex in examples})
+        raise ValueError(f"{', '.join(map(str, paths))}: no example of kind "
+                         f"{', '.join(kinds)} (data.kinds); the records' kinds are "
+                         f"{', '.join(found)}")
+    return kept
+
+
 @dataclass
 class InstructData:
     train: list[TokenizedExample]
@@ -290,14 +304,17 @@ class InstructData:
 def load_instruct_data(paths, tokenizer, template: str | None = None, fmt: str = "auto",
                        max_seq_len: int = 512, train_on_inputs: bool = False,
                        test_frac: float = 0.05, test_count: int | None = None, test_paths=None,
-                       seed: int = 1337) -> InstructData:
+                       seed: int = 1337, kinds=None) -> InstructData:
     """Read `paths` (one or several files),
-    split off a test set (or read it from `test_paths`), tokenize."""
+    split off a test set (or read it from `test_paths`), tokenize. `kinds`: keep only the records
+    whose "kind" field is one of these (the stdlib set's describe / signature / module)."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    examples = [ex for p in paths for ex in read_examples(p, fmt)]
+    examples = keep_kinds([ex for p in paths for ex in read_examples(p, fmt)], kinds, paths)
     if test_paths is not None:
         test_paths = [test_paths] if isinstance(test_paths, (str, Path)) else list(test_paths)
-        train, test = examples, [ex for p in test_paths for ex in read_examples(p, fmt)]
+        train = examples
+        test = keep_kinds([ex for p in test_paths for ex in read_examples(p, fmt)], kinds,
+                          test_paths)
     else:
         train, test = split_examples(examples, test_frac, test_count, seed)
     tok = {split: [tokenize_example(ex, tokenizer, template, max_seq_len, train_on_inputs)

@@ -57,6 +57,9 @@ class DataConfig:
     template: str = ""
     packing: bool = False  # several examples per row with a block-diagonal attention mask
     train_on_inputs: bool = False  # also train on the prompt tokens (default: response tokens only)
+    # only the records whose "kind" field is one of these, in train and held-out alike (the stdlib
+    # set's: describe, signature, module); empty: every record
+    kinds: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         _choice("data.format", self.format, ("pretrain", "instruct", "preference"))

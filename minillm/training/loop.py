@@ -55,7 +55,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from minillm.config import ModelConfig
 from minillm.data.chat_template import JinjaTemplate, model_template
-from minillm.data.instruct import get_instruct_batch, iter_batches, load_instruct_data
+from minillm.data.instruct import (
+    Example,
+    get_instruct_batch,
+    iter_batches,
+    load_instruct_data,
+    prompt_text,
+)
 from minillm.data.preference import build_stdlib_preferences, load_preference_data
 from minillm.data.pretrain import (
     CACHE_FILES,
@@ -67,7 +73,6 @@ from minillm.data.pretrain import (
 )
 from minillm.data.templates import (
     TEMPLATE_RECORD,
-    format_prompt,
     read_template_record,
     trained_template,
     write_template_record,
@@ -77,7 +82,7 @@ from minillm.finetune.int8_linear import int8_hook
 from minillm.finetune.new_tokens import resize_vocab
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import save_adapter
-from minillm.formats.known_models import resolve_checkpoint
+from minillm.formats.known_models import base_model_name, resolve_checkpoint
 from minillm.formats.load import load_pretrained, load_tokenizer, model_width, open_tokenizer
 from minillm.formats.native import save_model
 from minillm.model import Llama
@@ -276,6 +281,9 @@ class InstructExamples(TokenLoss):
     train: list
     val: list
     baseline: float = float("nan")  # no token stream to count a unigram baseline on
+    # what the examples were tokenized with: a templates.py name, a model's own Jinja chat
+    # template, or None (the format's default)
+    template: object = None
 
     def draw(self, generator: torch.Generator, rank: int, world_size: int):
         c = self.cfg
@@ -291,8 +299,9 @@ class InstructExamples(TokenLoss):
                                       self.tokenizer.pad_id, autocast, rank, world_size)
 
     def prompt(self, text: str) -> str:
-        # wrapped in the training template
-        return format_prompt(self.cfg.data.template or "alpaca", text)
+        # asked as the training examples were: in their template (a model's own chat template too)
+        return prompt_text(Example("alpaca", "eval.sample_prompt", instruction=text),
+                           self.template)
 
     def describe(self) -> str:
         return f"{len(self.train):,} train / {len(self.val):,} val examples"
@@ -339,10 +348,12 @@ def prepare_data(cfg: TrainConfig,
         if template is None and cfg.init_from != "scratch":
             init = resolve_checkpoint(cfg.init_from)
             template = read_template_record(init if init.is_dir() else None) or model_template(init)
+        tokenized_with = template
         data = load_instruct_data(paths, tokenizer, template,
                                   cfg.data.instruct_format, cfg.block_size,
                                   cfg.data.train_on_inputs, cfg.data.val_frac,
-                                  test_paths=test_paths, seed=cfg.data.seed)
+                                  test_paths=test_paths, seed=cfg.data.seed,
+                                  kinds=cfg.data.kinds)
         if not data.test:
             raise ValueError(f"{cfg.data.corpus}: data.val_frac={cfg.data.val_frac} leaves no "
                              f"example of {len(data.train)} for validation (a val loss would be "
@@ -357,7 +368,7 @@ def prepare_data(cfg: TrainConfig,
             # export ships it as a chat template; generate.py --chat uses it
             if template is not None:
                 write_template_record(cfg.out_dir, template)
-        return InstructExamples(cfg, tokenizer, data.train, data.test)
+        return InstructExamples(cfg, tokenizer, data.train, data.test, template=tokenized_with)
     corpus = read_corpus(cfg.data.corpus)
     cache_dir = claim_directory(cfg.data.cache_dir, "data cache", legacy=CACHE_FILES)
     if tokenizer is None:
@@ -539,8 +550,8 @@ def export_model(out_dir: Path, model: Llama, cfg: TrainConfig, tokenizer_path, 
                    tokenizer_path, step=step)
         return
     save_model(plain_llama(model), out_dir, tokenizer_path, step=step)
-    save_adapter(model, out_dir / "adapter", cfg.init_from, cfg.finetune.modules_to_save,
-                 tokenizer_path if cfg.finetune.new_tokens else None)
+    save_adapter(model, out_dir / "adapter", base_model_name(cfg.init_from),
+                 cfg.finetune.modules_to_save, tokenizer_path if cfg.finetune.new_tokens else None)
     if (out_dir / TEMPLATE_RECORD).is_file():  # the adapter carries its chat template to export
         atomic_write_bytes(out_dir / "adapter" / TEMPLATE_RECORD,
                            (out_dir / TEMPLATE_RECORD).read_bytes())
