@@ -150,3 +150,19 @@ def test_side_by_side_with_lora_disabled_and_report_rows(tmp_path):
         "| 1 | a \\| b | x<br>y |  | x y ✓ |",
     ]
     assert not list((tmp_path / "r").glob(".*tmp*"))  # the temp file was renamed away
+
+
+def test_batched_answers_equal_one_at_a_time(tmp_path):
+    model = tiny_model(3)
+    path = tmp_path / "q.jsonl"
+    questions = ["a", "What?", "Which module defines `x`?", "bc", "Who is there, and why?"]
+    path.write_text("".join(json.dumps({"instruction": q, "output": "ab"}) + "\n"
+                            for q in questions))
+    examples = read_examples(path)
+    one = short_answer_accuracy(model, TOK, examples, template="none", max_new_tokens=7)
+    for batch_size in (2, 16):  # rows of different lengths, left-padded together
+        many = short_answer_accuracy(model, TOK, examples, template="none", max_new_tokens=7,
+                                     batch_size=batch_size)
+        assert [r["prediction"] for r in many["rows"]] == [r["prediction"] for r in one["rows"]]
+        assert [r["prediction"] for r in one["rows"]] == [greedy_by_hand(model, q, 7)
+                                                         for q in questions]

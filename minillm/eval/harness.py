@@ -190,13 +190,14 @@ def perplexity(model, tokenizer, text: str, batch_size: int = 8) -> dict:
 
 
 def module_choice_examples(test_records: list[dict], pool: list[str], n_choices: int = 4,
-                           template: str = "alpaca") -> list[MCExample]:
+                           template="alpaca") -> list[MCExample]:
     """Multiple-choice questions from stdlib_dataset "module" records: the right module plus
     n_choices − 1 distractors drawn from `pool` (other modules), shuffled. The draws are seeded by
     crc32 of the symbol's qualified name, so the task is the same on every run. The context is the
     instruction in the fine-tuning template, and the choice follows the template's response marker
-    directly (delimiter "")."""
-    from minillm.data.templates import format_prompt
+    directly (delimiter ""). `template`: a name from templates.py, or a model's own Jinja chat
+    template (chat_template.JinjaTemplate): the context is then its rendered prompt."""
+    from minillm.data.instruct import Example, prompt_text
 
     pool = sorted(set(pool))
     out = []
@@ -206,12 +207,14 @@ def module_choice_examples(test_records: list[dict], pool: list[str], n_choices:
         rng = random.Random(zlib.crc32(r["name"].encode()))
         choices = rng.sample([m for m in pool if m != r["output"]], n_choices - 1) + [r["output"]]
         rng.shuffle(choices)
-        out.append(MCExample(format_prompt(template, r["instruction"]), choices,
+        question = Example("alpaca", r["name"], instruction=r["instruction"])
+        out.append(MCExample(prompt_text(question, template), choices,
                              choices.index(r["output"]), ""))
     return out
 
 
-def stdlib_module_task(cache_dir: str | Path, n_choices: int = 4) -> list[MCExample]:
+def stdlib_module_task(cache_dir: str | Path, n_choices: int = 4,
+                       template="alpaca") -> list[MCExample]:
     """The held-out "Which module defines `X`?" questions of the embedded dataset (the symbols the
     tour's fine-tuning never sees), with distractors from every module the dataset names."""
     from minillm.data.stdlib_qa import build_stdlib_dataset
@@ -219,7 +222,7 @@ def stdlib_module_task(cache_dir: str | Path, n_choices: int = 4) -> list[MCExam
     data = build_stdlib_dataset(cache_dir)
     read = [[r for _, r in read_jsonl(p)] for p in (data.train_path, data.test_path)]
     pool = [r["output"] for records in read for r in records if r.get("kind") == "module"]
-    return module_choice_examples(read[1], pool, n_choices)
+    return module_choice_examples(read[1], pool, n_choices, template)
 
 
 # --------------------------------------------------------------------------------------------------

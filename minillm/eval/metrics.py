@@ -20,7 +20,7 @@ from pathlib import Path
 
 from minillm.data.instruct import prompt_text, reference_text
 from minillm.generate.sampling import SamplingConfig
-from minillm.generate.text import generate_text
+from minillm.generate.text import generate_text, generate_text_batch
 from minillm.util.fileio import atomic_write_bytes
 
 
@@ -36,16 +36,24 @@ def contains(prediction: str, reference: str) -> bool:
     return normalize(reference) in normalize(prediction)
 
 
-def short_answer_accuracy(model, tokenizer, examples, template: str | None = None,
-                          max_new_tokens: int = 32) -> dict:
+def short_answer_accuracy(model, tokenizer, examples, template=None, max_new_tokens: int = 32,
+                          batch_size: int = 1) -> dict:
     """Greedy answers for instruct Examples → {"exact", "contains", "n", "rows": [prompt, reference,
     prediction, exact, contains]}; exact and contains are fractions in [0, 1]. Answers are greedy
-    (BOS + prompt, as in training) until EOS or max_new_tokens, stripped."""
+    (the templated prompt, as in training) until EOS or max_new_tokens, stripped. batch_size > 1
+    decodes that many prompts together, left-padded (generate_text_batch): faster, and the same
+    answers up to float rounding."""
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_k=None)
+    prompts = [prompt_text(ex, template) for ex in examples]
+    if batch_size > 1:
+        preds = [p for i in range(0, len(prompts), batch_size)
+                 for p in generate_text_batch(model, tokenizer, prompts[i:i + batch_size],
+                                              greedy)]
+    else:
+        preds = [generate_text(model, tokenizer, p, greedy) for p in prompts]
     rows = []
-    for ex in examples:
-        prompt, ref = prompt_text(ex, template), reference_text(ex)
-        pred = generate_text(model, tokenizer, prompt, greedy).strip()
+    for ex, prompt, pred in zip(examples, prompts, preds, strict=True):
+        ref, pred = reference_text(ex), pred.strip()
         rows.append(dict(instruction=ex.instruction or prompt, prompt=prompt, reference=ref,
                          prediction=pred, exact=exact_match(pred, ref),
                          contains=contains(pred, ref)))
