@@ -26,6 +26,7 @@ class KnownModel:
     sha256: str  # of that file, extracted
     licence: str
     description: str
+    hf_id: str  # the model's name on the Hugging Face hub: an adapter's base_model_name_or_path
 
 
 KNOWN_MODELS = {m.name: m for m in (
@@ -37,7 +38,8 @@ KNOWN_MODELS = {m.name: m for m in (
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         licence="Apache-2.0",
         description="HuggingFaceTB's SmolLM2-135M-Instruct (30 layers, dim 576, 9/3 heads, "
-                    "byte-level BPE, ChatML), Q4_1 GGUF by llama.cpp (98 MB)"),
+                    "byte-level BPE, ChatML), Q4_1 GGUF by llama.cpp (98 MB)",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
 )}
 
 
@@ -53,6 +55,13 @@ def model_dir(model: KnownModel) -> Path:
 def cached_path(model: KnownModel) -> Path:
     """Where the model's file is once downloaded (it may not be there yet)."""
     return model_dir(model) / Path(model.file).name
+
+
+def base_model_name(checkpoint: str | os.PathLike) -> str:
+    """What an adapter trained on `checkpoint` names as its base (PEFT's base_model_name_or_path):
+    a known model's hub id, so peft's AutoPeftModel finds the same model; else the path as given."""
+    known = KNOWN_MODELS.get(str(checkpoint))
+    return known.hf_id if known is not None else str(checkpoint)
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
