@@ -22,6 +22,9 @@ minillm.eval.metrics scores; minillm.ship.convert.export writes the GGUF; minill
 decodes. The numbers land in OUT/summary.json and in the table printed at the end. The chapters in
 docs/ explain each stage; the command lines each stage corresponds to are printed as it runs.
 
+`--real` walks the same path on a real pretrained model, SmolLM2-135M-Instruct, and measures what
+its fine-tune changed (tour_real.py).
+
 About 15 minutes on a 2-core CPU, most of it the 1000-step pretraining (`--base out/tiny` reuses the
 model of `python train.py` instead); LoRA and QLoRA take under 2 minutes each. `--quick` shrinks
 every stage (a small corpus, tens of steps) to check the path end to end in about a minute: its
@@ -283,6 +286,9 @@ def parse_args(argv) -> argparse.Namespace:
                    help="cpu (default), cuda, auto: where every stage runs")
     p.add_argument("--eval-examples", type=int_at_least(1), default=None,
                    help="held-out examples scored for loss (default: all of them; 64 with --quick)")
+    p.add_argument("--real", action="store_true",
+                   help="the real-model tour instead: SmolLM2-135M-Instruct from download to "
+                        "llama.cpp, measured before and after (tour_real.py; its own --help)")
     p.add_argument("--short-answers", type=int_at_least(1), default=None,
                    help="short-answer questions decoded greedily per model "
                         "(default 40; 4 with --quick)")
@@ -302,6 +308,11 @@ def held_out(t: Tour):
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--real" in argv:  # the same path on a real pretrained model: tour_real.py
+        from minillm import tour_real
+
+        return tour_real.main(argv)
     args = parse_args(argv)
     t = Tour(args, claim_directory(args.out, "tour", legacy=("summary.json",)))
     t_start = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from real_model import smollm2_gguf
 
 from minillm.finetune.nf4_linear import nf4_hook
 from minillm.finetune.peft_io import load_adapter
@@ -133,3 +134,39 @@ def test_tour_help_documents_every_flag():
     assert proc.returncode == 0
     for flag in ("--out", "--quick", "--base", "--device", "--eval-examples", "--short-answers"):
         assert flag in proc.stdout
+    assert "--real" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# the real-model tour (minillm/tour_real.py) on SmolLM2-135M-Instruct, shrunk: 2 steps, 3 questions
+
+
+def test_real_tour_end_to_end(tmp_path):
+    gguf = smollm2_gguf()  # skips, saying how to fetch it, when the model is not downloaded
+    out = tmp_path / "real"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "minillm.tour", "--real", "--steps", "2",
+                           "--questions", "3", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"tour failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    for n in range(1, 9):
+        assert f"[real tour {n}/8]" in proc.stdout
+    assert "| | SmolLM2-135M-Instruct | + LoRA | change |" in proc.stdout
+    assert f"llama-cli -m {out / 'smollm2-lora-q4_k_m.gguf'}" in proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    for when in ("before", "after"):
+        for kind in ("module", "signature"):
+            r = s[when][kind]
+            assert r["n"] == 3 and 0 <= r["exact"] <= r["contains"] <= 1
+            assert len(r["answers"]) == 3 and all(a["prediction"] for a in r["answers"])
+        assert s[when]["mc"]["n"] == 3 and math.isfinite(s[when]["loss"])
+    # two steps of LoRA already lower the held-out loss on the answers (4.5 nats before)
+    assert s["after"]["loss"] < s["before"]["loss"]
+    assert 0 <= s["kl_q4_k_m"] < 1 and 0.5 < s["top1_q4_k_m"] <= 1
+    config = json.loads((out / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    shipped = read_gguf(out / "smollm2-lora-q4_k_m.gguf")
+    assert shipped.metadata["tokenizer.ggml.model"] == "gpt2"
+    assert shipped.metadata["tokenizer.chat_template"] == read_gguf(gguf).metadata[
+        "tokenizer.chat_template"]
