@@ -111,7 +111,9 @@ def run_cell(name: str, pytest_args: list[str]) -> tuple[str, str, float]:
         return name, "install failed", time.time() - t0
     versions = subprocess.run([py, "-c", VERSIONS], capture_output=True, text=True).stdout.strip()
     print(f"[{name}] {versions}", flush=True)
-    rc = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *END_TO_END, *pytest_args])
+    # the slowest tests by name, so a cell that grows slow says where its time went
+    rc = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", *END_TO_END,
+              *pytest_args])
     shutil.rmtree(venv, ignore_errors=True)  # a CUDA torch venv is ~5 GB
     result = ("passed" if rc == 0 else f"FAILED (pytest exit {rc})") + f" — {versions}"
     return name, result, time.time() - t0
