@@ -78,7 +78,7 @@ def docs_tmp(tmp_path_factory) -> Path:
 def test_docs_exist_and_have_runnable_commands():
     names = {p.name for p in DOCS}
     chapters = sorted(n for n in names if re.match(r"\d\d-", n))
-    assert len(chapters) == 10 and "README.md" in names, sorted(names)
+    assert len(chapters) == 11 and "README.md" in names, sorted(names)
     index = (ROOT / "docs" / "README.md").read_text(encoding="utf-8")
     for chapter in chapters:
         assert f"({chapter})" in index, f"docs/README.md does not link {chapter}"

@@ -26,7 +26,8 @@ class KnownModel:
     sha256: str  # of that file, extracted
     licence: str
     description: str
-    hf_id: str  # the model's name on the Hugging Face hub: an adapter's base_model_name_or_path
+    # the model's name on the Hugging Face hub, if it has one: an adapter's base_model_name_or_path
+    hf_id: str | None = None
 
 
 KNOWN_MODELS = {m.name: m for m in (
@@ -61,7 +62,7 @@ def base_model_name(checkpoint: str | os.PathLike) -> str:
     """What an adapter trained on `checkpoint` names as its base (PEFT's base_model_name_or_path):
     a known model's hub id, so peft's AutoPeftModel finds the same model; else the path as given."""
     known = KNOWN_MODELS.get(str(checkpoint))
-    return known.hf_id if known is not None else str(checkpoint)
+    return known.hf_id if known is not None and known.hf_id else str(checkpoint)
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
